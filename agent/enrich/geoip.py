@@ -1,0 +1,241 @@
+"""Where a public address is: MaxMind-format databases, or the embedded RIR data.
+
+Contract: `Locator(paths, scoper).locate(ip) -> Location`, pure apart from a bounded per-address
+cache that is dropped when any database file changes (`refresh()` checks inode/mtime/size).
+
+Records are read through `maxminddb` (the reader under `geoip2`) as plain dicts rather than
+geoip2's typed models, because one code path then serves every vendor's layout: MaxMind GeoIP2 /
+GeoLite2 Country, City, Enterprise, ISP and ASN; DB-IP lite (MaxMind layout); IPinfo lite
+(`country_code`, `continent_code`, `asn`, `as_name`). Without any database the embedded `iptocc`
+data answers with the RIR *registration* country, and says so (`source: rir-registration`).
+
+Unknown is an answer, never a silent pass: `unknown_reason` is one of
+`no-record`, `registered-country-only`, `continent-only`, `anycast`, `not-public`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import OrderedDict
+from datetime import datetime, timezone
+from importlib import metadata
+
+from agent.enrich.scope import Scoper, embedded_ipv4
+from agent.errors import UserError
+from agent.flow import Location
+
+CACHE_SIZE = 65536
+# RIR pseudo-codes that name a region, not a country.
+_REGION_CODES = {"EU", "AP"}
+
+
+def _iso(d) -> str | None:
+    if isinstance(d, dict):
+        code = d.get("iso_code")
+        return code.upper() if isinstance(code, str) and code else None
+    return None
+
+
+def _asn(value) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.upper().startswith("AS") and value[2:].isdigit():
+        return int(value[2:])
+    return None
+
+
+def fields_from_record(rec: dict) -> dict:
+    """Normalise one database record (any supported vendor layout) to Location fields."""
+    traits = rec.get("traits") if isinstance(rec.get("traits"), dict) else {}
+    country = _iso(rec.get("country")) or (rec.get("country_code") or None)
+    continent = (rec.get("continent") or {}).get("code") if isinstance(rec.get("continent"), dict) else None
+    continent = continent or rec.get("continent_code")
+    in_eu = None
+    if isinstance(rec.get("country"), dict) and "is_in_european_union" in rec["country"]:
+        in_eu = bool(rec["country"]["is_in_european_union"])
+    elif country:
+        in_eu = False if isinstance(rec.get("country"), dict) else None
+    asn = _asn(rec.get("autonomous_system_number") or traits.get("autonomous_system_number") or rec.get("asn"))
+    org = rec.get("autonomous_system_organization") or traits.get("autonomous_system_organization") or rec.get("as_name")
+    return {
+        "country": country.upper() if isinstance(country, str) else None,
+        "registered_country": _iso(rec.get("registered_country")),
+        "represented_country": _iso(rec.get("represented_country")),
+        "continent": continent,
+        "in_eu": in_eu,
+        "anycast": bool(traits.get("is_anycast") or rec.get("is_anycast")),
+        "asn": asn,
+        "as_org": org,
+    }
+
+
+def unknown_reason(f: dict) -> str | None:
+    """Why a located record still does not tell the country, or None when it does."""
+    if f.get("anycast"):
+        return "anycast"
+    country = f.get("country")
+    if country and country not in _REGION_CODES:
+        return None
+    if f.get("registered_country"):
+        return "registered-country-only"
+    if f.get("continent") or country in _REGION_CODES:
+        return "continent-only"
+    return "no-record"
+
+
+class _Db:
+    def __init__(self, path: str):
+        import maxminddb
+
+        self.path = path
+        try:
+            self.reader = maxminddb.open_database(path, maxminddb.MODE_MMAP)
+        except FileNotFoundError:
+            raise UserError(f"{path}: GeoIP database not found") from None
+        except (OSError, ValueError, maxminddb.InvalidDatabaseError) as e:
+            raise UserError(f"{path}: not a readable MaxMind-format database ({e})") from None
+        meta = self.reader.metadata()
+        self.database_type = meta.database_type
+        self.build_date = datetime.fromtimestamp(meta.build_epoch, tz=timezone.utc).strftime("%Y-%m-%d")
+        self.build_epoch = meta.build_epoch
+        self.ip_version = meta.ip_version
+        st = os.stat(path)
+        self.stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self, ip: str) -> dict | None:
+        import maxminddb
+
+        if self.ip_version == 4 and ":" in ip:
+            return None
+        try:
+            rec = self.reader.get(ip)
+        except (maxminddb.InvalidDatabaseError, ValueError) as e:
+            raise UserError(f"{self.path}: corrupt database record for {ip} ({e})") from None
+        return rec if isinstance(rec, dict) else None
+
+    def provenance(self) -> dict:
+        return {"path": self.path, "database_type": self.database_type, "build_date": self.build_date,
+                "build_epoch": self.build_epoch}
+
+
+def _iptocc_version() -> str:
+    try:
+        return metadata.version("iptocc")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Locator:
+    """Looks up addresses in the configured databases (or the embedded data), with a cache."""
+
+    def __init__(self, paths=(), scoper: Scoper | None = None, cache_size: int = CACHE_SIZE):
+        self.paths = list(paths)
+        self.scoper = scoper or Scoper()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Location] = OrderedDict()
+        self._open()
+
+    def _open(self):
+        self.dbs = [_Db(p) for p in self.paths]
+        self._cache.clear()
+
+    def provenance(self) -> list[dict]:
+        if not self.dbs:
+            return [{"path": None, "database_type": "iptocc (embedded RIR registration data)",
+                     "build_date": None, "version": _iptocc_version()}]
+        return [db.provenance() for db in self.dbs]
+
+    def refresh(self) -> bool:
+        """Re-open databases whose file changed (inode, mtime or size). True if any did."""
+        changed = False
+        for db in self.dbs:
+            try:
+                st = os.stat(db.path)
+            except OSError:
+                continue  # keep the open copy until a new file appears
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != db.stamp:
+                changed = True
+        if changed:
+            self._open()
+        return changed
+
+    def locate(self, ip: str) -> Location:
+        hit = self._cache.get(ip)
+        if hit is not None:
+            self._cache.move_to_end(ip)
+            return hit
+        loc = self._locate(ip)
+        self._cache[ip] = loc
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return loc
+
+    def _locate(self, ip: str) -> Location:
+        scope = self.scoper.scope(ip)
+        addr = ipaddress.ip_address(ip)
+        lookup = addr
+        if addr.version == 6:
+            emb = embedded_ipv4(addr)
+            if emb is not None:
+                lookup = emb[1]
+        lookup_ip = str(lookup) if lookup != addr else None
+        if scope != "public":
+            return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, unknown_reason="not-public")
+        if not self.dbs:
+            import iptocc
+
+            cc = iptocc.country_code(str(lookup))
+            f = {"country": cc.upper() if cc else None}
+            return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, country=f["country"],
+                            source="rir-registration",
+                            provenance=(("iptocc " + _iptocc_version(), ""),),
+                            unknown_reason=unknown_reason(f))
+        geo: dict | None = None
+        geo_db = None
+        asn: dict | None = None
+        prov = []
+        for db in self.dbs:
+            rec = db.get(str(lookup))
+            if rec is None and lookup_ip is not None:
+                rec = db.get(ip)  # some databases alias the IPv6 form but not the IPv4
+            prov.append((db.database_type, db.build_date))
+            if rec is None:
+                continue
+            f = fields_from_record(rec)
+            if geo is None and (f["country"] or f["registered_country"] or f["continent"]):
+                geo, geo_db = f, db
+            if asn is None and f["asn"] is not None:
+                asn = f
+        f = dict(geo or {})
+        if asn is not None:
+            f["asn"], f["as_org"] = asn["asn"], asn["as_org"]
+        return Location(ip=ip, scope=scope, lookup_ip=lookup_ip,
+                        country=f.get("country") if f.get("country") not in _REGION_CODES else None,
+                        registered_country=f.get("registered_country"),
+                        represented_country=f.get("represented_country"),
+                        continent=f.get("continent"), in_eu=f.get("in_eu"),
+                        anycast=bool(f.get("anycast")), asn=f.get("asn"), as_org=f.get("as_org"),
+                        source=geo_db.database_type if geo_db else None, provenance=tuple(prov),
+                        unknown_reason=unknown_reason(f))
+
+
+class FixtureLocator:
+    """Locations given as data (policy test files): same normalisation, no database."""
+
+    def __init__(self, table: dict[str, dict], scoper: Scoper):
+        self.table = table
+        self.scoper = scoper
+
+    def locate(self, ip: str) -> Location:
+        scope = self.scoper.scope(ip)
+        if scope != "public":
+            return Location(ip=ip, scope=scope, unknown_reason="not-public")
+        f = {"country": None, "registered_country": None, "represented_country": None,
+             "continent": None, "in_eu": None, "anycast": False, "asn": None, "as_org": None}
+        f.update(self.table.get(ip, {}))
+        return Location(ip=ip, scope=scope, source="fixture", unknown_reason=unknown_reason(f),
+                        **{k: v for k, v in f.items()})
+
+    def provenance(self) -> list[dict]:
+        return [{"path": None, "database_type": "fixture", "build_date": None}]

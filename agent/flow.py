@@ -1,0 +1,142 @@
+"""The records that travel through the pipeline: Flow, Who, Location, Verdict, Outcome.
+
+Contract: these are plain frozen, slotted dataclasses with no behaviour beyond conversion to and
+from JSON-ready dicts. `flow.py` imports nothing of ours, so every layer can depend on it.
+Times are POSIX seconds (float, UTC). Addresses are canonical text (`ipaddress` compressed form).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 47: "gre", 50: "esp"}
+PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()} | {"icmpv6": 58}
+
+
+def proto_name(num: int) -> str:
+    return PROTO_NAMES.get(num, str(num))
+
+
+def iso_time(ts: float | None) -> str | None:
+    """POSIX seconds -> RFC 3339 UTC with microseconds, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """The local process behind a flow, when a live source could attribute it."""
+
+    pid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    uid: int | None = None
+    user: str | None = None
+    unit: str | None = None
+    container: str | None = None
+    unattributed: str | None = None  # reason, when attribution failed
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One aggregated flow: distinct (proto, src, sport, dst, dport) over a time span.
+
+    `bytes` counts IP-layer octets (IPv4 total length; IPv6 40 + payload length), as NetFlow and
+    conntrack do. `source` names the source that produced it (pcap, jsonl, conntrack, ...).
+    """
+
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    packets: int = 1
+    bytes: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    source: str = ""
+    who: Who | None = None
+    hostname: str | None = None
+
+    def to_json(self) -> dict:
+        d = {
+            "proto": proto_name(self.proto),
+            "src": self.src,
+            "sport": self.sport,
+            "dst": self.dst,
+            "dport": self.dport,
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "first_seen": iso_time(self.first_seen),
+            "last_seen": iso_time(self.last_seen),
+        }
+        if self.source:
+            d["source"] = self.source
+        if self.hostname:
+            d["hostname"] = self.hostname
+        if self.who is not None:
+            d["process"] = {k: v for k, v in asdict(self.who).items() if v is not None}
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where an address is, and how we know. Unknown is an answer: `unknown_reason` says why."""
+
+    ip: str
+    scope: str
+    lookup_ip: str | None = None  # embedded IPv4 looked up instead (NAT64, 6to4, Teredo, mapped)
+    country: str | None = None
+    registered_country: str | None = None
+    represented_country: str | None = None
+    continent: str | None = None
+    in_eu: bool | None = None
+    anycast: bool = False
+    asn: int | None = None
+    as_org: str | None = None
+    source: str | None = None  # e.g. "GeoIP2-City", "rir-registration", "fixture"
+    provenance: tuple[tuple[str, str], ...] = ()  # ((database_type, build_date), ...)
+    unknown_reason: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["provenance"] = [{"database": db, "build_date": built} for db, built in self.provenance]
+        return d
+
+
+class Outcome(str, enum.Enum):
+    COMPLIANT = "compliant"
+    VIOLATION = "violation"
+    EXEMPT = "exempt"
+    INDETERMINATE = "indeterminate"
+    NOT_APPLICABLE = "not_applicable"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The judgement of one policy on one flow, with a sentence a person can act on."""
+
+    policy: str
+    outcome: Outcome
+    reason: str  # short machine code: outside-allowed, unknown-location:no-record, ...
+    message: str
+    severity: str = "medium"
+    policy_file: str = ""
+    policy_sha256: str = ""
+    exception: str | None = None
+    jurisdictions: tuple[str, ...] = field(default=())  # groups the destination country is in
+
+    def to_json(self) -> dict:
+        return {
+            "policy": self.policy,
+            "policy_file": self.policy_file,
+            "policy_sha256": self.policy_sha256,
+            "verdict": self.outcome.value,
+            "reason": self.reason,
+            "message": self.message,
+            "severity": self.severity,
+            "exception": self.exception,
+        }

@@ -1,0 +1,1 @@
+"""Residency policy: jurisdiction groups, the policy language, and the engine that judges flows."""
