@@ -1,0 +1,182 @@
+"""The policy engine: one pure function from (flow, location, policy) to a verdict.
+
+Contract: `evaluate(flow, loc, policy, jurisdictions) -> Verdict`, no I/O, no clock: the flow's own
+first-seen time decides which jurisdiction memberships and exceptions were in force. The daemon,
+the audit and `policy test` all call this one function (through `agent.pipeline`).
+
+Order of judgement:
+1. not public, or not selected by `applies_to`             -> not_applicable
+2. `deny` matches                                           -> violation
+3. `allow` matches (network, ASN, hostname, jurisdiction)   -> compliant
+4. the facts needed are unknown (no country, no operator)   -> per `unknown`: indeterminate (default),
+                                                               violation, or compliant
+5. otherwise                                                -> violation
+A violation or indeterminate verdict becomes `exempt` when an exception in force covers the
+destination; an expired exception that would have covered it is named in the message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from datetime import date, datetime, timezone
+
+from agent.flow import Flow, Location, Outcome, Verdict
+from agent.policy.jurisdictions import Jurisdictions
+from agent.policy.model import Destinations, Policy, Selector
+
+
+def flow_day(flow: Flow) -> date:
+    return datetime.fromtimestamp(flow.first_seen or 0.0, tz=timezone.utc).date()
+
+
+def _selected(sel: Selector, flow: Flow) -> bool:
+    if sel.protocols and flow.proto not in sel.protocols:
+        return False
+    if sel.ports and not any(lo <= flow.dport <= hi for lo, hi in sel.ports):
+        return False
+    if sel.sources:
+        src = ipaddress.ip_address(flow.src)
+        if not any(src in n for n in sel.sources if n.version == src.version):
+            return False
+    if sel.processes or sel.users or sel.units or sel.containers:
+        who = flow.who
+        if who is None:
+            return False  # a source without attribution cannot show the selector matches
+        if sel.processes and not ({who.comm, who.exe, (who.exe or "").rsplit("/", 1)[-1]} & sel.processes):
+            return False
+        if sel.users and not ({str(who.uid), who.user} & sel.users):
+            return False
+        if sel.units and who.unit not in sel.units:
+            return False
+        if sel.containers and not (who.container and any(who.container.startswith(c) for c in sel.containers)):
+            return False
+    return True
+
+
+class _Match:
+    __slots__ = ("hit", "unknown", "conditional")
+
+    def __init__(self):
+        self.hit: str | None = None
+        self.unknown: str | None = None
+        self.conditional: str | None = None
+
+
+def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, policy: Policy,
+           jur: Jurisdictions, at: date) -> _Match:
+    m = _Match()
+    addr = ipaddress.ip_address(flow.dst)
+    for net in dest.networks:
+        if net.version == addr.version and addr in net:
+            m.hit = f"network {net}"
+            return m
+    if loc.asn is not None and loc.asn in dest.asns:
+        m.hit = f"AS{loc.asn}"
+        return m
+    if flow.hostname and any(fnmatch.fnmatch(flow.hostname.lower(), h) for h in dest.hostnames):
+        m.hit = f"hostname {flow.hostname}"
+        return m
+    if dest.jurisdictions:
+        if country is None:
+            m.unknown = f"unknown-location:{loc.unknown_reason or 'no-record'}"
+        else:
+            for j in dest.jurisdictions:
+                mem = jur.membership(j, country, at)
+                if mem is None:
+                    continue
+                if mem.condition is None:
+                    m.hit = j
+                    return m
+                m.conditional = m.conditional or f"{country} is in {j} only when the {mem.condition} ({mem.source})"
+    if dest.operator_jurisdictions:
+        if loc.asn is None:
+            m.unknown = m.unknown or "unknown-operator:no-asn"
+        else:
+            op = policy.operators.get(loc.asn)
+            if op is None:
+                m.unknown = m.unknown or "unknown-operator:unlisted-asn"
+            else:
+                for j in dest.operator_jurisdictions:
+                    if op.jurisdiction == j or jur.membership(j, op.jurisdiction, at) is not None:
+                        m.hit = f"operator {op.name} (AS{loc.asn}) under {op.jurisdiction}"
+                        return m
+    return m
+
+
+def _describe(flow: Flow, loc: Location, country: str | None) -> str:
+    if country:
+        where = country
+    else:
+        where = f"location unknown: {loc.unknown_reason or 'no-record'}"
+        if loc.registered_country:
+            where += f", registered {loc.registered_country}"
+        elif loc.continent:
+            where += f", continent {loc.continent}"
+    org = f", AS{loc.asn} {loc.as_org}" if loc.asn is not None and loc.as_org else (
+        f", AS{loc.asn}" if loc.asn is not None else "")
+    return f"destination {flow.dst} ({where}{org})"
+
+
+def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions) -> Verdict:
+    def verdict(outcome: Outcome, reason: str, message: str, exception: str | None = None) -> Verdict:
+        return Verdict(policy=policy.name, outcome=outcome, reason=reason, message=message,
+                       severity=policy.severity, policy_file=policy.file, policy_sha256=policy.sha256,
+                       exception=exception)
+
+    if loc.scope != "public":
+        return verdict(Outcome.NOT_APPLICABLE, "not-public",
+                       f"destination {flow.dst} is {loc.scope}, not a transfer")
+    if not _selected(policy.applies_to, flow):
+        return verdict(Outcome.NOT_APPLICABLE, "not-selected", f"flow is not governed by policy {policy.name}")
+    at = flow_day(flow)
+    country = loc.country if loc.unknown_reason is None else None
+    desc = _describe(flow, loc, country)
+
+    problem: tuple[str, str] | None = None  # (reason, message)
+    unknown: str | None = None
+    if policy.deny:
+        m = _match(policy.deny, flow, loc, country, policy, jur, at)
+        if m.hit:
+            problem = ("denied-destination", f"{desc} is in {m.hit}, denied by policy {policy.name}")
+        elif m.unknown:
+            unknown = m.unknown
+    if problem is None and policy.allow:
+        m = _match(policy.allow, flow, loc, country, policy, jur, at)
+        if m.hit and unknown is None:
+            return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is in {m.hit}, allowed by policy {policy.name}")
+        if not m.hit:
+            if m.unknown:
+                unknown = unknown or m.unknown
+            else:
+                allowed = ", ".join(policy.allow.jurisdictions) or "the allowed destinations"
+                msg = f"{desc} is outside {allowed} required by policy {policy.name}"
+                if m.conditional:
+                    msg += f" ({m.conditional}; record the recipient's status as an exception)"
+                problem = ("outside-allowed", msg)
+    if problem is None and unknown is None:
+        return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is not denied by policy {policy.name}")
+
+    expired = []
+    for ex in policy.exceptions:
+        em = _match(ex.destinations, flow, loc, country, policy, jur, at)
+        if not em.hit:
+            continue
+        if ex.in_force(at):
+            what = problem[0] if problem else unknown
+            return verdict(Outcome.EXEMPT, "exception",
+                           f"{desc} would be {what} under policy {policy.name}; exempt by exception {ex.id} "
+                           f"({ex.basis}: {ex.reference}; owner {ex.owner}; expires {ex.expires})",
+                           exception=ex.id)
+        expired.append(f"exception {ex.id} " + (f"expired {ex.expires}" if at >= ex.expires
+                                                 else f"starts {ex.start}"))
+    tail = "; " + ("; ".join(expired) + " (not in force)" if expired else "no exception applies")
+    if problem is not None:
+        return verdict(Outcome.VIOLATION, problem[0], problem[1] + tail)
+    what = unknown.split(":", 1)
+    msg = f"{desc}: policy {policy.name} cannot be judged ({what[0].replace('-', ' ')}: {what[-1]})"
+    if policy.unknown == "allow":
+        return verdict(Outcome.COMPLIANT, unknown, msg + "; unknown locations are allowed by this policy")
+    if policy.unknown == "violation":
+        return verdict(Outcome.VIOLATION, unknown, msg + "; unknown locations count as violations" + tail)
+    return verdict(Outcome.INDETERMINATE, unknown, msg + tail)

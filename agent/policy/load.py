@@ -1,0 +1,221 @@
+"""Load policies from YAML: schema first, then meaning; every problem reported, with file:line and path.
+
+Contract: `load_policies(path, jurisdictions)` takes a file or a folder (every `*.yaml`/`*.yml`
+that is not a `*.test.yaml`) and returns the policies sorted by name, or raises one UserError that
+lists *all* problems found in all files, e.g.
+`policies/eu.yaml:12: allow.jurisdictions[2]: unknown jurisdiction 'EUU' (did you mean 'EU'?)`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import ipaddress
+import json
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+
+from agent import yamlio
+from agent.errors import UserError
+from agent.flow import PROTO_NUMBERS
+from agent.policy.jurisdictions import Jurisdictions
+from agent.policy.model import Destinations, Exemption, Operator, Policy, Selector
+
+SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _plain(value):
+    """YAML dates -> ISO strings, so the JSON Schema sees what a JSON editor would."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def policy_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir()
+                      if p.suffix in (".yaml", ".yml") and not p.name.endswith((".test.yaml", ".test.yml")))
+    return [path]
+
+
+class _Problems:
+    def __init__(self, file: str, lines: dict):
+        self.file, self.lines, self.items = file, lines, []
+
+    def add(self, path, message: str):
+        line = yamlio.line_of(self.lines, path)
+        where = f"{self.file}:{line}" if line else self.file
+        self.items.append(f"{where}: {yamlio.dotted(path)}: {message}")
+
+
+def load_policies(path, jurisdictions: Jurisdictions) -> list[Policy]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such policy file or folder")
+    problems: list[str] = []
+    policies: list[Policy] = []
+    for f in policy_files(path):
+        try:
+            pol, errs = _load_file(f, jurisdictions)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        problems.extend(errs)
+        if pol is not None:
+            policies.append(pol)
+    seen: dict[str, str] = {}
+    for p in policies:
+        if p.name in seen:
+            problems.append(f"{p.file}: name: policy '{p.name}' is already defined in {seen[p.name]}")
+        seen[p.name] = p.file
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in policies at {path}", problems)
+    if not policies:
+        raise UserError(f"{path}: no policy files (*.yaml) found")
+    return sorted(policies, key=lambda p: p.name)
+
+
+def _load_file(f: Path, jur: Jurisdictions) -> tuple[Policy | None, list[str]]:
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise UserError(f"{f}: cannot read policy ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f}: not UTF-8 text (byte offset {e.start})") from None
+    data, lines = yamlio.load_with_lines(text, str(f))
+    data = _plain(data)
+    probs = _Problems(str(f), lines)
+    if not isinstance(data, dict):
+        probs.add((), "a policy file holds one mapping (version, name, home, ...)")
+        return None, probs.items
+    validator = jsonschema.Draft202012Validator(schema())
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        probs.add(tuple(err.absolute_path), err.message)
+    if probs.items:
+        return None, probs.items
+    pol = _build(data, jur, probs, str(f), hashlib.sha256(raw).hexdigest())
+    return (pol if not probs.items else None), probs.items
+
+
+def _jurs(values, path, jur: Jurisdictions, probs: _Problems, home=()) -> tuple[str, ...]:
+    out = []
+    for i, v in enumerate(values or ()):
+        if v == "HOME":
+            if not home:
+                probs.add(path + (i,), "HOME is only meaningful where the policy's home is known")
+            out.extend(home)
+        elif not jur.known(v):
+            hint = jur.suggest(v)
+            probs.add(path + (i,), f"unknown jurisdiction '{v}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        else:
+            out.append(v)
+    return tuple(dict.fromkeys(out))
+
+
+def _nets(values, path, probs) -> tuple:
+    out = []
+    for i, v in enumerate(values or ()):
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            probs.add(path + (i,), f"'{v}' is not an IP network (CIDR)")
+    return tuple(out)
+
+
+def _asn(v) -> int:
+    return int(v[2:]) if isinstance(v, str) else int(v)
+
+
+def _dest(d, path, jur, probs, home) -> Destinations | None:
+    if d is None:
+        return None
+    for i, h in enumerate(d.get("hostnames") or ()):
+        if not fnmatch.translate(h):
+            probs.add(path + ("hostnames", i), f"bad hostname pattern '{h}'")
+    return Destinations(
+        jurisdictions=_jurs(d.get("jurisdictions"), path + ("jurisdictions",), jur, probs, home),
+        networks=_nets(d.get("networks"), path + ("networks",), probs),
+        asns=frozenset(_asn(a) for a in d.get("asns") or ()),
+        hostnames=tuple(h.lower() for h in d.get("hostnames") or ()),
+        operator_jurisdictions=_jurs(d.get("operator_jurisdictions"), path + ("operator_jurisdictions",),
+                                     jur, probs, home),
+    )
+
+
+def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -> Policy:
+    home = _jurs(d["home"], ("home",), jur, probs)
+    sel = d.get("applies_to") or {}
+    ports = []
+    for i, p in enumerate(sel.get("ports") or ()):
+        lo, _, hi = str(p).partition("-")
+        lo, hi = int(lo), int(hi or lo)
+        if not (0 <= lo <= hi <= 65535):
+            probs.add(("applies_to", "ports", i), f"port range '{p}' must be low-high within 0-65535")
+        ports.append((lo, hi))
+    selector = Selector(
+        sources=_nets(sel.get("sources"), ("applies_to", "sources"), probs),
+        ports=tuple(ports),
+        protocols=frozenset(PROTO_NUMBERS[p] for p in sel.get("protocols") or ()),
+        processes=frozenset(sel.get("processes") or ()),
+        users=frozenset(str(u) for u in sel.get("users") or ()),
+        units=frozenset(sel.get("units") or ()),
+        containers=frozenset(sel.get("containers") or ()),
+    )
+    operators: dict[int, Operator] = {}
+    for i, op in enumerate(d.get("operators") or ()):
+        j = _jurs([op["jurisdiction"]], ("operators", i, "jurisdiction"), jur, probs)
+        for k, a in enumerate(op["asns"]):
+            asn = _asn(a)
+            if asn in operators:
+                probs.add(("operators", i, "asns", k), f"AS{asn} is already listed for {operators[asn].name}")
+            operators[asn] = Operator(op["name"], j[0] if j else op["jurisdiction"])
+    allow = _dest(d.get("allow"), ("allow",), jur, probs, home)
+    deny = _dest(d.get("deny"), ("deny",), jur, probs, home)
+    if not allow and not deny:
+        probs.add(("allow",), "a policy needs allow or deny destinations, or it can never be violated")
+    if deny and deny.operator_jurisdictions and not operators:
+        probs.add(("deny", "operator_jurisdictions"), "needs an 'operators' list mapping ASNs to jurisdictions")
+    exceptions = []
+    seen_ids = set()
+    for i, e in enumerate(d.get("exceptions") or ()):
+        path = ("exceptions", i)
+        if e["id"] in seen_ids:
+            probs.add(path + ("id",), f"exception id '{e['id']}' is used twice")
+        seen_ids.add(e["id"])
+        dest = _dest(e["destinations"], path + ("destinations",), jur, probs, home)
+        if not dest:
+            probs.add(path + ("destinations",), "an exception must name at least one destination")
+        start = _day(e.get("from"), path + ("from",), probs)
+        expires = _day(e["expires"], path + ("expires",), probs)
+        if start and expires and expires <= start:
+            probs.add(path + ("expires",), f"expires {expires} is not after from {start}")
+        exceptions.append(Exemption(e["id"], e["basis"], e["reference"], e["owner"], dest or Destinations(),
+                                    expires or date.min, start))
+    return Policy(name=d["name"], home=home, severity=d.get("severity", "medium"),
+                  description=d.get("description", ""), applies_to=selector, allow=allow, deny=deny,
+                  operators=operators, unknown=d.get("unknown", "indeterminate"),
+                  exceptions=tuple(exceptions), file=file, sha256=sha)
+
+
+def _day(v, path, probs) -> date | None:
+    if v is None:
+        return None
+    try:
+        return date.fromisoformat(v)
+    except ValueError:
+        probs.add(path, f"'{v}' is not a calendar date")
+        return None

@@ -1,0 +1,76 @@
+"""Policy records as the engine sees them: validated, parsed, frozen.
+
+Only `load.py` builds these; `engine.py` reads them. Networks are parsed `ipaddress` objects, ASNs
+are ints, dates are `datetime.date`, and `HOME` in a jurisdiction list is already replaced by the
+policy's home jurisdictions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import date
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Destinations:
+    jurisdictions: tuple[str, ...] = ()
+    networks: tuple[Network, ...] = ()
+    asns: frozenset[int] = frozenset()
+    hostnames: tuple[str, ...] = ()
+    operator_jurisdictions: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.jurisdictions or self.networks or self.asns or self.hostnames
+                    or self.operator_jurisdictions)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    sources: tuple[Network, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    protocols: frozenset[int] = frozenset()
+    processes: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    units: frozenset[str] = frozenset()
+    containers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Exemption:
+    """A policy exception with a lawful basis. Named Exemption to keep clear of Python's Exception."""
+
+    id: str
+    basis: str
+    reference: str
+    owner: str
+    destinations: Destinations
+    expires: date  # exclusive: the first day it no longer exempts
+    start: date | None = None
+
+    def in_force(self, at: date) -> bool:
+        return (self.start is None or self.start <= at) and at < self.expires
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    name: str
+    jurisdiction: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    home: tuple[str, ...]
+    severity: str = "medium"
+    description: str = ""
+    applies_to: Selector = field(default_factory=Selector)
+    allow: Destinations | None = None
+    deny: Destinations | None = None
+    operators: dict[int, Operator] = field(default_factory=dict)
+    unknown: str = "indeterminate"
+    exceptions: tuple[Exemption, ...] = ()
+    file: str = ""
+    sha256: str = ""
