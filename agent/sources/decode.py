@@ -1,0 +1,133 @@
+"""Scalar packet decoder: link layer -> outermost IP header -> transport ports, one packet at a time.
+
+This is the reference and the fallback for the vectorised decoder in `pcap.py`: rare shapes (three
+or more VLAN tags, IPv6 extension headers, odd link types) come here. It reads only the fields a
+flow needs, with `struct`, and is proven equal to scapy's dissection in tests.
+
+Contract: `decode(linktype, data, wirelen)` returns a `Decoded` (version, proto, src and dst as
+16-byte strings, ports, IP-layer length) or a status string: "non-ip", "malformed",
+"unsupported-link".
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+ETHERNET, NULL, LOOP, RAW, RAW_12, RAW_14, SLL, SLL2, IPV4, IPV6 = 1, 0, 108, 101, 12, 14, 113, 276, 228, 229
+LINK_NAMES = {ETHERNET: "ethernet", NULL: "null", LOOP: "loop", RAW: "raw", RAW_12: "raw", RAW_14: "raw",
+              SLL: "linux-sll", SLL2: "linux-sll2", IPV4: "ipv4", IPV6: "ipv6"}
+SUPPORTED_LINKS = frozenset(LINK_NAMES)
+VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
+ET_IPV4, ET_IPV6 = 0x0800, 0x86DD
+AF_INET6_VALUES = (10, 24, 28, 30)  # Linux, BSDs, FreeBSD/Darwin
+PORT_PROTOS = (6, 17, 132)  # TCP, UDP, SCTP: first 4 bytes are source and destination port
+IPV6_EXT = (0, 43, 60, 51, 135, 139, 140)  # hop-by-hop, routing, dest opts, AH, mobility, HIP, shim6
+IPV6_FRAG = 44
+V4_PREFIX = b"\x00" * 12
+
+_be16 = struct.Struct(">H").unpack_from
+_be32 = struct.Struct(">I").unpack_from
+_le32 = struct.Struct("<I").unpack_from
+
+
+class Decoded(NamedTuple):
+    version: int
+    proto: int
+    src: bytes  # 16 bytes; IPv4 is 12 zero bytes + the address
+    dst: bytes
+    sport: int
+    dport: int
+    iplen: int
+
+
+def l3_start(linktype: int, data: bytes) -> tuple[int, int] | str:
+    """(offset of the IP header, ethertype-like hint: 4, 6 or 0 for 'read the version nibble')."""
+    n = len(data)
+    if linktype == ETHERNET:
+        if n < 14:
+            return "malformed"
+        et, off = _be16(data, 12)[0], 14
+        while et in VLAN_TPIDS:
+            if n < off + 4:
+                return "malformed"
+            et, off = _be16(data, off + 2)[0], off + 4
+        return (off, 4) if et == ET_IPV4 else (off, 6) if et == ET_IPV6 else "non-ip"
+    if linktype == SLL:
+        if n < 16:
+            return "malformed"
+        et = _be16(data, 14)[0]
+        return (16, 4) if et == ET_IPV4 else (16, 6) if et == ET_IPV6 else "non-ip"
+    if linktype == SLL2:
+        if n < 20:
+            return "malformed"
+        et = _be16(data, 0)[0]
+        return (20, 4) if et == ET_IPV4 else (20, 6) if et == ET_IPV6 else "non-ip"
+    if linktype in (RAW, RAW_12, RAW_14):
+        return 0, 0
+    if linktype == IPV4:
+        return 0, 4
+    if linktype == IPV6:
+        return 0, 6
+    if linktype in (NULL, LOOP):
+        if n < 4:
+            return "malformed"
+        fam = _be32(data, 0)[0] if linktype == LOOP else _le32(data, 0)[0]
+        if linktype == NULL and fam > 0xFFFF:  # written on a host of the other byte order
+            fam = _be32(data, 0)[0]
+        return (4, 4) if fam == 2 else (4, 6) if fam in AF_INET6_VALUES else "non-ip"
+    return "unsupported-link"
+
+
+def decode(linktype: int, data: bytes, wirelen: int | None = None) -> Decoded | str:
+    start = l3_start(linktype, data)
+    if isinstance(start, str):
+        return start
+    off, hint = start
+    n = len(data)
+    wire_avail = (wirelen if wirelen is not None else n) - off
+    if n <= off:
+        return "malformed"
+    version = data[off] >> 4
+    if hint and version != hint:
+        return "malformed"
+    if version == 4:
+        if n < off + 20:
+            return "malformed"
+        ihl = (data[off] & 0x0F) * 4
+        total = _be16(data, off + 2)[0]
+        if ihl < 20 or total < ihl or total > wire_avail:
+            return "malformed"
+        proto = data[off + 9]
+        src, dst = V4_PREFIX + data[off + 12:off + 16], V4_PREFIX + data[off + 16:off + 20]
+        first_fragment = (_be16(data, off + 6)[0] & 0x1FFF) == 0
+        l4, iplen = off + ihl, total
+    elif version == 6:
+        if n < off + 40:
+            return "malformed"
+        iplen = 40 + _be16(data, off + 4)[0]
+        if iplen > wire_avail:
+            return "malformed"
+        proto = data[off + 6]
+        src, dst = bytes(data[off + 8:off + 24]), bytes(data[off + 24:off + 40])
+        l4, first_fragment = off + 40, True
+        while proto in IPV6_EXT or proto == IPV6_FRAG:
+            if n < l4 + 8:
+                return "malformed"
+            nxt = data[l4]
+            if proto == IPV6_FRAG:
+                first_fragment = (_be16(data, l4 + 2)[0] & 0xFFF8) == 0
+                size = 8
+            elif proto == 51:  # AH counts in 4-octet units
+                size = (data[l4 + 1] + 2) * 4
+            else:
+                size = (data[l4 + 1] + 1) * 8
+            proto, l4 = nxt, l4 + size
+    else:
+        return "malformed"
+    sport = dport = 0
+    if proto in PORT_PROTOS and first_fragment:
+        if n < l4 + 4:
+            return "malformed"
+        sport, dport = _be16(data, l4)[0], _be16(data, l4 + 2)[0]
+    return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen)
