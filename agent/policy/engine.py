@@ -88,7 +88,7 @@ def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, p
                 if mem.condition is None:
                     m.hit = j
                     return m
-                m.conditional = m.conditional or f"{country} is in {j} only when the {mem.condition} ({mem.source})"
+                m.conditional = m.conditional or f"{country} counts as {j} only when the {mem.condition}"
     if dest.operator_jurisdictions:
         if loc.asn is None:
             m.unknown = m.unknown or "unknown-operator:no-asn"
@@ -152,7 +152,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions) -> V
                 allowed = ", ".join(policy.allow.jurisdictions) or "the allowed destinations"
                 msg = f"{desc} is outside {allowed} required by policy {policy.name}"
                 if m.conditional:
-                    msg += f" ({m.conditional}; record the recipient's status as an exception)"
+                    msg += f" ({m.conditional}: record that as an exception)"
                 problem = ("outside-allowed", msg)
     if problem is None and unknown is None:
         return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is not denied by policy {policy.name}")

@@ -1,0 +1,123 @@
+"""Command line: audit | lookup | policy check | policy test | policy schema | run.
+
+Exit codes are the contract: 0 clean, 1 violations (audit) or failed policy tests, 2 usage or input
+errors (a message naming file, line/offset and field; never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.errors import UserError
+
+FORMATS = ("table", "json")
+
+
+def shipped_policies() -> Path:
+    """`./policies` when present, else the set installed with the package."""
+    local = Path("policies")
+    if local.is_dir():
+        return local
+    from importlib.resources import files
+
+    return Path(str(files("egress_policies")))
+
+
+def _add_geo(p):
+    p.add_argument("--geoip-db", action="append", default=[], metavar="PATH",
+                   help="MaxMind-format database (country/city, ASN, DB-IP, IPinfo); repeatable. "
+                        "Default: embedded RIR registration data (iptocc)")
+    p.add_argument("--local-net", action="append", default=[], metavar="CIDR",
+                   help="treat this range as local (this side of the border); repeatable")
+    p.add_argument("--public-net", action="append", default=[], metavar="CIDR",
+                   help="treat this range as public although the IANA registry reserves it; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="egress-agent", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"egress-agent {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("audit", help="dry run: judge captures and flow logs against the policies")
+    a.add_argument("inputs", nargs="*", metavar="INPUT", help="pcap, pcapng or JSON-lines file, or a folder of them")
+    a.add_argument("--policies", metavar="PATH", help="policy file or folder (default ./policies, else shipped)")
+    _add_geo(a)
+    a.add_argument("--format", choices=FORMATS, default="table")
+    a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
+    a.add_argument("--conntrack", action="store_true", help="audit one snapshot of the live conntrack table")
+    a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
+
+    lk = sub.add_parser("lookup", help="where addresses are, and how we know")
+    lk.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    _add_geo(lk)
+    lk.add_argument("--format", choices=FORMATS, default="table")
+
+    pol = sub.add_parser("policy", help="check, test or describe policies")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    pc = psub.add_parser("check", help="validate policies; report every problem (exit 2 on any)")
+    pc.add_argument("path", nargs="?")
+    pt = psub.add_parser("test", help="run the *.test.yaml files beside the policies (exit 1 on failures)")
+    pt.add_argument("path", nargs="?")
+    psub.add_parser("schema", help="print the policy JSON Schema")
+
+    r = sub.add_parser("run", help="the daemon: watch live flows, export metrics and evidence")
+    r.add_argument("--config", metavar="FILE", help="YAML config (flags override it)")
+    r.add_argument("--policies", metavar="PATH")
+    _add_geo(r)
+    r.add_argument("--listen", metavar="ADDR:PORT", help="metrics endpoint (default 127.0.0.1:9807)")
+    r.add_argument("--evidence", metavar="FILE", help="evidence log path (JSON lines)")
+    r.add_argument("--netns", metavar="NAME", help="watch this named network namespace")
+    r.add_argument("--sample", type=int, metavar="N", help="keep 1 in N new flows (default 1: all)")
+    r.add_argument("--enable-conntrack", action="store_true", default=None,
+                   help="let the agent turn on connection tracking and accounting if they are off")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "audit":
+            from agent.commands.audit import run_audit
+            return run_audit(args)
+        if args.command == "lookup":
+            from agent.commands.lookup import run_lookup
+            return run_lookup(args)
+        if args.command == "policy":
+            from agent.commands.policy import run_policy
+            return run_policy(args)
+        if args.command == "run":
+            from agent.daemon import run_daemon
+            return run_daemon(args)
+    except UserError as e:
+        print(f"egress-agent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return 2
+
+
+def write_output(text: str, path: str | None):
+    """Standard output, or FILE written whole (temp file + rename) so a reader never sees half."""
+    if not path:
+        sys.stdout.write(text)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write report ({e.strerror})") from None
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,1 @@
+"""One module per CLI command; each builds its pieces and calls the shared pipeline."""

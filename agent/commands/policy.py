@@ -1,0 +1,42 @@
+"""`egress-agent policy check|test|schema`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from agent.errors import UserError
+from agent.policy.jurisdictions import Jurisdictions
+from agent.policy.load import load_policies, schema
+from agent.policy.testing import run_test_file, test_files
+
+
+def run_policy(args) -> int:
+    from agent.cli import shipped_policies
+
+    if args.policy_command == "schema":
+        print(json.dumps(schema(), indent=2))
+        return 0
+    path = Path(args.path) if args.path else shipped_policies()
+    jur = Jurisdictions.load()
+    if args.policy_command == "check":
+        policies = load_policies(path, jur)
+        for p in policies:
+            print(f"ok  {p.name}  ({p.file}, {len(p.exceptions)} exception(s))")
+        return 0
+    files = test_files(path)
+    if not files:
+        raise UserError(f"{path}: no *.test.yaml files found")
+    passed = failed = 0
+    for f in files:
+        for r in run_test_file(f, jur):
+            if r.passed:
+                passed += 1
+                print(f"PASS {r.file}:{r.line}: {r.name}")
+            else:
+                failed += 1
+                print(f"FAIL {r.file}:{r.line}: {r.name}: {r.detail}")
+    print(f"{passed} passed, {failed} failed")
+    sys.stdout.flush()
+    return 1 if failed else 0

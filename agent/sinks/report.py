@@ -1,0 +1,139 @@
+"""The audit report: totals, destinations by country, verdict counts and every violation.
+
+Contract: feed it input stats with `add_input` and judged flows with `add`; `to_json()` gives the
+machine report (fields below are a contract, extend don't rename); `render(console)` prints the
+tables people read. Counting rules: `totals.packets/bytes/flows` cover every IP flow read;
+`egress_flows` and `destinations_by_country` cover only egress to public destinations; `verdicts`
+counts one verdict per (egress flow, policy).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+from agent import __version__
+from agent.flow import Outcome, iso_time, proto_name
+from agent.pipeline import Judged
+
+MAX_TABLE_ROWS = 40
+
+
+class AuditReport:
+    def __init__(self, policies, geoip_provenance):
+        self.inputs: list[dict] = []
+        self.policies = [{"name": p.name, "file": p.file, "sha256": p.sha256} for p in policies]
+        self.geoip = geoip_provenance
+        self.totals = Counter(packets=0, bytes=0, flows=0, egress_flows=0)
+        self.verdicts = Counter({o.value: 0 for o in Outcome})
+        self.by_country: dict = defaultdict(lambda: {"dst": set(), "flows": 0, "packets": 0, "bytes": 0})
+        self.by_jurisdiction: Counter = Counter()
+        self.records: dict[str, list] = {"violation": [], "indeterminate": [], "exempt": []}
+        self.warnings: list[str] = []
+
+    def add_input(self, stats: dict, packets: int | None = None):
+        self.inputs.append(stats)
+        self.warnings.extend(stats.get("warnings", []))
+        if packets is not None:
+            self.totals["packets"] += packets
+
+    def add_flow(self, flow, count_packets: bool):
+        self.totals["flows"] += 1
+        self.totals["bytes"] += flow.bytes
+        if count_packets:
+            self.totals["packets"] += flow.packets
+
+    def add(self, j: Judged):
+        f, loc = j.flow, j.location
+        self.totals["egress_flows"] += 1
+        c = self.by_country[loc.country if loc.unknown_reason is None else None]
+        c["dst"].add(f.dst)
+        c["flows"] += 1
+        c["packets"] += f.packets
+        c["bytes"] += f.bytes
+        for g in j.jurisdictions:
+            self.by_jurisdiction[g] += f.bytes
+        for v in j.verdicts:
+            self.verdicts[v.outcome.value] += 1
+            if v.outcome.value in self.records:
+                self.records[v.outcome.value].append({
+                    "policy": v.policy, "severity": v.severity, "reason": v.reason, "message": v.message,
+                    "exception": v.exception, "src": f.src, "sport": f.sport, "dst": f.dst,
+                    "dst_port": f.dport, "proto": proto_name(f.proto), "country": loc.country,
+                    "registered_country": loc.registered_country, "asn": loc.asn, "as_org": loc.as_org,
+                    "packets": f.packets, "bytes": f.bytes, "first_seen": iso_time(f.first_seen),
+                    "last_seen": iso_time(f.last_seen),
+                    "process": f.to_json().get("process")})
+
+    def destinations_by_country(self) -> list[dict]:
+        rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],
+                 "bytes": v["bytes"]} for cc, v in self.by_country.items()]
+        return sorted(rows, key=lambda r: (-r["bytes"], r["country"] or "~"))
+
+    def to_json(self) -> dict:
+        order = lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"])  # noqa: E731
+        return {
+            "tool": {"name": "egress-agent", "version": __version__},
+            "generated_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "inputs": self.inputs,
+            "geoip": self.geoip,
+            "policies": self.policies,
+            "totals": dict(self.totals),
+            "destinations_by_country": self.destinations_by_country(),
+            "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
+            "verdicts": dict(self.verdicts),
+            "violations": sorted(self.records["violation"], key=order),
+            "indeterminate": sorted(self.records["indeterminate"], key=order),
+            "exempt": sorted(self.records["exempt"], key=order),
+            "warnings": self.warnings,
+        }
+
+    def render(self, console):
+        from rich.table import Table
+
+        t = Table(title="Inputs", title_justify="left")
+        for col in ("path", "format", "link types", "packets", "malformed", "truncated"):
+            t.add_column(col)
+        for i in self.inputs:
+            t.add_row(i["path"], i["format"], ", ".join(i.get("link_types") or []) or "-",
+                      str(i.get("packets") if i.get("packets") is not None else i.get("flows", "")),
+                      str(i.get("malformed", 0)), "yes" if i.get("truncated") else "no")
+        console.print(t)
+        geo = "; ".join(f"{g['database_type']} {g.get('build_date') or g.get('version') or ''}".strip()
+                        for g in self.geoip)
+        console.print(f"GeoIP: {geo}")
+        console.print(f"Policies: {', '.join(p['name'] for p in self.policies)}")
+        tot = self.totals
+        console.print(f"Totals: {tot['packets']} packets, {tot['bytes']} bytes, {tot['flows']} flows, "
+                      f"{tot['egress_flows']} egress flows")
+        t = Table(title="Egress destinations by country", title_justify="left")
+        for col in ("country", "destinations", "flows", "packets", "bytes"):
+            t.add_column(col, justify="right" if col != "country" else "left")
+        for r in self.destinations_by_country()[:MAX_TABLE_ROWS]:
+            t.add_row(r["country"] or "[yellow]unknown[/]", str(r["distinct_dst"]), str(r["flows"]),
+                      str(r["packets"]), str(r["bytes"]))
+        console.print(t)
+        console.print("Verdicts: " + ", ".join(f"{k} {v}" for k, v in self.verdicts.items()))
+        for kind, style in (("violation", "red"), ("indeterminate", "yellow")):
+            groups: dict = {}
+            for r in self.records[kind]:
+                g = groups.setdefault((r["policy"], r["dst"], r["dst_port"], r["proto"]),
+                                      {"first": r, "flows": 0, "bytes": 0, "packets": 0, "srcs": set()})
+                g["flows"] += 1
+                g["bytes"] += r["bytes"]
+                g["packets"] += r["packets"]
+                g["srcs"].add(r["src"])
+            if not groups:
+                continue
+            console.print(f"[bold {style}]{kind.capitalize()}s: {len(self.records[kind])} flow(s) "
+                          f"to {len(groups)} destination(s)[/]")
+            ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"]))
+            for (policy, dst, port, proto), g in ranked[:MAX_TABLE_ROWS]:
+                r = g["first"]
+                srcs = ", ".join(sorted(g["srcs"])[:3]) + (" …" if len(g["srcs"]) > 3 else "")
+                console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst} port {port} "
+                              f"({r['country'] or 'unknown'}): {g['flows']} flow(s), {g['packets']} packets, "
+                              f"{g['bytes']} bytes from {srcs}", highlight=False)
+                console.print(f"      {r['message']}", highlight=False, style="dim")
+            if len(ranked) > MAX_TABLE_ROWS:
+                console.print(f"  … and {len(ranked) - MAX_TABLE_ROWS} more destinations (--format json lists all)")
