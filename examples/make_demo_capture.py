@@ -1,0 +1,57 @@
+"""Write examples/demo.pcap: a small Ethernet capture with egress the shipped policies judge.
+
+Plain `struct`, no scapy, so the README's first command needs nothing beyond the package. The
+addresses are real public ones (the demo runs on the embedded RIR data, which has no entries for
+documentation ranges); nothing is sent anywhere: this only writes a file.
+
+    python examples/make_demo_capture.py [OUT]
+"""
+
+import struct
+import sys
+
+T0 = 1764000000  # 2025-11-24
+
+# (src, dst, proto, sport, dport, packets, payload bytes)
+FLOWS = [
+    ("10.0.0.5", "193.99.144.80", 6, 40001, 443, 6, 600),   # DE: inside the EU
+    ("10.0.0.5", "8.8.8.8", 17, 40002, 53, 2, 40),          # US
+    ("10.0.0.5", "1.0.16.1", 6, 40003, 443, 4, 900),        # JP: EU adequacy decision
+    ("10.0.0.5", "114.114.114.114", 17, 40004, 53, 2, 40),  # CN
+    ("10.0.0.5", "10.0.0.1", 17, 40005, 53, 2, 40),         # local, not egress
+]
+
+
+def checksum(hdr: bytes) -> int:
+    s = sum(struct.unpack("!10H", hdr))
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~(s + (s >> 16)) & 0xFFFF
+
+
+def ip4(a: str) -> bytes:
+    return bytes(int(x) for x in a.split("."))
+
+
+def frame(src, dst, proto, sport, dport, payload):
+    l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x18, 65535, 0, 0) if proto == 6 else \
+        struct.pack("!HHHH", sport, dport, 8 + payload, 0)
+    body = l4 + b"\x00" * payload
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, proto, 0, ip4(src), ip4(dst))
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
+    return b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00" + hdr + body
+
+
+def main(out="examples/demo.pcap"):
+    with open(out, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        t = T0
+        for src, dst, proto, sport, dport, packets, payload in FLOWS:
+            for i in range(packets):
+                pkt = frame(src, dst, proto, sport, dport, payload)
+                f.write(struct.pack("<IIII", t, i * 1000, len(pkt), len(pkt)) + pkt)
+            t += 1
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
