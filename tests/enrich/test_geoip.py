@@ -1,0 +1,98 @@
+import os
+import shutil
+
+import pytest
+
+from agent.enrich.geoip import Locator
+from agent.enrich.scope import Scoper
+from agent.errors import UserError
+from tests.helpers import build_city_mmdb
+
+DOC = Scoper(public_nets=["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"])
+
+EDGE = {
+    "198.51.100.0/28": {"country": "DE"},
+    "198.51.100.16/28": {"registered": "FR"},
+    "198.51.100.32/28": {"continent": "EU"},
+    "198.51.100.48/28": {"country": "PH", "represented": "US"},
+    "198.51.100.64/28": {"country": "US", "anycast": True},
+    "203.0.113.0/24": {"country": "US"},
+}
+
+
+@pytest.fixture
+def edge_db(tmp_path):
+    return build_city_mmdb(tmp_path / "edge.mmdb", EDGE)
+
+
+def test_fields_and_provenance(city_db, asn_db):
+    loc = Locator([city_db, asn_db], DOC).locate("198.51.100.7")
+    assert (loc.country, loc.in_eu, loc.asn, loc.as_org) == ("DE", True, 24940, "Hetzner Online GmbH")
+    assert loc.unknown_reason is None and loc.source == "GeoIP2-City"
+    assert [p[0] for p in loc.provenance] == ["GeoIP2-City", "GeoLite2-ASN"]
+
+
+@pytest.mark.parametrize("ip,reason", [
+    ("198.51.100.1", None),
+    ("198.51.100.17", "registered-country-only"),
+    ("198.51.100.33", "continent-only"),
+    ("198.51.100.65", "anycast"),
+    ("198.51.100.200", "no-record"),
+    ("10.0.0.1", "not-public"),
+])
+def test_unknown_is_an_answer(edge_db, ip, reason):
+    assert Locator([edge_db], DOC).locate(ip).unknown_reason == reason
+
+
+def test_represented_country(edge_db):
+    loc = Locator([edge_db], DOC).locate("198.51.100.49")
+    assert (loc.country, loc.represented_country) == ("PH", "US")
+
+
+def test_nat64_and_6to4_look_up_the_embedded_ipv4(edge_db):
+    loc = Locator([edge_db], DOC).locate("64:ff9b::cb00:7109")  # 203.0.113.9
+    assert (loc.country, loc.lookup_ip, loc.scope) == ("US", "203.0.113.9", "public")
+    assert Locator([edge_db], DOC).locate("2002:cb00:7109::1").country == "US"
+
+
+def test_embedded_rir_data_without_database():
+    loc = Locator([], Scoper()).locate("8.8.8.8")
+    assert loc.country == "US" and loc.source == "rir-registration"
+    assert Locator([], Scoper()).provenance()[0]["database_type"].startswith("iptocc")
+    # documentation space has no registration: unknown, not a guess
+    assert Locator([], DOC).locate("203.0.113.5").unknown_reason == "no-record"
+
+
+def test_cache_is_bounded_and_dropped_when_the_file_changes(tmp_path):
+    path = build_city_mmdb(tmp_path / "g.mmdb", {"203.0.113.0/24": {"country": "US"}})
+    loc = Locator([path], DOC, cache_size=4)
+    assert loc.locate("203.0.113.1").country == "US"
+    for i in range(10):
+        loc.locate(f"203.0.113.{i}")
+    assert len(loc._cache) == 4
+    new = build_city_mmdb(tmp_path / "new.mmdb", {"203.0.113.0/24": {"country": "DE"}})
+    os.replace(new, path)  # what geoipupdate does: a new inode
+    assert loc.refresh() is True
+    assert loc.locate("203.0.113.1").country == "DE"
+    assert loc.refresh() is False
+
+
+def test_missing_and_corrupt_databases(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Locator([str(tmp_path / "none.mmdb")])
+    bad = tmp_path / "bad.mmdb"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(UserError, match="not a readable MaxMind-format database"):
+        Locator([str(bad)])
+
+
+def test_ipinfo_lite_layout(tmp_path):
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    w = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="ipinfo lite.mmdb")
+    w.insert_network(IPSet(["203.0.113.0/24"]), {"country_code": "SG", "continent_code": "AS",
+                                                  "asn": "AS64500", "as_name": "Example"})
+    w.to_db_file(str(tmp_path / "ipinfo.mmdb"))
+    loc = Locator([str(tmp_path / "ipinfo.mmdb")], DOC).locate("203.0.113.1")
+    assert (loc.country, loc.continent, loc.asn, loc.as_org) == ("SG", "AS", 64500, "Example")

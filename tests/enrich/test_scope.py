@@ -1,0 +1,57 @@
+import pytest
+
+from agent.enrich.scope import Scoper, embedded_ipv4, registry_scope
+import ipaddress
+
+
+@pytest.mark.parametrize("ip,scope", [
+    ("8.8.8.8", "public"),
+    ("10.1.2.3", "private"), ("172.31.0.1", "private"), ("192.168.1.1", "private"),
+    ("100.64.0.1", "shared"), ("127.0.0.1", "loopback"), ("169.254.1.1", "link-local"),
+    ("192.0.2.1", "documentation"), ("198.51.100.7", "documentation"), ("203.0.113.9", "documentation"),
+    ("198.18.0.1", "benchmarking"), ("224.0.0.251", "multicast"), ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "broadcast"), ("0.0.0.0", "unspecified"), ("192.0.0.9", "public"),
+    ("192.0.0.1", "reserved"), ("192.88.99.1", "reserved"),
+    ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fd00::1", "private"),
+    ("ff02::1", "multicast"), ("2001:db8::1", "documentation"), ("3fff::1", "documentation"),
+    ("2a00:1450::1", "public"), ("2001:2::1", "benchmarking"), ("2001:20::1", "public"),
+    ("64:ff9b::808:808", "public"), ("64:ff9b::a00:1", "private"), ("64:ff9b:1::1", "private"),
+    ("::ffff:192.168.0.1", "private"), ("2002:c000:0201::1", "documentation"),
+    ("4000::1", "reserved"),
+])
+def test_registry_scope(ip, scope):
+    assert registry_scope(ipaddress.ip_address(ip)) == scope
+
+
+def test_stdlib_would_get_these_wrong():
+    # The reason the registries are explicit: ipaddress calls documentation ranges private.
+    assert ipaddress.ip_address("198.51.100.1").is_private
+    assert registry_scope(ipaddress.ip_address("198.51.100.1")) == "documentation"
+
+
+@pytest.mark.parametrize("ip,form,v4", [
+    ("::ffff:1.2.3.4", "mapped", "1.2.3.4"),
+    ("64:ff9b::102:304", "nat64", "1.2.3.4"),
+    ("2002:102:304::1", "6to4", "1.2.3.4"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "teredo", "192.0.2.45"),
+])
+def test_embedded_ipv4(ip, form, v4):
+    assert embedded_ipv4(ipaddress.ip_address(ip)) == (form, ipaddress.ip_address(v4))
+
+
+def test_public_and_local_overrides():
+    s = Scoper(public_nets=["203.0.113.0/24", "2001:db8::/32"], local_nets=["2001:db8:1::/48"])
+    assert s.scope("203.0.113.9") == "public"
+    assert s.scope("2001:db8:5::1") == "public"
+    assert s.scope("2001:db8:1::5") == "local"
+    assert s.is_egress("10.0.0.1", "203.0.113.9")
+    assert s.is_egress("2001:db8:1::5", "2001:db8:5::1")
+    assert not s.is_egress("203.0.113.9", "10.0.0.1")
+    assert not s.is_egress("10.0.0.1", "10.0.0.2")
+    assert not s.is_egress("8.8.4.4", "8.8.8.8")  # neither end local
+
+
+def test_bad_override_is_a_user_error():
+    from agent.errors import UserError
+    with pytest.raises(UserError, match="local network: 'nope'"):
+        Scoper(local_nets=["nope"])

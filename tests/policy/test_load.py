@@ -1,0 +1,99 @@
+import textwrap
+
+import pytest
+
+from agent.errors import UserError
+from agent.policy.jurisdictions import Jurisdictions
+from agent.policy.load import load_policies
+
+J = Jurisdictions.load()
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def problems(path):
+    with pytest.raises(UserError) as e:
+        load_policies(path, J)
+    return e.value.problems
+
+
+def test_every_problem_is_reported_with_file_line_and_path(tmp_path):
+    write(tmp_path, "bad.yaml", """\
+        version: 1
+        name: bad-policy
+        home: [EU]
+        allow:
+          jurisdictions: [EEA, EUU]
+          networks: [10.0.0.0/33]
+        exceptions:
+          - id: x
+            basis: scc
+            reference: r
+            owner: o
+            destinations: {jurisdictions: [US]}
+            from: 2026-01-01
+            expires: 2025-01-01
+        """)
+    write(tmp_path, "worse.yaml", """\
+        version: 2
+        name: Worse Name
+        home: []
+        severity: extreme
+        """)
+    got = problems(tmp_path)
+    text = "\n".join(got)
+    assert "bad.yaml:5: allow.jurisdictions[1]: unknown jurisdiction 'EUU' (did you mean 'EU'?)" in text
+    assert "bad.yaml:6: allow.networks[0]: '10.0.0.0/33' is not an IP network (CIDR)" in text
+    assert "bad.yaml:14: exceptions[0].expires: expires 2025-01-01 is not after from 2026-01-01" in text
+    assert "worse.yaml:1: version:" in text and "worse.yaml:4: severity:" in text
+    assert "worse.yaml:2: name:" in text and "worse.yaml:3: home:" in text
+    assert len(got) == 7
+
+
+def test_norway_is_not_false(tmp_path):
+    p = write(tmp_path, "no.yaml", """\
+        version: 1
+        name: nordic
+        home: [NO]
+        allow: {jurisdictions: [NO, IS]}
+        """)
+    (pol,) = load_policies(p, J)
+    assert pol.home == ("NO",) and pol.allow.jurisdictions == ("NO", "IS")
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path):
+    p = write(tmp_path, "broken.yaml", "version: 1\nname: [x\n")
+    assert any("broken.yaml:3:1: invalid YAML" in x or "broken.yaml:" in x for x in problems(p))
+
+
+def test_duplicate_names_and_empty_policy(tmp_path):
+    body = "version: 1\nname: same\nhome: [EU]\nallow: {jurisdictions: [EU]}\n"
+    write(tmp_path, "a.yaml", body)
+    write(tmp_path, "b.yaml", body)
+    write(tmp_path, "c.yaml", "version: 1\nname: toothless\nhome: [EU]\n")
+    text = "\n".join(problems(tmp_path))
+    assert "policy 'same' is already defined" in text
+    assert "toothless" not in text or "can never be violated" in text
+
+
+def test_home_token_and_test_files_skipped(tmp_path):
+    write(tmp_path, "h.yaml", "version: 1\nname: h\nhome: [DE]\nallow: {jurisdictions: [HOME, AT]}\n")
+    write(tmp_path, "h.test.yaml", "cases: []\n")
+    (pol,) = load_policies(tmp_path, J)
+    assert pol.allow.jurisdictions == ("DE", "AT")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="no such policy file"):
+        load_policies(tmp_path / "nope", J)
+
+
+def test_shipped_policies_load_and_carry_sha256():
+    pols = load_policies("policies", J)
+    assert {p.name for p in pols} == {"gdpr-personal-data", "pipl-personal-information", "sovereign-operator",
+                                      "device-phone-home"}
+    assert all(len(p.sha256) == 64 for p in pols)
