@@ -11,11 +11,21 @@ from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Loopback
 
 from agent.errors import UserError
 from agent.sources import decode as dec
+from agent.sources import pcap as pcap_mod
 from agent.sources.pcap import read_capture
 from tests.helpers import write_pcap, write_pcapng
 
 SRC4, DST4 = "192.0.2.10", "203.0.113.9"
 SRC6, DST6 = "2001:db8::10", "2001:db8:5::9"
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def reader_path(request, monkeypatch):
+    """Every test runs on the C accelerator and on the pure Python + numpy path."""
+    if request.param == "c" and pcap_mod._c_walk is None:
+        pytest.skip("C accelerator not built (no compiler at install time)")
+    monkeypatch.setitem(pcap_mod.WALK, "c", request.param == "c")
+    return request.param
 
 
 def ETH(**kw):

@@ -1,0 +1,155 @@
+"""Audit throughput against tcpdump and tshark-with-GeoIP, measured in the same run.
+
+Builds a synthetic Ethernet capture (default 1,000,000 packets: IPv4/IPv6, TCP/UDP, 4,000 flows to
+destinations spread over many countries) and a matching MMDB, then prints packets/s for:
+  * `tcpdump -r FILE -w /dev/null`                          (the floor: read and write, no decode)
+  * `tshark -r FILE -T fields -e ip.geoip.dst_country_iso`  (GeoIP per packet, same MMDB);
+    tshark runs on the first --tshark-packets of the file (a rate, so a prefix is a fair sample)
+  * `egress-agent audit --format json --geoip-db MMDB FILE`
+and the ratios (targets: >= 0.2 of tcpdump, >= 20x tshark), plus peak RSS of the audit on the full
+capture and on half of it (memory should be flat as the capture grows).
+
+    python bench/bench_audit.py [--packets N] [--tshark-packets N] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) -> list[str]:
+    rnd = random.Random(seed)
+    dsts = [f"{rnd.randint(11, 222)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}"
+            for _ in range(flows // 2)]
+    templates = []
+    for i in range(flows):
+        dst = dsts[i % len(dsts)]
+        sport, dport = 30000 + i, rnd.choice([443, 53, 8443])
+        proto = 6 if i % 3 else 17
+        if i % 5 == 0:  # IPv6
+            src6 = bytes.fromhex("fd000000000000000000000000000005")
+            dst6 = bytes.fromhex("2a00%04x0000000000000000000000%02x" % (i % 0xFFFF, i % 256))
+            l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
+            ip = struct.pack("!IHBB", 0x60000000, len(l4) + 100, proto, 64) + src6 + dst6
+            frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x86\xdd" + ip + l4 + bytes(100)
+        else:
+            l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + 100, 0, 0, 64, proto, 0,
+                             bytes([10, 0, 0, 5]), bytes(int(x) for x in dst.split(".")))
+            frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + l4 + bytes(100)
+        templates.append(frame)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        t0 = 1750000000
+        w = f.write
+        pack = struct.Struct("<IIII").pack
+        for n in range(packets):
+            fr = templates[n % flows]
+            w(pack(t0 + n // 10000, n % 1000000, len(fr), len(fr)))
+            w(fr)
+    return dsts
+
+
+def build_mmdb(path: Path, seed: int = 7):
+    """Country for every /8 of IPv4 (many countries) and 2a00::/12; real-sized tree depth."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    rnd = random.Random(seed)
+    countries = ["DE", "FR", "US", "CN", "JP", "GB", "NL", "IE", "SG", "BR", "IN", "RU", "CA", "AU", "SE"]
+    w = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-Country", languages=["en"],
+                   description="bench")
+    for a in range(1, 224):
+        for b in range(0, 256, 16):
+            cc = rnd.choice(countries)
+            w.insert_network(IPSet([f"{a}.{b}.0.0/12"]), {"country": {"iso_code": cc, "names": {"en": cc}},
+                                                          "continent": {"code": "EU"}})
+    w.insert_network(IPSet(["2a00::/12"]), {"country": {"iso_code": "DE", "names": {"en": "DE"}}})
+    w.to_db_file(str(path))
+
+
+def timed(cmd, env=None) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS in KiB."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    dt = time.perf_counter() - t
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"{cmd[0]} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if True else before
+
+
+def peak_rss_kib(cmd) -> int:
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return int(r.stderr.decode().strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--tshark-packets", type=int, default=100_000)
+    ap.add_argument("--workdir")
+    a = ap.parse_args()
+    for tool in ("tcpdump", "tshark", "editcap"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench needs {tool} (apt-get install tcpdump tshark)")
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="egress-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cap, half, mmdb = work / "big.pcap", work / "half.pcap", work / "bench.mmdb"
+    print(f"building {a.packets:,}-packet capture and MMDB in {work} ...", flush=True)
+    build_capture(cap, a.packets)
+    build_capture(half, a.packets // 2)
+    build_mmdb(mmdb)
+    small = work / "prefix.pcap"
+    subprocess.run(["editcap", "-r", str(cap), str(small), f"1-{a.tshark_packets}"], check=True)
+    # tshark reads MaxMind paths from its personal config folder.
+    home = work / "home"
+    (home / ".config" / "wireshark").mkdir(parents=True, exist_ok=True)
+    (home / ".config" / "wireshark" / "maxmind_db_paths").write_text(f'"{work}"\n')
+    tenv = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    # Sanity: tshark really resolves countries with this database.
+    out = subprocess.run(["tshark", "-r", str(small), "-c", "5", "-T", "fields", "-e", "ip.geoip.dst_country_iso"],
+                         capture_output=True, text=True, env=tenv).stdout.split()
+    if not out:
+        raise SystemExit("tshark resolved no GeoIP countries: its MaxMind configuration did not take")
+
+    agent = [sys.executable, "-m", "agent", "audit", "--format", "json", "--output", os.devnull,
+             "--policies", str(REPO / "policies"), "--geoip-db", str(mmdb)]
+    runs = {}
+    for name, cmd, n, env in [
+        ("tcpdump", ["tcpdump", "-r", str(cap), "-w", os.devnull], a.packets, None),
+        ("tshark+geoip", ["tshark", "-r", str(small), "-T", "fields", "-e", "ip.geoip.dst_country_iso"],
+         a.tshark_packets, tenv),
+        ("egress-agent", agent + [str(cap)], a.packets, dict(os.environ, PYTHONPATH=str(REPO))),
+    ]:
+        best = min(timed(cmd, env)[0] for _ in range(2 if name != "tshark+geoip" else 1))
+        runs[name] = n / best
+        print(f"{name:14s} {n:>10,} packets  {best:7.2f} s  {n / best:>12,.0f} packets/s", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    os.environ["PYTHONPATH"] = str(REPO)
+    rss_full = peak_rss_kib(agent + [str(cap)])
+    rss_half = peak_rss_kib(agent + [str(half)])
+    del env
+    print(f"ratio to tcpdump:       {runs['egress-agent'] / runs['tcpdump']:.2f}   (target >= 0.2)")
+    print(f"ratio to tshark+geoip:  {runs['egress-agent'] / runs['tshark+geoip']:.1f}x  (target >= 20x)")
+    print(f"peak RSS: {rss_half / 1024:.0f} MiB at {a.packets // 2:,} packets, "
+          f"{rss_full / 1024:.0f} MiB at {a.packets:,} packets")
+    if not a.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
