@@ -119,5 +119,6 @@ def write_output(text: str, path: str | None):
         raise UserError(f"{path}: cannot write report ({e.strerror})") from None
 
 
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+def dumps(obj, pretty: bool) -> str:
+    """Indented for a person at a terminal; compact otherwise (json's C encoder skips `indent`)."""
+    return json.dumps(obj, indent=2 if pretty else None) + "\n"

@@ -103,7 +103,7 @@ def run_audit(args) -> int:
     from agent.cli import dumps, write_output
 
     if args.format == "json":
-        write_output(dumps(report.to_json()), args.output)
+        write_output(dumps(report.to_json(), pretty=not args.output and sys.stdout.isatty()), args.output)
     else:
         import io
 

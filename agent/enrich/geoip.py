@@ -90,7 +90,7 @@ class _Db:
 
         self.path = path
         try:
-            self.reader = maxminddb.open_database(path, maxminddb.MODE_MMAP)
+            self.reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)  # C reader when built
         except FileNotFoundError:
             raise UserError(f"{path}: GeoIP database not found") from None
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as e:

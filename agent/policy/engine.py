@@ -20,14 +20,26 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from datetime import date, datetime, timezone
+from functools import lru_cache
 
 from agent.flow import Flow, Location, Outcome, Verdict
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Destinations, Policy, Selector
 
 
+@lru_cache(maxsize=65536)
+def _ip(text: str):
+    """Parsed address, cached: every policy of every flow asks again for the same few addresses."""
+    return ipaddress.ip_address(text)
+
+
+@lru_cache(maxsize=4096)
+def _day(ts: float) -> date:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).date()
+
+
 def flow_day(flow: Flow) -> date:
-    return datetime.fromtimestamp(flow.first_seen or 0.0, tz=timezone.utc).date()
+    return _day(float(flow.first_seen or 0.0))
 
 
 def _selected(sel: Selector, flow: Flow) -> bool:
@@ -36,7 +48,7 @@ def _selected(sel: Selector, flow: Flow) -> bool:
     if sel.ports and not any(lo <= flow.dport <= hi for lo, hi in sel.ports):
         return False
     if sel.sources:
-        src = ipaddress.ip_address(flow.src)
+        src = _ip(flow.src)
         if not any(src in n for n in sel.sources if n.version == src.version):
             return False
     if sel.processes or sel.users or sel.units or sel.containers:
@@ -66,7 +78,7 @@ class _Match:
 def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, policy: Policy,
            jur: Jurisdictions, at: date) -> _Match:
     m = _Match()
-    addr = ipaddress.ip_address(flow.dst)
+    addr = _ip(flow.dst)
     for net in dest.networks:
         if net.version == addr.version and addr in net:
             m.hit = f"network {net}"

@@ -64,6 +64,7 @@ def _date(value, where: str) -> date:
 class Jurisdictions:
     def __init__(self, groups: dict[str, Group]):
         self.groups = groups
+        self._cache: dict[tuple, Member | None] = {}
 
     @classmethod
     def load(cls, extra_dirs=()) -> "Jurisdictions":
@@ -95,8 +96,19 @@ class Jurisdictions:
         close = difflib.get_close_matches(name.upper(), names, n=1, cutoff=0.6)
         return close[0] if close else None
 
-    def membership(self, name: str, country: str, at: date, _seen=()) -> Member | None:
-        """The entry that puts `country` in `name` at `at`; an unconditional one wins."""
+    def membership(self, name: str, country: str, at: date) -> Member | None:
+        """The entry that puts `country` in `name` at `at`; an unconditional one wins. Cached."""
+        key = (name, country, at)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        m = self._cache[key] = self._membership(name, country, at)
+        return m
+
+    def _membership(self, name: str, country: str, at: date, _seen=()) -> Member | None:
         if name in ISO3166:
             return Member(country, date.min, None, "ISO 3166-1") if country == name else None
         g = self.groups.get(name)
@@ -109,7 +121,7 @@ class Jurisdictions:
                     return m
                 found = found or m
         for inc in g.include:
-            m = self.membership(inc, country, at, _seen + (name,))
+            m = self._membership(inc, country, at, _seen + (name,))
             if m is not None and m.condition is None:
                 return m
             found = found or m
