@@ -1,0 +1,350 @@
+"""Linux connection tracking as a flow source: a dump of the table, then NEW and DESTROY events.
+
+    sources:
+      conntrack:
+        netns: null            # a named network namespace (ip netns) to watch instead of ours
+        enable: false          # let the agent turn on tracking (nftables `ct state new` rule)
+                               # and accounting (net.netfilter.nf_conntrack_acct=1) if they are off
+
+Flows use the *original* tuple (what the local side sent); when NAT rewrote the destination the
+reply tuple's source is kept as `nat_dst`. Bytes and packets are the original direction's
+counters (what left the host), present only with accounting on; DESTROY events carry the totals.
+
+Why a hand decoder: pyroute2's generic parser costs 125-340 us per entry here; `decode_entry` reads
+only the attributes a flow needs with `struct`, and a test proves it equal to pyroute2's
+`nfct_msg` on real kernel messages. Event overflow (ENOBUFS) is counted and answered with a new
+dump, never fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import subprocess
+import time
+from typing import NamedTuple
+
+from agent.errors import UserError
+from agent.flow import Flow
+from agent.sources import netlink as nl
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+GROUP_NEW, GROUP_DESTROY = 1, 4  # bit masks of NFNLGRP_CONNTRACK_NEW (1) and _DESTROY (3)
+NLM_F_CREATE = 0x400
+
+_attr = struct.Struct("=HH").unpack_from
+_be16 = struct.Struct(">H").unpack_from
+_be32 = struct.Struct(">I").unpack_from
+_be64 = struct.Struct(">Q").unpack_from
+_ntop = socket.inet_ntop
+AF4, AF6 = socket.AF_INET, socket.AF_INET6
+
+
+class CtEntry(NamedTuple):
+    """One decoded conntrack message: identity, original tuple, NAT, original-direction counters.
+
+    A NamedTuple, not a frozen dataclass: built once per kernel message, its C constructor is
+    several microseconds cheaper per entry.
+    """
+
+    ct_id: int
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    packets: int
+    bytes: int
+    start_ns: int  # kernel timestamp (nf_conntrack_timestamp=1), else 0
+    nat_src: str | None
+    nat_dst: str | None
+
+    def flow(self, now: float, last: float | None = None) -> Flow:
+        first = self.start_ns / 1e9 if self.start_ns else now
+        return Flow(proto=self.proto, src=self.src, sport=self.sport, dst=self.dst, dport=self.dport,
+                    packets=self.packets, bytes=self.bytes, first_seen=first, last_seen=last or now,
+                    source="conntrack")
+
+
+# Fixed layouts the kernel emits for TCP/UDP/SCTP tuples: every attribute header is checked
+# against the expected (length, type); anything else takes the generic walk in `_tuple`.
+_V4 = struct.Struct("=HHHH4sHH4sHHHHB3xHHBB2xHHBB2x")
+_V6 = struct.Struct("=HHHH16sHH16sHHHHB3xHHBB2xHHBB2x")
+_V4_HDRS = (20, 1, 8, 1, 8, 2, 28, 2, 5, 1, 6, 2, 6, 3)
+_V6_HDRS = (44, 1, 20, 3, 20, 4, 28, 2, 5, 1, 6, 2, 6, 3)
+
+
+def _raw_tuple(p, off: int, end: int):
+    """(src bytes, dst bytes, proto, sport, dport) of a CTA_TUPLE_* nest starting at `off`."""
+    if end - off >= 48:
+        v = _V4.unpack_from(p, off)
+        if (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6], v[8], v[9] & 0x7FFF, v[10], v[11], v[13], v[14],
+                v[17], v[18]) == _V4_HDRS:
+            return v[4], v[7], v[12], v[15] << 8 | v[16], v[19] << 8 | v[20]
+        if end - off >= 72:
+            v = _V6.unpack_from(p, off)
+            if (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6], v[8], v[9] & 0x7FFF, v[10], v[11], v[13], v[14],
+                    v[17], v[18]) == _V6_HDRS:
+                return v[4], v[7], v[12], v[15] << 8 | v[16], v[19] << 8 | v[20]
+    return _tuple(p, off, end)
+
+
+def _tuple(p, off: int, end: int):
+    """Generic walk of a CTA_TUPLE_* nest (ICMP, odd layouts): raw addresses, proto, ports."""
+    src = dst = None
+    proto = sport = dport = 0
+    while off + 4 <= end:
+        alen, atype = _attr(p, off)
+        if alen < 4:
+            break
+        t = atype & 0x7FFF
+        a, b = off + 4, off + alen
+        if t == 1:  # CTA_TUPLE_IP
+            while a + 4 <= b:
+                ilen, itype = _attr(p, a)
+                if ilen < 4:
+                    break
+                it = itype & 0x7FFF
+                if it == 1 or it == 3:
+                    src = bytes(p[a + 4:a + ilen])
+                elif it == 2 or it == 4:
+                    dst = bytes(p[a + 4:a + ilen])
+                a += (ilen + 3) & ~3
+        elif t == 2:  # CTA_TUPLE_PROTO
+            while a + 4 <= b:
+                ilen, itype = _attr(p, a)
+                if ilen < 4:
+                    break
+                it = itype & 0x7FFF
+                if it == 1:
+                    proto = p[a + 4]
+                elif it == 2:
+                    sport = _be16(p, a + 4)[0]
+                elif it == 3:
+                    dport = _be16(p, a + 4)[0]
+                a += (ilen + 3) & ~3
+        off += (alen + 3) & ~3
+    return src, dst, proto, sport, dport
+
+
+def _ip(raw: bytes) -> str:
+    return _ntop(AF4 if len(raw) == 4 else AF6, raw)
+
+
+def _counters(p, off: int, end: int):
+    pk = by = 0
+    while off + 4 <= end:
+        alen, atype = _attr(p, off)
+        if alen < 4:
+            break
+        t = atype & 0x7FFF
+        if t == 1:
+            pk = _be64(p, off + 4)[0]
+        elif t == 2:
+            by = _be64(p, off + 4)[0]
+        off += (alen + 3) & ~3
+    return pk, by
+
+
+_REPLY_V4 = struct.Struct("=HHHH4sHH4s")
+
+
+def decode_entry(p, off: int = 0, n: int | None = None) -> CtEntry | None:
+    """Decode one ctnetlink message payload (after the netlink header) in p[off:n].
+
+    None when it carries no original tuple. Works in place on the received datagram.
+    """
+    n = len(p) if n is None else n
+    off += 4  # struct nfgenmsg
+    orig = reply = None
+    ct_id = pk = by = start = 0
+    attr = _attr
+    while off + 4 <= n:
+        alen, atype = attr(p, off)
+        if alen < 4:
+            break
+        t = atype & 0x7FFF
+        if t == 1:
+            orig = _raw_tuple(p, off + 4, off + alen)
+        elif t == 2:
+            v = _REPLY_V4.unpack_from(p, off + 4) if alen >= 28 else None
+            if v is not None and (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6]) == (20, 1, 8, 1, 8, 2):
+                reply = (v[4], v[7])
+            else:
+                reply = _raw_tuple(p, off + 4, off + alen)[:2]
+        elif t == 9:
+            pk, by = _counters(p, off + 4, off + alen)
+        elif t == 12:
+            ct_id = _be32(p, off + 4)[0]
+        elif t == 20:  # CTA_TIMESTAMP: nested START (1)
+            a = off + 4
+            if a + 12 <= off + alen and (attr(p, a)[1] & 0x7FFF) == 1:
+                start = _be64(p, a + 4)[0]
+        off += (alen + 3) & ~3
+    if orig is None or not orig[0] or not orig[1]:
+        return None
+    src, dst, proto, sport, dport = orig
+    nat_dst = nat_src = None
+    if reply is not None and reply[0]:
+        if reply[0] != dst:
+            nat_dst = _ip(reply[0])
+        if reply[1] != src:
+            nat_src = _ip(reply[1])
+    return CtEntry(ct_id, proto, _ip(src), sport, _ip(dst), dport, pk, by, start, nat_src, nat_dst)
+
+
+def entries(data: bytes):
+    """(message kind, flags, CtEntry or None) for each ctnetlink message in one datagram.
+
+    kind is the ctnetlink message type (NEW=0, DELETE=2), or -1 for NLMSG_DONE, -2 for errors
+    (then the entry slot holds the errno).
+    """
+    off, n = 0, len(data)
+    hdr = nl._hdr.unpack_from
+    while off + 16 <= n:
+        length, mtype, flags, _seq, _pid = hdr(data, off)
+        if length < 16 or off + length > n:
+            break
+        if mtype == nl.NLMSG_DONE:
+            yield -1, flags, None
+        elif mtype == nl.NLMSG_ERROR:
+            yield -2, flags, -struct.unpack_from("=i", data, off + 16)[0]
+        else:
+            yield mtype & 0xFF, flags, decode_entry(data, off + 16, off + length)
+        off += (length + 3) & ~3
+
+
+def _dump_request(family: int = 0) -> tuple[int, int, bytes]:
+    return ((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, nl.NLM_F_DUMP, struct.pack("=BBH", family, 0, 0))
+
+
+def dump(sock: socket.socket, buf: bytearray | None = None):
+    """Yield every CtEntry of the table through `sock` (a NETLINK_NETFILTER socket)."""
+    mtype, flags, payload = _dump_request()
+    nl.request(sock, mtype, flags, payload, seq=int(time.monotonic() * 1000) & 0xFFFFFFFF)
+    buf = buf or bytearray(1 << 20)
+    while True:
+        n = sock.recv_into(buf)
+        for kind, _fl, e in entries(bytes(buf[:n])):
+            if kind == -1:
+                return
+            if kind == -2:
+                if e:
+                    raise OSError(e, f"conntrack dump: {os.strerror(e)}")
+                continue
+            if e is not None:
+                yield e
+
+
+class Conntrack:
+    """Events (NEW, DESTROY) from the kernel with a resynchronising dump.
+
+    `events(timeout)` yields ("new"|"destroy"|"dump", CtEntry) and returns after `timeout` seconds
+    without traffic so the caller can check for shutdown. Counters: `overflows`, `errors`.
+    """
+
+    def __init__(self, netns: str | None = None):
+        self.netns = netns
+        self.ev = nl.open_socket(nl.NETLINK_NETFILTER, GROUP_NEW | GROUP_DESTROY, netns)
+        self.q = nl.open_socket(nl.NETLINK_NETFILTER, 0, netns)
+        self.buf = bytearray(1 << 20)
+        self.overflows = 0
+        self.errors = 0
+        self.needs_dump = True
+
+    def close(self):
+        self.ev.close()
+        self.q.close()
+
+    def snapshot(self) -> list[CtEntry]:
+        return list(dump(self.q, self.buf))
+
+    def events(self, timeout: float = 0.5):
+        if self.needs_dump:
+            self.needs_dump = False
+            for e in dump(self.q, self.buf):
+                yield "dump", e
+        r, _, _ = select.select([self.ev], [], [], timeout)
+        if not r:
+            return
+        while True:
+            try:
+                n = self.ev.recv_into(self.buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:  # the kernel dropped events: count and resync
+                    self.overflows += 1
+                    self.needs_dump = True
+                    return
+                self.errors += 1
+                raise
+            for kind, flags, e in entries(bytes(self.buf[:n])):
+                if e is None or kind < 0:
+                    continue
+                if kind == IPCTNL_MSG_CT_NEW and flags & NLM_F_CREATE:
+                    yield "new", e
+                elif kind == IPCTNL_MSG_CT_DELETE:
+                    yield "destroy", e
+
+
+def read_sysctl(name: str, netns: str | None = None) -> str | None:
+    """A sysctl as seen from `netns` (sysctl files are per network namespace)."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    if not netns:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    r = subprocess.run(["ip", "netns", "exec", netns, "cat", path], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+NFT_TABLE = """table inet egress_agent {
+  # Added by egress-agent (enable: true): a rule that needs conntrack makes the kernel track
+  # connections in this namespace. It accepts nothing and drops nothing.
+  chain egress_output { type filter hook output priority 0; ct state new counter; }
+  chain egress_forward { type filter hook forward priority 0; ct state new counter; }
+}
+"""
+
+
+def enable_tracking(netns: str | None = None) -> list[str]:
+    """Turn on tracking and accounting; returns what was done. Needs CAP_NET_ADMIN."""
+    done = []
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    r = subprocess.run(pre + ["nft", "-f", "-"], input=NFT_TABLE, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"conntrack enable: nft failed: {r.stderr.strip()}")
+    done.append("nftables table inet egress_agent")
+    for key in ("net.netfilter.nf_conntrack_acct", "net.netfilter.nf_conntrack_timestamp"):
+        r = subprocess.run(pre + ["sysctl", "-q", "-w", f"{key}=1"], capture_output=True, text=True)
+        if r.returncode == 0:
+            done.append(f"{key}=1")
+    return done
+
+
+def snapshot(netns: str | None = None):
+    """`egress-agent audit --conntrack`: one dump as flows, with input stats for the report."""
+    ct = Conntrack(netns)
+    try:
+        entries = ct.snapshot()
+    finally:
+        ct.close()
+    now = time.time()
+    acct = read_sysctl("net.netfilter.nf_conntrack_acct", netns)
+    warnings = []
+    if not entries:
+        warnings.append("conntrack table is empty: the kernel may not be tracking connections in this "
+                        "namespace (no netfilter rule needs conntrack); see `enable` in the daemon config")
+    if acct != "1":
+        warnings.append("net.netfilter.nf_conntrack_acct is off: flows have no byte or packet counts")
+    stats = {"path": f"conntrack:{netns or 'host'}", "format": "conntrack", "link_types": [], "packets": None,
+             "entries": len(entries), "malformed": 0, "truncated": False, "truncated_offset": None,
+             "warnings": warnings}
+    return [e.flow(now) for e in entries], stats
