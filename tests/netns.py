@@ -15,8 +15,41 @@ import os
 import subprocess
 import uuid
 
-PEER_ADDRS = ["198.51.100.7/32", "198.51.100.130/32", "203.0.113.9/32", "203.0.113.140/32",
-              "203.0.113.200/32", "203.0.113.250/32", "2001:db8:de::7/128", "2001:db8:5::9/128"]
+PEER_ADDRS = ["198.51.100.7/32", "198.51.100.130/32", "203.0.113.9/32", "203.0.113.10/32", "203.0.113.11/32",
+              "203.0.113.140/32", "203.0.113.200/32", "203.0.113.250/32", "2001:db8:de::7/128",
+              "2001:db8:5::9/128"]
+
+# A TCP server for the peer namespace: accepts on every address, port 443, and holds connections.
+SERVER = """
+import socket, threading
+def serve(fam, addr):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 443)); s.listen(512)
+    held = []
+    while True:
+        c, _ = s.accept(); held.append(c)
+threading.Thread(target=serve, args=(socket.AF_INET6, '::'), daemon=True).start()
+serve(socket.AF_INET, '0.0.0.0')
+"""
+
+# A client that opens a connection and holds it (so attribution finds its socket), printing its pid.
+CLIENT = """
+import os, socket, sys, time
+proto, dst, port, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+fam = socket.AF_INET6 if ':' in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((dst, port))
+if proto == 'udp':
+    s.send(b'x' * 100)
+else:
+    s.send(b'y' * 300)
+print(os.getpid(), flush=True)
+time.sleep(hold)
+"""
 
 
 def sh(*cmd, check=True, input=None):
@@ -83,6 +116,20 @@ class Topology:
         enable_tracking(self.client)
         if udp_timeout:
             self.run("sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}")
+
+    def serve(self):
+        """Start the TCP server in the peer namespace; returns the process (caller kills it)."""
+        return self.popen("python3", "-c", SERVER, ns=self.peer, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+
+    def connect(self, proto: str, dst: str, port: int = 443, hold: float = 20.0):
+        """Open a connection from the client namespace and hold it; returns (process, pid)."""
+        p = self.popen("python3", "-c", CLIENT, proto, dst, str(port), str(hold), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client failed: {p.stderr.read()}")
+        return p, int(line)
 
     def fill_udp(self, n: int, net: str = "203.0.113"):
         """n conntrack entries: one UDP datagram each to distinct (address, port) in the peer's range."""

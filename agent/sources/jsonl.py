@@ -5,6 +5,10 @@ under `"flow"`, so an evidence log can be replayed through `egress-agent audit`.
 Required: proto, src, dst; optional: sport, dport, packets, bytes, first_seen, last_seen
 (RFC 3339 or POSIX seconds), process, hostname.
 
+Evidence records name the same flow several times (one line per verdict, and `new`/`open` then
+`end` events with final counters): lines with a `conntrack_id` are merged per (id, tuple), the
+last line winning, so a replayed evidence log counts each flow once.
+
 Contract: `read_jsonl(path)` -> (flows, stats). A bad line is a UserError naming file:line and
 field. A last line cut off without its newline (a writer killed mid-line) is reported as
 truncation, like a cut-off capture, and the rest is kept.
@@ -97,6 +101,7 @@ def parse_flow(d, where: str) -> Flow:
 def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
     stats = JsonlStats(path)
     flows = []
+    merged: dict[tuple, int] = {}  # evidence flow identity -> index in flows
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -117,6 +122,14 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                                           "ignored, everything before it kept")
                     break
                 raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
-            flows.append(parse_flow(obj, f"{path}:{lineno}"))
+            flow = parse_flow(obj, f"{path}:{lineno}")
+            if isinstance(obj, dict) and obj.get("conntrack_id") is not None:
+                key = (obj["conntrack_id"], flow.proto, flow.src, flow.sport, flow.dst, flow.dport)
+                if key in merged:
+                    old = flows[merged[key]]
+                    flows[merged[key]] = flow if flow.bytes >= old.bytes else old
+                    continue
+                merged[key] = len(flows)
+            flows.append(flow)
     stats.flows = len(flows)
     return flows, stats

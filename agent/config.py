@@ -1,0 +1,131 @@
+"""Daemon configuration: YAML, validated against a JSON Schema once, every problem reported.
+
+Example (every key optional; flags of `egress-agent run` override):
+
+    policies: /etc/egress-agent/policies
+    geoip_databases: [/var/lib/GeoIP/GeoLite2-City.mmdb, /var/lib/GeoIP/GeoLite2-ASN.mmdb]
+    geoip_check_interval: 60        # seconds between checks for a new database file
+    local_nets: [10.0.0.0/8]        # this side of the border, besides non-public ranges
+    public_nets: []                 # treat as public although IANA reserves them
+    listen: 127.0.0.1:9807          # Prometheus metrics
+    evidence: {path: /var/lib/egress-agent/evidence.jsonl, max_bytes: 104857600, backups: 10, fsync: false}
+    source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608}
+    sampling: {one_in: 1, per_destination_per_second: 0}
+    attribution: true
+    queue_size: 65536
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jsonschema
+
+from agent import yamlio
+from agent.errors import UserError
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "policies": {"type": "string"},
+        "geoip_databases": {"type": "array", "items": {"type": "string"}},
+        "geoip_check_interval": {"type": "number", "minimum": 0.1},
+        "local_nets": {"type": "array", "items": {"type": "string"}},
+        "public_nets": {"type": "array", "items": {"type": "string"}},
+        "listen": {"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}$"},
+        "evidence": {"type": "object", "additionalProperties": False, "properties": {
+            "path": {"type": "string"}, "max_bytes": {"type": "integer", "minimum": 4096},
+            "backups": {"type": "integer", "minimum": 0, "maximum": 1000}, "fsync": {"type": "boolean"}}},
+        "source": {"type": "object", "additionalProperties": False, "properties": {
+            "type": {"enum": ["conntrack"]}, "netns": {"type": ["string", "null"]}, "enable": {"type": "boolean"},
+            "rcvbuf": {"type": "integer", "minimum": 1024}}},
+        "sampling": {"type": "object", "additionalProperties": False, "properties": {
+            "one_in": {"type": "integer", "minimum": 1},
+            "per_destination_per_second": {"type": "number", "minimum": 0}}},
+        "attribution": {"type": "boolean"},
+        "queue_size": {"type": "integer", "minimum": 16},
+    },
+}
+
+DEFAULT_LISTEN = "127.0.0.1:9807"
+
+
+@dataclass(frozen=True)
+class Config:
+    policies: str | None = None
+    geoip_databases: tuple[str, ...] = ()
+    geoip_check_interval: float = 60.0
+    local_nets: tuple[str, ...] = ()
+    public_nets: tuple[str, ...] = ()
+    listen: str = DEFAULT_LISTEN
+    evidence: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
+    attribution: bool = True
+    queue_size: int = 65536
+    file: str | None = None
+
+    @property
+    def evidence_path(self) -> str:
+        base = os.environ.get("STATE_DIRECTORY", ".").split(":")[0]
+        return self.evidence.get("path") or str(Path(base) / "evidence.jsonl")
+
+    def listen_addr(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load_config(path: str | None) -> Config:
+    if not path:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config ({e.strerror})") from None
+    data, lines = yamlio.load_with_lines(text, path)
+    data = data or {}
+    problems = []
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config is a mapping of settings")
+    for err in sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
+        line = yamlio.line_of(lines, err.absolute_path)
+        problems.append(f"{path}:{line or '?'}: {yamlio.dotted(err.absolute_path)}: {err.message}")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in config {path}", problems)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return Config(**data, file=path)
+
+
+def with_flags(cfg: Config, args) -> Config:
+    """Flags win over the file."""
+    changes = {}
+    if getattr(args, "policies", None):
+        changes["policies"] = args.policies
+    if getattr(args, "geoip_db", None):
+        changes["geoip_databases"] = tuple(args.geoip_db)
+    if getattr(args, "local_net", None):
+        changes["local_nets"] = tuple(args.local_net)
+    if getattr(args, "public_net", None):
+        changes["public_nets"] = tuple(args.public_net)
+    if getattr(args, "listen", None):
+        changes["listen"] = args.listen
+    if getattr(args, "evidence", None):
+        changes["evidence"] = {**cfg.evidence, "path": args.evidence}
+    if getattr(args, "netns", None):
+        changes["source"] = {**cfg.source, "netns": args.netns}
+    if getattr(args, "enable_conntrack", None):
+        changes["source"] = {**changes.get("source", cfg.source), "enable": True}
+    if getattr(args, "sample", None):
+        if args.sample < 1:
+            raise UserError("--sample: N must be 1 or more")
+        changes["sampling"] = {**cfg.sampling, "one_in": args.sample}
+    out = replace(cfg, **changes)
+    try:
+        out.listen_addr()
+    except ValueError:
+        raise UserError(f"listen: '{out.listen}' is not ADDRESS:PORT") from None
+    return out

@@ -1,0 +1,332 @@
+"""`egress-agent run`: the live daemon. Sources -> bounded queue -> the shared pipeline -> sinks.
+
+Threads: one source thread (conntrack dump + events), one worker (attribution, judging, metrics,
+evidence), the metrics HTTP server; the main thread owns signals: SIGHUP reloads config and
+policies (a broken reload keeps the old set and flips `config_last_reload_successful` to 0),
+SIGTERM/SIGINT flush and exit 0. Under systemd it sends READY, RELOADING, STOPPING and watchdog
+pings. Logs go to stderr; with $JOURNAL_STREAM set each line carries a syslog priority prefix.
+
+Sampling: 1-in-N new flows (by conntrack id, so a flow's NEW and DESTROY are kept together) and an
+optional per-destination rate limit; the kept fraction is exported as `sampling_ratio`. Every
+dropped event is counted by reason: sampled, rate_limited, queue_full, overflow, state_evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+
+from agent import systemd_notify as sd
+from agent.config import Config, load_config, with_flags
+from agent.enrich.geoip import Locator
+from agent.enrich.scope import Scoper
+from agent.errors import UserError
+from agent.pipeline import Pipeline
+from agent.policy.jurisdictions import Jurisdictions
+from agent.policy.load import load_policies
+from agent.sinks.eventlog import EvidenceLog, Options as EvidenceOptions, record
+from agent.sinks.metrics import Metrics
+
+log = logging.getLogger("egress-agent")
+EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
+MAX_OPEN_FLOWS = 262144
+SOURCE = "conntrack"
+
+
+class _JournalFormatter(logging.Formatter):
+    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        return f"<{self.LEVELS.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging():
+    h = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        h.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [h]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def build_pipeline(cfg: Config) -> Pipeline:
+    from agent.cli import shipped_policies
+
+    jur = Jurisdictions.load()
+    policies = load_policies(cfg.policies or shipped_policies(), jur)
+    scoper = Scoper(public_nets=cfg.public_nets, local_nets=cfg.local_nets)
+    return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper)
+
+
+class RateLimit:
+    """Token bucket per destination (bounded LRU of destinations)."""
+
+    def __init__(self, rate: float, size: int = 65536):
+        self.rate, self.size = rate, size
+        self.buckets: OrderedDict[str, list] = OrderedDict()
+
+    def allow(self, dst: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        b = self.buckets.get(dst)
+        if b is None:
+            b = self.buckets[dst] = [self.rate, now]
+            if len(self.buckets) > self.size:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(dst)
+            b[0] = min(self.rate, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] >= 1:
+            b[0] -= 1
+            return True
+        return False
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None, args=None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.args = args
+        self.metrics = Metrics()
+        self.pipeline = build_pipeline(cfg)
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
+                                                                         if k != "path"}))
+        self.attributor = None
+        if cfg.attribution:
+            from agent.enrich.process import Attributor, Options as AttrOptions
+
+            self.attributor = Attributor(AttrOptions(netns=cfg.source.get("netns")))
+        self.seen_new = 0
+        self.kept_new = 0
+        self.open: OrderedDict[int, list] = OrderedDict()
+        self.threads: list[threading.Thread] = []
+        self._loaded()
+
+    def _loaded(self):
+        self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
+        self.metrics.reload_success.set(1)
+        self.metrics.reload_time.set(time.time())
+
+    # -- reload -------------------------------------------------------------------------------
+    def reload(self):
+        sd.reloading()
+        try:
+            cfg = with_flags(load_config(self.config_path), self.args) if self.args else load_config(self.config_path)
+            pipe = build_pipeline(cfg)
+        except UserError as e:
+            self.metrics.reload_success.set(0)
+            log.error("reload failed, keeping the policies in force: %s", e)
+        else:
+            self.pipeline, self.cfg = pipe, cfg
+            self._loaded()
+            log.info("reloaded %d policies", len(pipe.policies))
+        sd.notify("READY=1", f"STATUS=judging with {len(self.pipeline.policies)} policies")
+
+    # -- source thread ------------------------------------------------------------------------
+    def _source(self):
+        from agent.sources.conntrack import Conntrack, read_sysctl
+
+        src = self.cfg.source
+        netns = src.get("netns")
+        one_in = max(1, int(self.cfg.sampling.get("one_in", 1)))
+        limiter = RateLimit(float(self.cfg.sampling.get("per_destination_per_second", 0)))
+        m = self.metrics
+        ct = None
+        overflows = 0
+        while not self.stop.is_set():
+            try:
+                if ct is None:
+                    ct = Conntrack(netns)
+                    if src.get("rcvbuf"):
+                        import socket as _s
+                        ct.ev.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, int(src["rcvbuf"]))
+                    acct = read_sysctl("net.netfilter.nf_conntrack_acct", netns) == "1"
+                    m.accounting.labels(SOURCE).set(1 if acct else 0)
+                    if not acct:
+                        log.warning("conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): flows "
+                                    "will have no byte counts; set source.enable: true or the sysctl")
+                    m.source_up.labels(SOURCE).set(1)
+                    dumped = 0
+                for kind, e in ct.events(0.5):
+                    m.source_events.labels(SOURCE, kind).inc()
+                    if kind == "dump":
+                        dumped += 1
+                    if kind != "destroy":
+                        self.seen_new += 1
+                        if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
+                            m.drops.labels(SOURCE, "sampled").inc()
+                            continue
+                        if not limiter.allow(e.dst, time.monotonic()):
+                            m.drops.labels(SOURCE, "rate_limited").inc()
+                            continue
+                        self.kept_new += 1
+                    elif one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
+                        continue
+                    try:
+                        self.queue.put_nowait((kind, e, time.time()))
+                    except queue.Full:
+                        m.drops.labels(SOURCE, "queue_full").inc()
+                if ct.overflows != overflows:
+                    m.drops.labels(SOURCE, "overflow").inc(ct.overflows - overflows)
+                    m.source_errors.labels(SOURCE, "overflow").inc(ct.overflows - overflows)
+                    log.warning("conntrack events overflowed (ENOBUFS); resynchronising with a dump")
+                    overflows = ct.overflows
+                if self.seen_new:
+                    m.sampling.labels(SOURCE).set(self.kept_new / self.seen_new)
+                else:
+                    m.sampling.labels(SOURCE).set(1.0)
+                tracking = dumped > 0 or self.seen_new > 0
+                m.tracking.labels(SOURCE).set(1 if tracking else 0)
+            except UserError as e:
+                m.source_up.labels(SOURCE).set(0)
+                m.source_errors.labels(SOURCE, "setup").inc()
+                log.error("conntrack source: %s", e)
+                self.stop.wait(5)
+            except OSError as e:
+                m.source_up.labels(SOURCE).set(0)
+                m.source_errors.labels(SOURCE, "io").inc()
+                log.error("conntrack source failed (%s); reopening", e)
+                if ct is not None:
+                    ct.close()
+                ct = None
+                self.stop.wait(1)
+        if ct is not None:
+            ct.close()
+        m.source_up.labels(SOURCE).set(0)
+
+    # -- worker -------------------------------------------------------------------------------
+    def _worker(self):
+        last_geo = time.monotonic()
+        while not (self.stop.is_set() and self.queue.empty()):
+            try:
+                kind, e, now = self.queue.get(timeout=0.25)
+            except queue.Empty:
+                kind = None
+            if time.monotonic() - last_geo >= self.cfg.geoip_check_interval:
+                last_geo = time.monotonic()
+                if self.pipeline.locator.refresh():
+                    log.info("GeoIP database changed on disk; reopened, cache dropped")
+                    self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
+            if kind is None:
+                continue
+            try:
+                self._handle(kind, e, now)
+            except Exception:  # a bug must not stop judging the other flows
+                log.exception("could not judge a conntrack event")
+                self.metrics.source_errors.labels(SOURCE, "judge").inc()
+
+    def _handle(self, kind: str, e, now: float):
+        pipe = self.pipeline
+        if kind in ("new", "dump"):
+            if e.ct_id in self.open:
+                return  # seen already (a resynchronising dump after an overflow)
+            flow = e.flow(now)
+            if not pipe.is_egress(flow):
+                return
+            who = self.attributor.who(flow) if self.attributor else None
+            if who is not None:
+                flow = dataclasses.replace(flow, who=who)
+            j = pipe.judge(flow)
+            self.metrics.judged(j)
+            self._evidence(j, "new" if kind == "new" else "open", e)
+            self.open[e.ct_id] = [j, e.bytes]
+            if len(self.open) > MAX_OPEN_FLOWS:
+                self.open.popitem(last=False)
+                self.metrics.drops.labels(SOURCE, "state_evicted").inc()
+            return
+        st = self.open.pop(e.ct_id, None)
+        if st is None:
+            return  # began before the agent saw it and was not egress, or was sampled out
+        j, counted = st
+        delta = max(0, e.bytes - counted)
+        flow = dataclasses.replace(j.flow, packets=e.packets, bytes=e.bytes, last_seen=now)
+        ended = dataclasses.replace(j, flow=flow)
+        if delta:
+            self.metrics.judged(dataclasses.replace(j, flow=dataclasses.replace(flow, bytes=delta)), bytes_only=True)
+        self._evidence(ended, "end", e)
+
+    def _evidence(self, j, event: str, e):
+        extra = {"conntrack_id": e.ct_id}
+        if e.nat_dst or e.nat_src:
+            extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
+        for v in j.verdicts:
+            if v.outcome.value in EVIDENCE_OUTCOMES:
+                try:
+                    self.evidence.write(record(j, v, event, extra))
+                    self.metrics.evidence_lines.inc()
+                except OSError as err:
+                    self.metrics.evidence_errors.inc()
+                    log.error("evidence log: %s", err)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self):
+        from prometheus_client import start_http_server
+
+        host, port = self.cfg.listen_addr()
+        try:
+            self.http = start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as e:
+            raise UserError(f"listen {self.cfg.listen}: {e.strerror}") from None
+        if self.cfg.source.get("enable"):
+            from agent.sources.conntrack import enable_tracking
+
+            for done in enable_tracking(self.cfg.source.get("netns")):
+                log.info("enabled %s", done)
+        for target, name in ((self._source, "source"), (self._worker, "worker")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
+                 len(self.pipeline.policies), self.cfg.listen, self.cfg.evidence_path)
+
+    def shutdown(self):
+        sd.notify("STOPPING=1")
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.evidence.close()
+        if self.attributor:
+            self.attributor.close()
+        if getattr(self, "http", None):
+            server = self.http[0] if isinstance(self.http, tuple) else None
+            if server is not None:
+                server.shutdown()
+
+
+def run_daemon(args) -> int:
+    setup_logging()
+    cfg = with_flags(load_config(args.config), args)
+    d = Daemon(cfg, args.config, args)
+    signal.signal(signal.SIGHUP, lambda *_: d.reload_requested.set())
+    signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+    d.start()
+    sd.notify("READY=1", f"STATUS=judging with {len(d.pipeline.policies)} policies")
+    wd = sd.watchdog_interval()
+    while not d.stop.is_set():
+        d.stop.wait(min(wd or 1.0, 1.0))
+        if wd:
+            sd.notify("WATCHDOG=1")
+        if d.reload_requested.is_set():
+            d.reload_requested.clear()
+            d.reload()
+        if not all(t.is_alive() for t in d.threads) and not d.stop.is_set():
+            log.error("a worker thread died; exiting so the service manager restarts us")
+            d.shutdown()
+            return 1
+    log.info("stopping: flushing evidence")
+    d.shutdown()
+    return 0

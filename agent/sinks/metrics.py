@@ -1,0 +1,96 @@
+"""Prometheus metrics for verdicts and for the agent's own health, on a private registry.
+
+    metrics:
+      listen: 127.0.0.1:9807   # loopback only by default; put a proxy or firewall in front otherwise
+
+Labels are bounded sets only: policy, verdict, severity, reason, country (ISO code or "unknown"),
+jurisdiction, source, event and drop kinds. Never an address, port, hostname or pid: those go to
+the evidence log. Port 9807 is this project's default; any free port works.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+from agent import __version__
+
+NS = "egress_agent"
+
+
+def country_label(loc) -> str:
+    return loc.country if (loc.unknown_reason is None and loc.country) else "unknown"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.flows = Counter(f"{NS}_flows", "Egress flows judged, by policy, verdict and destination country.",
+                             ["policy", "verdict", "country"], registry=r)
+        self.bytes = Counter(f"{NS}_bytes", "IP-layer bytes sent on judged egress flows (original direction).",
+                             ["policy", "verdict", "country"], registry=r)
+        self.violations = Counter(f"{NS}_violations", "Flows judged a violation, by policy, severity and country.",
+                                  ["policy", "severity", "country"], registry=r)
+        self.indeterminate = Counter(f"{NS}_indeterminate", "Flows whose verdict could not be decided, by reason.",
+                                     ["policy", "reason"], registry=r)
+        self.jurisdiction_bytes = Counter(f"{NS}_jurisdiction_bytes",
+                                          "Egress bytes by destination jurisdiction group.", ["jurisdiction"], registry=r)
+        self.source_up = Gauge(f"{NS}_source_up", "1 when the flow source is running.", ["source"], registry=r)
+        self.source_errors = Counter(f"{NS}_source_errors", "Errors reading the flow source.", ["source", "kind"],
+                                     registry=r)
+        self.source_events = Counter(f"{NS}_source_events", "Events read from the flow source.", ["source", "event"],
+                                     registry=r)
+        self.drops = Counter(f"{NS}_source_drops", "Flows or events not judged, by reason.", ["source", "reason"],
+                             registry=r)
+        self.sampling = Gauge(f"{NS}_sampling_ratio",
+                              "Fraction of new flows judged (multiply counts by 1/ratio to estimate totals).",
+                              ["source"], registry=r)
+        self.tracking = Gauge(f"{NS}_conntrack_tracking", "1 when the kernel tracks connections in the watched namespace.",
+                              ["source"], registry=r)
+        self.accounting = Gauge(f"{NS}_conntrack_accounting", "1 when conntrack byte/packet accounting is on.",
+                                ["source"], registry=r)
+        self.geoip_build = Gauge(f"{NS}_geoip_database_build_timestamp_seconds",
+                                 "Build time of each GeoIP database in use.", ["database"], registry=r)
+        self.policies_loaded = Gauge(f"{NS}_policies_loaded", "Policies in force.", registry=r)
+        self.reload_success = Gauge(f"{NS}_config_last_reload_successful", "1 if the last (re)load worked.",
+                                    registry=r)
+        self.reload_time = Gauge(f"{NS}_config_last_reload_success_timestamp_seconds",
+                                 "When policies and config last loaded successfully.", registry=r)
+        self.exception_expiry = Gauge(f"{NS}_exception_expiry_timestamp_seconds",
+                                      "When each policy exception stops exempting flows.", ["policy", "exception"],
+                                      registry=r)
+        self.evidence_lines = Counter(f"{NS}_evidence_lines", "Evidence records written.", registry=r)
+        self.evidence_errors = Counter(f"{NS}_evidence_errors", "Evidence records that could not be written.",
+                                       registry=r)
+        Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
+
+    def judged(self, j, bytes_only: bool = False):
+        """Count one judged flow: flows + bytes per verdict, violations, indeterminate reasons."""
+        cc = country_label(j.location)
+        for v in j.verdicts:
+            if v.outcome.value == "not_applicable":
+                continue
+            if not bytes_only:
+                self.flows.labels(v.policy, v.outcome.value, cc).inc()
+                if v.outcome.value == "violation":
+                    self.violations.labels(v.policy, v.severity, cc).inc()
+                elif v.outcome.value == "indeterminate":
+                    self.indeterminate.labels(v.policy, v.reason).inc()
+            if j.flow.bytes:
+                self.bytes.labels(v.policy, v.outcome.value, cc).inc(j.flow.bytes)
+        if j.flow.bytes:
+            for g in j.jurisdictions:
+                self.jurisdiction_bytes.labels(g).inc(j.flow.bytes)
+
+    def policies(self, policies, geoip_provenance):
+        self.policies_loaded.set(len(policies))
+        self.exception_expiry.clear()
+        from datetime import datetime, time, timezone
+
+        for p in policies:
+            for e in p.exceptions:
+                ts = datetime.combine(e.expires, time(0), tzinfo=timezone.utc).timestamp()
+                self.exception_expiry.labels(p.name, e.id).set(ts)
+        self.geoip_build.clear()
+        for g in geoip_provenance:
+            if g.get("build_epoch"):
+                self.geoip_build.labels(g["database_type"]).set(g["build_epoch"])

@@ -1,0 +1,317 @@
+"""The live daemon end to end, as root, in network namespaces made here (documentation addresses only).
+
+A real `egress-agent run` watches the conntrack table of a client namespace; real TCP and UDP
+connections go from there to a peer namespace over a veth pair. Nothing leaves the machine.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import build_asn_mmdb, build_city_mmdb
+from tests.netns import Topology
+
+REPO = Path(__file__).resolve().parent.parent
+WHY = Topology.available()
+pytestmark = [pytest.mark.root, pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")]
+
+POLICY = """\
+version: 1
+name: eu-data
+home: [EU]
+severity: high
+allow: {jurisdictions: [EEA, EU-ADEQUATE]}
+exceptions:
+  - {id: vendor-scc, basis: scc, reference: "SCC with Example Vendor", owner: dpo@example.com,
+     destinations: {networks: [203.0.113.10/32]}, expires: 2099-01-01}
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Agent:
+    """One daemon process with its config, metrics endpoint and evidence file."""
+
+    def __init__(self, tmp: Path, topo: Topology, **source):
+        self.tmp, self.topo = tmp, topo
+        self.port = free_port()
+        self.policies = tmp / "policies"
+        self.policies.mkdir(exist_ok=True)
+        (self.policies / "eu-data.yaml").write_text(POLICY)
+        self.db = tmp / "city.mmdb"
+        if not self.db.exists():
+            build_city_mmdb(self.db)
+        self.asn = tmp / "asn.mmdb"
+        if not self.asn.exists():
+            build_asn_mmdb(self.asn)
+        self.evidence = tmp / "evidence.jsonl"
+        self.config = tmp / "agent.yaml"
+        src = {"type": "conntrack", "netns": topo.client, "enable": True, **source}
+        self.config.write_text(json.dumps({
+            "policies": str(self.policies), "geoip_databases": [str(self.db), str(self.asn)],
+            "geoip_check_interval": 0.5, "listen": f"127.0.0.1:{self.port}",
+            "local_nets": ["192.0.2.0/24", "2001:db8:1::/64"],
+            "public_nets": ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
+            "evidence": {"path": str(self.evidence), "max_bytes": 1 << 20}, "source": src}))
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.tmp / "agent.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+                                     cwd=REPO, stdout=self.log, stderr=self.log)
+        wait_for(lambda: self.scrape(quiet=True) is not None, what="metrics endpoint")
+        wait_for(lambda: self.value("egress_agent_source_up", source="conntrack") == 1, what="source up")
+        return self
+
+    def scrape(self, quiet=False):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            if quiet:
+                return None
+            raise
+
+    def value(self, name, **labels):
+        text = self.scrape(quiet=True)
+        if text is None:
+            return None
+        total = None
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total = (total or 0) + s.value
+        return total
+
+    def lines(self):
+        if not self.evidence.exists():
+            return []
+        return [json.loads(line) for line in self.evidence.read_text().splitlines()]
+
+    def evidence_for(self, dst, **match):
+        return [r for r in self.lines() if r["flow"]["dst"] == dst and all(r.get(k) == v for k, v in match.items())]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            rc = self.proc.wait(timeout=20)
+            self.log.close()
+            return rc
+        return self.proc.returncode if self.proc else None
+
+    def logtext(self):
+        return (self.tmp / "agent.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with Topology() as t:
+        # Ended TCP flows leave the table (and send DESTROY) within a second or two, not minutes.
+        for key in ("close_wait", "fin_wait", "time_wait", "last_ack", "close"):
+            t.run("sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_tcp_timeout_{key}=1", check=False)
+        server = t.serve()
+        time.sleep(0.5)
+        yield t
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def agent(topo, tmp_path_factory):
+    a = Agent(tmp_path_factory.mktemp("agent"), topo).start()
+    yield a
+    rc = a.stop()
+    assert rc == 0, a.logtext()
+
+
+def test_violation_in_metrics_and_evidence_with_process(topo, agent):
+    client, pid = topo.connect("tcp", "203.0.113.9")
+    try:
+        wait_for(lambda: (agent.value("egress_agent_violations_total", policy="eu-data", severity="high",
+                                      country="US") or 0) >= 1, what="violation metric")
+        rec = wait_for(lambda: agent.evidence_for("203.0.113.9", verdict="violation"), what="evidence line")[0]
+    finally:
+        client.kill()
+    assert rec["policy"] == "eu-data" and len(rec["policy_sha256"]) == 64 and rec["reason"] == "outside-allowed"
+    assert rec["country"] == "US" and rec["asn"] == 16509 and rec["location"]["source"] == "GeoIP2-City"
+    assert rec["flow"]["proto"] == "tcp" and rec["flow"]["dport"] == 443 and rec["flow"]["src"] == "192.0.2.1"
+    proc = rec["flow"]["process"]
+    assert proc["pid"] == pid and proc["comm"].startswith("python") and proc["uid"] == 0 and proc["user"] == "root"
+    assert "203.0.113.9" in rec["message"] and rec["conntrack_id"]
+    assert (agent.value("egress_agent_flows_total", policy="eu-data", verdict="violation", country="US") or 0) >= 1
+
+
+def test_udp_and_ipv6_violations(topo, agent):
+    before = agent.value("egress_agent_violations_total", policy="eu-data", country="CN") or 0
+    udp, _ = topo.connect("udp", "203.0.113.140", port=53, hold=5)
+    tcp6, _ = topo.connect("tcp", "2001:db8:5::9", hold=5)
+    try:
+        wait_for(lambda: (agent.value("egress_agent_violations_total", policy="eu-data", country="CN") or 0) > before,
+                 what="UDP violation")
+        rec = wait_for(lambda: agent.evidence_for("2001:db8:5::9", verdict="violation"), what="IPv6 evidence")[0]
+        assert rec["country"] == "US"
+        assert agent.evidence_for("203.0.113.140")[0]["flow"]["proto"] == "udp"
+    finally:
+        udp.kill()
+        tcp6.kill()
+
+
+def test_compliant_flow_leaves_no_evidence(topo, agent):
+    c, _ = topo.connect("tcp", "198.51.100.7", hold=3)
+    try:
+        wait_for(lambda: (agent.value("egress_agent_flows_total", verdict="compliant", country="DE") or 0) >= 1,
+                 what="compliant flow")
+    finally:
+        c.kill()
+    assert not agent.evidence_for("198.51.100.7")
+
+
+def test_exempt_flow_names_its_exception(topo, agent):
+    c, _ = topo.connect("tcp", "203.0.113.10", hold=3)
+    try:
+        rec = wait_for(lambda: agent.evidence_for("203.0.113.10", verdict="exempt"), what="exempt evidence")[0]
+    finally:
+        c.kill()
+    assert rec["exception"] == "vendor-scc" and "SCC with Example Vendor" in rec["message"]
+    assert (agent.value("egress_agent_flows_total", verdict="exempt") or 0) >= 1
+
+
+def test_unmapped_range_is_indeterminate(topo, agent):
+    c, _ = topo.connect("tcp", "203.0.113.250", hold=3)
+    try:
+        wait_for(lambda: agent.value("egress_agent_indeterminate_total", policy="eu-data",
+                                     reason="unknown-location:no-record"), what="indeterminate metric")
+        rec = wait_for(lambda: agent.evidence_for("203.0.113.250", verdict="indeterminate"), what="evidence")[0]
+    finally:
+        c.kill()
+    assert rec["country"] is None and rec["location"]["unknown_reason"] == "no-record"
+
+
+def test_bytes_are_counted_when_a_flow_ends(topo, agent):
+    c, _ = topo.connect("tcp", "203.0.113.11", hold=0.5)
+    c.wait(timeout=10)
+    rec = wait_for(lambda: agent.evidence_for("203.0.113.11", event="end"), timeout=30, what="end-of-flow evidence")[0]
+    assert rec["flow"]["bytes"] > 300 and rec["flow"]["packets"] >= 3
+    assert (agent.value("egress_agent_bytes_total", policy="eu-data", verdict="violation", country="US") or 0) > 300
+
+
+def test_metrics_have_bounded_labels_and_pass_promtool(agent):
+    text = agent.scrape()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            for k, v in s.labels.items():
+                assert k not in ("ip", "dst", "src", "port", "pid", "host", "hostname")
+                assert "203.0.113" not in v and "192.0.2" not in v and "2001:db8" not in v
+    for name in ("egress_agent_source_up", "egress_agent_sampling_ratio", "egress_agent_conntrack_tracking",
+                 "egress_agent_conntrack_accounting", "egress_agent_geoip_database_build_timestamp_seconds",
+                 "egress_agent_policies_loaded", "egress_agent_config_last_reload_successful",
+                 "egress_agent_exception_expiry_timestamp_seconds", "egress_agent_build_info"):
+        assert name in text, name
+    assert agent.value("egress_agent_conntrack_accounting", source="conntrack") == 1
+    assert agent.value("egress_agent_sampling_ratio", source="conntrack") == 1
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def test_sighup_with_broken_policy_keeps_the_old_set(topo, agent):
+    broken = agent.policies / "broken.yaml"
+    broken.write_text("version: 1\nname: broken\nhome: [EUU]\nallow: {jurisdictions: [EU]}\n")
+    try:
+        agent.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: agent.value("egress_agent_config_last_reload_successful") == 0, what="failed reload")
+        assert "keeping the policies in force" in agent.logtext() and "EUU" in agent.logtext()
+        before = agent.value("egress_agent_violations_total", policy="eu-data", country="CN") or 0
+        c, _ = topo.connect("tcp", "203.0.113.140", hold=3)
+        wait_for(lambda: (agent.value("egress_agent_violations_total", policy="eu-data", country="CN") or 0) > before,
+                 what="old policy still judging")
+        c.kill()
+    finally:
+        broken.unlink()
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: agent.value("egress_agent_config_last_reload_successful") == 1, what="good reload")
+
+
+def test_geoip_database_swap_takes_effect(topo, agent, tmp_path):
+    new = build_city_mmdb(tmp_path / "new.mmdb", {"203.0.113.0/24": {"country": "BR"}})
+    os.replace(new, agent.db)  # what geoipupdate does: a new file renamed over the old one
+    time.sleep(1.5)
+    c, _ = topo.connect("tcp", "203.0.113.250", port=443, hold=3)
+    try:
+        rec = wait_for(lambda: [r for r in agent.evidence_for("203.0.113.250", verdict="violation")],
+                       what="violation after database swap")[0]
+    finally:
+        c.kill()
+    assert rec["country"] == "BR"
+    assert "GeoIP database changed" in agent.logtext()
+
+
+def test_audit_conntrack_snapshot_uses_the_same_engine(topo, agent):
+    c, _ = topo.connect("tcp", "203.0.113.9", hold=10)
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-m", "agent", "audit", "--conntrack", "--netns", topo.client,
+                            "--format", "json", "--policies", str(agent.policies), "--geoip-db", str(tmp_db(agent)),
+                            "--local-net", "192.0.2.0/24", "--public-net", "203.0.113.0/24"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    finally:
+        c.kill()
+    assert r.returncode == 1, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["inputs"][0]["format"] == "conntrack"
+    assert any(v["dst"] == "203.0.113.9" and v["policy"] == "eu-data" for v in rep["violations"])
+
+
+def tmp_db(agent):
+    return agent.db
+
+
+def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
+    a = Agent(tmp_path, topo, rcvbuf=2048).start()
+    try:
+        topo.fill_udp(3000, net="203.0.113")  # a bounded burst of new flows into a tiny buffer
+        wait_for(lambda: (a.value("egress_agent_source_drops_total", reason="overflow") or 0) >= 1,
+                 what="overflow counted")
+        assert a.proc.poll() is None and a.value("egress_agent_source_up", source="conntrack") == 1
+        a.stop(signal.SIGKILL)
+        raw = a.evidence.read_bytes()
+        assert raw.endswith(b"\n")  # no torn line after SIGKILL: every line parses
+        n_before = len([json.loads(x) for x in raw.splitlines()])
+        assert n_before > 0
+        # While the agent is down, a connection opens and stays open.
+        c, pid = topo.connect("tcp", "203.0.113.140", port=443, hold=20)
+        try:
+            a.start()
+            rec = wait_for(lambda: a.evidence_for("203.0.113.140", verdict="violation", event="open"),
+                           what="flow found by the start-up dump")[0]
+            assert rec["flow"]["process"]["pid"] == pid
+        finally:
+            c.kill()
+        assert len(a.lines()) > n_before
+        assert a.stop() == 0
+    finally:
+        a.stop(signal.SIGKILL)
