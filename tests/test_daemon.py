@@ -310,7 +310,7 @@ def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
         try:
             a.start()
             rec = wait_for(lambda: [r for r in a.evidence_for("203.0.113.140", verdict="violation", event="open")
-                                    if r["flow"]["proto"] == "tcp"], what="flow found by the start-up dump")[0]
+                                    if r["flow"]["proto"] == "tcp"], timeout=30, what="flow found by the start-up dump")[0]
             assert rec["flow"]["process"]["pid"] == pid
         finally:
             c.kill()

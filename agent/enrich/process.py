@@ -75,6 +75,7 @@ class Attributor:
         self._inodes: dict[int, int] = {}
         self._scanned = 0.0
         self._who: OrderedDict[int, Who] = OrderedDict()  # by pid, bounded
+        self._udp: dict[int, tuple[float, dict]] = {}
         self.lookups = 0
         self.failures = 0
 
@@ -101,16 +102,27 @@ class Attributor:
                         src, dst, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
         found = self._ask(req, nl.NLM_F_REQUEST)
         if found is None and flow.proto == 17:
-            # Unconnected UDP sockets have no remote address: look for the local port alone.
-            req = _REQ.pack(fam, 17, 0, 0, 0xFFFFFFFF, socket.htons(flow.sport), 0, src, bytes(16), 0,
-                            INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-            found = self._ask(req, nl.NLM_F_DUMP, sport=flow.sport)
+            # Unconnected UDP sockets have no remote address: find the local port in a table of
+            # UDP sockets, dumped at most every 200 ms (not once per flow: start-up dumps are big).
+            found = self._udp_table(fam).get(flow.sport)
         return found
 
-    def _ask(self, req: bytes, flags: int, sport: int | None = None):
+    def _udp_table(self, fam: int) -> dict:
+        now = time.monotonic()
+        cached = self._udp.get(fam)
+        if cached and now - cached[0] < 0.2:
+            return cached[1]
+        req = _REQ.pack(fam, 17, 0, 0, 0xFFFFFFFF, 0, 0, bytes(16), bytes(16), 0,
+                        INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        table = self._ask(req, nl.NLM_F_DUMP, collect=True) or {}
+        self._udp[fam] = (now, table)
+        return table
+
+    def _ask(self, req: bytes, flags: int, collect: bool = False):
+        """One sock_diag request: (uid, inode) of the first answer, or {local port: (uid, inode)}."""
         s = self._diag()
         nl.request(s, SOCK_DIAG_BY_FAMILY, flags, req)
-        result = None
+        result = {} if collect else None
         while True:
             try:
                 data = s.recv(1 << 16)
@@ -124,7 +136,10 @@ class Attributor:
                 if mt == SOCK_DIAG_BY_FAMILY and len(pl) >= _MSG.size:
                     f = _MSG.unpack_from(pl)
                     lport, uid, inode = socket.ntohs(f[4]), f[14], f[15]
-                    if result is None and (sport is None or lport == sport) and inode:
+                    if collect:
+                        if inode:
+                            result.setdefault(lport, (uid, inode))
+                    elif result is None and inode:
                         result = (uid, inode)
             if not flags & nl.NLM_F_DUMP:
                 return result
