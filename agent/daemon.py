@@ -218,6 +218,7 @@ class Daemon:
             if time.monotonic() - last_geo >= self.cfg.geoip_check_interval:
                 last_geo = time.monotonic()
                 if self.pipeline.locator.refresh():
+                    self.pipeline.clear()
                     log.info("GeoIP database changed on disk; reopened, cache dropped")
                     self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
             if kind is None:

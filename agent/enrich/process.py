@@ -74,7 +74,7 @@ class Attributor:
         self._sock = None
         self._inodes: dict[int, int] = {}
         self._scanned = 0.0
-        self._who: OrderedDict[int, Who] = OrderedDict()  # by pid, bounded
+        self._who: OrderedDict[tuple, tuple] = OrderedDict()  # (pid, uid) -> (when, Who), bounded
         self._udp: dict[int, tuple[float, dict]] = {}
         self.lookups = 0
         self.failures = 0
@@ -214,8 +214,12 @@ class Attributor:
         if pid is None:
             self.failures += 1
             return Who(uid=uid, unattributed="no-process")
+        now = time.monotonic()
+        hit = self._who.get((pid, uid))
+        if hit is not None and now - hit[0] < 5.0:  # short TTL: pids are reused
+            return hit[1]
         who = self.process(pid, uid)
-        self._who[pid] = who
+        self._who[(pid, uid)] = (now, who)
         if len(self._who) > 4096:
             self._who.popitem(last=False)
         return who
