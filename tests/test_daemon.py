@@ -76,7 +76,7 @@ class Agent:
             "geoip_check_interval": 0.5, "listen": f"127.0.0.1:{self.port}",
             "local_nets": ["192.0.2.0/24", "2001:db8:1::/64"],
             "public_nets": ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
-            "evidence": {"path": str(self.evidence), "max_bytes": 1 << 20}, "source": src}))
+            "evidence": {"path": str(self.evidence), "max_bytes": 64 << 20}, "source": src}))
         self.proc = None
 
     def start(self):
@@ -108,9 +108,9 @@ class Agent:
         return total
 
     def lines(self):
-        if not self.evidence.exists():
-            return []
-        return [json.loads(line) for line in self.evidence.read_text().splitlines()]
+        """Every evidence record, oldest first, across rotated files (evidence.jsonl.N ... .1, current)."""
+        files = sorted(self.tmp.glob("evidence.jsonl.*"), key=lambda p: -int(p.suffix[1:])) + [self.evidence]
+        return [json.loads(line) for f in files if f.exists() for line in f.read_text().splitlines()]
 
     def evidence_for(self, dst, **match):
         return [r for r in self.lines() if r["flow"]["dst"] == dst and all(r.get(k) == v for k, v in match.items())]
@@ -301,16 +301,16 @@ def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
                  what="overflow counted")
         assert a.proc.poll() is None and a.value("egress_agent_source_up", source="conntrack") == 1
         a.stop(signal.SIGKILL)
-        raw = a.evidence.read_bytes()
-        assert raw.endswith(b"\n")  # no torn line after SIGKILL: every line parses
-        n_before = len([json.loads(x) for x in raw.splitlines()])
+        assert a.evidence.read_bytes().endswith(b"\n")  # no torn line after SIGKILL
+        n_before = len(a.lines())  # every line of every file parses
         assert n_before > 0
         # While the agent is down, a connection opens and stays open.
         c, pid = topo.connect("tcp", "203.0.113.140", port=443, hold=20)
         try:
             a.start()
             rec = wait_for(lambda: [r for r in a.evidence_for("203.0.113.140", verdict="violation", event="open")
-                                    if r["flow"]["proto"] == "tcp"], timeout=30, what="flow found by the start-up dump")[0]
+                                    if r["flow"]["proto"] == "tcp" and r["flow"]["process"].get("pid") == pid],
+                           timeout=30, what="flow found by the start-up dump")[0]
             assert rec["flow"]["process"]["pid"] == pid
         finally:
             c.kill()
