@@ -98,6 +98,7 @@ class Daemon:
         self.config_path = config_path
         self.args = args
         self.metrics = Metrics()
+        self.metrics.source(SOURCE)
         self.pipeline = build_pipeline(cfg)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()

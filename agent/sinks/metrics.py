@@ -64,6 +64,21 @@ class Metrics:
                                        registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
+    DROP_REASONS = ("sampled", "rate_limited", "queue_full", "overflow", "state_evicted")
+    ERROR_KINDS = ("overflow", "io", "setup", "judge")
+    EVENTS = ("dump", "new", "destroy")
+
+    def source(self, source: str):
+        """Create the bounded label sets of a source at zero, so every series exists from the start."""
+        for reason in self.DROP_REASONS:
+            self.drops.labels(source, reason)
+        for kind in self.ERROR_KINDS:
+            self.source_errors.labels(source, kind)
+        for event in self.EVENTS:
+            self.source_events.labels(source, event)
+        self.source_up.labels(source).set(0)
+        self.sampling.labels(source).set(1.0)
+
     def _child(self, metric, *labels):
         """Label children cached by value: `labels()` costs microseconds per call on the hot path."""
         key = (metric, labels)
