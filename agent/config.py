@@ -13,6 +13,8 @@ Example (every key optional; flags of `egress-agent run` override):
     sampling: {one_in: 1, per_destination_per_second: 0}
     attribution: true
     queue_size: 65536
+    reload_check_interval: 0        # seconds; > 0 reloads when the policy files or config change
+                                    # (a Kubernetes ConfigMap update), as SIGHUP does
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SCHEMA = {
             "per_destination_per_second": {"type": "number", "minimum": 0}}},
         "attribution": {"type": "boolean"},
         "queue_size": {"type": "integer", "minimum": 16},
+        "reload_check_interval": {"type": "number", "minimum": 0},
     },
 }
 
@@ -67,6 +70,7 @@ class Config:
     sampling: dict = field(default_factory=dict)
     attribution: bool = True
     queue_size: int = 65536
+    reload_check_interval: float = 0.0
     file: str | None = None
 
     @property

@@ -308,6 +308,25 @@ class Daemon:
                 server.shutdown()
 
 
+def files_signature(*paths) -> tuple:
+    """What changes when a policy folder or config file is replaced (ConfigMap updates swap a symlink)."""
+    sig = []
+    for p in paths:
+        if not p:
+            continue
+        try:
+            entries = [os.path.join(p, n) for n in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
+        except OSError:
+            entries = [p]
+        for e in entries:
+            try:
+                st = os.stat(e)
+                sig.append((e, os.path.realpath(e), st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append((e, None))
+    return tuple(sig)
+
+
 def run_daemon(args) -> int:
     setup_logging()
     cfg = with_flags(load_config(args.config), args)
@@ -318,10 +337,20 @@ def run_daemon(args) -> int:
     d.start()
     sd.notify("READY=1", f"STATUS=judging with {len(d.pipeline.policies)} policies")
     wd = sd.watchdog_interval()
+    watch = lambda: files_signature(d.cfg.policies, args.config)  # noqa: E731
+    last_sig, last_check = watch(), time.monotonic()
     while not d.stop.is_set():
         d.stop.wait(min(wd or 1.0, 1.0))
         if wd:
             sd.notify("WATCHDOG=1")
+        every = d.cfg.reload_check_interval
+        if every and time.monotonic() - last_check >= every:
+            last_check = time.monotonic()
+            sig = watch()
+            if sig != last_sig:
+                last_sig = sig
+                log.info("policy or config files changed on disk; reloading")
+                d.reload_requested.set()
         if d.reload_requested.is_set():
             d.reload_requested.clear()
             d.reload()

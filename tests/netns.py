@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 
 PEER_ADDRS = ["198.51.100.7/32", "198.51.100.130/32", "203.0.113.9/32", "203.0.113.10/32", "203.0.113.11/32",
@@ -79,6 +80,9 @@ class Topology:
         sh("ip", "netns", "add", self.peer)
         try:
             self._build()
+            # Ended TCP flows leave the table (and send DESTROY) within a second or two, not minutes.
+            for key in ("close_wait", "fin_wait", "time_wait", "last_ack", "close"):
+                self.run("sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_tcp_timeout_{key}=1", check=False)
         except Exception:
             self.__exit__()
             raise
@@ -119,8 +123,9 @@ class Topology:
 
     def serve(self):
         """Start the TCP server in the peer namespace; returns the process (caller kills it)."""
-        return self.popen("python3", "-c", SERVER, ns=self.peer, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+        p = self.popen("python3", "-c", SERVER, ns=self.peer, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return p
 
     def connect(self, proto: str, dst: str, port: int = 443, hold: float = 20.0):
         """Open a connection from the client namespace and hold it; returns (process, pid)."""
