@@ -49,6 +49,15 @@ def _pack_addr(text: str) -> tuple[int, bytes]:
     return (socket.AF_INET, a.packed + bytes(12)) if a.version == 4 else (socket.AF_INET6, a.packed)
 
 
+def _user(uid: int | None) -> str | None:
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
 def cgroup_identity(cgroup_text: str) -> tuple[str | None, str | None]:
     """(systemd unit, container id) from /proc/PID/cgroup contents."""
     unit = container = None
@@ -188,13 +197,7 @@ class Attributor:
         except OSError:
             exe = None
         unit, container = cgroup_identity(read("cgroup"))
-        user = None
-        if uid is not None:
-            try:
-                user = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                user = None
-        return Who(pid=pid, comm=comm, exe=exe, uid=uid, user=user, unit=unit, container=container)
+        return Who(pid=pid, comm=comm, exe=exe, uid=uid, user=_user(uid), unit=unit, container=container)
 
     def who(self, flow: Flow) -> Who:
         if not self.options.enabled:
@@ -211,9 +214,9 @@ class Attributor:
             return Who(unattributed="socket-gone")
         uid, inode = found
         pid = self.pid_of(inode)
-        if pid is None:
+        if pid is None:  # e.g. no permission to read other users' /proc/PID/fd: uid still says who
             self.failures += 1
-            return Who(uid=uid, unattributed="no-process")
+            return Who(uid=uid, user=_user(uid), unattributed="no-process")
         now = time.monotonic()
         hit = self._who.get((pid, uid))
         if hit is not None and now - hit[0] < 5.0:  # short TTL: pids are reused
