@@ -31,7 +31,8 @@ from agent.errors import UserError
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
-from agent.sinks.eventlog import EvidenceLog, Options as EvidenceOptions, record
+from agent.sinks.eventlog import EvidenceLog, record
+from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
 
 log = logging.getLogger("egress-agent")
@@ -107,7 +108,8 @@ class Daemon:
                                                                          if k != "path"}))
         self.attributor = None
         if cfg.attribution:
-            from agent.enrich.process import Attributor, Options as AttrOptions
+            from agent.enrich.process import Attributor
+            from agent.enrich.process import Options as AttrOptions
 
             self.attributor = Attributor(AttrOptions(netns=cfg.source.get("netns")))
         self.seen_new = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 47: "gre", 50: "esp"}
 PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()} | {"icmpv6": 58}
@@ -23,7 +23,7 @@ def iso_time(ts: float | None) -> str | None:
     """POSIX seconds -> RFC 3339 UTC with microseconds, or None."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ class Location:
         return d
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     COMPLIANT = "compliant"
     VIOLATION = "violation"
     EXEMPT = "exempt"

@@ -4,8 +4,10 @@ Contract: `Pipeline.judge(flow)` is synchronous and has no side effects beyond b
 the locator's per-address cache, and a verdict cache keyed on exactly the flow fields the loaded
 policies can look at (destination, day, protocol; source address, destination port, process or
 hostname only when some policy selects on them). The engine is pure, so a cached verdict is the
-verdict. `clear()` drops both (the daemon calls it when the GeoIP database changes). `egress-agent audit`, `egress-agent run` and `egress-agent policy test` all build a
-Pipeline and call `judge`, so a verdict in a report and a verdict in a metric cannot disagree.
+verdict. `clear()` drops both (the daemon calls it when the GeoIP database changes).
+
+`egress-agent audit`, `egress-agent run` and `egress-agent policy test` all build a Pipeline and
+call `judge`, so a verdict in a report and a verdict in a metric cannot disagree.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) ->
         proto = 6 if i % 3 else 17
         if i % 5 == 0:  # IPv6
             src6 = bytes.fromhex("fd000000000000000000000000000005")
-            dst6 = bytes.fromhex("2a00%04x0000000000000000000000%02x" % (i % 0xFFFF, i % 256))
+            dst6 = bytes.fromhex(f"2a00{i % 0xFFFF:04x}0000000000000000000000{i % 256:02x}")
             l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
             ip = struct.pack("!IHBB", 0x60000000, len(l4) + 100, proto, 64) + src6 + dst6
             frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x86\xdd" + ip + l4 + bytes(100)

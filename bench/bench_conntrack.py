@@ -145,8 +145,10 @@ def daemon_cpu(topo, rate: int, seconds: float, attribution: bool = True):
         events = sum(float(line.split()[-1]) for line in text.splitlines()
                      if line.startswith('egress_agent_source_events_total{') and 'event="new"' in line)
         util = (c1 - c0) / (t1 - t0)
-        print(f"daemon: {sent:,} new flows in {seconds:.0f} s ({sent / seconds:,.0f}/s), {events:,.0f} NEW events seen; "
-              f"attribution {'on' if attribution else 'off'}: CPU {util * 100:.1f}% of one core = {util * 100 / (sent / seconds / 1000):.1f}% per 1,000 new flows/s")
+        per_k = util * 100 / (sent / seconds / 1000)
+        print(f"daemon: {sent:,} new flows in {seconds:.0f} s ({sent / seconds:,.0f}/s), {events:,.0f} NEW events "
+              f"seen; attribution {'on' if attribution else 'off'}: CPU {util * 100:.1f}% of one core = "
+              f"{per_k:.1f}% per 1,000 new flows/s")
     finally:
         agent.terminate()
         agent.wait(timeout=20)

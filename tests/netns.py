@@ -139,5 +139,5 @@ class Topology:
     def fill_udp(self, n: int, net: str = "203.0.113"):
         """n conntrack entries: one UDP datagram each to distinct (address, port) in the peer's range."""
         code = ("import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                f"for i in range({n}):\n    s.sendto(b'x', ('{net}.%d' % (1 + i % 250), 1024 + i // 250 * 1 + i % 60000))\n")
+                f"for i in range({n}):\n    s.sendto(b'x', ('{net}.%d' % (1 + i % 250), 1024 + i % 60000))\n")
         self.run("python3", "-c", code)

@@ -173,7 +173,8 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
         cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent.port}"]
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
         api = Prom(prom_port)
         clients = []

@@ -8,9 +8,9 @@ import time
 
 from agent.commands.common import build_locator
 from agent.errors import UserError
-from agent.policy.jurisdictions import Jurisdictions
-from agent.policy.engine import flow_day
 from agent.flow import Flow
+from agent.policy.engine import flow_day
+from agent.policy.jurisdictions import Jurisdictions
 
 
 def run_lookup(args) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 
 from agent.enrich.scope import Scoper, embedded_ipv4
@@ -57,7 +57,8 @@ def fields_from_record(rec: dict) -> dict:
     elif country:
         in_eu = False if isinstance(rec.get("country"), dict) else None
     asn = _asn(rec.get("autonomous_system_number") or traits.get("autonomous_system_number") or rec.get("asn"))
-    org = rec.get("autonomous_system_organization") or traits.get("autonomous_system_organization") or rec.get("as_name")
+    org = (rec.get("autonomous_system_organization") or traits.get("autonomous_system_organization")
+           or rec.get("as_name"))
     return {
         "country": country.upper() if isinstance(country, str) else None,
         "registered_country": _iso(rec.get("registered_country")),
@@ -97,7 +98,7 @@ class _Db:
             raise UserError(f"{path}: not a readable MaxMind-format database ({e})") from None
         meta = self.reader.metadata()
         self.database_type = meta.database_type
-        self.build_date = datetime.fromtimestamp(meta.build_epoch, tz=timezone.utc).strftime("%Y-%m-%d")
+        self.build_date = datetime.fromtimestamp(meta.build_epoch, tz=UTC).strftime("%Y-%m-%d")
         self.build_epoch = meta.build_epoch
         self.ip_version = meta.ip_version
         st = os.stat(path)

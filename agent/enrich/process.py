@@ -7,8 +7,9 @@
 `Attributor.who(flow)` returns a `Who`: pid, command, executable, uid, user, systemd unit and
 container id (from the cgroup path), or `Who(unattributed=reason)` where reason is one of
 `socket-gone` (no local socket owns the tuple now: short-lived, or forwarded/NATed traffic that
-never had one here), `no-process` (socket found, no process holds it now), `unsupported-protocol`. Lookups are exact (one sock_diag request per flow, by tuple); the
-inode->pid map is a bounded cache rebuilt from /proc at most every 200 ms on a miss.
+never had one here), `no-process` (socket found, no process holds it now: the uid and user are
+still given), `unsupported-protocol`. Lookups are exact (one sock_diag request per flow, by
+tuple); the inode->pid map is a bounded cache rebuilt from /proc at most every 200 ms on a miss.
 
 Why not pyroute2's DiagSocket here: it only dumps whole socket tables; an exact lookup per new
 flow is one small request.
@@ -33,7 +34,8 @@ SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBBI HH 16s 16s I II")  # inet_diag_req_v2 (ports/addresses in network order)
 _MSG = struct.Struct("=BBBB HH 16s 16s I II IIIII")  # inet_diag_msg
-_CONTAINER = re.compile(r"(?:docker|crio|cri-containerd|libpod|containerd)[-/:]([0-9a-f]{12,64})|/([0-9a-f]{64})(?:\.scope)?$")
+_CONTAINER = re.compile(r"(?:docker|crio|cri-containerd|libpod|containerd)[-/:]([0-9a-f]{12,64})"
+                        r"|/([0-9a-f]{64})(?:\.scope)?$")
 _UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
 
 
@@ -135,7 +137,7 @@ class Attributor:
         while True:
             try:
                 data = s.recv(1 << 16)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 return result
             for mt, _fl, pl in nl.messages(data):
                 if mt == nl.NLMSG_ERROR:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from functools import lru_cache
 
 from agent.flow import Flow, Location, Outcome, Verdict
@@ -35,7 +35,7 @@ def _ip(text: str):
 
 @lru_cache(maxsize=4096)
 def _day(ts: float) -> date:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).date()
+    return datetime.fromtimestamp(ts, tz=UTC).date()
 
 
 def flow_day(flow: Flow) -> date:

@@ -67,7 +67,7 @@ class Jurisdictions:
         self._cache: dict[tuple, Member | None] = {}
 
     @classmethod
-    def load(cls, extra_dirs=()) -> "Jurisdictions":
+    def load(cls, extra_dirs=()) -> Jurisdictions:
         groups: dict[str, Group] = {}
         problems: list[str] = []
         for folder in (DATA_DIR, *map(Path, extra_dirs)):

@@ -21,7 +21,7 @@ returns per-case results; it raises UserError for a malformed test file (file:li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from agent import yamlio
@@ -57,9 +57,9 @@ def test_files(path: Path) -> list[Path]:
 
 def _when(v, where) -> float:
     if isinstance(v, datetime):
-        return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp()
+        return (v if v.tzinfo else v.replace(tzinfo=UTC)).timestamp()
     if isinstance(v, date):
-        return datetime.combine(v, time(12), tzinfo=timezone.utc).timestamp()
+        return datetime.combine(v, time(12), tzinfo=UTC).timestamp()
     if isinstance(v, (int, float)):
         return float(v)
     raise UserError(f"{where}: '{v}' is not a date or time")

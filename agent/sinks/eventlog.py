@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from agent.errors import UserError
 
@@ -35,7 +35,7 @@ def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
     """The evidence record for one verdict: everything an auditor needs, nothing to look up."""
     f, loc = judged.flow, judged.location
     rec = {
-        "time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "event": event,
         **verdict.to_json(),
         "flow": f.to_json(),

@@ -10,6 +10,8 @@ the evidence log. Port 9807 is this project's default; any free port works.
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from agent import __version__
@@ -34,7 +36,8 @@ class Metrics:
         self.indeterminate = Counter(f"{NS}_indeterminate", "Flows whose verdict could not be decided, by reason.",
                                      ["policy", "reason"], registry=r)
         self.jurisdiction_bytes = Counter(f"{NS}_jurisdiction_bytes",
-                                          "Egress bytes by destination jurisdiction group.", ["jurisdiction"], registry=r)
+                                          "Egress bytes by destination jurisdiction group.", ["jurisdiction"],
+                                          registry=r)
         self.source_up = Gauge(f"{NS}_source_up", "1 when the flow source is running.", ["source"], registry=r)
         self.source_errors = Counter(f"{NS}_source_errors", "Errors reading the flow source.", ["source", "kind"],
                                      registry=r)
@@ -45,7 +48,8 @@ class Metrics:
         self.sampling = Gauge(f"{NS}_sampling_ratio",
                               "Fraction of new flows judged (multiply counts by 1/ratio to estimate totals).",
                               ["source"], registry=r)
-        self.tracking = Gauge(f"{NS}_conntrack_tracking", "1 when the kernel tracks connections in the watched namespace.",
+        self.tracking = Gauge(f"{NS}_conntrack_tracking",
+                              "1 when the kernel tracks connections in the watched namespace.",
                               ["source"], registry=r)
         self.accounting = Gauge(f"{NS}_conntrack_accounting", "1 when conntrack byte/packet accounting is on.",
                                 ["source"], registry=r)
@@ -111,11 +115,11 @@ class Metrics:
     def policies(self, policies, geoip_provenance):
         self.policies_loaded.set(len(policies))
         self.exception_expiry.clear()
-        from datetime import datetime, time, timezone
+        from datetime import datetime, time
 
         for p in policies:
             for e in p.exceptions:
-                ts = datetime.combine(e.expires, time(0), tzinfo=timezone.utc).timestamp()
+                ts = datetime.combine(e.expires, time(0), tzinfo=UTC).timestamp()
                 self.exception_expiry.labels(p.name, e.id).set(ts)
         self.geoip_build.clear()
         for g in geoip_provenance:

@@ -10,7 +10,7 @@ counts one verdict per (egress flow, policy).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from agent import __version__
 from agent.flow import Outcome, iso_time, proto_name
@@ -74,7 +74,7 @@ class AuditReport:
         order = lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"])  # noqa: E731
         return {
             "tool": {"name": "egress-agent", "version": __version__},
-            "generated_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "inputs": self.inputs,
             "geoip": self.geoip,
             "policies": self.policies,

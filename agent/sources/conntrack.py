@@ -78,18 +78,18 @@ _V4_HDRS = (20, 1, 8, 1, 8, 2, 28, 2, 5, 1, 6, 2, 6, 3)
 _V6_HDRS = (44, 1, 20, 3, 20, 4, 28, 2, 5, 1, 6, 2, 6, 3)
 
 
+_LAYOUTS = ((_V4, _V4_HDRS), (_V6, _V6_HDRS))
+
+
 def _raw_tuple(p, off: int, end: int):
     """(src bytes, dst bytes, proto, sport, dport) of a CTA_TUPLE_* nest starting at `off`."""
-    if end - off >= 48:
-        v = _V4.unpack_from(p, off)
+    for layout, expected in _LAYOUTS:
+        if end - off < layout.size:
+            break
+        v = layout.unpack_from(p, off)
         if (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6], v[8], v[9] & 0x7FFF, v[10], v[11], v[13], v[14],
-                v[17], v[18]) == _V4_HDRS:
+                v[17], v[18]) == expected:
             return v[4], v[7], v[12], v[15] << 8 | v[16], v[19] << 8 | v[20]
-        if end - off >= 72:
-            v = _V6.unpack_from(p, off)
-            if (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6], v[8], v[9] & 0x7FFF, v[10], v[11], v[13], v[14],
-                    v[17], v[18]) == _V6_HDRS:
-                return v[4], v[7], v[12], v[15] << 8 | v[16], v[19] << 8 | v[20]
     return _tuple(p, off, end)
 
 

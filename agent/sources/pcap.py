@@ -452,7 +452,7 @@ class _Flows:
         """Merge per-chunk groups (key words and their packets, bytes, first and last seen)."""
         table = self.table
         for key, p, b, f, la in zip(map(tuple, reps.tolist()), pk.tolist(), by.tolist(), first.tolist(),
-                                    last.tolist()):
+                                    last.tolist(), strict=True):
             row = table.get(key)
             if row is None:
                 table[key] = [p, int(b), f, la]
@@ -481,7 +481,8 @@ class _Flows:
         def name(v4: bool, hi: int, lo: int) -> str:
             s = names.get((v4, hi, lo))
             if s is None:
-                s = names[(v4, hi, lo)] = str(ipaddress.IPv4Address(lo) if v4 else ipaddress.IPv6Address((hi << 64) | lo))
+                addr = ipaddress.IPv4Address(lo) if v4 else ipaddress.IPv6Address((hi << 64) | lo)
+                s = names[(v4, hi, lo)] = str(addr)
             return s
 
         out = []

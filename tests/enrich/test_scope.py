@@ -1,7 +1,8 @@
+import ipaddress
+
 import pytest
 
 from agent.enrich.scope import Scoper, embedded_ipv4, registry_scope
-import ipaddress
 
 
 @pytest.mark.parametrize("ip,scope", [

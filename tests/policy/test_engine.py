@@ -1,6 +1,6 @@
 """Engine cases that the shipped policy tests do not cover; table-driven through the real loader."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,10 +33,13 @@ exceptions:
 """
 
 
-def judge(tmp_path, dst, loc, port=443, who=Who(comm="curl", unit="api.service"), host=None, when=2025):
+CURL = Who(comm="curl", unit="api.service")
+
+
+def judge(tmp_path, dst, loc, port=443, who=CURL, host=None, when=2025):
     (tmp_path / "t.yaml").write_text(POLICY)
     pipe = Pipeline(load_policies(tmp_path / "t.yaml", J), J, FixtureLocator({dst: loc}, SCOPER), SCOPER)
-    t = datetime(when, 6, 1, tzinfo=timezone.utc).timestamp()
+    t = datetime(when, 6, 1, tzinfo=UTC).timestamp()
     return pipe.judge(Flow(6, "10.0.0.1", 5000, dst, port, first_seen=t, last_seen=t, who=who, hostname=host))
 
 

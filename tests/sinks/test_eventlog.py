@@ -35,7 +35,8 @@ def test_evidence_replay_counts_each_flow_once(tmp_path):
     flow = {"proto": "tcp", "src": "192.0.2.1", "sport": 5, "dst": "203.0.113.9", "dport": 443,
             "first_seen": "2026-01-01T00:00:00Z"}
     lines = [{"event": "new", "conntrack_id": 7, "verdict": "violation", "policy": "a", "flow": {**flow, "bytes": 0}},
-             {"event": "new", "conntrack_id": 7, "verdict": "indeterminate", "policy": "b", "flow": {**flow, "bytes": 0}},
+             {"event": "new", "conntrack_id": 7, "verdict": "indeterminate", "policy": "b",
+              "flow": {**flow, "bytes": 0}},
              {"event": "end", "conntrack_id": 7, "verdict": "violation", "policy": "a", "flow": {**flow, "bytes": 900}}]
     p = tmp_path / "ev.jsonl"
     p.write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -97,7 +97,8 @@ def test_decoder_equals_pyroute2_on_real_messages():
         ref = pyroute2_view(msg)
         o = ref["orig"]
         assert (ours.src, ours.dst, ours.proto, ours.sport, ours.dport) == (canon(o[0]), canon(o[1]), o[2], o[3], o[4])
-        assert (ours.ct_id, ours.packets, ours.bytes, ours.start_ns) == (ref["id"], ref["packets"], ref["bytes"], ref["start"])
+        assert (ours.ct_id, ours.packets, ours.bytes, ours.start_ns) == (
+            ref["id"], ref["packets"], ref["bytes"], ref["start"])
         r = ref["reply"]
         assert ours.nat_dst == (canon(r[0]) if canon(r[0]) != ours.dst else None)
         protos.add(ours.proto)

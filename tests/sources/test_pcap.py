@@ -5,8 +5,22 @@ import struct
 from collections import defaultdict
 
 import pytest
-from scapy.all import (rdpcap, IP, TCP, UDP, ICMP, Dot1Q, Ether, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-                       IPv6ExtHdrRouting, Raw, fragment, raw)
+from scapy.all import (
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    Dot1Q,
+    Ether,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    Raw,
+    fragment,
+    raw,
+    rdpcap,
+)
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Loopback
 
 from agent.errors import UserError
@@ -58,7 +72,8 @@ def ip_packets(seed=1, n=200):
         elif kind == "rt6":
             p = IPv6(src=SRC6, dst=dst6) / IPv6ExtHdrRouting(addresses=[]) / TCP(sport=sport, dport=dport) / pay
         elif kind == "frag6":
-            p = IPv6(src=SRC6, dst=dst6) / IPv6ExtHdrFragment(offset=rnd.choice([0, 10]), m=1) / UDP(sport=sport, dport=dport) / pay
+            frag = IPv6ExtHdrFragment(offset=rnd.choice([0, 10]), m=1)
+            p = IPv6(src=SRC6, dst=dst6) / frag / UDP(sport=sport, dport=dport) / pay
         else:
             big = IP(src=SRC4, dst=dst4, id=i) / UDP(sport=sport, dport=dport) / Raw(bytes(1200))
             out.extend(fragment(big, fragsize=400))
@@ -111,7 +126,7 @@ def frames_for(link, pkts):
     """Wrap IP packets in each link type's header (built by scapy where scapy has the layer)."""
     out = []
     for p in pkts:
-        v6 = IPv6 in p and not (IP in p)
+        v6 = IPv6 in p and IP not in p
         if link == "ethernet":
             f = ETH() / p
         elif link == "vlan":
@@ -172,7 +187,8 @@ def test_vectorised_path_equals_scalar_decoder(tmp_path):
         d = dec.decode(1, f)
         if isinstance(d, dec.Decoded):
             import ipaddress
-            name = (lambda b: str(ipaddress.IPv4Address(b[12:]))) if d.version == 4 else (lambda b: str(ipaddress.IPv6Address(b)))
+            def name(b, v4=d.version == 4):
+                return str(ipaddress.IPv4Address(b[12:]) if v4 else ipaddress.IPv6Address(b))
             k = (d.proto, name(d.src), d.sport, name(d.dst), d.dport)
             ref[k][0] += 1
             ref[k][1] += d.iplen
