@@ -23,9 +23,14 @@ def shipped_policies() -> Path:
     local = Path("policies")
     if local.is_dir():
         return local
-    from importlib.resources import files
+    import importlib.util
 
-    return Path(str(files("egress_policies")))
+    spec = importlib.util.find_spec("egress_policies")  # a data-only namespace package: its folder
+    if spec is None or not spec.submodule_search_locations:
+        from agent.errors import UserError
+
+        raise UserError("no ./policies folder and no shipped policies installed; pass --policies PATH")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _add_geo(p):

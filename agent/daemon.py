@@ -163,6 +163,7 @@ class Daemon:
                                     "will have no byte counts; set source.enable: true or the sysctl")
                     m.source_up.labels(SOURCE).set(1)
                     dumped = 0
+                    first_dump = True
                 for kind, e in ct.events(0.5):
                     m.source_events.labels(SOURCE, kind).inc()
                     if kind == "dump":
@@ -193,6 +194,12 @@ class Daemon:
                     m.sampling.labels(SOURCE).set(1.0)
                 tracking = dumped > 0 or self.seen_new > 0
                 m.tracking.labels(SOURCE).set(1 if tracking else 0)
+                if first_dump:
+                    first_dump = False
+                    if not tracking:
+                        log.warning("the conntrack table%s is empty: the kernel may not be tracking connections "
+                                    "(no netfilter rule needs conntrack). Load deploy/nftables/egress-agent.nft, "
+                                    "or set source.enable: true", f" of netns {netns}" if netns else "")
             except UserError as e:
                 m.source_up.labels(SOURCE).set(0)
                 m.source_errors.labels(SOURCE, "setup").inc()

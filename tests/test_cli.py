@@ -167,3 +167,12 @@ def test_policy_check_and_test_exit_codes(cli, tmp_path):
     r = cli("policy", "test", tmp_path)
     assert r.returncode == 1 and "FAIL" in r.stdout and "0 passed, 1 failed" in r.stdout
     assert json.loads(cli("policy", "schema").stdout)["title"].startswith("egress-agent")
+
+
+def test_shipped_policies_are_the_default_outside_the_repo(cli, tmp_path, capture):
+    r = cli("policy", "check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "gdpr-personal-data" in r.stdout
+    r = cli("audit", "--format", "json", capture, cwd=tmp_path)
+    assert r.returncode in (0, 1), r.stderr
+    assert {p["name"] for p in json.loads(r.stdout)["policies"]} >= {"gdpr-personal-data", "sovereign-operator"}
