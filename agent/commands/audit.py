@@ -98,6 +98,7 @@ def run_audit(args) -> int:
             report.add_flow(flow, count_packets=packets is None)
             if pipe.is_egress(flow):
                 report.add(pipe.judge(flow))
+    report.warnings.extend(pipe.locator.warnings)
     for w in report.warnings:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output

@@ -10,7 +10,8 @@ GeoLite2 Country, City, Enterprise, ISP and ASN; DB-IP lite (MaxMind layout); IP
 data answers with the RIR *registration* country, and says so (`source: rir-registration`).
 
 Unknown is an answer, never a silent pass: `unknown_reason` is one of
-`no-record`, `registered-country-only`, `continent-only`, `anycast`, `not-public`.
+`no-record`, `registered-country-only`, `continent-only`, `anycast`, `not-public`,
+`database-error` (a corrupt record: counted in `errors`, described in `warnings`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def unknown_reason(f: dict) -> str | None:
     return "no-record"
 
 
+class CorruptRecord(Exception):
+    """One lookup hit bad data in an otherwise readable database."""
+
+
 class _Db:
     def __init__(self, path: str):
         import maxminddb
@@ -112,7 +117,7 @@ class _Db:
         try:
             rec = self.reader.get(ip)
         except (maxminddb.InvalidDatabaseError, ValueError) as e:
-            raise UserError(f"{self.path}: corrupt database record for {ip} ({e})") from None
+            raise CorruptRecord(f"{self.path}: corrupt record for {ip} ({e})") from None
         return rec if isinstance(rec, dict) else None
 
     def provenance(self) -> dict:
@@ -135,6 +140,8 @@ class Locator:
         self.scoper = scoper or Scoper()
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Location] = OrderedDict()
+        self.errors = 0  # corrupt records met; each address stays an explicit unknown
+        self.warnings: list[str] = []
         self._open()
 
     def _open(self):
@@ -197,9 +204,16 @@ class Locator:
         asn: dict | None = None
         prov = []
         for db in self.dbs:
-            rec = db.get(str(lookup))
-            if rec is None and lookup_ip is not None:
-                rec = db.get(ip)  # some databases alias the IPv6 form but not the IPv4
+            # The embedded IPv4 address itself, never the database's IPv6 alias: for Teredo,
+            # MaxMind's alias resolves the relay server, not the client the data goes to.
+            try:
+                rec = db.get(str(lookup))
+            except CorruptRecord as e:
+                self.errors += 1
+                if len(self.warnings) < 20:
+                    self.warnings.append(f"{e}; address reported as unknown (database-error)")
+                return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, source=db.database_type,
+                                provenance=((db.database_type, db.build_date),), unknown_reason="database-error")
             prov.append((db.database_type, db.build_date))
             if rec is None:
                 continue

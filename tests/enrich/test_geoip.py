@@ -95,3 +95,25 @@ def test_ipinfo_lite_layout(tmp_path):
     w.to_db_file(str(tmp_path / "ipinfo.mmdb"))
     loc = Locator([str(tmp_path / "ipinfo.mmdb")], DOC).locate("203.0.113.1")
     assert (loc.country, loc.continent, loc.asn, loc.as_org) == ("SG", "AS", 64500, "Example")
+
+
+def test_corrupt_record_is_an_explicit_unknown_not_a_crash(tmp_path, monkeypatch):
+    import maxminddb
+
+    path = build_city_mmdb(tmp_path / "g.mmdb", {"203.0.113.0/24": {"country": "US"}})
+    loc = Locator([path], DOC)
+
+    class Broken:
+        def get(self, ip):
+            raise maxminddb.InvalidDatabaseError("bad data section")
+
+    monkeypatch.setattr(loc.dbs[0], "reader", Broken())
+    got = loc.locate("203.0.113.1")
+    assert got.unknown_reason == "database-error" and loc.errors == 1
+    assert "corrupt record for 203.0.113.1" in loc.warnings[0]
+
+
+def test_teredo_is_located_by_its_client_not_the_relay(edge_db):
+    # client 198.51.100.1 obfuscated (XOR 0xffffffff) in the last 32 bits; relay 203.0.113.1 (US)
+    loc = Locator([edge_db], DOC).locate("2001:0:cb00:7101::39cc:9bfe")
+    assert loc.lookup_ip == "198.51.100.1" and loc.country == "DE"
