@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", type=int, metavar="N", help="keep 1 in N new flows (default 1: all)")
     r.add_argument("--enable-conntrack", action="store_true", default=None,
                    help="let the agent turn on connection tracking and accounting if they are off")
+    r.add_argument("--rate-limit", type=float, metavar="PER_SECOND",
+                   help="judge at most this many new flows per second per destination (0: no limit)")
+    r.add_argument("--queue-size", type=int, metavar="N", help="bounded event queue (default 65536)")
+    r.add_argument("--rcvbuf", type=int, metavar="BYTES", help="netlink event socket buffer")
+    r.add_argument("--no-attribution", action="store_true", default=None, help="do not look up processes")
+    r.add_argument("--geoip-check-interval", type=float, metavar="SECONDS",
+                   help="how often to look for a new GeoIP database file (default 60)")
+    r.add_argument("--reload-check-interval", type=float, metavar="SECONDS",
+                   help="reload when policy or config files change (0: only on SIGHUP)")
+    r.add_argument("--evidence-max-bytes", type=int, metavar="BYTES", help="rotate the evidence log past this size")
+    r.add_argument("--evidence-backups", type=int, metavar="N", help="rotated evidence files to keep")
+    r.add_argument("--evidence-fsync", action="store_true", default=None, help="fsync after every evidence line")
     return ap
 
 

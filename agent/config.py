@@ -104,6 +104,11 @@ def load_config(path: str | None) -> Config:
     return Config(**data, file=path)
 
 
+def _as_dict(cfg: Config) -> dict:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "file"}
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def with_flags(cfg: Config, args) -> Config:
     """Flags win over the file."""
     changes = {}
@@ -123,11 +128,30 @@ def with_flags(cfg: Config, args) -> Config:
         changes["source"] = {**cfg.source, "netns": args.netns}
     if getattr(args, "enable_conntrack", None):
         changes["source"] = {**changes.get("source", cfg.source), "enable": True}
+    for flag, key in (("queue_size", "queue_size"), ("geoip_check_interval", "geoip_check_interval"),
+                      ("reload_check_interval", "reload_check_interval")):
+        if getattr(args, flag, None) is not None:
+            changes[key] = getattr(args, flag)
+    if getattr(args, "no_attribution", None):
+        changes["attribution"] = False
+    if getattr(args, "rcvbuf", None) is not None:
+        changes["source"] = {**changes.get("source", cfg.source), "rcvbuf": args.rcvbuf}
+    if getattr(args, "rate_limit", None) is not None:
+        changes["sampling"] = {**cfg.sampling, "per_destination_per_second": args.rate_limit}
+    for flag, key in (("evidence_max_bytes", "max_bytes"), ("evidence_backups", "backups"),
+                      ("evidence_fsync", "fsync")):
+        if getattr(args, flag, None) is not None:
+            changes["evidence"] = {**changes.get("evidence", cfg.evidence), key: getattr(args, flag)}
     if getattr(args, "sample", None):
         if args.sample < 1:
             raise UserError("--sample: N must be 1 or more")
-        changes["sampling"] = {**cfg.sampling, "one_in": args.sample}
+        changes["sampling"] = {**changes.get("sampling", cfg.sampling), "one_in": args.sample}
     out = replace(cfg, **changes)
+    # Flags go through the same schema as the file, so a bad value is reported the same way.
+    problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
+                for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
+    if problems:
+        raise UserError("invalid settings", problems)
     try:
         out.listen_addr()
     except ValueError:
