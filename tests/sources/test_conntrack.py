@@ -103,8 +103,32 @@ def test_decoder_equals_pyroute2_on_real_messages():
         assert ours.nat_dst == (canon(r[0]) if canon(r[0]) != ours.dst else None)
         protos.add(ours.proto)
     assert {6, 17, 1, 58} <= protos
+    # The learned-layout fast path gives the same entries as the generic decoder: every message is
+    # decoded twice through one Decoder (the first pass learns its layout, the second uses it).
+    dec = C.Decoder()
+    for msg in msgs + msgs:
+        assert dec.entry(msg, 16, len(msg)) == C.decode_entry(msg, 16, len(msg))
+    assert any(lay is not None for lay in dec.layouts.values())
     natted = [C.decode_entry(m, 16, len(m)) for m in msgs]
     assert any(e.dst == "203.0.113.77" and e.nat_dst == "203.0.113.10" for e in natted)
+
+
+def test_a_layout_is_used_only_where_every_header_matches():
+    with Topology("eacl") as t:
+        t.enable_conntrack(udp_timeout=300)
+        t.fill_udp(50)
+        msgs = raw_dump(t.client)
+    dec = C.Decoder()
+    first = msgs[0]
+    dec.entry(first, 16, len(first))
+    lay = dec.layouts[len(first) - 16]
+    assert lay is not None
+    # Same length, different structure (a header's type changed): must not be read by the template.
+    forged = bytearray(first)
+    forged[16 + 4 + 2] ^= 0x01  # type of the first top-level attribute
+    assert dec.entry(bytes(forged), 16, len(forged)) == C.decode_entry(bytes(forged), 16, len(forged))
+    for m in msgs:
+        assert dec.entry(m, 16, len(m)) == C.decode_entry(m, 16, len(m))
 
 
 def test_decoder_ignores_garbage():
