@@ -38,6 +38,7 @@ from agent.sinks.metrics import Metrics
 log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
 MAX_OPEN_FLOWS = 262144
+BATCH = 4096  # events per queue item: one hand-off per netlink read, at most this many
 SOURCE = "conntrack"
 
 
@@ -170,6 +171,9 @@ class Daemon:
                     first_dump = True
                 batch = []
                 for kind, e in ct.events(0.5):
+                    if len(batch) >= BATCH:
+                        self._enqueue(batch, drops)
+                        batch = []
                     events[kind].inc()
                     if kind == "dump":
                         dumped += 1
@@ -186,18 +190,9 @@ class Daemon:
                         continue
                     batch.append((kind, e))
                 if batch:
-                    # One queue item per netlink read (not per event): far fewer thread hand-offs.
-                    # The bound is still in events: `pending` counts what the worker has not taken.
-                    with self.pending_lock:
-                        full = self.pending + len(batch) > self.cfg.queue_size
-                        if not full:
-                            self.pending += len(batch)
-                    if full:
-                        drops["queue_full"].inc(len(batch))
-                    else:
-                        self.queue.put((batch, time.time()))
+                    self._enqueue(batch, drops)
                 if ct.overflows != overflows:
-                    m.drops.labels(SOURCE, "overflow").inc(ct.overflows - overflows)
+                    drops["overflow"].inc(ct.overflows - overflows)
                     m.source_errors.labels(SOURCE, "overflow").inc(ct.overflows - overflows)
                     log.warning("conntrack events overflowed (ENOBUFS); resynchronising with a dump")
                     overflows = ct.overflows
@@ -229,6 +224,25 @@ class Daemon:
         if ct is not None:
             ct.close()
         m.source_up.labels(SOURCE).set(0)
+
+    def _enqueue(self, batch: list, drops: dict):
+        """Hand a batch to the worker. The bound is in events (`pending`, what the worker has not
+        taken). A dump batch waits for room (the table is finite; events meanwhile queue in the
+        kernel, and an overflow there is resynchronised); a batch of live events that does not fit
+        is dropped and counted."""
+        blocking = batch[0][0] == "dump"
+        while True:
+            with self.pending_lock:
+                fits = self.pending + len(batch) <= self.cfg.queue_size or self.pending == 0
+                if fits:
+                    self.pending += len(batch)
+            if fits:
+                self.queue.put((batch, time.time()))
+                return
+            if not blocking or self.stop.is_set():
+                drops["queue_full"].inc(len(batch))
+                return
+            self.stop.wait(0.01)
 
     # -- worker -------------------------------------------------------------------------------
     def _worker(self):

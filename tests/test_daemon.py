@@ -209,3 +209,18 @@ def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
         assert a.stop() == 0
     finally:
         a.stop(signal.SIGKILL)
+
+
+def test_dump_bigger_than_the_queue_is_judged_not_dropped(topo, tmp_path):
+    topo.fill_udp(1500, net="198.51.100")  # compliant DE/JP flows, still in the table
+    a = Agent(tmp_path, topo)
+    cfg = json.loads(a.config.read_text())
+    cfg["queue_size"] = 256
+    a.config.write_text(json.dumps(cfg))
+    a.start()
+    try:
+        wait_for(lambda: (a.value("egress_agent_flows_total", policy="eu-data") or 0) >= 1500, timeout=30,
+                 what="every dumped flow judged")
+        assert (a.value("egress_agent_source_drops_total", reason="queue_full") or 0) == 0
+    finally:
+        assert a.stop() == 0
