@@ -147,13 +147,12 @@ def with_flags(cfg: Config, args) -> Config:
             raise UserError("--sample: N must be 1 or more")
         changes["sampling"] = {**changes.get("sampling", cfg.sampling), "one_in": args.sample}
     out = replace(cfg, **changes)
+    host, _, port = out.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"listen: '{out.listen}' is not ADDRESS:PORT (e.g. 127.0.0.1:9807)")
     # Flags go through the same schema as the file, so a bad value is reported the same way.
     problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
                 for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
     if problems:
         raise UserError("invalid settings", problems)
-    try:
-        out.listen_addr()
-    except ValueError:
-        raise UserError(f"listen: '{out.listen}' is not ADDRESS:PORT") from None
     return out

@@ -229,6 +229,18 @@ def _fmt(items) -> str:
     return out
 
 
+def _nested(p, a: int, ilen: int, headers: list, fields: list, names: dict):
+    """Record the headers of the attributes nested in p[a:a+ilen], and the fields `names` maps."""
+    c = a + 4
+    while c + 4 <= a + ilen:
+        jlen, jtype = _attr(p, c)
+        headers.append(c)
+        name, code = names.get(jtype & 0x7FFF, (None, None))
+        if name:
+            fields.append((name, c + 4, code or f"{jlen - 4}s"))
+        c += (jlen + 3) & ~3
+
+
 def _learn(p: bytes) -> _Layout | None:
     """Walk one message payload generically, recording header and field positions."""
     headers, fields = [], []
@@ -248,25 +260,12 @@ def _learn(p: bytes) -> _Layout | None:
                     return None
                 headers.append(a)
                 it = itype & 0x7FFF
-                if t in (1, 2) and it == 1:  # CTA_TUPLE_IP
-                    c = a + 4
-                    while c + 4 <= a + ilen:
-                        jlen, jtype = _attr(p, c)
-                        headers.append(c)
-                        name = {1: "src", 2: "dst", 3: "src", 4: "dst"}.get(jtype & 0x7FFF)
-                        if name:
-                            fields.append(((name if t == 1 else "r" + name), c + 4, f"{jlen - 4}s"))
-                        c += (jlen + 3) & ~3
+                if t in (1, 2) and it == 1:  # CTA_TUPLE_IP: addresses (their size is the attribute's)
+                    prefix = "" if t == 1 else "r"
+                    _nested(p, a, ilen, headers, fields, {1: (prefix + "src", None), 2: (prefix + "dst", None),
+                                                          3: (prefix + "src", None), 4: (prefix + "dst", None)})
                 elif t == 1 and it == 2:  # CTA_TUPLE_PROTO
-                    c = a + 4
-                    while c + 4 <= a + ilen:
-                        jlen, jtype = _attr(p, c)
-                        headers.append(c)
-                        name, code = {1: ("proto", "B"), 2: ("sport", "H"), 3: ("dport", "H")}.get(
-                            jtype & 0x7FFF, (None, None))
-                        if name:
-                            fields.append((name, c + 4, code))
-                        c += (jlen + 3) & ~3
+                    _nested(p, a, ilen, headers, fields, {1: ("proto", "B"), 2: ("sport", "H"), 3: ("dport", "H")})
                 elif t == 9 and it in (1, 2):
                     fields.append((("packets", "bytes")[it - 1], a + 4, "Q"))
                 elif t == 20 and it == 1:
