@@ -41,14 +41,17 @@ def run_lookup(args) -> int:
     from rich.table import Table
 
     t = Table()
-    for col in ("ip", "scope", "country", "registered", "represented", "continent", "in_eu", "asn",
-                "as_org", "jurisdictions", "source / unknown"):
-        t.add_column(col, overflow="fold")
+    for col in ("address", "scope", "country", "other", "AS", "jurisdictions", "source"):
+        t.add_column(col, overflow="fold", no_wrap=col in ("address", "scope"))
     for r in rows:
-        t.add_row(r["ip"] + (f" (→ {r['lookup_ip']})" if r["lookup_ip"] else ""), r["scope"],
-                  r["country"] or "-", r["registered_country"] or "-", r["represented_country"] or "-",
-                  r["continent"] or "-", "-" if r["in_eu"] is None else str(r["in_eu"]).lower(),
-                  str(r["asn"] or "-"), r["as_org"] or "-", ", ".join(r["jurisdictions"]) or "-",
-                  (r["source"] or "-") + (f" / {r['unknown_reason']}" if r["unknown_reason"] else ""))
+        other = [f"reg. {r['registered_country']}" if r["registered_country"] else "",
+                 f"repr. {r['represented_country']}" if r["represented_country"] else "",
+                 f"continent {r['continent']}" if r["continent"] and not r["country"] else "",
+                 "anycast" if r["anycast"] else ""]
+        asn = f"AS{r['asn']} {r['as_org'] or ''}".strip() if r["asn"] else "-"
+        t.add_row(r["ip"] + (f"\n→ {r['lookup_ip']}" if r["lookup_ip"] else ""), r["scope"],
+                  r["country"] or f"[yellow]unknown: {r['unknown_reason']}[/]",
+                  ", ".join(x for x in other if x) or "-", asn, " ".join(r["jurisdictions"]) or "-",
+                  r["source"] or "-")
     Console().print(t)
     return 0
