@@ -169,7 +169,7 @@ def test_audit_conntrack_snapshot_uses_the_same_engine(topo, agent):
     try:
         time.sleep(0.5)
         r = subprocess.run([sys.executable, "-m", "agent", "audit", "--conntrack", "--netns", topo.client,
-                            "--format", "json", "--policies", str(agent.policies), "--geoip-db", str(tmp_db(agent)),
+                            "--format", "json", "--policies", str(agent.policies), "--geoip-db", str(agent.db),
                             "--local-net", "192.0.2.0/24", "--public-net", "203.0.113.0/24"],
                            capture_output=True, text=True, cwd=REPO, timeout=60)
     finally:
@@ -178,10 +178,6 @@ def test_audit_conntrack_snapshot_uses_the_same_engine(topo, agent):
     rep = json.loads(r.stdout)
     assert rep["inputs"][0]["format"] == "conntrack"
     assert any(v["dst"] == "203.0.113.9" and v["policy"] == "eu-data" for v in rep["violations"])
-
-
-def tmp_db(agent):
-    return agent.db
 
 
 def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):

@@ -47,6 +47,16 @@ _ntop = socket.inet_ntop
 AF4, AF6 = socket.AF_INET, socket.AF_INET6
 
 
+def _attrs(p, off: int, end: int):
+    """(type, payload start, payload end) of each netlink attribute in p[off:end]."""
+    while off + 4 <= end:
+        alen, atype = _attr(p, off)
+        if alen < 4:
+            return
+        yield atype & 0x7FFF, off + 4, off + alen
+        off += (alen + 3) & ~3
+
+
 class CtEntry(NamedTuple):
     """One decoded conntrack message: identity, original tuple, NAT, original-direction counters.
 
@@ -100,37 +110,21 @@ def _tuple(p, off: int, end: int):
     """Generic walk of a CTA_TUPLE_* nest (ICMP, odd layouts): raw addresses, proto, ports."""
     src = dst = None
     proto = sport = dport = 0
-    while off + 4 <= end:
-        alen, atype = _attr(p, off)
-        if alen < 4:
-            break
-        t = atype & 0x7FFF
-        a, b = off + 4, off + alen
+    for t, a, b in _attrs(p, off, end):
         if t == 1:  # CTA_TUPLE_IP
-            while a + 4 <= b:
-                ilen, itype = _attr(p, a)
-                if ilen < 4:
-                    break
-                it = itype & 0x7FFF
-                if it == 1 or it == 3:
-                    src = bytes(p[a + 4:a + ilen])
-                elif it == 2 or it == 4:
-                    dst = bytes(p[a + 4:a + ilen])
-                a += (ilen + 3) & ~3
+            for it, c, d in _attrs(p, a, b):
+                if it in (1, 3):
+                    src = bytes(p[c:d])
+                elif it in (2, 4):
+                    dst = bytes(p[c:d])
         elif t == 2:  # CTA_TUPLE_PROTO
-            while a + 4 <= b:
-                ilen, itype = _attr(p, a)
-                if ilen < 4:
-                    break
-                it = itype & 0x7FFF
+            for it, c, _d in _attrs(p, a, b):
                 if it == 1:
-                    proto = p[a + 4]
+                    proto = p[c]
                 elif it == 2:
-                    sport = _be16(p, a + 4)[0]
+                    sport = _be16(p, c)[0]
                 elif it == 3:
-                    dport = _be16(p, a + 4)[0]
-                a += (ilen + 3) & ~3
-        off += (alen + 3) & ~3
+                    dport = _be16(p, c)[0]
     return src, dst, proto, sport, dport
 
 
@@ -140,16 +134,11 @@ def _ip(raw: bytes) -> str:
 
 def _counters(p, off: int, end: int):
     pk = by = 0
-    while off + 4 <= end:
-        alen, atype = _attr(p, off)
-        if alen < 4:
-            break
-        t = atype & 0x7FFF
+    for t, a, _b in _attrs(p, off, end):
         if t == 1:
-            pk = _be64(p, off + 4)[0]
+            pk = _be64(p, a)[0]
         elif t == 2:
-            by = _be64(p, off + 4)[0]
-        off += (alen + 3) & ~3
+            by = _be64(p, a)[0]
     return pk, by
 
 
@@ -162,32 +151,25 @@ def decode_entry(p, off: int = 0, n: int | None = None) -> CtEntry | None:
     None when it carries no original tuple. Works in place on the received datagram.
     """
     n = len(p) if n is None else n
-    off += 4  # struct nfgenmsg
     orig = reply = None
     ct_id = pk = by = start = 0
-    attr = _attr
-    while off + 4 <= n:
-        alen, atype = attr(p, off)
-        if alen < 4:
-            break
-        t = atype & 0x7FFF
+    for t, a, b in _attrs(p, off + 4, n):  # after struct nfgenmsg
         if t == 1:
-            orig = _raw_tuple(p, off + 4, off + alen)
+            orig = _raw_tuple(p, a, b)
         elif t == 2:
-            v = _REPLY_V4.unpack_from(p, off + 4) if alen >= 28 else None
+            v = _REPLY_V4.unpack_from(p, a) if b - a >= 24 else None
             if v is not None and (v[0], v[1] & 0x7FFF, v[2], v[3], v[5], v[6]) == (20, 1, 8, 1, 8, 2):
                 reply = (v[4], v[7])
             else:
-                reply = _raw_tuple(p, off + 4, off + alen)[:2]
+                reply = _raw_tuple(p, a, b)[:2]
         elif t == 9:
-            pk, by = _counters(p, off + 4, off + alen)
+            pk, by = _counters(p, a, b)
         elif t == 12:
-            ct_id = _be32(p, off + 4)[0]
+            ct_id = _be32(p, a)[0]
         elif t == 20:  # CTA_TIMESTAMP: nested START (1)
-            a = off + 4
-            if a + 12 <= off + alen and (attr(p, a)[1] & 0x7FFF) == 1:
-                start = _be64(p, a + 4)[0]
-        off += (alen + 3) & ~3
+            for it, c, _d in _attrs(p, a, b):
+                if it == 1:
+                    start = _be64(p, c)[0]
     if orig is None or not orig[0] or not orig[1]:
         return None
     src, dst, proto, sport, dport = orig
@@ -229,51 +211,36 @@ def _fmt(items) -> str:
     return out
 
 
-def _nested(p, a: int, ilen: int, headers: list, fields: list, names: dict):
-    """Record the headers of the attributes nested in p[a:a+ilen], and the fields `names` maps."""
-    c = a + 4
-    while c + 4 <= a + ilen:
-        jlen, jtype = _attr(p, c)
-        headers.append(c)
-        name, code = names.get(jtype & 0x7FFF, (None, None))
+def _nested(p, a: int, b: int, headers: list, fields: list, names: dict):
+    """Record the headers of the attributes nested in p[a:b], and the fields `names` maps."""
+    for t, c, d in _attrs(p, a, b):
+        headers.append(c - 4)
+        name, code = names.get(t, (None, None))
         if name:
-            fields.append((name, c + 4, code or f"{jlen - 4}s"))
-        c += (jlen + 3) & ~3
+            fields.append((name, c, code or f"{d - c}s"))
 
 
 def _learn(p: bytes) -> _Layout | None:
     """Walk one message payload generically, recording header and field positions."""
     headers, fields = [], []
-    off, n = 4, len(p)
-    need = {"src", "dst", "proto", "sport", "dport", "rsrc", "rdst", "id"}
-    while off + 4 <= n:
-        alen, atype = _attr(p, off)
-        if alen < 4:
-            return None
-        headers.append(off)
-        t = atype & 0x7FFF
-        if t in (1, 2, 9, 20):  # tuples, counters, timestamp: record nested headers and fields
-            a, b = off + 4, off + alen
-            while a + 4 <= b:
-                ilen, itype = _attr(p, a)
-                if ilen < 4:
-                    return None
-                headers.append(a)
-                it = itype & 0x7FFF
-                if t in (1, 2) and it == 1:  # CTA_TUPLE_IP: addresses (their size is the attribute's)
-                    prefix = "" if t == 1 else "r"
-                    _nested(p, a, ilen, headers, fields, {1: (prefix + "src", None), 2: (prefix + "dst", None),
-                                                          3: (prefix + "src", None), 4: (prefix + "dst", None)})
-                elif t == 1 and it == 2:  # CTA_TUPLE_PROTO
-                    _nested(p, a, ilen, headers, fields, {1: ("proto", "B"), 2: ("sport", "H"), 3: ("dport", "H")})
-                elif t == 9 and it in (1, 2):
-                    fields.append((("packets", "bytes")[it - 1], a + 4, "Q"))
-                elif t == 20 and it == 1:
-                    fields.append(("start", a + 4, "Q"))
-                a += (ilen + 3) & ~3
+    for t, a, b in _attrs(p, 4, len(p)):  # after struct nfgenmsg
+        headers.append(a - 4)
+        if t in (1, 2):  # tuples: addresses (their size is the attribute's), proto, ports
+            for it, c, d in _attrs(p, a, b):
+                headers.append(c - 4)
+                if it == 1:  # CTA_TUPLE_IP
+                    pre = "" if t == 1 else "r"
+                    _nested(p, c, d, headers, fields, {1: (pre + "src", None), 2: (pre + "dst", None),
+                                                       3: (pre + "src", None), 4: (pre + "dst", None)})
+                elif it == 2 and t == 1:  # CTA_TUPLE_PROTO
+                    _nested(p, c, d, headers, fields, {1: ("proto", "B"), 2: ("sport", "H"), 3: ("dport", "H")})
+        elif t == 9:
+            _nested(p, a, b, headers, fields, {1: ("packets", "Q"), 2: ("bytes", "Q")})
+        elif t == 20:
+            _nested(p, a, b, headers, fields, {1: ("start", "Q")})
         elif t == 12:
-            fields.append(("id", off + 4, "I"))
-        off += (alen + 3) & ~3
+            fields.append(("id", a, "I"))
+    need = {"src", "dst", "proto", "sport", "dport", "rsrc", "rdst", "id"}
     if not need <= {f[0] for f in fields}:
         return None  # ICMP and other shapes without ports: the generic decoder handles them
     return _Layout(headers, fields, p)

@@ -96,6 +96,3 @@ def messages(buf: bytes):
         yield mtype, flags, mv[off + 16:off + length]
         off += (length + 3) & ~3
 
-
-def error_code(payload) -> int:
-    return -struct.unpack_from("=i", payload, 0)[0]
