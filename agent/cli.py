@@ -1,7 +1,8 @@
 """Command line: audit | lookup | policy check | policy test | policy schema | run.
 
 Exit codes are the contract: 0 clean, 1 violations (audit) or failed policy tests, 2 usage or input
-errors (a message naming file, line/offset and field; never a traceback).
+errors (a message naming file, line/offset and field; never a traceback), 70 an internal error (a
+bug: a traceback and a line saying so, never 1, which a scheduler would read as "violations").
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from agent import __version__
 from agent.errors import UserError
 
 FORMATS = ("table", "json")
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a crash is neither "violations" (1) nor "bad input" (2)
 
 
 def shipped_policies() -> Path:
@@ -119,21 +123,74 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except MemoryError:
+        print("egress-agent: error: out of memory; the input is larger than this machine can audit at once",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception:  # a bug, not bad input: never exit 1, which means "violations found"
+        import traceback
+
+        traceback.print_exc()
+        print(f"egress-agent: internal error (a bug; please report it with the lines above); exit {EXIT_INTERNAL}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     return 2
 
 
 def write_output(text: str, path: str | None):
-    """Standard output, or FILE written whole (temp file + rename) so a reader never sees half."""
-    if not path:
+    """Write a report: standard output (no path, or `-`), or FILE.
+
+    A regular file (or a new one) is written whole, so a reader never sees half: a fresh temporary
+    file in the same folder (mkstemp: O_EXCL, unpredictable name, so a planted symlink cannot
+    redirect it), mode 0640 less the umask, then an atomic rename. Anything else — a device such as
+    /dev/null, a FIFO, /dev/stdout — is opened and written in place and never replaced or removed:
+    renaming over /dev/null as root would break every program on the host.
+    """
+    if not path or path == "-":
         sys.stdout.write(text)
+        sys.stdout.flush()
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    data = text.encode()
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
     except OSError as e:
         raise UserError(f"{path}: cannot write report ({e.strerror})") from None
+    try:
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                raise UserError(f"{path}: cannot write report (is a folder)")
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o640 & ~umask)
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot write report ({e.strerror})") from None
+
+
+def _write_all(fd: int, data: bytes):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def dumps(obj, pretty: bool) -> str:

@@ -86,11 +86,7 @@ class Config:
 def load_config(path: str | None) -> Config:
     if not path:
         return Config()
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config ({e.strerror})") from None
-    data, lines = yamlio.load_with_lines(text, path)
+    data, lines, _ = yamlio.load_file(path, "config")
     data = data or {}
     problems = []
     if not isinstance(data, dict):

@@ -135,6 +135,9 @@ class Daemon:
         except UserError as e:
             self.metrics.reload_success.set(0)
             log.error("reload failed, keeping the policies in force: %s", e)
+        except Exception as e:  # a bug or an input we did not foresee: never let it take the daemon down
+            self.metrics.reload_success.set(0)
+            log.exception("reload failed (%s: %s), keeping the policies in force", type(e).__name__, e)
         else:
             self.pipeline, self.cfg = pipe, cfg
             self._loaded()

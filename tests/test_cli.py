@@ -104,9 +104,9 @@ def test_truncated_jsonl_keeps_what_came_before(cli, tmp_path, city_db):
 @pytest.mark.parametrize("content,message", [
     (b"", "empty file"),
     (b"\x7fELF\x02\x01\x01" + bytes(100), "unknown file format"),
-    (b'{"proto": "tcp", "src": "10.0.0.5", "dst": "nope"}\n', "bad.bin:1.dst: 'nope' is not an IP address"),
-    (b'{"proto": "tcp", "src": "10.0.0.5", "dst": "203.0.113.9", "dport": 70000}\n', "bad.bin:1.dport"),
-    (b'{"proto": "tcp"}\n{oops\n', "bad.bin:1: missing field 'src'"),
+    (b'{"proto": "tcp", "src": "10.0.0.5", "dst": "nope"}\n', "bad.bin:1: dst: 'nope' is not an IP address"),
+    (b'{"proto": "tcp", "src": "10.0.0.5", "dst": "203.0.113.9", "dport": 70000}\n', "bad.bin:1: dport"),
+    (b'{"proto": "tcp"}\n{oops\n', "bad.bin:1: src: missing field"),
 ])
 def test_bad_inputs_exit_2_without_traceback(cli, tmp_path, content, message):
     f = tmp_path / "bad.bin"

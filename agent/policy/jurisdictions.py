@@ -140,10 +140,7 @@ class Jurisdictions:
 
 
 def _load_group(path: Path) -> Group:
-    try:
-        doc = yamlio.load(path.read_text(), str(path))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read jurisdiction group ({e})") from None
+    doc = yamlio.load_file(path, "jurisdiction group")[0]
     if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
         raise UserError(f"{path}: a jurisdiction group needs a 'name'")
     members = []

@@ -88,15 +88,7 @@ def load_policies(path, jurisdictions: Jurisdictions) -> list[Policy]:
 
 
 def _load_file(f: Path, jur: Jurisdictions) -> tuple[Policy | None, list[str]]:
-    try:
-        raw = f.read_bytes()
-    except OSError as e:
-        raise UserError(f"{f}: cannot read policy ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{f}: not UTF-8 text (byte offset {e.start})") from None
-    data, lines = yamlio.load_with_lines(text, str(f))
+    data, lines, raw = yamlio.load_file(f, "policy")
     data = _plain(data)
     probs = _Problems(str(f), lines)
     if not isinstance(data, dict):
@@ -137,7 +129,18 @@ def _nets(values, path, probs) -> tuple:
 
 
 def _asn(v) -> int:
+    """The schema admits 0-4294967295 or AS + up to 10 digits; the latter is range-checked in _asns."""
     return int(v[2:]) if isinstance(v, str) else int(v)
+
+
+def _asns(values, path, probs) -> frozenset:
+    out = set()
+    for i, a in enumerate(values or ()):
+        n = _asn(a)
+        if n > 0xFFFFFFFF:
+            probs.add(path + (i,), f"'{a}' is not an AS number (0 to 4294967295)")
+        out.add(n)
+    return frozenset(out)
 
 
 def _dest(d, path, jur, probs, home) -> Destinations | None:
@@ -149,7 +152,7 @@ def _dest(d, path, jur, probs, home) -> Destinations | None:
     return Destinations(
         jurisdictions=_jurs(d.get("jurisdictions"), path + ("jurisdictions",), jur, probs, home),
         networks=_nets(d.get("networks"), path + ("networks",), probs),
-        asns=frozenset(_asn(a) for a in d.get("asns") or ()),
+        asns=_asns(d.get("asns"), path + ("asns",), probs),
         hostnames=tuple(h.lower() for h in d.get("hostnames") or ()),
         operator_jurisdictions=_jurs(d.get("operator_jurisdictions"), path + ("operator_jurisdictions",),
                                      jur, probs, home),
@@ -180,7 +183,9 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
         j = _jurs([op["jurisdiction"]], ("operators", i, "jurisdiction"), jur, probs)
         for k, a in enumerate(op["asns"]):
             asn = _asn(a)
-            if asn in operators:
+            if asn > 0xFFFFFFFF:
+                probs.add(("operators", i, "asns", k), f"'{a}' is not an AS number (0 to 4294967295)")
+            elif asn in operators:
                 probs.add(("operators", i, "asns", k), f"AS{asn} is already listed for {operators[asn].name}")
             operators[asn] = Operator(op["name"], j[0] if j else op["jurisdiction"])
     allow = _dest(d.get("allow"), ("allow",), jur, probs, home)

@@ -66,11 +66,7 @@ def _when(v, where) -> float:
 
 
 def run_test_file(path: Path, jur: Jurisdictions) -> list[CaseResult]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    doc, lines = yamlio.load_with_lines(text, str(path))
+    doc, lines, _ = yamlio.load_file(path, "policy test")
 
     def where(*p):
         line = yamlio.line_of(lines, p)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agent.errors import UserError
 from agent.flow import PROTO_NUMBERS, Flow, Who
@@ -41,15 +41,51 @@ class JsonlStats:
                 "truncated_offset": self.truncated_offset, "warnings": self.warnings}
 
 
+MAX_LINE = 1 << 20  # bytes; a longer line is an input error, never a 2 GB allocation
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: datetime's limit
+MAX_INT_DIGITS = 20  # a 64-bit counter has 20 digits; a 5,000-digit number is not a field
+_WHO_INT = ("pid", "uid")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number with {len(text)} digits")
+    return int(text)
+
+
+def loads(raw: bytes):
+    """json.loads without NaN/Infinity and without huge integers; ValueError/RecursionError on bad input."""
+    return json.loads(raw, parse_constant=_reject_constant, parse_int=_bounded_int)
+
+
 def _time(v, where: str) -> float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if isinstance(v, str):
+        t = float(v)
+    elif isinstance(v, str):
         try:
-            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            d = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
-            pass
-    raise UserError(f"{where}: '{v}' is not a time (RFC 3339 or POSIX seconds)")
+            raise UserError(f"{where}: '{v[:64]}' is not a time (RFC 3339 or POSIX seconds)") from None
+        if d.tzinfo is None:  # a flow log without an offset is UTC, never the auditor's local zone
+            d = d.replace(tzinfo=UTC)
+        try:
+            t = d.timestamp()
+        except (OverflowError, ValueError):
+            raise UserError(f"{where}: '{v[:64]}' is out of range") from None
+    else:
+        raise UserError(f"{where}: {_show(v)} is not a time (RFC 3339 or POSIX seconds)")
+    if not 0 <= t <= MAX_TIME:
+        raise UserError(f"{where}: {_show(v)} is out of range (1970-01-01 to 9999-12-31)")
+    return t
+
+
+def _show(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else f"'{v}'"
+    return s if len(s) <= 64 else s[:61] + "..."
 
 
 def _int(d: dict, key: str, where: str, default=0, hi=None) -> int:
@@ -57,45 +93,90 @@ def _int(d: dict, key: str, where: str, default=0, hi=None) -> int:
     if v is None:
         v = default
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (hi is not None and v > hi):
-        raise UserError(f"{where}.{key}: '{v}' is not an integer" + (f" in 0-{hi}" if hi else " >= 0"))
+        raise UserError(f"{where}{key}: {_show(v)} is not an integer" + (f" in 0-{hi}" if hi else " >= 0"))
     return v
 
 
 def _addr(d: dict, key: str, where: str) -> str:
+    if key not in d:
+        raise UserError(f"{where}{key}: missing field")
+    v = d[key]
     try:
-        return str(ipaddress.ip_address(d[key]))
-    except KeyError:
-        raise UserError(f"{where}: missing field '{key}'") from None
+        if not isinstance(v, str):
+            raise TypeError
+        return str(ipaddress.ip_address(v))
     except (ValueError, TypeError):
-        raise UserError(f"{where}.{key}: '{d[key]}' is not an IP address") from None
+        raise UserError(f"{where}{key}: {_show(v)} is not an IP address") from None
+
+
+def _proto(p, where: str) -> int:
+    if isinstance(p, str) and p.lower() in PROTO_NUMBERS:
+        return PROTO_NUMBERS[p.lower()]
+    if isinstance(p, str) and p.isascii() and p.isdecimal() and len(p) <= 3 and int(p) < 256:
+        return int(p)
+    if isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 256:
+        return p
+    raise UserError(f"{where}proto: {_show(p)} is not a protocol name or number")
+
+
+def _who(v, where: str) -> Who | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise UserError(f"{where}process: expected an object")
+    out = {}
+    for k in Who.__slots__:
+        x = v.get(k)
+        if x is None:
+            continue
+        ok = (isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 0xFFFFFFFF) if k in _WHO_INT \
+            else isinstance(x, str)
+        if not ok:
+            kind = "an integer in 0-4294967295" if k in _WHO_INT else "a string"
+            raise UserError(f"{where}process.{k}: {_show(x)} is not {kind}")
+        out[k] = x
+    return Who(**out)
 
 
 def parse_flow(d, where: str) -> Flow:
+    """One flow object (or an evidence record holding one under "flow") -> Flow; UserError naming the field."""
     if not isinstance(d, dict):
         raise UserError(f"{where}: expected a JSON object")
+    # `where` becomes the prefix of every field name: "file:3: dst: ..." or "file:3: flow.dst: ...".
     if isinstance(d.get("flow"), dict):
-        d, where = d["flow"], where + ": flow"
-    p = d.get("proto")
-    if isinstance(p, str) and p.lower() in PROTO_NUMBERS:
-        proto = PROTO_NUMBERS[p.lower()]
-    elif isinstance(p, str) and p.isdigit() and int(p) < 256:
-        proto = int(p)
-    elif isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 256:
-        proto = p
+        d, where = d["flow"], where + ": flow."
     else:
-        raise UserError(f"{where}.proto: '{p}' is not a protocol name or number")
-    first = _time(d["first_seen"], f"{where}.first_seen") if d.get("first_seen") is not None else 0.0
-    last = _time(d["last_seen"], f"{where}.last_seen") if d.get("last_seen") is not None else first
-    who = None
-    if isinstance(d.get("process"), dict):
-        fields = set(Who.__slots__)
-        who = Who(**{k: v for k, v in d["process"].items() if k in fields})
+        where += ": "
+    proto = _proto(d.get("proto"), where)
+    first = _time(d["first_seen"], f"{where}first_seen") if d.get("first_seen") is not None else 0.0
+    last = _time(d["last_seen"], f"{where}last_seen") if d.get("last_seen") is not None else first
     host = d.get("hostname")
+    if host is not None and not isinstance(host, str):
+        raise UserError(f"{where}hostname: {_show(host)} is not a string")
+    src = d.get("source")
+    if src is not None and not isinstance(src, str):
+        raise UserError(f"{where}source: {_show(src)} is not a string")
     return Flow(proto=proto, src=_addr(d, "src", where), sport=_int(d, "sport", where, hi=65535),
                 dst=_addr(d, "dst", where), dport=_int(d, "dport", where, hi=65535),
-                packets=_int(d, "packets", where, default=1), bytes=_int(d, "bytes", where),
-                first_seen=first, last_seen=last, source=str(d.get("source") or "jsonl"), who=who,
-                hostname=host if isinstance(host, str) else None)
+                packets=_int(d, "packets", where, default=1, hi=2**63 - 1),
+                bytes=_int(d, "bytes", where, hi=2**63 - 1),
+                first_seen=first, last_seen=last, source=src or "jsonl", who=_who(d.get("process"), where),
+                hostname=host)
+
+
+def _lines(f, path: str, stats: JsonlStats):
+    """(line number, byte offset, raw line) with each line bounded by MAX_LINE."""
+    offset, lineno = 0, 0
+    while True:
+        raw = f.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE:
+            raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE:,} bytes (byte offset {offset}); "
+                            "not a flow record")
+        yield lineno, offset, raw
+        offset += len(raw)
 
 
 def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
@@ -107,15 +188,15 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
     except OSError as e:
         raise UserError(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        offset = 0
-        for lineno, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
+        for lineno, start, raw in _lines(f, path, stats):
             if not raw.strip():
                 continue
             stats.lines += 1
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                obj = loads(raw)
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if not raw.endswith(b"\n"):
                     stats.truncated, stats.truncated_offset = True, start
                     stats.warnings.append(f"{path}:{lineno}: last line is cut off at byte offset {start}; "
@@ -123,8 +204,11 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                     break
                 raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
             flow = parse_flow(obj, f"{path}:{lineno}")
-            if isinstance(obj, dict) and obj.get("conntrack_id") is not None:
-                key = (obj["conntrack_id"], flow.proto, flow.src, flow.sport, flow.dst, flow.dport)
+            ct_id = obj.get("conntrack_id") if isinstance(obj, dict) else None
+            if ct_id is not None:
+                if not isinstance(ct_id, int) or isinstance(ct_id, bool) or not 0 <= ct_id <= 0xFFFFFFFF:
+                    raise UserError(f"{path}:{lineno}: conntrack_id: {_show(ct_id)} is not an integer in 0-4294967295")
+                key = (ct_id, flow.proto, flow.src, flow.sport, flow.dst, flow.dport)
                 if key in merged:
                     old = flows[merged[key]]
                     flows[merged[key]] = flow if flow.bytes >= old.bytes else old

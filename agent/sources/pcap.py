@@ -1,11 +1,15 @@
 """pcap and pcapng files -> aggregated Flows, fast, in bounded memory.
 
 Why by hand: scapy dissects ~6 kpps and dpkt ~80 kpps here; an audit of a real capture needs
-millions. The file is memory-mapped; a short Python loop only walks record boundaries, then numpy
-gathers the handful of header fields for a whole chunk at once (`_decode_chunk`). Packets whose
-shape the vectorised path does not cover (3+ VLAN tags, IPv6 extension headers, BSD loopback)
-go through the scalar reference decoder in `decode.py`, which tests prove equal to scapy.
-Pages already processed are released (madvise DONTNEED), so memory stays flat as files grow.
+millions. The file is read in large segments (`_Window`); a short loop (C, or Python) only walks
+record boundaries, then numpy gathers the handful of header fields for a whole chunk at once
+(`_decode_chunk`). Packets whose shape the vectorised path does not cover (3+ VLAN tags, IPv6
+extension headers, BSD loopback) go through the scalar reference decoder in `decode.py`, which
+tests prove equal to scapy. Memory stays flat: one segment is held at a time.
+
+Why read() and not mmap: a mapped file that shrinks while it is read (logrotate's copytruncate in
+a spool folder) kills the process with SIGBUS on the next page touched. With read() the reader just
+meets the end of the file early, and reports the shrink as truncation.
 
 Contract: `read_capture(path)` -> `Capture` with `flows` (one per distinct (proto, src, sport,
 dst, dport); bytes are IP-layer octets) and `stats` (format, link types, packets, malformed,
@@ -17,8 +21,8 @@ from __future__ import annotations
 
 import array
 import ipaddress
-import mmap
 import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +40,11 @@ except ImportError:  # pragma: no cover - depends on the build
 
 CHUNK = 1 << 18  # records per vectorised batch: bounded memory, amortised numpy overhead
 MAX_RECORD = 1 << 24  # a record header claiming more than 16 MiB is corruption, not a packet
+MAX_BLOCK = MAX_RECORD + (1 << 16)  # a pcapng block: one packet plus its options
+SEGMENT = 32 << 20  # bytes read at a time; larger than MAX_BLOCK, so any valid record fits a window
+WARN_OFFSETS = 5  # first offsets kept per warning kind
+# Smallest valid pcapng block of each type (header, fixed fields, trailing length).
+PCAPNG_MIN = {0x0A0D0D0A: 28, 1: 20, 2: 32, 3: 16, 6: 32}
 PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
               b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9)}
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
@@ -57,6 +66,31 @@ class CaptureStats:
     truncated: bool = False
     truncated_offset: int | None = None
     warnings: list = field(default_factory=list)
+    notes: dict = field(default_factory=dict)  # kind -> [count, first offsets, message]
+
+    def note(self, kind: str, message: str, offset: int | None = None, count: int = 1):
+        """Aggregate a warning by kind: one line per kind with its count and first offsets.
+
+        `message` may hold `{n}` for the count. A hostile file with 300,000 bad blocks gives one
+        line, not 300,000; the C and Python paths, which see different chunks, give the same line.
+        """
+        row = self.notes.get(kind)
+        if row is None:
+            row = self.notes[kind] = [0, [], message]
+        row[0] += count
+        if offset is not None and len(row[1]) < WARN_OFFSETS:
+            row[1].append(offset)
+
+    def finish(self):
+        """Fold the aggregated notes into `warnings` (called once, when reading is done)."""
+        for n, offsets, message in self.notes.values():
+            text = message.format(n=f"{n:,}")
+            if offsets:
+                more = "" if n <= len(offsets) else ", ..."
+                where = "byte offset" if n == 1 else "first at byte offsets"
+                text += f" ({where} {', '.join(map(str, offsets))}{more})"
+            self.warnings.append(f"{self.path}: {text}")
+        self.notes.clear()
 
     def to_json(self) -> dict:
         return {"path": self.path, "format": self.format,
@@ -89,34 +123,88 @@ class _Batch:
         self.off, self.cap, self.wire, self.ts, self.link = [], [], [], [], []
 
 
-def _walk_pcap(mm, stats: CaptureStats, progress):
-    endian, unit = PCAP_MAGIC[mm[:4]]
-    if len(mm) < 24:
+class _Window:
+    """A read()-based window over a file: `data` holds file bytes from offset `base` on.
+
+    `advance(k)` keeps `data[k:]` and appends the next SEGMENT bytes; it returns False at the end
+    of the file (nothing new). Walkers use window-local offsets and add `base` for anything a
+    person sees.
+    """
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+        self.base = 0
+        self.data = b""
+        self.eof = False
+
+    def advance(self, keep_from: int) -> bool:
+        if self.eof:
+            return False
+        parts, want = [], SEGMENT
+        while want > 0:
+            try:
+                b = os.read(self.fd, want)
+            except OSError as e:
+                raise UserError(f"{self.path}: byte offset {self.base + len(self.data)}: read failed "
+                                f"({e.strerror})") from None
+            if not b:
+                self.eof = True
+                break
+            parts.append(b)
+            want -= len(b)
+        rest = self.data[keep_from:]
+        self.base += keep_from
+        self.data = b"".join([rest, *parts]) if rest else b"".join(parts)
+        return bool(parts)
+
+
+def _walk_pcap(win: _Window, stats: CaptureStats, progress):
+    win.advance(0)
+    endian, unit = PCAP_MAGIC[win.data[:4]]
+    if len(win.data) < 24:
         _truncate(stats, 0, "file ends inside the pcap header")
         return
-    linktype = struct.unpack_from(endian + "I", mm, 20)[0] & 0x0FFFFFFF  # upper bits: FCS info
+    linktype = struct.unpack_from(endian + "I", win.data, 20)[0] & 0x0FFFFFFF  # upper bits: FCS info
     stats.link_types.add(linktype)
     rec = struct.Struct(endian + "I").unpack_from
-    end, off = len(mm), 24
+    dt = np.dtype(endian + "u4")
+    native = endian == _NATIVE
+    off = 24
+    while True:
+        mm = win.data
+        end = len(mm)
+        off = yield from _walk_pcap_window(mm, win.base, off, end, endian, unit, linktype, native, rec, dt,
+                                           progress)
+        # The window ends here: inside a record (read on), at a corrupt header, or at the end of the file.
+        if off + 16 <= end and rec(mm, off + 8)[0] > MAX_RECORD:
+            _truncate_cause(stats, mm, rec, off, end, win.base)
+            return
+        if win.advance(off):
+            off = 0
+            continue
+        if off < end:
+            _truncate_cause(stats, mm, rec, off, end, win.base)
+        return
+
+
+def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, dt, progress):
+    """Walk whole records of one window; returns the local offset of the first one that does not fit."""
     buf = np.frombuffer(mm, dtype=np.uint8)
     # Native-order files: read captured lengths through four 4-byte-aligned memoryview casts, one
     # per alignment (records have odd lengths), which is ~2x cheaper per record than unpack_from.
-    native = endian == _NATIVE
     mv = memoryview(mm)
     views = [mv[k:k + (end - k) // 4 * 4].cast("I") for k in range(4)] if native and end >= 8 else None
-    dt = np.dtype(endian + "u4")
     try:
         while off < end:
             if _c_walk is not None and WALK["c"]:
                 *groups, counts, off, _stop = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD, linktype, unit)
                 n = counts[0]
                 if n:
-                    yield linktype, None, None, None, None, (groups, counts, off)
+                    yield mm, linktype, None, None, None, None, (groups, counts, off)
                     if progress:
-                        progress(off)
-                if off < end and n < CHUNK:
-                    _truncate_cause(stats, mm, rec, off, end)
-                    return
+                        progress(base + off)
+                if n < CHUNK:
+                    return off
                 continue
             offs, off, n = _py_walk(mm, views, rec, off, end)
             if n:
@@ -125,12 +213,13 @@ def _walk_pcap(mm, stats: CaptureStats, progress):
                 win = windows(buf, o, 16 + WINDOW)
                 fields = np.ascontiguousarray(win[:, :16]).view(dt)
                 ts = fields[:, 0].astype(np.float64) + fields[:, 1].astype(np.float64) * unit
-                yield linktype, o + 16, fields[:, 2].astype(np.int64), fields[:, 3].astype(np.int64), ts, win[:, 16:]
+                caps, wires = fields[:, 2].astype(np.int64), fields[:, 3].astype(np.int64)
+                yield mm, linktype, o + 16, caps, wires, ts, win[:, 16:]
                 if progress:
-                    progress(off)
-            if off < end and n < CHUNK:
-                _truncate_cause(stats, mm, rec, off, end)
-                return
+                    progress(base + off)
+            if n < CHUNK:
+                return off
+        return off
     finally:
         if views is not None:
             for v in views:
@@ -138,13 +227,13 @@ def _walk_pcap(mm, stats: CaptureStats, progress):
         mv.release()
 
 
-def _truncate_cause(stats, mm, rec, off: int, end: int):
+def _truncate_cause(stats, mm, rec, off: int, end: int, base: int = 0):
     if off + 16 > end:
-        _truncate(stats, off, "file ends inside a record header")
+        _truncate(stats, base + off, "file ends inside a record header")
     elif rec(mm, off + 8)[0] > MAX_RECORD:
-        _truncate(stats, off, f"corrupt record header (captured length {rec(mm, off + 8)[0]})")
+        _truncate(stats, base + off, f"corrupt record header (captured length {rec(mm, off + 8)[0]})")
     else:
-        _truncate(stats, off, "file ends inside a packet record")
+        _truncate(stats, base + off, "file ends inside a packet record")
 
 
 def _py_walk(mm, views, rec, off: int, end: int):
@@ -199,45 +288,64 @@ def _truncate(stats: CaptureStats, off: int, why: str):
                           "audited up to the last whole record")
 
 
-def _walk_pcapng(mm, stats: CaptureStats, progress):
-    end, off = len(mm), 0
+def _walk_pcapng(win: _Window, stats: CaptureStats, progress):
+    win.advance(0)
+    off = 0
     endian = "<"
     ifaces: list[tuple[int, float, int]] = []  # (linktype, seconds per unit, snaplen)
     batch = _Batch()
     hdr_le, hdr_be = struct.Struct("<II").unpack_from, struct.Struct(">II").unpack_from
     hdr = hdr_le
-    while off < end:
-        if off + 12 > end:
-            _truncate(stats, off, "file ends inside a block header")
-            break
-        btype, blen = hdr(mm, off)
-        if btype == 0x0A0D0D0A:  # section header: byte order may change per section
-            if off + 12 > end:
-                _truncate(stats, off, "file ends inside a section header")
-                break
-            bom = mm[off + 8:off + 12]
-            endian = "<" if bom == b"\x4d\x3c\x2b\x1a" else ">" if bom == b"\x1a\x2b\x3c\x4d" else None
-            if endian is None:
-                raise UserError(f"{stats.path}: byte offset {off}: bad pcapng byte-order magic")
-            hdr = hdr_le if endian == "<" else hdr_be
+    mm, end = win.data, len(win.data)
+    while True:
+        fits = off + 12 <= end
+        if fits:
+            at = win.base + off  # file offset, for anything a person sees
             btype, blen = hdr(mm, off)
-            ifaces = []
-        if blen < 12 or blen % 4:
-            _truncate(stats, off, f"corrupt block length {blen}")
-            break
-        if off + blen > end:
-            _truncate(stats, off, "file ends inside a block")
-            break
-        if btype == 6 or btype == 2:  # enhanced / obsolete packet block
+            if btype == 0x0A0D0D0A:  # section header: byte order may change per section
+                bom = mm[off + 8:off + 12]
+                endian = "<" if bom == b"\x4d\x3c\x2b\x1a" else ">" if bom == b"\x1a\x2b\x3c\x4d" else None
+                if endian is None:
+                    raise UserError(f"{stats.path}: byte offset {at}: bad pcapng byte-order magic")
+                hdr = hdr_le if endian == "<" else hdr_be
+                btype, blen = hdr(mm, off)
+                ifaces = []
+            if blen < 12 or blen % 4 or blen > MAX_BLOCK:
+                _truncate(stats, at, f"corrupt block length {blen}")
+                break
+            fits = off + blen <= end
+        if not fits:
+            # The block runs past the window: hand over what is batched (its offsets are local to
+            # this window), then read on from the block's start.
+            yield from _flush(batch, mm)
+            batch = _Batch()
+            if win.advance(off):
+                off, mm, end = 0, win.data, len(win.data)
+                continue
+            if off < end:
+                _truncate(stats, win.base + off, "file ends inside a block header" if off + 12 > end
+                          else "file ends inside a block")
+            return
+        if blen < PCAPNG_MIN.get(btype, 12):
+            # Shorter than its own fixed fields: reading them would run into the next block.
+            stats.note(f"short-{btype}", f"{{n}} block(s) of type {btype} shorter than their fixed fields "
+                       f"({PCAPNG_MIN[btype]} bytes); skipped", at)
+            if btype in (2, 3, 6):
+                stats.malformed += 1
+                stats.packets += 1
+            elif btype == 0x0A0D0D0A:
+                _truncate(stats, at, f"corrupt section header length {blen}")
+                break
+        elif btype == 6 or btype == 2:  # enhanced / obsolete packet block
             if btype == 6:
                 iface, hi, lo, caplen, wire = struct.unpack_from(endian + "IIIII", mm, off + 8)
             else:
                 iface, _drops, hi, lo, caplen, wire = struct.unpack_from(endian + "HHIIII", mm, off + 8)
-            if iface >= len(ifaces) or caplen > blen - 28:
+            if iface >= len(ifaces) or caplen > blen - 32:
                 stats.malformed += 1
                 stats.packets += 1
-                stats.warnings.append(f"{stats.path}: byte offset {off}: packet block names interface "
-                                      f"{iface} of {len(ifaces)} or overruns its block; skipped")
+                stats.note("bad-packet-block", "{n} packet block(s) name an interface not described before them "
+                           "or overrun their block; skipped", at)
             else:
                 lt, res, _snap = ifaces[iface]
                 batch.off.append(off + 28)
@@ -249,6 +357,8 @@ def _walk_pcapng(mm, stats: CaptureStats, progress):
             if not ifaces:
                 stats.malformed += 1
                 stats.packets += 1
+                stats.note("spb-no-iface", "{n} simple packet block(s) before any interface description; skipped",
+                           at)
             else:
                 wire = struct.unpack_from(endian + "I", mm, off + 8)[0]
                 lt, _res, snap = ifaces[0]
@@ -264,11 +374,11 @@ def _walk_pcapng(mm, stats: CaptureStats, progress):
             stats.link_types.add(lt)
         off += blen
         if len(batch.off) >= CHUNK:
-            yield from _flush(batch)
+            yield from _flush(batch, mm)
             batch = _Batch()
             if progress:
-                progress(off)
-    yield from _flush(batch)
+                progress(win.base + off)
+    yield from _flush(batch, mm)
 
 
 def _if_resolution(mm, off: int, end: int, endian: str) -> float:
@@ -284,7 +394,7 @@ def _if_resolution(mm, off: int, end: int, endian: str) -> float:
     return res
 
 
-def _flush(b: _Batch):
+def _flush(b: _Batch, mm):
     if not b.off:
         return
     link = np.asarray(b.link, dtype=np.int64)
@@ -292,7 +402,7 @@ def _flush(b: _Batch):
     wire, ts = np.asarray(b.wire, dtype=np.int64), np.asarray(b.ts, dtype=np.float64)
     for lt in np.unique(link):
         m = link == lt
-        yield int(lt), off[m], cap[m], wire[m], ts[m], None
+        yield mm, int(lt), off[m], cap[m], wire[m], ts[m], None
 
 
 WINDOW = 96  # link header + 2 VLAN tags + IPv4 with options or IPv6 + 4 bytes of ports
@@ -496,42 +606,41 @@ class _Flows:
 
 def read_capture(path: str, progress=None) -> Capture:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise UserError(f"{path}: cannot open ({e.strerror})") from None
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a regular file")
+        if st.st_size == 0:
             raise UserError(f"{path}: empty file, not a capture")
-        mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    try:
-        fmt = sniff_format(mm[:64])
+        try:
+            head = os.pread(fd, 64, 0)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        fmt = sniff_format(head)
         if fmt not in ("pcap", "pcapng"):
-            raise UserError(f"{path}: not a pcap or pcapng file (first bytes {mm[:8].hex()})")
-        stats = CaptureStats(path=path, format=fmt)
-        if fmt == "pcapng" and (len(mm) < 12 or mm[8:12] not in (b"\x4d\x3c\x2b\x1a", b"\x1a\x2b\x3c\x4d")):
+            raise UserError(f"{path}: not a pcap or pcapng file (first bytes {head[:8].hex()})")
+        if fmt == "pcapng" and (len(head) < 12 or head[8:12] not in (b"\x4d\x3c\x2b\x1a", b"\x1a\x2b\x3c\x4d")):
             raise UserError(f"{path}: byte offset 8: bad pcapng byte-order magic")
+        stats = CaptureStats(path=path, format=fmt)
+        win = _Window(fd, path)
         walker = _walk_pcap if fmt == "pcap" else _walk_pcapng
         flows = _Flows()
-        buf = np.frombuffer(mm, dtype=np.uint8)
-        released = 0
-        for linktype, off, cap, wire, ts, win in walker(mm, stats, progress):
-            _consume(buf, mm, stats, flows, linktype, off, cap, wire, ts, win)
-            # Give back pages already decoded so resident memory stays flat on big files.
-            done = win[2] if isinstance(win, tuple) else int(off[-1])
-            upto = (done // mmap.PAGESIZE) * mmap.PAGESIZE
-            if upto > released and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
-                released = upto
-        del buf
+        for mm, linktype, off, cap, wire, ts, w in walker(win, stats, progress):
+            _consume(np.frombuffer(mm, dtype=np.uint8), mm, stats, flows, linktype, off, cap, wire, ts, w)
+        read = win.base + len(win.data)
+        if read < st.st_size:
+            # The file shrank under us (copytruncate): what was read is audited, the rest is gone.
+            stats.truncated = True
+            stats.truncated_offset = read if stats.truncated_offset is None else stats.truncated_offset
+            stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
+                                  "audited what was read")
+        stats.finish()
         return Capture(stats, flows.flows(fmt))
     finally:
-        try:
-            mm.close()
-        except BufferError:
-            pass  # a numpy view still alive; the map is freed with it
+        os.close(fd)
 
 
 def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
@@ -546,16 +655,14 @@ def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
         stats.malformed += malformed
         if unsupported:
             stats.unsupported += unsupported
-            stats.warnings.append(f"{stats.path}: link type {linktype} is not supported; "
-                                  f"{unsupported} packet(s) skipped")
+            stats.note(f"link-{linktype}", f"link type {linktype} is not supported; {{n}} packet(s) skipped",
+                       count=unsupported)
         return
     n = len(off)
     stats.packets += n
     if linktype not in dec.SUPPORTED_LINKS:
         stats.unsupported += n
-        msg = f"{stats.path}: link type {linktype} is not supported; {n} packet(s) skipped"
-        if msg not in stats.warnings:
-            stats.warnings.append(msg)
+        stats.note(f"link-{linktype}", f"link type {linktype} is not supported; {{n}} packet(s) skipped", count=n)
         return
     status, fields, fallback = _decode_chunk(buf, linktype, off, cap, wire, win)
     if fields is not None:
