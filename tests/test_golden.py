@@ -4,8 +4,11 @@
       args         extra `egress-agent audit` arguments, one per line (optional)
       geoip.yaml   {cidr: {country, registered, continent, represented, anycast, asn, org}} -> test MMDB
       policies/    policies for this case (optional; default: the shipped set)
-      *.jsonl      inputs (flow logs); every file not named above is passed as an input
-      expected.json  the parts of the JSON report that must match
+      *.jsonl, *.pcap, *.pcapng   inputs, passed in name order
+      expected.json  the parts of the JSON report that must match (cases that audit)
+      exit         the expected exit code (optional; default 0 or 1)
+      stderr       lines that must appear in standard error, `{case}` standing for the folder
+                   (regression cases for bad input: exit 2 and the exact message)
 
 Run with UPDATE_GOLDEN=1 to (re)write expected.json after checking the new output by hand.
 """
@@ -36,9 +39,18 @@ def test_golden(case, cli, tmp_path):
     args = [a for a in args if a.strip()]
     db = build_city_mmdb(tmp_path / "geo.mmdb", yaml.safe_load((case / "geoip.yaml").read_text()))
     pols = ["--policies", str(case / "policies")] if (case / "policies").is_dir() else []
-    inputs = sorted(str(p) for p in case.iterdir() if p.suffix == ".jsonl")
+    inputs = sorted(str(p) for p in case.iterdir() if p.suffix in (".jsonl", ".pcap", ".pcapng"))
     r = cli("audit", "--format", "json", "--geoip-db", db, *pols, *args, *inputs)
-    assert r.returncode in (0, 1), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    if (case / "exit").exists():
+        assert r.returncode == int((case / "exit").read_text()), r.stderr
+    else:
+        assert r.returncode in (0, 1), r.stderr
+    if (case / "stderr").exists():
+        for line in (case / "stderr").read_text().splitlines():
+            assert line.replace("{case}", str(case)) in r.stderr, r.stderr
+    if r.returncode == 2:
+        return
     got = essential(json.loads(r.stdout))
     expected = case / "expected.json"
     if os.environ.get("UPDATE_GOLDEN"):
