@@ -25,20 +25,20 @@ FLOW = '"proto": "tcp", "src": "10.0.0.5", "dst": "203.0.113.9", "dport": 443'
 
 # -- JSON lines: one validator, file:line: field: message, exit 2 ------------------------------
 @pytest.mark.parametrize("line,message", [
-    ('{%s, "first_seen": NaN}' % FLOW, "f.jsonl:1: not valid JSON (NaN is not a number JSON allows)"),
-    ('{%s, "first_seen": Infinity}' % FLOW, "f.jsonl:1: not valid JSON (Infinity is not a number JSON allows)"),
-    ('{%s, "first_seen": 1e300}' % FLOW, "f.jsonl:1: first_seen: 1e+300 is out of range (1970-01-01 to 9999-12-31)"),
-    ('{%s, "first_seen": -5}' % FLOW, "f.jsonl:1: first_seen: -5 is out of range (1970-01-01 to 9999-12-31)"),
-    ('{%s, "last_seen": "0001-01-01T00:00:00Z"}' % FLOW,
+    (f'{{{FLOW}, "first_seen": NaN}}', "f.jsonl:1: not valid JSON (NaN is not a number JSON allows)"),
+    (f'{{{FLOW}, "first_seen": Infinity}}', "f.jsonl:1: not valid JSON (Infinity is not a number JSON allows)"),
+    (f'{{{FLOW}, "first_seen": 1e300}}', "f.jsonl:1: first_seen: 1e+300 is out of range (1970-01-01 to 9999-12-31)"),
+    (f'{{{FLOW}, "first_seen": -5}}', "f.jsonl:1: first_seen: -5 is out of range (1970-01-01 to 9999-12-31)"),
+    (f'{{{FLOW}, "last_seen": "0001-01-01T00:00:00Z"}}',
      "f.jsonl:1: last_seen: '0001-01-01T00:00:00Z' is out of range (1970-01-01 to 9999-12-31)"),
-    ('{%s, "conntrack_id": [1]}' % FLOW, "f.jsonl:1: conntrack_id: [1] is not an integer in 0-4294967295"),
-    ('{%s, "bytes": %s}' % (FLOW, "9" * 5000), "f.jsonl:1: not valid JSON (a number with 5000 digits)"),
+    (f'{{{FLOW}, "conntrack_id": [1]}}', "f.jsonl:1: conntrack_id: [1] is not an integer in 0-4294967295"),
+    ('{{{}, "bytes": {}}}'.format(FLOW, "9" * 5000), "f.jsonl:1: not valid JSON (a number with 5000 digits)"),
     ('{"proto": "\u00b2", "src": "10.0.0.5", "dst": "203.0.113.9"}', "f.jsonl:1: proto: '\u00b2' is not a protocol"),
     ("[" * 100000 + "]" * 100000, "f.jsonl:1: JSON nested too deeply"),
-    ('{%s, "process": {"comm": 5}}' % FLOW, "f.jsonl:1: process.comm: 5 is not a string"),
-    ('{%s, "process": {"pid": "x"}}' % FLOW, "f.jsonl:1: process.pid: 'x' is not an integer in 0-4294967295"),
-    ('{%s, "process": []}' % FLOW, "f.jsonl:1: process: expected an object"),
-    ('{%s, "hostname": {"a": 1}}' % FLOW, 'f.jsonl:1: hostname: {"a": 1} is not a string'),
+    (f'{{{FLOW}, "process": {{"comm": 5}}}}', "f.jsonl:1: process.comm: 5 is not a string"),
+    (f'{{{FLOW}, "process": {{"pid": "x"}}}}', "f.jsonl:1: process.pid: 'x' is not an integer in 0-4294967295"),
+    (f'{{{FLOW}, "process": []}}', "f.jsonl:1: process: expected an object"),
+    (f'{{{FLOW}, "hostname": {{"a": 1}}}}', 'f.jsonl:1: hostname: {"a": 1} is not a string'),
     ('{"proto": "tcp", "src": 5, "dst": "203.0.113.9"}', "f.jsonl:1: src: 5 is not an IP address"),
     ('{"flow": {"proto": "tcp", "src": "10.0.0.5", "dst": "x"}}', "f.jsonl:1: flow.dst: 'x' is not an IP address"),
 ])
@@ -53,7 +53,7 @@ def test_jsonl_field_errors(tmp_path, line, message):
 def test_jsonl_long_line_is_bounded(tmp_path, cli):
     p = tmp_path / "long.jsonl"
     with open(p, "wb") as f:
-        f.write(('{%s}\n' % FLOW).encode())
+        f.write((f'{{{FLOW}}}\n').encode())
         f.write(b'{"proto": "tcp", "pad": "' + b"x" * (3 << 20) + b'"}\n')
     r = cli("audit", p)
     assert r.returncode == 2 and "Traceback" not in r.stderr
