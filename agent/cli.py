@@ -96,7 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--evidence-max-bytes", type=int, metavar="BYTES", help="rotate the evidence log past this size")
     r.add_argument("--evidence-backups", type=int, metavar="N", help="rotated evidence files to keep")
     r.add_argument("--evidence-fsync", action="store_true", default=None, help="fsync after every evidence line")
+
+    rl = sub.add_parser("reload", help="ask the running daemon to reload, wait, and report whether it worked")
+    rl.add_argument("--pid", type=int, help="the daemon's pid (default: the one in the status file)")
+    rl.add_argument("--status", metavar="FILE",
+                    help="the daemon's reload status file (default $RUNTIME_DIRECTORY/reload-status.json)")
+    rl.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS")
     return ap
+
+
+def _error(text: str):
+    """One error line; under journald at priority err (3), so `journalctl -p err` shows it."""
+    prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
+    print("\n".join(f"{prefix}{line}" for line in f"egress-agent: error: {text}".splitlines()), file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -114,8 +126,11 @@ def main(argv=None) -> int:
         if args.command == "run":
             from agent.daemon import run_daemon
             return run_daemon(args)
+        if args.command == "reload":
+            from agent.reload_status import run_reload
+            return run_reload(args)
     except UserError as e:
-        print(f"egress-agent: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except KeyboardInterrupt:
         return 130
@@ -124,15 +139,13 @@ def main(argv=None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except MemoryError:
-        print("egress-agent: error: out of memory; the input is larger than this machine can audit at once",
-              file=sys.stderr)
+        _error("out of memory; the input is larger than this machine can audit at once")
         return EXIT_INTERNAL
     except Exception:  # a bug, not bad input: never exit 1, which means "violations found"
         import traceback
 
         traceback.print_exc()
-        print(f"egress-agent: internal error (a bug; please report it with the lines above); exit {EXIT_INTERNAL}",
-              file=sys.stderr)
+        _error(f"internal error (a bug; please report it with the lines above); exit {EXIT_INTERNAL}")
         return EXIT_INTERNAL
     return 2
 

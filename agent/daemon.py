@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from agent import reload_status
 from agent import systemd_notify as sd
 from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
@@ -115,11 +116,24 @@ class Daemon:
             from agent.enrich.process import Options as AttrOptions
 
             self.attributor = Attributor(AttrOptions(netns=cfg.source.get("netns")))
+        why = self.attribution_limit()
+        self.metrics.attribution.labels("process").set(0 if why else 1)
+        if why:
+            log.warning("process attribution is off: %s", why)
         self.seen_new = 0
         self.kept_new = 0
         self.open: OrderedDict[int, list] = OrderedDict()
         self.threads: list[threading.Thread] = []
         self._loaded()
+
+    def attribution_limit(self) -> str | None:
+        if self.attributor is None:
+            return "disabled in the configuration (attribution: false)"
+        return self.attributor.permission()
+
+    def status(self) -> str:
+        attr = "uid only" if self.attribution_limit() else "process"
+        return f"STATUS=judging with {len(self.pipeline.policies)} policies; attribution: {attr}"
 
     def _loaded(self):
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
@@ -129,20 +143,25 @@ class Daemon:
     # -- reload -------------------------------------------------------------------------------
     def reload(self):
         sd.reloading()
+        ok, message = False, ""
         try:
             cfg = with_flags(load_config(self.config_path), self.args) if self.args else load_config(self.config_path)
             pipe = build_pipeline(cfg)
         except UserError as e:
             self.metrics.reload_success.set(0)
+            message = str(e)
             log.error("reload failed, keeping the policies in force: %s", e)
         except Exception as e:  # a bug or an input we did not foresee: never let it take the daemon down
             self.metrics.reload_success.set(0)
-            log.exception("reload failed (%s: %s), keeping the policies in force", type(e).__name__, e)
+            message = f"{type(e).__name__}: {e}"
+            log.exception("reload failed (%s), keeping the policies in force", message)
         else:
             self.pipeline, self.cfg = pipe, cfg
             self._loaded()
-            log.info("reloaded %d policies", len(pipe.policies))
-        sd.notify("READY=1", f"STATUS=judging with {len(self.pipeline.policies)} policies")
+            ok, message = True, f"reloaded {len(pipe.policies)} policies"
+            log.info("%s", message)
+        reload_status.write(ok, message)
+        sd.notify("READY=1", self.status())
 
     # -- source thread ------------------------------------------------------------------------
     def _source(self):
@@ -208,9 +227,14 @@ class Daemon:
                 if first_dump:
                     first_dump = False
                     if not tracking:
-                        log.warning("the conntrack table%s is empty: the kernel may not be tracking connections "
-                                    "(no netfilter rule needs conntrack). Load deploy/nftables/egress-agent.nft, "
-                                    "or set source.enable: true", f" of netns {netns}" if netns else "")
+                        # An empty table is normal at boot, before any traffic; only say so loudly when
+                        # nothing in the kernel needs conntrack (then no flow will ever show up).
+                        rule = _tracking_rule_present(netns)
+                        (log.info if rule else log.warning)(
+                            "the conntrack table%s is empty%s", f" of netns {netns}" if netns else "",
+                            " (normal before any traffic)" if rule else
+                            ": the kernel may not be tracking connections (no nftables rule needs conntrack). "
+                            "Load deploy/nftables/egress-agent.nft, or set source.enable: true")
             except UserError as e:
                 m.source_up.labels(SOURCE).set(0)
                 m.source_errors.labels(SOURCE, "setup").inc()
@@ -350,6 +374,18 @@ class Daemon:
                 server.shutdown()
 
 
+def _tracking_rule_present(netns: str | None) -> bool:
+    """True when some nftables rule refers to conntrack state (so the kernel tracks connections)."""
+    import subprocess
+
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    try:
+        r = subprocess.run(pre + ["nft", "list", "ruleset"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and " ct state " in r.stdout
+
+
 def files_signature(*paths) -> tuple:
     """What changes when a policy folder or config file is replaced (ConfigMap updates swap a symlink)."""
     sig = []
@@ -377,7 +413,8 @@ def run_daemon(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
     signal.signal(signal.SIGINT, lambda *_: d.stop.set())
     d.start()
-    sd.notify("READY=1", f"STATUS=judging with {len(d.pipeline.policies)} policies")
+    reload_status.write(True, "started")
+    sd.notify("READY=1", d.status())
     wd = sd.watchdog_interval()
     watch = lambda: files_signature(d.cfg.policies, args.config)  # noqa: E731
     last_sig, last_check = watch(), time.monotonic()

@@ -8,7 +8,9 @@
 container id (from the cgroup path), or `Who(unattributed=reason)` where reason is one of
 `socket-gone` (no local socket owns the tuple now: short-lived, or forwarded/NATed traffic that
 never had one here), `no-process` (socket found, no process holds it now: the uid and user are
-still given), `unsupported-protocol`. Lookups are exact (one sock_diag request per flow, by
+still given), `no-permission` (the agent may not read other users' /proc/PID/fd, which needs
+CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: uid and user are still given; see `permission()`),
+`unsupported-protocol`. Lookups are exact (one sock_diag request per flow, by
 tuple); the inode->pid map is a bounded cache rebuilt from /proc at most every 200 ms on a miss.
 
 Why not pyroute2's DiagSocket here: it only dumps whole socket tables; an exact lookup per new
@@ -89,6 +91,7 @@ class Attributor:
         self._udp: dict[int, tuple[float, dict]] = {}
         self.lookups = 0
         self.failures = 0
+        self.denied = self.permission() is not None
 
     def close(self):
         if self._sock is not None:
@@ -178,6 +181,24 @@ class Attributor:
         self._inodes = table
         self._scanned = time.monotonic()
 
+    def permission(self) -> str | None:
+        """None when other users' socket fds can be read; otherwise why not (one line for logs).
+
+        Probed on pid 1, which never belongs to an unprivileged agent. Without the permission a
+        /proc scan finds nothing but our own sockets, so `who` does not scan and says so.
+        """
+        try:
+            if os.stat(f"{self.proc}/1").st_uid == os.geteuid():
+                return None
+            os.listdir(f"{self.proc}/1/fd")
+        except PermissionError:
+            return ("cannot read other users' /proc/PID/fd (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; "
+                    "under systemd install systemd/egress-agent.service.d/attribution.conf); flows carry uid "
+                    "and user only")
+        except OSError:
+            return None
+        return None
+
     def pid_of(self, inode: int) -> int | None:
         pid = self._inodes.get(inode)
         if pid is None and time.monotonic() - self._scanned > 0.2:
@@ -215,6 +236,8 @@ class Attributor:
             self.failures += 1
             return Who(unattributed="socket-gone")
         uid, inode = found
+        if self.denied:
+            return Who(uid=uid, user=_user(uid), unattributed="no-permission")
         pid = self.pid_of(inode)
         if pid is None:  # e.g. no permission to read other users' /proc/PID/fd: uid still says who
             self.failures += 1

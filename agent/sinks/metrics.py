@@ -63,6 +63,9 @@ class Metrics:
         self.exception_expiry = Gauge(f"{NS}_exception_expiry_timestamp_seconds",
                                       "When each policy exception stops exempting flows.", ["policy", "exception"],
                                       registry=r)
+        self.attribution = Gauge(f"{NS}_attribution_enabled",
+                                 "1 when flows are attributed to processes; 0 when only uid/user can be given "
+                                 "(reason: no-permission, disabled).", ["mode"], registry=r)
         self.evidence_lines = Counter(f"{NS}_evidence_lines", "Evidence records written.", registry=r)
         self.evidence_errors = Counter(f"{NS}_evidence_errors", "Evidence records that could not be written.",
                                        registry=r)
