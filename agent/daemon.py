@@ -47,7 +47,10 @@ class _JournalFormatter(logging.Formatter):
     LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
     def format(self, record):
-        return f"<{self.LEVELS.get(record.levelno, 6)}>{super().format(record)}"
+        # journald reads the prefix per line: every line of a multi-line message (a reload's list
+        # of problems, a traceback) must carry it, or `journalctl -p err` shows only the first.
+        prefix = f"<{self.LEVELS.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
 def setup_logging():
