@@ -284,10 +284,16 @@ class Daemon:
                 batch = None
             if time.monotonic() - last_geo >= self.cfg.geoip_check_interval:
                 last_geo = time.monotonic()
-                if self.pipeline.locator.refresh():
+                loc = self.pipeline.locator
+                if loc.refresh():
                     self.pipeline.clear()
                     log.info("GeoIP database changed on disk; reopened, cache dropped")
-                    self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
+                    self.metrics.policies(self.pipeline.policies, loc.provenance())
+                    self.metrics.geoip_ok.set(1)
+                elif loc.refresh_error:
+                    self.metrics.geoip_ok.set(0)
+                    log.error("GeoIP database changed on disk but cannot be opened; still judging with the "
+                              "previous one, retrying in %g s: %s", self.cfg.geoip_check_interval, loc.refresh_error)
             if batch is None:
                 continue
             for kind, e in batch:

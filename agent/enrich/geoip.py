@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from collections import OrderedDict
 from datetime import UTC, datetime
 from importlib import metadata
@@ -90,23 +91,61 @@ class CorruptRecord(Exception):
     """One lookup hit bad data in an otherwise readable database."""
 
 
+MAX_DB_BYTES = 1 << 30
+
+
+def _private_copy(path: str) -> tuple[int, os.stat_result]:
+    """An anonymous in-memory copy of the file (memfd), and the source's stat at open time."""
+    src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if st.st_size > MAX_DB_BYTES:
+            raise OSError(f"larger than {MAX_DB_BYTES >> 20} MiB")
+        fd = os.memfd_create("egress-agent-geoip", os.MFD_CLOEXEC)
+        try:
+            copied = 0
+            while True:
+                n = os.sendfile(fd, src, None, 1 << 24)
+                if n == 0:
+                    break
+                copied += n
+                if copied > MAX_DB_BYTES:
+                    raise OSError("grew past the size limit while being read")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+    finally:
+        os.close(src)
+
+
 class _Db:
     def __init__(self, path: str):
         import maxminddb
 
         self.path = path
         try:
-            self.reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)  # C reader when built
+            fd, st = _private_copy(path)
         except FileNotFoundError:
             raise UserError(f"{path}: GeoIP database not found") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read GeoIP database ({e.strerror or e})") from None
+        try:
+            # The reader maps our private copy, never the file itself: geoipupdate or a plain `cp`
+            # rewriting the file in place would otherwise truncate pages under the mapping, and the
+            # next lookup would kill the process with SIGBUS.
+            self.reader = maxminddb.open_database(f"/proc/self/fd/{fd}", maxminddb.MODE_AUTO)  # C reader if built
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as e:
             raise UserError(f"{path}: not a readable MaxMind-format database ({e})") from None
+        finally:
+            os.close(fd)
         meta = self.reader.metadata()
         self.database_type = meta.database_type
         self.build_date = datetime.fromtimestamp(meta.build_epoch, tz=UTC).strftime("%Y-%m-%d")
         self.build_epoch = meta.build_epoch
         self.ip_version = meta.ip_version
-        st = os.stat(path)
         self.stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def get(self, ip: str) -> dict | None:
@@ -147,6 +186,7 @@ class Locator:
     def _open(self):
         self.dbs = [_Db(p) for p in self.paths]
         self._cache.clear()
+        self.refresh_error: str | None = None
 
     def provenance(self) -> list[dict]:
         if not self.dbs:
@@ -155,7 +195,11 @@ class Locator:
         return [db.provenance() for db in self.dbs]
 
     def refresh(self) -> bool:
-        """Re-open databases whose file changed (inode, mtime or size). True if any did."""
+        """Re-open databases whose file changed (inode, mtime or size). True if the new set is in use.
+
+        A changed file that cannot be opened (half-copied, corrupt, gone) leaves every database as it
+        was: `refresh_error` says why, and the next call tries again.
+        """
         changed = False
         for db in self.dbs:
             try:
@@ -164,9 +208,17 @@ class Locator:
                 continue  # keep the open copy until a new file appears
             if (st.st_ino, st.st_mtime_ns, st.st_size) != db.stamp:
                 changed = True
-        if changed:
-            self._open()
-        return changed
+        if not changed:
+            return False
+        try:
+            dbs = [_Db(p) for p in self.paths]
+        except UserError as e:
+            self.refresh_error = str(e)
+            return False
+        self.dbs = dbs
+        self._cache.clear()
+        self.refresh_error = None
+        return True
 
     def locate(self, ip: str) -> Location:
         hit = self._cache.get(ip)

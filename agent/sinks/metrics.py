@@ -63,6 +63,10 @@ class Metrics:
         self.exception_expiry = Gauge(f"{NS}_exception_expiry_timestamp_seconds",
                                       "When each policy exception stops exempting flows.", ["policy", "exception"],
                                       registry=r)
+        self.geoip_ok = Gauge(f"{NS}_geoip_last_reload_successful",
+                              "0 while a changed GeoIP database file cannot be opened (the previous one stays "
+                              "in use and the agent retries); 1 otherwise.", registry=r)
+        self.geoip_ok.set(1)
         self.attribution = Gauge(f"{NS}_attribution_enabled",
                                  "1 when flows are attributed to processes; 0 when only uid/user can be given "
                                  "(reason: no-permission, disabled).", ["mode"], registry=r)

@@ -117,3 +117,37 @@ def test_teredo_is_located_by_its_client_not_the_relay(edge_db):
     # client 198.51.100.1 obfuscated (XOR 0xffffffff) in the last 32 bits; relay 203.0.113.1 (US)
     loc = Locator([edge_db], DOC).locate("2001:0:cb00:7101::39cc:9bfe")
     assert loc.lookup_ip == "198.51.100.1" and loc.country == "DE"
+
+
+def test_a_broken_replacement_keeps_the_previous_database(tmp_path):
+    """A half-copied or corrupt file: the running locator keeps answering and says why, then retries."""
+    path = build_city_mmdb(tmp_path / "geo.mmdb")
+    good = open(path, "rb").read()
+    loc = Locator([path], DOC)
+    assert loc.locate("203.0.113.9").country == "US"
+    with open(path, "wb") as f:  # a non-atomic `cp`: same inode, cut short
+        f.write(good[: len(good) // 2])
+    assert loc.refresh() is False
+    assert "not a readable MaxMind-format database" in loc.refresh_error
+    assert loc.locate("198.51.100.7").country == "DE"  # still the previous copy, no SIGBUS
+    open(path, "wb").write(b"\x00" * 100)
+    assert loc.refresh() is False and loc.refresh_error
+    open(path, "wb").write(good)  # the copy completes: picked up on the next check
+    os.utime(path, ns=(1, 1))
+    assert loc.refresh() is True and loc.refresh_error is None
+    assert loc.locate("203.0.113.9").country == "US"
+
+
+def test_database_truncated_in_place_under_the_reader(tmp_path):
+    """The reader maps a private copy: truncating the file under it cannot raise SIGBUS."""
+    path = build_city_mmdb(tmp_path / "geo.mmdb")
+    loc = Locator([path], DOC)
+    os.truncate(path, 0)
+    assert loc.locate("198.51.100.200").country == "JP"
+
+
+def test_startup_with_a_broken_database_is_a_user_error(tmp_path):
+    p = tmp_path / "half.mmdb"
+    p.write_bytes(b"\xab\xcd\xefMaxMind.com" + b"\x00" * 50)
+    with pytest.raises(UserError, match="not a readable MaxMind-format database"):
+        Locator([str(p)])
