@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass
 
 import yaml
 from yaml.constructor import ConstructorError
 
 from agent.errors import UserError
+from agent.fileio import open_regular
 
 
 @dataclass(frozen=True)
@@ -179,14 +179,8 @@ def read_file(path, what: str = "file", max_bytes: int | None = None) -> bytes:
     named like a YAML file is refused at once instead of blocking or reading forever.
     """
     limit = LIMITS.max_bytes if max_bytes is None else max_bytes
+    fd, st = open_regular(path, what)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read {what} ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{path}: cannot read {what}: not a regular file")
         if st.st_size > limit:
             raise UserError(f"{path}: {what} is {st.st_size:,} bytes, more than the limit of {limit:,}")
         chunks, total = [], 0

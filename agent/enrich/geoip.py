@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import stat
 from collections import OrderedDict
 from datetime import UTC, datetime
 from importlib import metadata
 
 from agent.enrich.scope import Scoper, embedded_ipv4
 from agent.errors import UserError
+from agent.fileio import open_regular
 from agent.flow import Location
 
 CACHE_SIZE = 65536
@@ -96,11 +96,8 @@ MAX_DB_BYTES = 1 << 30
 
 def _private_copy(path: str) -> tuple[int, os.stat_result]:
     """An anonymous in-memory copy of the file (memfd), and the source's stat at open time."""
-    src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    src, st = open_regular(path, "GeoIP database")
     try:
-        st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError("not a regular file")
         if st.st_size > MAX_DB_BYTES:
             raise OSError(f"larger than {MAX_DB_BYTES >> 20} MiB")
         fd = os.memfd_create("egress-agent-geoip", os.MFD_CLOEXEC)
@@ -128,8 +125,6 @@ class _Db:
         self.path = path
         try:
             fd, st = _private_copy(path)
-        except FileNotFoundError:
-            raise UserError(f"{path}: GeoIP database not found") from None
         except OSError as e:
             raise UserError(f"{path}: cannot read GeoIP database ({e.strerror or e})") from None
         try:

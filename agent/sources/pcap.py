@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import ipaddress
 import os
-import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.errors import UserError
+from agent.fileio import open_regular
 from agent.flow import Flow
 from agent.sources import decode as dec
 
@@ -605,14 +605,8 @@ class _Flows:
 
 
 def read_capture(path: str, progress=None) -> Capture:
+    fd, st = open_regular(path, "capture")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise UserError(f"{path}: cannot open ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{path}: not a regular file")
         if st.st_size == 0:
             raise UserError(f"{path}: empty file, not a capture")
         try:
