@@ -110,7 +110,9 @@ def test_kubernetes_manifests_validate_against_schemas():
     pod = ds["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert pod["hostNetwork"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # NET_ADMIN for conntrack; SYS_PTRACE + DAC_READ_SEARCH make hostPID useful for attribution (docs/ATTRIBUTION.md)
+    caps = c["securityContext"]["capabilities"]
+    assert caps == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"]}
 
 
 def test_dashboard_has_datasource_and_instance_variables():
