@@ -208,7 +208,7 @@ def test_unsupported_link_warning_is_one_line_on_both_paths(tmp_path, walk):
     p = tmp_path / "u.pcap"
     with open(p, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 147))
-        f.write(struct.pack("<IIII", 1, 0, 4, 4) * 0 + (struct.pack("<IIII", 1, 0, 4, 4) + b"\x00" * 4) * n)
+        f.write((struct.pack("<IIII", 1, 0, 4, 4) + b"\x00" * 4) * n)
     cap = read_capture(str(p))
     assert cap.stats.unsupported == n
     assert cap.stats.warnings == [f"{p}: link type 147 is not supported; {n:,} packet(s) skipped"]

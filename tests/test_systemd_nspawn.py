@@ -243,8 +243,8 @@ def test_readme_service_section_installs_and_starts(box):
 
 
 def test_a_connection_is_judged_into_evidence_and_metrics(box):
-    build_city_mmdb(box.root / "var/lib/GeoIP/test-city.mmdb") if (box.root / "var/lib/GeoIP").is_dir() else \
-        (box.root / "var/lib/GeoIP").mkdir(parents=True) or build_city_mmdb(box.root / "var/lib/GeoIP/test-city.mmdb")
+    (box.root / "var/lib/GeoIP").mkdir(parents=True, exist_ok=True)
+    build_city_mmdb(box.root / "var/lib/GeoIP/test-city.mmdb")
     with open(box.root / "etc/egress-agent/agent.yaml", "a") as f:
         f.write("geoip_databases: [/var/lib/GeoIP/test-city.mmdb]\npublic_nets: [203.0.113.0/24]\n")
     r = box.sh("systemctl reload egress-agent", check=False)
