@@ -9,7 +9,9 @@ Example (every key optional; flags of `egress-agent run` override):
     public_nets: []                 # treat as public although IANA reserves them
     listen: 127.0.0.1:9807          # Prometheus metrics
     evidence: {path: /var/lib/egress-agent/evidence.jsonl, max_bytes: 104857600, backups: 10, fsync: false}
-    source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608}
+    source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608,
+             kernel_filter: true,          # drop non-egress events in the kernel (socket BPF filter)
+             accounting_interval: 1}       # seconds between readings of the kernel's flow counter
     sampling: {one_in: 1, per_destination_per_second: 0}
     attribution: true
     queue_size: 65536
@@ -44,7 +46,8 @@ SCHEMA = {
             "backups": {"type": "integer", "minimum": 0, "maximum": 1000}, "fsync": {"type": "boolean"}}},
         "source": {"type": "object", "additionalProperties": False, "properties": {
             "type": {"enum": ["conntrack"]}, "netns": {"type": ["string", "null"]}, "enable": {"type": "boolean"},
-            "rcvbuf": {"type": "integer", "minimum": 1024}}},
+            "rcvbuf": {"type": "integer", "minimum": 1024}, "kernel_filter": {"type": "boolean"},
+            "accounting_interval": {"type": "number", "minimum": 0.2, "maximum": 3600}}},
         "sampling": {"type": "object", "additionalProperties": False, "properties": {
             "one_in": {"type": "integer", "minimum": 1},
             "per_destination_per_second": {"type": "number", "minimum": 0}}},

@@ -7,8 +7,11 @@ SIGTERM/SIGINT flush and exit 0. Under systemd it sends READY, RELOADING, STOPPI
 pings. Logs go to stderr; with $JOURNAL_STREAM set each line carries a syslog priority prefix.
 
 Sampling: 1-in-N new flows (by conntrack id, so a flow's NEW and DESTROY are kept together) and an
-optional per-destination rate limit; the kept fraction is exported as `sampling_ratio`. Every
-dropped event is counted by reason: sampled, rate_limited, queue_full, overflow, state_evicted.
+optional per-destination rate limit. Loss accounting (`agent.accounting`): the kernel's own count
+of new egress connections (`agent.sources.kernel_count`) against what was judged, what was dropped
+by reason (sampled, rate_limited, queue_full, overflow, error) and what is queued; the remainder
+is `flows_unaccounted`. `sampling_ratio` is judged / kernel flows when the counter is readable.
+Only egress events reach Python: a socket filter (`agent.sources.ct_filter`) drops the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections import OrderedDict
 
 from agent import reload_status
 from agent import systemd_notify as sd
+from agent.accounting import LossAccount
 from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
@@ -39,6 +43,7 @@ from agent.sinks.metrics import Metrics
 log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
 MAX_OPEN_FLOWS = 262144
+MAX_KNOWN = 1 << 20  # ct ids the source remembers, so a resynchronising dump skips flows it has seen
 BATCH = 4096  # events per queue item: one hand-off per netlink read, at most this many
 SOURCE = "conntrack"
 
@@ -110,6 +115,8 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.queue: queue.Queue = queue.Queue()  # bounded by `pending` (events), see _source
         self.pending = 0
+        self.pending_flows = 0  # of which flows counted for loss accounting
+        self._socket_drops = 0
         self.pending_lock = threading.Lock()
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
@@ -167,64 +174,137 @@ class Daemon:
         sd.notify("READY=1", self.status())
 
     # -- source thread ------------------------------------------------------------------------
-    def _source(self):
+    def _open_source(self, m, acct: LossAccount):
+        """Open the conntrack sockets (with the kernel-side filter) and take the counter's baseline."""
         from agent.sources.conntrack import Conntrack, read_sysctl
+        from agent.sources.ct_filter import program
+
+        src = self.cfg.source
+        netns = src.get("netns")
+        prog = program(self.pipeline.scoper) if src.get("kernel_filter", True) else None
+        ct = Conntrack(netns, prog)
+        if src.get("rcvbuf"):
+            import socket as _s
+            ct.ev.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, int(src["rcvbuf"]))
+        # the baseline: read after the event socket exists, so every flow counted from here on
+        # produces an event we can receive
+        if acct.kernel_base is None:
+            acct.kernel_reading(self.kernel_counter.read())
+        else:
+            ct.dumps = 1  # a reopened socket: what its dump finds was missed, count it as recovered
+        m.loss_accounting.labels(SOURCE).set(0 if acct.kernel_base is None else 1)
+        if acct.kernel_base is None:
+            log.warning("loss accounting is off: %s (set source.enable: true, or load "
+                        "deploy/nftables/egress-agent.nft, so the kernel counts egress flows)",
+                        self.kernel_counter.error)
+        on = read_sysctl("net.netfilter.nf_conntrack_acct", netns) == "1"
+        m.accounting.labels(SOURCE).set(1 if on else 0)
+        if not on:
+            log.warning("conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): flows "
+                        "will have no byte counts; set source.enable: true or the sysctl")
+        m.source_up.labels(SOURCE).set(1)
+        return ct
+
+    def _account(self, m, acct: LossAccount, ct, kernel_now):
+        """One accounting interval: socket drops, kernel growth, booking, the gauges."""
+        drops_now = ct.socket_drops()
+        if drops_now > self._socket_drops:
+            lost = drops_now - self._socket_drops
+            acct.events_lost(lost)
+            m.events_lost.labels(SOURCE).inc(lost)
+            m.source_errors.labels(SOURCE, "overflow").inc()
+            log.warning("the kernel dropped %d conntrack events (socket buffer full); resynchronising with a "
+                        "dump, flows that ended meanwhile are counted as overflow drops", lost)
+            ct.needs_dump = True
+        self._socket_drops = drops_now
+        if kernel_now is not None:
+            m.kernel_flows.labels(SOURCE).inc(acct.kernel_reading(kernel_now))
+        booked = acct.settle()
+        if booked:
+            m.drops.labels(SOURCE, "overflow").inc(booked)
+        if acct.kernel_base is not None:
+            m.unaccounted.labels(SOURCE).set(acct.unaccounted)
+            if acct.kernel:
+                judged = m.judged_flows.labels(SOURCE)._value.get()
+                m.sampling.labels(SOURCE).set(min(1.0, judged / acct.kernel))
+        elif self.seen_new:
+            m.sampling.labels(SOURCE).set(self.kept_new / self.seen_new)
+        m.queued.labels(SOURCE).set(self.pending_flows)
+
+    def _source(self):
+        from agent.sources.kernel_count import KernelCounter
 
         src = self.cfg.source
         netns = src.get("netns")
         one_in = max(1, int(self.cfg.sampling.get("one_in", 1)))
         limiter = RateLimit(float(self.cfg.sampling.get("per_destination_per_second", 0)))
+        every = float(src.get("accounting_interval", 1.0))
         m = self.metrics
         events = {k: m.source_events.labels(SOURCE, k) for k in m.EVENTS}
         drops = {k: m.drops.labels(SOURCE, k) for k in m.DROP_REASONS}
+        self.kernel_counter = KernelCounter(netns)
+        acct = self.loss = LossAccount()
+        known: dict[int, None] = {}  # ct ids of egress flows seen (open); a resync skips them
         ct = None
-        overflows = 0
+        next_tick = 0.0
         while not self.stop.is_set():
             try:
                 if ct is None:
-                    ct = Conntrack(netns)
-                    if src.get("rcvbuf"):
-                        import socket as _s
-                        ct.ev.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, int(src["rcvbuf"]))
-                    acct = read_sysctl("net.netfilter.nf_conntrack_acct", netns) == "1"
-                    m.accounting.labels(SOURCE).set(1 if acct else 0)
-                    if not acct:
-                        log.warning("conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): flows "
-                                    "will have no byte counts; set source.enable: true or the sysctl")
-                    m.source_up.labels(SOURCE).set(1)
+                    ct = self._open_source(m, acct)
+                    self._socket_drops = ct.socket_drops()
                     dumped = 0
                     first_dump = True
+                kernel_now = None
+                tick = time.monotonic() >= next_tick
+                if tick:
+                    next_tick = time.monotonic() + every
+                    # read the kernel first, then drain the socket: every flow in this reading has
+                    # its event delivered (or dropped, which the socket's drop counter shows) by then
+                    kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
+                scope = self.pipeline.scoper
                 batch = []
-                for kind, e in ct.events(0.5):
+                for kind, e in ct.events(min(0.5, every)):
                     if len(batch) >= BATCH:
                         self._enqueue(batch, drops)
                         batch = []
-                    events[kind].inc()
+                    if kind == "destroy":
+                        events["destroy"].inc()
+                        if e.ct_id in known:
+                            del known[e.ct_id]
+                            batch.append((kind, e, False))
+                        continue
+                    events["resync" if kind == "resync" else kind].inc()
                     if kind == "dump":
                         dumped += 1
-                    if kind != "destroy":
-                        self.seen_new += 1
-                        if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
-                            drops["sampled"].inc()
-                            continue
-                        if not limiter.allow(e.dst, time.monotonic()):
-                            drops["rate_limited"].inc()
-                            continue
-                        self.kept_new += 1
-                    elif one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
+                    if e.ct_id in known or not scope.is_egress(e.src, e.dst):
                         continue
-                    batch.append((kind, e))
+                    known[e.ct_id] = None
+                    if len(known) > MAX_KNOWN:
+                        del known[next(iter(known))]
+                    counted = kind != "dump" and scope.accountable(e.src) and scope.accountable(e.dst)
+                    if counted:
+                        if kind == "new":
+                            acct.arrived += 1
+                        else:
+                            acct.recovered += 1
+                            m.recovered.labels(SOURCE).inc()
+                    self.seen_new += 1
+                    if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
+                        drops["sampled"].inc(counted)
+                        continue
+                    if not limiter.allow(e.dst, time.monotonic()):
+                        drops["rate_limited"].inc(counted)
+                        continue
+                    self.kept_new += 1
+                    batch.append((kind, e, counted))
                 if batch:
                     self._enqueue(batch, drops)
-                if ct.overflows != overflows:
-                    drops["overflow"].inc(ct.overflows - overflows)
-                    m.source_errors.labels(SOURCE, "overflow").inc(ct.overflows - overflows)
-                    log.warning("conntrack events overflowed (ENOBUFS); resynchronising with a dump")
-                    overflows = ct.overflows
-                if self.seen_new:
-                    m.sampling.labels(SOURCE).set(self.kept_new / self.seen_new)
-                else:
-                    m.sampling.labels(SOURCE).set(1.0)
+                if ct.needs_dump and ct.overflows:
+                    acct.resync_pending = True  # an ENOBUFS: the dump runs at the next events() call
+                elif not ct.needs_dump:
+                    acct.resync_pending = False
+                if tick:
+                    self._account(m, acct, ct, kernel_now)
                 tracking = dumped > 0 or self.seen_new > 0
                 m.tracking.labels(SOURCE).set(1 if tracking else 0)
                 if first_dump:
@@ -243,10 +323,10 @@ class Daemon:
                 m.source_errors.labels(SOURCE, "setup").inc()
                 log.error("conntrack source: %s", e)
                 self.stop.wait(5)
-            except OSError as e:
+            except Exception as e:  # OSError, or a bug: never let the source thread die
                 m.source_up.labels(SOURCE).set(0)
                 m.source_errors.labels(SOURCE, "io").inc()
-                log.error("conntrack source failed (%s); reopening", e)
+                (log.error if isinstance(e, OSError) else log.exception)("conntrack source failed (%s); reopening", e)
                 if ct is not None:
                     ct.close()
                 ct = None
@@ -259,24 +339,28 @@ class Daemon:
         """Hand a batch to the worker. The bound is in events (`pending`, what the worker has not
         taken). A dump batch waits for room (the table is finite; events meanwhile queue in the
         kernel, and an overflow there is resynchronised); a batch of live events that does not fit
-        is dropped and counted."""
-        blocking = batch[0][0] == "dump"
+        is dropped, its flows counted as queue_full."""
+        blocking = batch[0][0] in ("dump", "resync")
+        flows = sum(1 for _k, _e, counted in batch if counted)
         while True:
             with self.pending_lock:
                 fits = self.pending + len(batch) <= self.cfg.queue_size or self.pending == 0
                 if fits:
                     self.pending += len(batch)
+                    self.pending_flows += flows
             if fits:
                 self.queue.put((batch, time.time()))
                 return
             if not blocking or self.stop.is_set():
-                drops["queue_full"].inc(len(batch))
+                drops["queue_full"].inc(flows)
                 return
             self.stop.wait(0.01)
 
     # -- worker -------------------------------------------------------------------------------
     def _worker(self):
         last_geo = time.monotonic()
+        judged = self.metrics.judged_flows.labels(SOURCE)
+        errors = self.metrics.drops.labels(SOURCE, "error")
         while not (self.stop.is_set() and self.queue.empty()):
             try:
                 batch, now = self.queue.get(timeout=0.25)
@@ -284,35 +368,45 @@ class Daemon:
                 batch = None
             if time.monotonic() - last_geo >= self.cfg.geoip_check_interval:
                 last_geo = time.monotonic()
-                loc = self.pipeline.locator
-                if loc.refresh():
-                    self.pipeline.clear()
-                    log.info("GeoIP database changed on disk; reopened, cache dropped")
-                    self.metrics.policies(self.pipeline.policies, loc.provenance())
-                    self.metrics.geoip_ok.set(1)
-                elif loc.refresh_error:
-                    self.metrics.geoip_ok.set(0)
-                    log.error("GeoIP database changed on disk but cannot be opened; still judging with the "
-                              "previous one, retrying in %g s: %s", self.cfg.geoip_check_interval, loc.refresh_error)
+                self._check_geoip()
             if batch is None:
                 continue
-            for kind, e in batch:
+            flows = 0
+            for kind, e, counted in batch:
+                flows += counted
                 try:
                     self._handle(kind, e, now)
                 except Exception:  # a bug must not stop judging the other flows
                     log.exception("could not judge a conntrack event")
                     self.metrics.source_errors.labels(SOURCE, "judge").inc()
+                    if counted:
+                        errors.inc()
+                else:
+                    if counted:
+                        judged.inc()
             with self.pending_lock:
                 self.pending -= len(batch)
+                self.pending_flows -= flows
+
+    def _check_geoip(self):
+        loc = self.pipeline.locator
+        if loc.refresh():
+            self.pipeline.clear()
+            log.info("GeoIP database changed on disk; reopened, cache dropped")
+            self.metrics.policies(self.pipeline.policies, loc.provenance())
+            self.metrics.geoip_ok.set(1)
+        elif loc.refresh_error:
+            self.metrics.geoip_ok.set(0)
+            log.error("GeoIP database changed on disk but cannot be opened; still judging with the "
+                      "previous one, retrying in %g s: %s", self.cfg.geoip_check_interval, loc.refresh_error)
 
     def _handle(self, kind: str, e, now: float):
+        """Judge a new flow (the source has checked it is egress), or close one on DESTROY."""
         pipe = self.pipeline
-        if kind in ("new", "dump"):
+        if kind != "destroy":
             if e.ct_id in self.open:
-                return  # seen already (a resynchronising dump after an overflow)
+                return  # seen already
             flow = e.flow(now)
-            if not pipe.is_egress(flow):
-                return
             who = self.attributor.who(flow) if self.attributor else None
             if who is not None:
                 flow = dataclasses.replace(flow, who=who)
@@ -322,11 +416,11 @@ class Daemon:
             self.open[e.ct_id] = [j, e.bytes]
             if len(self.open) > MAX_OPEN_FLOWS:
                 self.open.popitem(last=False)
-                self.metrics.drops.labels(SOURCE, "state_evicted").inc()
+                self.metrics.state_evicted.labels(SOURCE).inc()
             return
         st = self.open.pop(e.ct_id, None)
         if st is None:
-            return  # began before the agent saw it and was not egress, or was sampled out
+            return  # sampled out, or forgotten (state_evicted)
         j, counted = st
         delta = max(0, e.bytes - counted)
         flow = dataclasses.replace(j.flow, packets=e.packets, bytes=e.bytes, last_seen=now)
@@ -360,7 +454,7 @@ class Daemon:
         if self.cfg.source.get("enable"):
             from agent.sources.conntrack import enable_tracking
 
-            for done in enable_tracking(self.cfg.source.get("netns")):
+            for done in enable_tracking(self.cfg.source.get("netns"), self.pipeline.scoper):
                 log.info("enabled %s", done)
         for target, name in ((self._source, "source"), (self._worker, "worker")):
             t = threading.Thread(target=target, name=name, daemon=True)

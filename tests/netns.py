@@ -20,6 +20,10 @@ PEER_ADDRS = ["198.51.100.7/32", "198.51.100.130/32", "203.0.113.9/32", "203.0.1
               "203.0.113.140/32", "203.0.113.200/32", "203.0.113.250/32", "2001:db8:de::7/128",
               "2001:db8:5::9/128"]
 
+# How the agent is told to see this topology: the client's own addresses are local, the peer's public.
+LOCAL_NETS = ["192.0.2.0/24", "2001:db8:1::/64"]
+PUBLIC_NETS = ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"]
+
 # A TCP server for the peer namespace: accepts on every address, port 443, and holds connections.
 SERVER = """
 import socket, threading
@@ -115,9 +119,10 @@ class Topology:
 
     def enable_conntrack(self, udp_timeout: int | None = None):
         """The agent's own `enable` step (nftables ct rule, accounting, timestamps) in the client."""
+        from agent.enrich.scope import Scoper
         from agent.sources.conntrack import enable_tracking
 
-        enable_tracking(self.client)
+        enable_tracking(self.client, Scoper(public_nets=PUBLIC_NETS, local_nets=LOCAL_NETS))
         if udp_timeout:
             self.run("sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}")
 

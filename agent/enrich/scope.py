@@ -13,7 +13,11 @@ documentation ranges as stand-ins for the Internet); `local_nets` are always "lo
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_right
 from functools import lru_cache
+from socket import AF_INET as _AF4
+from socket import AF_INET6 as _AF6
+from socket import inet_pton as _pton
 
 SCOPES = (
     "public", "private", "shared", "loopback", "link-local", "multicast", "documentation",
@@ -116,25 +120,104 @@ def parse_nets(values, what: str) -> tuple:
     return tuple(out)
 
 
+# Where an IPv6 address carries an IPv4 one, as (region, how the IPv4 bits sit in it). Teredo
+# obfuscates the client (~low 32 bits), which no interval of IPv6 addresses can express: the table
+# marks that region TEREDO and the lookup resolves it through the IPv4 table.
+TEREDO = "teredo"
+_MAPPED, _NAT64_BASE, _SIXTOFOUR_BASE = 0xFFFF << 32, int(_NAT64.network_address), 0x2002 << 112
+_BITS = {4: 32, 6: 128}
+
+
+def _flatten(entries, bits: int) -> list[tuple[int, int, str]]:
+    """Non-overlapping sorted (start, end, scope) intervals covering the whole address space.
+
+    `entries` are (start, end, rank, scope); where they overlap the highest rank wins (rank is the
+    prefix length for registry rows, so the longest prefix wins, and higher for overrides).
+    """
+    top = (1 << bits) - 1
+    cuts = sorted({0} | {s for s, _, _, _ in entries} | {e + 1 for _, e, _, _ in entries if e < top})
+    out: list[tuple[int, int, str]] = []
+    for i, lo in enumerate(cuts):
+        hi = cuts[i + 1] - 1 if i + 1 < len(cuts) else top
+        scope = max((r, v) for s, e, r, v in entries if s <= lo and hi <= e)[1]
+        if out and out[-1][2] == scope and out[-1][1] + 1 == lo:
+            out[-1] = (out[-1][0], hi, scope)
+        else:
+            out.append((lo, hi, scope))
+    return out
+
+
+def _net_entry(net, rank: int, scope: str):
+    return int(net.network_address), int(net.broadcast_address), rank, scope
+
+
+def build_tables(public_nets=(), local_nets=()) -> dict[int, list[tuple[int, int, str]]]:
+    """The integer interval tables {4: [...], 6: [...]} for a deployment's overrides.
+
+    Precedence, highest first: `local_nets`, `public_nets`, the IPv4 scope of an embedded IPv4
+    address (mapped, NAT64, 6to4; Teredo via the TEREDO marker), the IANA registries (longest prefix).
+    """
+    v4 = [(0, (1 << 32) - 1, -1, "public")]
+    v4 += [_net_entry(ipaddress.ip_network(n), ipaddress.ip_network(n).prefixlen, s) for n, s in _V4]
+    v4 += [_net_entry(n, 200, "public") for n in public_nets if n.version == 4]
+    v4 += [_net_entry(n, 300, "local") for n in local_nets if n.version == 4]
+    t4 = _flatten(v4, 32)
+    v6 = [(0, (1 << 128) - 1, -1, "reserved"), _net_entry(ipaddress.ip_network("2000::/3"), 3, "public")]
+    v6 += [_net_entry(ipaddress.ip_network(n), ipaddress.ip_network(n).prefixlen, s) for n, s in _V6]
+    for s, e, scope in t4:
+        v6.append((_MAPPED | s, _MAPPED | e, 150, scope))
+        v6.append((_NAT64_BASE | s, _NAT64_BASE | e, 150, scope))
+        v6.append((_SIXTOFOUR_BASE | s << 80, _SIXTOFOUR_BASE | e << 80 | ((1 << 80) - 1), 150, scope))
+    v6.append(_net_entry(_TEREDO, 150, TEREDO))
+    v6 += [_net_entry(n, 200, "public") for n in public_nets if n.version == 6]
+    v6 += [_net_entry(n, 300, "local") for n in local_nets if n.version == 6]
+    return {4: t4, 6: _flatten(v6, 128)}
+
+
+def ip_int(ip: str) -> tuple[int, int]:
+    """(version, integer) of an address in text form; ValueError when it is not one."""
+    try:
+        if ":" in ip:
+            return 6, int.from_bytes(_pton(_AF6, ip), "big")
+        return 4, int.from_bytes(_pton(_AF4, ip), "big")
+    except (OSError, TypeError):
+        raise ValueError(f"{ip!r} does not appear to be an IPv4 or IPv6 address") from None
+
+
 class Scoper:
-    """Scope of an address under a deployment's settings; cached per address."""
+    """Scope of an address under a deployment's settings.
+
+    Why integer tables: `ipaddress` objects cost microseconds to build and the registries have ~25
+    networks per family to test one by one; the flattened interval table answers with one bisect.
+    `ranges(version)` exposes the same table, so the kernel-side filters (nft sets, the conntrack
+    socket filter) are built from exactly what `scope` answers.
+    """
 
     def __init__(self, public_nets=(), local_nets=()):
         self.public_nets = parse_nets(public_nets, "public network")
         self.local_nets = parse_nets(local_nets, "local network")
+        self.tables = build_tables(self.public_nets, self.local_nets)
+        self._starts = {v: [s for s, _, _ in t] for v, t in self.tables.items()}
+        self._scopes = {v: [x for _, _, x in t] for v, t in self.tables.items()}
         self.scope = lru_cache(maxsize=65536)(self._scope)
 
+    def ranges(self, version: int) -> list[tuple[int, int, str]]:
+        return self.tables[version]
+
+    def scope_int(self, version: int, n: int) -> str:
+        scope = self._scopes[version][bisect_right(self._starts[version], n) - 1]
+        if scope == TEREDO:
+            return self._scopes[4][bisect_right(self._starts[4], ~n & 0xFFFFFFFF) - 1]
+        return scope
+
     def _scope(self, ip: str) -> str:
-        addr = ipaddress.ip_address(ip)
-        if any(addr in n for n in self.local_nets if n.version == addr.version):
-            return "local"
-        if any(addr in n for n in self.public_nets if n.version == addr.version):
-            return "public"
-        if addr.version == 6:
-            emb = embedded_ipv4(addr)
-            if emb is not None:
-                return self._scope(str(emb[1]))
-        return registry_scope(addr)
+        return self.scope_int(*ip_int(ip))
+
+    def accountable(self, ip: str) -> bool:
+        """False for Teredo addresses: the kernel's egress counter cannot classify them (see
+        `agent.sources.kernel_count`), so they are judged but left out of loss accounting."""
+        version, n = ip_int(ip)
+        return version == 4 or self._scopes[6][bisect_right(self._starts[6], n) - 1] != TEREDO
 
     def is_local(self, ip: str) -> bool:
         """A source is local (this side of the border) when it is anything but public."""

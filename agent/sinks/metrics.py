@@ -70,14 +70,34 @@ class Metrics:
         self.attribution = Gauge(f"{NS}_attribution_enabled",
                                  "1 when flows are attributed to processes; 0 when only uid/user can be given "
                                  "(reason: no-permission, disabled).", ["mode"], registry=r)
+        self.kernel_flows = Counter(f"{NS}_kernel_flows", "New egress connections the kernel counted (the agent's "
+                                    "nftables counter), since the agent started.", ["source"], registry=r)
+        self.judged_flows = Counter(f"{NS}_flows_judged", "Flows judged, per source (each flow once, whatever the "
+                                    "number of policies).", ["source"], registry=r)
+        self.unaccounted = Gauge(f"{NS}_flows_unaccounted",
+                                 "Kernel flows minus judged, dropped (by reason) and queued flows: flows that went "
+                                 "missing without the kernel reporting a loss. Should be 0.", ["source"], registry=r)
+        self.queued = Gauge(f"{NS}_flows_queued", "Flows read from the source and waiting to be judged.", ["source"],
+                            registry=r)
+        self.events_lost = Counter(f"{NS}_source_events_lost", "Events the kernel dropped because the agent's "
+                                   "socket buffer was full (NEW and DESTROY; the socket's drop counter).", ["source"],
+                                   registry=r)
+        self.recovered = Counter(f"{NS}_source_flows_recovered", "Flows found by a resynchronising dump after "
+                                 "lost events (judged; their NEW event never arrived).", ["source"], registry=r)
+        self.loss_accounting = Gauge(f"{NS}_loss_accounting", "1 when the kernel's flow counter can be read, so "
+                                     "losses are measured against it.", ["source"], registry=r)
+        self.state_evicted = Counter(f"{NS}_state_evicted", "Open flows forgotten because the open-flow table was "
+                                     "full (judged when new; their final byte count is lost).", ["source"],
+                                     registry=r)
         self.evidence_lines = Counter(f"{NS}_evidence_lines", "Evidence records written.", registry=r)
         self.evidence_errors = Counter(f"{NS}_evidence_errors", "Evidence records that could not be written.",
                                        registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
-    DROP_REASONS = ("sampled", "rate_limited", "queue_full", "overflow", "state_evicted")
+    # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.
+    DROP_REASONS = ("sampled", "rate_limited", "queue_full", "overflow", "error")
     ERROR_KINDS = ("overflow", "io", "setup", "judge")
-    EVENTS = ("dump", "new", "destroy")
+    EVENTS = ("dump", "resync", "new", "destroy")
 
     def source(self, source: str):
         """Create the bounded label sets of a source at zero, so every series exists from the start."""
@@ -89,6 +109,10 @@ class Metrics:
             self.source_events.labels(source, event)
         self.source_up.labels(source).set(0)
         self.sampling.labels(source).set(1.0)
+        for m in (self.judged_flows, self.events_lost, self.recovered, self.state_evicted):
+            m.labels(source)
+        self.queued.labels(source).set(0)
+        self.loss_accounting.labels(source).set(0)
 
     def _child(self, metric, *labels):
         """Label children cached by value: `labels()` costs microseconds per call on the hot path."""

@@ -38,6 +38,7 @@ NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 GROUP_NEW, GROUP_DESTROY = 1, 4  # bit masks of NFNLGRP_CONNTRACK_NEW (1) and _DESTROY (3)
 NLM_F_CREATE = 0x400
+SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8
 
 _attr = struct.Struct("=HH").unpack_from
 _be16 = struct.Struct(">H").unpack_from
@@ -325,15 +326,24 @@ class Conntrack:
     without traffic so the caller can check for shutdown. Counters: `overflows`, `errors`.
     """
 
-    def __init__(self, netns: str | None = None):
+    def __init__(self, netns: str | None = None, event_filter=None):
         self.netns = netns
         self.ev = nl.open_socket(nl.NETLINK_NETFILTER, GROUP_NEW | GROUP_DESTROY, netns)
+        if event_filter is not None:
+            from agent.sources.ct_filter import attach
+
+            attach(self.ev, event_filter)
         self.q = nl.open_socket(nl.NETLINK_NETFILTER, 0, netns)
         self.buf = bytearray(1 << 20)
         self.overflows = 0
         self.errors = 0
         self.needs_dump = True
+        self.dumps = 0
         self.decoder = Decoder()
+
+    def socket_drops(self) -> int:
+        """Events the kernel dropped for our event socket (buffer full): SO_MEMINFO's drop counter."""
+        return struct.unpack_from("=9I", self.ev.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[SK_MEMINFO_DROPS]
 
     def close(self):
         self.ev.close()
@@ -343,14 +353,18 @@ class Conntrack:
         return list(dump(self.q, self.buf, self.decoder))
 
     def events(self, timeout: float = 0.5):
+        """Yield ("dump"|"resync"|"new"|"destroy", CtEntry): the first dump is "dump", a dump after
+        lost events is "resync"; then events until the socket is empty (or `timeout` passes idle)."""
         if self.needs_dump:
             self.needs_dump = False
+            kind = "resync" if self.dumps else "dump"
+            self.dumps += 1
             for e in dump(self.q, self.buf, self.decoder):
-                yield "dump", e
+                yield kind, e
         r, _, _ = select.select([self.ev], [], [], timeout)
         if not r:
             return
-        while True:
+        for _ in range(512):  # then return, so the caller can do its periodic work during a storm
             try:
                 n = self.ev.recv_into(self.buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -384,23 +398,20 @@ def read_sysctl(name: str, netns: str | None = None) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-NFT_TABLE = """table inet egress_agent {
-  # Added by egress-agent (enable: true): a rule that needs conntrack makes the kernel track
-  # connections in this namespace. It accepts nothing and drops nothing.
-  chain egress_output { type filter hook output priority 0; ct state new counter; }
-  chain egress_forward { type filter hook forward priority 0; ct state new counter; }
-}
-"""
+def enable_tracking(netns: str | None = None, scoper=None) -> list[str]:
+    """Turn on tracking, the kernel flow counter and accounting; returns what was done.
 
+    Installs `kernel_count.nft_table(scoper)` (table inet egress_agent). Needs CAP_NET_ADMIN.
+    """
+    from agent.enrich.scope import Scoper
+    from agent.sources.kernel_count import install
 
-def enable_tracking(netns: str | None = None) -> list[str]:
-    """Turn on tracking and accounting; returns what was done. Needs CAP_NET_ADMIN."""
     done = []
+    err = install(scoper or Scoper(), netns)
+    if err:
+        raise UserError(f"conntrack enable: nft failed: {err}")
+    done.append("nftables table inet egress_agent (tracking and the kernel flow counter)")
     pre = ["ip", "netns", "exec", netns] if netns else []
-    r = subprocess.run(pre + ["nft", "-f", "-"], input=NFT_TABLE, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise UserError(f"conntrack enable: nft failed: {r.stderr.strip()}")
-    done.append("nftables table inet egress_agent")
     for key in ("net.netfilter.nf_conntrack_acct", "net.netfilter.nf_conntrack_timestamp"):
         r = subprocess.run(pre + ["sysctl", "-q", "-w", f"{key}=1"], capture_output=True, text=True)
         if r.returncode == 0:

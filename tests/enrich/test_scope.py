@@ -56,3 +56,60 @@ def test_bad_override_is_a_user_error():
     from agent.errors import UserError
     with pytest.raises(UserError, match="local network: 'nope'"):
         Scoper(local_nets=["nope"])
+
+
+def _reference_scope(s: Scoper, ip: str) -> str:
+    """The scope as the definition reads, with `ipaddress` objects: overrides, embedded, registry."""
+    addr = ipaddress.ip_address(ip)
+    if any(addr in n for n in s.local_nets if n.version == addr.version):
+        return "local"
+    if any(addr in n for n in s.public_nets if n.version == addr.version):
+        return "public"
+    if addr.version == 6:
+        emb = embedded_ipv4(addr)
+        if emb is not None:
+            return _reference_scope(s, str(emb[1]))
+    return registry_scope(addr)
+
+
+def _interesting_addresses():
+    """Every table boundary ±1 plus random addresses, both families, each embedded form."""
+    import random
+
+    rnd = random.Random(7)
+    s = Scoper(public_nets=["203.0.113.0/24", "2001:db8::/32", "10.9.0.0/16"],
+               local_nets=["2001:db8:1::/48", "198.51.100.128/25", "8.8.8.0/24"])
+    out = []
+    for version, bits in ((4, 32), (6, 128)):
+        for lo, hi, _ in s.ranges(version):
+            for n in (lo - 1, lo, lo + 1, hi - 1, hi, hi + 1):
+                if 0 <= n < 1 << bits:
+                    out.append(str(ipaddress.ip_address(n) if version == 4 else ipaddress.IPv6Address(n)))
+        out += [str(ipaddress.ip_address(rnd.getrandbits(bits)) if version == 4
+                    else ipaddress.IPv6Address(rnd.getrandbits(bits))) for _ in range(2000)]
+    for _ in range(2000):
+        v4 = rnd.getrandbits(32)
+        out += [f"::ffff:{ipaddress.IPv4Address(v4)}", str(ipaddress.IPv6Address((0x64FF9B << 96) | v4)),
+                str(ipaddress.IPv6Address((0x2002 << 112) | v4 << 80 | rnd.getrandbits(80))),
+                str(ipaddress.IPv6Address((0x20010000 << 96) | rnd.getrandbits(64) << 32 | v4))]
+    return s, out
+
+
+def test_integer_tables_equal_the_reference_definition():
+    s, addresses = _interesting_addresses()
+    for ip in addresses:
+        assert s.scope(ip) == _reference_scope(s, ip), ip
+    assert len(addresses) > 10000
+
+
+def test_tables_cover_the_space_without_overlap():
+    s = Scoper(public_nets=["203.0.113.0/24"])
+    for version, bits in ((4, 32), (6, 128)):
+        t = s.ranges(version)
+        assert t[0][0] == 0 and t[-1][1] == (1 << bits) - 1
+        assert all(a[1] + 1 == b[0] and a[2] != b[2] for a, b in zip(t, t[1:], strict=False))
+
+
+def test_not_an_address_is_a_value_error():
+    with pytest.raises(ValueError):
+        Scoper().scope("not-an-ip")
