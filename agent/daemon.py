@@ -120,6 +120,10 @@ class Daemon:
         self.pending_lock = threading.Lock()
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
+        self._evidence_logged = -1e9
+        self.metrics.evidence_gaps.inc(self.evidence.gaps)
+        if self.evidence.gaps:
+            log.warning("the previous run did not stop cleanly: wrote a gap record to %s", cfg.evidence_path)
         self.attributor = None
         if cfg.attribution:
             from agent.enrich.process import Attributor
@@ -433,14 +437,25 @@ class Daemon:
         extra = {"conntrack_id": e.ct_id}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
+        ev = self.evidence
         for v in j.verdicts:
             if v.outcome.value in EVIDENCE_OUTCOMES:
+                gaps = ev.gaps
                 try:
-                    self.evidence.write(record(j, v, event, extra))
+                    ev.write(record(j, v, event, extra))
                     self.metrics.evidence_lines.inc()
                 except OSError as err:
+                    # counted per line; logged once a minute, not per line (a full disk would flood the journal)
                     self.metrics.evidence_errors.inc()
-                    log.error("evidence log: %s", err)
+                    now = time.monotonic()
+                    if now - self._evidence_logged >= 60:
+                        self._evidence_logged = now
+                        log.error("evidence log %s: %s; %d line(s) lost so far (counted in "
+                                  "egress_agent_evidence_errors_total; a gap record follows when writing works "
+                                  "again)", self.cfg.evidence_path, err.strerror or err, ev.lost_lines)
+                if ev.gaps != gaps:
+                    self.metrics.evidence_gaps.inc(ev.gaps - gaps)
+                    log.warning("evidence log writable again; wrote a gap record")
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self):

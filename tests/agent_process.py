@@ -109,7 +109,8 @@ class Agent:
         return [json.loads(line) for f in files if f.exists() for line in f.read_text().splitlines()]
 
     def evidence_for(self, dst, **match):
-        return [r for r in self.lines() if r["flow"]["dst"] == dst and all(r.get(k) == v for k, v in match.items())]
+        return [r for r in self.lines() if "flow" in r and r["flow"]["dst"] == dst
+                and all(r.get(k) == v for k, v in match.items())]
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:

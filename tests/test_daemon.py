@@ -204,6 +204,9 @@ def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
                                     if r["flow"]["proto"] == "tcp" and r["flow"]["process"].get("pid") == pid],
                            timeout=30, what="flow found by the start-up dump")[0]
             assert rec["flow"]["process"]["pid"] == pid
+            gaps = [r for r in a.lines() if r.get("event") == "gap"]
+            assert len(gaps) == 1 and gaps[0]["reason"] == "unclean-stop"  # the kill -9 outage is marked
+            assert a.value("egress_agent_evidence_gaps_total") == 1
         finally:
             c.kill()
         assert len(a.lines()) > n_before

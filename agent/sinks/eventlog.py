@@ -9,13 +9,17 @@
 Why lines cannot tear: each record is one `os.write` on an O_APPEND descriptor; a process killed
 with SIGKILL dies between system calls, so a line is in the file whole or not at all, and nothing
 waits in a user-space buffer. A restart appends to the same file. The records are readable by
-`egress-agent audit` (the JSON-lines source takes the flow under "flow").
+`egress-agent audit` (the JSON-lines source takes the flow under "flow", and reports `gap` records
+as warnings). Every record has `seq`; the agent's own records are `gap` (evidence is missing
+here: lost lines, or an unclean stop) and `stop` (a clean shutdown). See `EvidenceLog`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,50 +55,174 @@ def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
 
 
 class EvidenceLog:
-    def __init__(self, options: Options):
-        self.options = options
-        self._lock = threading.Lock()
-        self._fd = None
-        self._size = 0
-        self._open()
+    """Append-only evidence file with rotation that cannot lose what is already written.
 
-    def _open(self):
-        d = os.path.dirname(os.path.abspath(self.options.path))
+    Fault contract:
+    * The file is opened with O_NOFOLLOW (a symlink planted at the path is refused, not followed)
+      and created 0640. The descriptor is ours alone: after a failed rotation we keep writing to
+      the old one (now `.1`, or still the current file) and retry; we never close a number we do
+      not hold.
+    * A line is written by one `write` or not at all. A short write (disk full) is cut back with
+      `ftruncate` to the previous end, so no partial line is left for the next one to glue onto.
+    * Lines that could not be written are counted (`lost_lines`); when writing works again the
+      first thing written is a `gap` record saying how many and between which times.
+    * Every record carries `seq`, increasing across restarts. A clean `close()` writes a `stop`
+      record; at start-up a log whose last record is not `stop` gets a `gap` record
+      (reason `unclean-stop`) naming the previous run's last sequence number and time, so an
+      auditor sees the outage.
+    """
+
+    RETRY_SECONDS = 5.0
+
+    def __init__(self, options: Options, clock=None):
+        import time as _time
+
+        self.options = options
+        self.clock = clock or _time.time
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._size = 0
+        self.seq = 0
+        self.lost_lines = 0          # since the agent started
+        self._unwritten = 0          # lost since the last successful write (for the gap record)
+        self._lost_since: float | None = None
+        self._last_error: str | None = None
+        self._retry_at = 0.0
+        self.gaps = 0
+        d = os.path.dirname(os.path.abspath(options.path))
         try:
             os.makedirs(d, exist_ok=True)
-            self._fd = os.open(self.options.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
-            raise UserError(f"evidence.path: cannot open {self.options.path} ({e.strerror})") from None
-        self._size = os.fstat(self._fd).st_size
-        # A line cut by power loss (not by a kill) would leave no newline at the end: start clean.
-        if self._size:
-            with open(self.options.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    os.write(self._fd, b"\n")
-                    self._size += 1
+            raise UserError(f"evidence.path: cannot create {d} ({e.strerror})") from None
+        try:
+            self._fd, self._size = self._open_path()
+        except OSError as e:
+            why = "is a symbolic link; refusing to follow it" if e.errno == errno.ELOOP else e.strerror
+            raise UserError(f"evidence.path: cannot open {options.path} ({why})") from None
+        last = self._last_record()
+        self.seq = int(last.get("seq", 0)) if isinstance(last.get("seq"), int) else 0
+        if last and last.get("event") != "stop":
+            self._write_now(self._stamp({
+                "event": "gap", "reason": "unclean-stop", "previous_seq": last.get("seq"),
+                "from": last.get("time"), "until": _iso(self.clock()),
+                "message": "the previous run did not stop cleanly (killed, crashed or power lost): flows between "
+                           "'from' and 'until' may have no evidence; flows still open were judged again at start"}))
+            self.gaps += 1
+
+    # -- files --------------------------------------------------------------------------------
+    def _open_path(self) -> tuple[int, int]:
+        p = self.options.path
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{p} is not a regular file")
+            size = st.st_size
+            # A line cut by power loss (not by a kill) would leave no newline at the end: start clean.
+            if size:
+                rd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    last = os.pread(rd, 1, size - 1)
+                finally:
+                    os.close(rd)
+                if last != b"\n":
+                    os.write(fd, b"\n")
+                    size += 1
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, size
+
+    def _last_record(self) -> dict:
+        """The last whole record of the current file, or of `.1` when the current one is empty."""
+        for path in (self.options.path, f"{self.options.path}.1"):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    end = f.tell()
+                    f.seek(max(0, end - 65536))
+                    lines = [x for x in f.read().splitlines() if x.strip()]
+            except OSError:
+                continue
+            for raw in reversed(lines):
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue
+                return rec if isinstance(rec, dict) else {}
+        return {}
 
     def _rotate(self):
-        os.close(self._fd)
+        """Shift backups and start a new file. Any failure leaves the current descriptor in use
+        (evidence keeps being written somewhere) and is retried after RETRY_SECONDS."""
         p, n = self.options.path, self.options.backups
         for i in range(n - 1, 0, -1):
-            if os.path.exists(f"{p}.{i}"):
+            if os.path.lexists(f"{p}.{i}"):
                 os.replace(f"{p}.{i}", f"{p}.{i + 1}")
-        if n > 0:
-            os.replace(p, f"{p}.1")
-        else:
-            os.unlink(p)
-        self._open()
+        aside = f"{p}.1" if n > 0 else f"{p}.old"
+        os.replace(p, aside)  # our fd now writes to `aside` until the new file is open
+        new_fd, size = self._open_path()
+        old, self._fd, self._size = self._fd, new_fd, size
+        os.close(old)
+        if n == 0:
+            os.unlink(aside)  # no backups wanted
+
+    # -- writing ------------------------------------------------------------------------------
+    def _stamp(self, rec: dict) -> bytes:
+        self.seq += 1
+        rec = {"time": _iso(self.clock()), **rec, "seq": self.seq}
+        return (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+
+    def _write_now(self, line: bytes):
+        """One write of a whole line; a short write is cut back. Raises OSError on failure."""
+        try:
+            n = os.write(self._fd, line)
+        except OSError:
+            self._cut_back()
+            raise
+        if n != len(line):
+            self._cut_back()
+            why = f"{os.strerror(errno.ENOSPC)} (short write: {n} of {len(line)} bytes, cut back)"
+            raise OSError(errno.ENOSPC, why)
+        self._size += n
+        if self.options.fsync:
+            os.fsync(self._fd)
+
+    def _cut_back(self):
+        try:
+            if os.fstat(self._fd).st_size > self._size:
+                os.ftruncate(self._fd, self._size)
+        except OSError:
+            pass
 
     def write(self, rec: dict):
-        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        """Write one record. Raises OSError when it could not be written (it is counted as lost);
+        the log keeps working and retries, and a gap record marks the loss once writes succeed."""
         with self._lock:
-            if self._size and self._size + len(line) > self.options.max_bytes:
-                self._rotate()
-            os.write(self._fd, line)  # one system call: the line is whole or absent
-            self._size += len(line)
-            if self.options.fsync:
-                os.fsync(self._fd)
+            now = self.clock()
+            body = json.dumps(rec, separators=(",", ":"))
+            if self._size and self._size + len(body) + 64 > self.options.max_bytes and now >= self._retry_at:
+                try:
+                    self._rotate()
+                except OSError as e:
+                    self._retry_at = now + self.RETRY_SECONDS
+                    self._last_error = f"rotation failed ({e.strerror or e}); still writing to the old file"
+            try:
+                if self._unwritten:
+                    gap = self._stamp({"event": "gap", "reason": "write-failed", "lost_lines": self._unwritten,
+                                       "from": _iso(self._lost_since), "until": _iso(now),
+                                       "error": self._last_error,
+                                       "message": f"{self._unwritten} evidence record(s) could not be written"})
+                    self._write_now(gap)
+                    self._unwritten, self._lost_since = 0, None
+                    self.gaps += 1
+                self._write_now(self._stamp(dict(rec)))
+            except OSError as e:
+                self.lost_lines += 1
+                self._unwritten += 1
+                self._lost_since = self._lost_since or now
+                self._last_error = e.strerror or str(e)
+                raise
 
     def flush(self):
         with self._lock:
@@ -102,8 +230,20 @@ class EvidenceLog:
                 os.fsync(self._fd)
 
     def close(self):
+        """Write the `stop` record (a clean stop) and close."""
         with self._lock:
-            if self._fd is not None:
+            if self._fd is None:
+                return
+            try:
+                self._write_now(self._stamp({"event": "stop", "lost_lines": self.lost_lines}))
                 os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
+            except OSError:
+                pass  # then the next start reports an unclean stop: true enough
+            os.close(self._fd)
+            self._fd = None
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

@@ -90,8 +90,10 @@ class Metrics:
                                      "full (judged when new; their final byte count is lost).", ["source"],
                                      registry=r)
         self.evidence_lines = Counter(f"{NS}_evidence_lines", "Evidence records written.", registry=r)
-        self.evidence_errors = Counter(f"{NS}_evidence_errors", "Evidence records that could not be written.",
-                                       registry=r)
+        self.evidence_errors = Counter(f"{NS}_evidence_errors", "Evidence records that could not be written "
+                                       "(lost lines: disk full, I/O error).", registry=r)
+        self.evidence_gaps = Counter(f"{NS}_evidence_gaps", "Gap records written to the evidence log (after lost "
+                                     "lines, or at start after an unclean stop).", registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
     # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.

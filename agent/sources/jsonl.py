@@ -203,6 +203,11 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                                           "ignored, everything before it kept")
                     break
                 raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            if isinstance(obj, dict) and obj.get("event") in ("gap", "stop") and "flow" not in obj:
+                if obj["event"] == "gap":  # the agent's own marker: evidence is missing here
+                    stats.warnings.append(f"{path}:{lineno}: evidence gap ({obj.get('reason')}, from "
+                                          f"{obj.get('from')} until {obj.get('until')}): {obj.get('message')}")
+                continue
             flow = parse_flow(obj, f"{path}:{lineno}")
             ct_id = obj.get("conntrack_id") if isinstance(obj, dict) else None
             if ct_id is not None:

@@ -16,7 +16,9 @@ def test_lines_are_whole_and_rotation_keeps_backups(tmp_path):
         raw = f.read_bytes()
         assert raw.endswith(b"\n") and len(raw) <= 4096
         [json.loads(line) for line in raw.splitlines()]
-    assert json.loads(path.read_text().splitlines()[-1])["i"] == 199
+    last = [json.loads(x) for x in path.read_text().splitlines()]
+    assert last[-1]["event"] == "stop" and last[-2]["i"] == 199
+    assert [r["seq"] for r in last] == list(range(last[0]["seq"], last[-1]["seq"] + 1))
 
 
 def test_reopening_after_a_cut_line_starts_on_a_new_line(tmp_path):
@@ -26,7 +28,10 @@ def test_reopening_after_a_cut_line_starts_on_a_new_line(tmp_path):
     log.write({"b": 2})
     log.close()
     lines = path.read_text().splitlines()
-    assert lines[0] == '{"a": 1}' and json.loads(lines[-1]) == {"b": 2}
+    assert lines[0] == '{"a": 1}' and lines[1] == '{"cut'
+    gap, b = json.loads(lines[2]), json.loads(lines[3])
+    assert gap["event"] == "gap" and gap["reason"] == "unclean-stop"
+    assert b["b"] == 2 and b["seq"] == gap["seq"] + 1
 
 
 def test_evidence_replay_counts_each_flow_once(tmp_path):
@@ -43,3 +48,128 @@ def test_evidence_replay_counts_each_flow_once(tmp_path):
     flows, _ = read_jsonl(str(p))
     assert len(flows) == 1 and flows[0].bytes == 900
     os.unlink(p)
+
+
+def records(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_clean_stop_then_start_has_no_gap_and_seq_continues(tmp_path):
+    path = tmp_path / "ev.jsonl"
+    log = EvidenceLog(Options(str(path)))
+    log.write({"x": 1})
+    log.close()
+    log = EvidenceLog(Options(str(path)))
+    log.write({"x": 2})
+    log.close()
+    recs = records(path)
+    assert [r.get("event") for r in recs] == [None, "stop", None, "stop"]
+    assert [r["seq"] for r in recs] == [1, 2, 3, 4]
+
+
+def test_kill_leaves_a_gap_record_naming_the_previous_run(tmp_path):
+    path = tmp_path / "ev.jsonl"
+    log = EvidenceLog(Options(str(path)))
+    log.write({"x": 1})
+    os.close(log._fd)  # as a kill -9 would leave it: no stop record
+    log2 = EvidenceLog(Options(str(path)))
+    log2.close()
+    gap = records(path)[1]
+    assert gap["event"] == "gap" and gap["reason"] == "unclean-stop" and gap["previous_seq"] == 1
+    assert gap["from"] == records(path)[0]["time"]
+
+
+def test_a_symlink_at_the_path_is_refused(tmp_path):
+    import pytest
+
+    from agent.errors import UserError
+
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (tmp_path / "ev.jsonl").symlink_to(target)
+    with pytest.raises(UserError, match="symbolic link"):
+        EvidenceLog(Options(str(tmp_path / "ev.jsonl")))
+    assert target.read_text() == ""
+
+
+def test_failed_rotation_keeps_writing_and_closes_only_its_own_fd(tmp_path):
+    path = tmp_path / "ev.jsonl"
+    (tmp_path / "ev.jsonl.1").mkdir()  # a directory in the way: the rename fails
+    (tmp_path / "ev.jsonl.1" / "x").write_text("")
+    log = EvidenceLog(Options(str(path), max_bytes=4096, backups=1))
+    sentinel = os.open(os.devnull, os.O_RDONLY)  # a number someone else owns
+    for i in range(200):
+        log.write({"i": i, "pad": "x" * 50})
+    os.fstat(sentinel)  # still open: the log never closed a descriptor it does not own
+    os.close(sentinel)
+    log.close()
+    recs = records(path)
+    assert [r["i"] for r in recs if "i" in r] == list(range(200))  # nothing lost, all in the current file
+    assert log.lost_lines == 0
+
+
+def test_rotation_succeeds_once_the_obstacle_is_gone(tmp_path):
+    import shutil
+
+    path = tmp_path / "ev.jsonl"
+    (tmp_path / "ev.jsonl.1").mkdir()
+    (tmp_path / "ev.jsonl.1" / "x").write_text("")
+    t = [1000.0]
+    log = EvidenceLog(Options(str(path), max_bytes=4096, backups=1), clock=lambda: t[0])
+    for i in range(100):
+        log.write({"i": i, "pad": "x" * 50})
+    shutil.rmtree(tmp_path / "ev.jsonl.1")
+    t[0] += 10  # past the retry delay
+    for i in range(100, 130):
+        log.write({"i": i, "pad": "x" * 50})
+    log.close()
+    got = records(tmp_path / "ev.jsonl.1") + records(path)
+    assert [r["i"] for r in got if "i" in r] == list(range(130))
+    assert path.stat().st_size <= 4096 and oct(path.stat().st_mode & 0o777) == oct(0o640 & ~_umask())
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+DISK_FULL = """
+import json, os, resource, signal, sys
+from agent.sinks.eventlog import EvidenceLog, Options
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG instead
+path = sys.argv[1]
+log = EvidenceLog(Options(path))
+lost = 0
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+for i in range(100):
+    try:
+        log.write({"i": i, "pad": "x" * 40})
+    except OSError:
+        lost += 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.write({"i": "after"})
+log.close()
+print(json.dumps({"lost": lost, "counted": log.lost_lines}))
+"""
+
+
+def test_disk_full_writes_no_partial_line_counts_and_marks_the_gap(tmp_path):
+    """A file-size limit stands in for a full disk: the write past it is short, then fails."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = tmp_path / "ev.jsonl"
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["lost"] > 0 and out["lost"] == out["counted"]
+    raw = path.read_bytes()
+    recs = [json.loads(x) for x in raw.splitlines()]  # every line parses: nothing torn or glued
+    written = [r["i"] for r in recs if "i" in r and r["i"] != "after"]
+    gap = next(r for r in recs if r.get("event") == "gap")
+    assert gap["lost_lines"] == out["lost"] == 100 - len(written)
+    assert recs[-2]["i"] == "after" and recs.index(gap) == len(recs) - 3
+    assert [r["seq"] for r in recs] == sorted(r["seq"] for r in recs)
