@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policies", metavar="PATH")
     _add_geo(r)
     r.add_argument("--listen", metavar="ADDR:PORT", help="metrics endpoint (default 127.0.0.1:9807)")
+    r.add_argument("--web-config", metavar="FILE",
+                   help="TLS and basic auth for the metrics endpoint (Prometheus exporter-toolkit web-config.yml)")
     r.add_argument("--evidence", metavar="FILE", help="evidence log path (JSON lines)")
     r.add_argument("--netns", metavar="NAME", help="watch this named network namespace")
     r.add_argument("--sample", type=int, metavar="N", help="keep 1 in N new flows (default 1: all)")

@@ -8,6 +8,7 @@ Example (every key optional; flags of `egress-agent run` override):
     local_nets: [10.0.0.0/8]        # this side of the border, besides non-public ranges
     public_nets: []                 # treat as public although IANA reserves them
     listen: 127.0.0.1:9807          # Prometheus metrics
+    web_config: null                # exporter-toolkit web-config.yml: TLS and basic auth for /metrics
     evidence: {path: /var/lib/egress-agent/evidence.jsonl, max_bytes: 104857600, backups: 10, fsync: false}
     source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608,
              kernel_filter: true,          # drop non-egress events in the kernel (socket BPF filter)
@@ -41,6 +42,7 @@ SCHEMA = {
         "local_nets": {"type": "array", "items": {"type": "string"}},
         "public_nets": {"type": "array", "items": {"type": "string"}},
         "listen": {"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}$"},
+        "web_config": {"type": ["string", "null"]},
         "evidence": {"type": "object", "additionalProperties": False, "properties": {
             "path": {"type": "string"}, "max_bytes": {"type": "integer", "minimum": 4096},
             "backups": {"type": "integer", "minimum": 0, "maximum": 1000}, "fsync": {"type": "boolean"}}},
@@ -68,6 +70,7 @@ class Config:
     local_nets: tuple[str, ...] = ()
     public_nets: tuple[str, ...] = ()
     listen: str = DEFAULT_LISTEN
+    web_config: str | None = None
     evidence: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
@@ -121,6 +124,8 @@ def with_flags(cfg: Config, args) -> Config:
         changes["public_nets"] = tuple(args.public_net)
     if getattr(args, "listen", None):
         changes["listen"] = args.listen
+    if getattr(args, "web_config", None):
+        changes["web_config"] = args.web_config
     if getattr(args, "evidence", None):
         changes["evidence"] = {**cfg.evidence, "path": args.evidence}
     if getattr(args, "netns", None):

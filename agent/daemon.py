@@ -36,6 +36,7 @@ from agent.errors import UserError
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
+from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, record
 from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
@@ -111,6 +112,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.source(SOURCE)
         self.pipeline = build_pipeline(cfg)
+        self.web = webconfig.load(cfg.web_config)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.queue: queue.Queue = queue.Queue()  # bounded by `pending` (events), see _source
@@ -140,6 +142,14 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self._loaded()
 
+    def _warn_exposed(self):
+        host, _ = self.cfg.listen_addr()
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        if not loopback and not self.web.protected:
+            log.warning("metrics are served on %s without TLS or basic auth: anyone who can reach it reads "
+                        "which countries this host sends data to. Set web_config (exporter-toolkit "
+                        "web-config.yml) or bind to 127.0.0.1", self.cfg.listen)
+
     def attribution_limit(self) -> str | None:
         if self.attributor is None:
             return "disabled in the configuration (attribution: false)"
@@ -161,6 +171,7 @@ class Daemon:
         try:
             cfg = with_flags(load_config(self.config_path), self.args) if self.args else load_config(self.config_path)
             pipe = build_pipeline(cfg)
+            web = webconfig.load(cfg.web_config)
         except UserError as e:
             self.metrics.reload_success.set(0)
             message = str(e)
@@ -170,7 +181,9 @@ class Daemon:
             message = f"{type(e).__name__}: {e}"
             log.exception("reload failed (%s), keeping the policies in force", message)
         else:
-            self.pipeline, self.cfg = pipe, cfg
+            self.pipeline, self.cfg, self.web = pipe, cfg, web
+            if getattr(self, "http", None):
+                self.http.set_web_config(web)
             self._loaded()
             ok, message = True, f"reloaded {len(pipe.policies)} policies"
             log.info("%s", message)
@@ -459,13 +472,15 @@ class Daemon:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self):
-        from prometheus_client import start_http_server
+        from agent.sinks.http import MetricsServer
 
         host, port = self.cfg.listen_addr()
         try:
-            self.http = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self.http = MetricsServer(self.metrics.registry, host, port, self.web,
+                                      rejected=self.metrics.http_rejected).start()
         except OSError as e:
             raise UserError(f"listen {self.cfg.listen}: {e.strerror}") from None
+        self._warn_exposed()
         if self.cfg.source.get("enable"):
             from agent.sources.conntrack import enable_tracking
 
@@ -487,9 +502,7 @@ class Daemon:
         if self.attributor:
             self.attributor.close()
         if getattr(self, "http", None):
-            server = self.http[0] if isinstance(self.http, tuple) else None
-            if server is not None:
-                server.shutdown()
+            self.http.stop()
 
 
 def _tracking_rule_present(netns: str | None) -> bool:

@@ -228,3 +228,33 @@ def test_dump_bigger_than_the_queue_is_judged_not_dropped(topo, tmp_path):
         assert (a.value("egress_agent_source_drops_total", reason="queue_full") or 0) == 0
     finally:
         assert a.stop() == 0
+
+
+def test_metrics_beyond_loopback_without_protection_is_warned(topo, tmp_path):
+    a = Agent(tmp_path, topo)
+    cfg = json.loads(a.config.read_text())
+    cfg["listen"] = f"0.0.0.0:{a.port}"
+    a.config.write_text(json.dumps(cfg))
+    a.start()
+    try:
+        assert "without TLS or basic auth" in a.logtext()
+        # a web config with basic auth, taken on SIGHUP, closes the endpoint to anonymous scrapes
+        import bcrypt
+
+        h = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+        (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  prometheus: '{h}'\n")
+        cfg["web_config"] = str(tmp_path / "web.yml")
+        a.config.write_text(json.dumps(cfg))
+        a.proc.send_signal(signal.SIGHUP)
+        import urllib.error
+        import urllib.request
+
+        def refused():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{a.port}/metrics", timeout=2)
+            except urllib.error.HTTPError as e:
+                return e.code == 401
+            return False
+        wait_for(refused, what="401 after the reload")
+    finally:
+        assert a.stop() == 0, a.logtext()

@@ -94,6 +94,8 @@ class Metrics:
                                        "(lost lines: disk full, I/O error).", registry=r)
         self.evidence_gaps = Counter(f"{NS}_evidence_gaps", "Gap records written to the evidence log (after lost "
                                      "lines, or at start after an unclean stop).", registry=r)
+        self.http_rejected = Counter(f"{NS}_http_connections_rejected", "Metrics connections closed at once "
+                                     "because the connection limit was reached.", registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
     # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.
