@@ -549,9 +549,12 @@ def run_daemon(args) -> int:
     wd = sd.watchdog_interval()
     watch = lambda: files_signature(d.cfg.policies, args.config)  # noqa: E731
     last_sig, last_check = watch(), time.monotonic()
+    reloader: threading.Thread | None = None
     while not d.stop.is_set():
         d.stop.wait(min(wd or 1.0, 1.0))
         if wd:
+            # pinged from this loop, not from the reload: a long reload (thousands of policies)
+            # runs on its own thread and the watchdog keeps hearing from us meanwhile
             sd.notify("WATCHDOG=1")
         every = d.cfg.reload_check_interval
         if every and time.monotonic() - last_check >= every:
@@ -561,9 +564,12 @@ def run_daemon(args) -> int:
                 last_sig = sig
                 log.info("policy or config files changed on disk; reloading")
                 d.reload_requested.set()
-        if d.reload_requested.is_set():
-            d.reload_requested.clear()
-            d.reload()
+        if reloader is not None and not reloader.is_alive():
+            reloader = None
+        if d.reload_requested.is_set() and reloader is None:
+            d.reload_requested.clear()  # a SIGHUP during this reload is served by the next one
+            reloader = threading.Thread(target=d.reload, name="reload", daemon=True)
+            reloader.start()
         if not all(t.is_alive() for t in d.threads) and not d.stop.is_set():
             log.error("a worker thread died; exiting so the service manager restarts us")
             d.shutdown()
