@@ -441,9 +441,9 @@ class Daemon:
         j, counted = st
         delta = max(0, e.bytes - counted)
         flow = dataclasses.replace(j.flow, packets=e.packets, bytes=e.bytes, last_seen=now)
-        ended = dataclasses.replace(j, flow=flow)
+        ended = j.with_flow(flow)
         if delta:
-            self.metrics.judged(dataclasses.replace(j, flow=dataclasses.replace(flow, bytes=delta)), bytes_only=True)
+            self.metrics.judged(j.with_flow(dataclasses.replace(flow, bytes=delta)), bytes_only=True)
         self._evidence(ended, "end", e)
 
     def _evidence(self, j, event: str, e):
@@ -451,6 +451,8 @@ class Daemon:
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         ev = self.evidence
+        if not any(v.outcome.value in EVIDENCE_OUTCOMES for v in j.outcomes):
+            return  # nothing to report: no message is built
         for v in j.verdicts:
             if v.outcome.value in EVIDENCE_OUTCOMES:
                 gaps = ev.gaps

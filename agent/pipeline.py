@@ -1,10 +1,13 @@
 """The one path every front door uses: flow -> enrich (where) -> evaluate (each policy) -> verdicts.
 
 Contract: `Pipeline.judge(flow)` is synchronous and has no side effects beyond bounded caches:
-the locator's per-address cache, and a verdict cache keyed on exactly the flow fields the loaded
-policies can look at (destination, day, protocol; source address, destination port, process or
-hostname only when some policy selects on them). The engine is pure, so a cached verdict is the
-verdict. `clear()` drops both (the daemon calls it when the GeoIP database changes).
+the locator's per-address cache, and a verdict cache keyed on exactly the facts the loaded
+policies can look at (the location's fields but not the address, which of the policies' networks
+hold the destination and the source, day, protocol; destination port, process or hostname only
+when some policy selects on them). The engine is pure, so a cached verdict is the verdict; only
+its message names another flow's destination, which `Judged.verdicts` rewrites. Distinct
+destinations in one country therefore cost one GeoIP lookup each, not a policy evaluation.
+`clear()` drops both caches (the daemon calls it when the GeoIP database changes).
 
 `egress-agent audit`, `egress-agent run` and `egress-agent policy test` all build a Pipeline and
 call `judge`, so a verdict in a report and a verdict in a metric cannot disagree.
@@ -13,26 +16,55 @@ call `judge`, so a verdict in a report and a verdict in a metric cannot disagree
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import replace
 
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Location, Outcome, Verdict
+from agent.policy.compiled import destination_networks, location_class, source_networks
 from agent.policy.engine import evaluate, flow_day
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Policy
 
 
-@dataclass(frozen=True, slots=True)
 class Judged:
-    flow: Flow
-    location: Location
-    verdicts: tuple[Verdict, ...]
-    jurisdictions: tuple[str, ...]  # groups the destination country belongs to at the flow's time
+    """A judged flow: the flow, where its destination is, one verdict per policy, and the groups
+    the destination country belongs to at the flow's time.
+
+    Verdicts come from a cache shared by every flow with the same facts (see `Pipeline`); their
+    messages name the destination of the flow that filled the cache. `verdicts` gives them with
+    this flow's destination (rebuilt on first access, so a flow whose verdicts nobody reads costs
+    nothing); `outcomes` gives the cached ones, whose policy, outcome, severity and reason are
+    the same for every flow of the key (what metrics need).
+    """
+
+    __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed")
+
+    def __init__(self, flow: Flow, location: Location, verdicts: tuple[Verdict, ...],
+                 jurisdictions: tuple[str, ...], written_for: str | None = None):
+        self.flow, self.location, self.outcomes, self.jurisdictions = flow, location, verdicts, jurisdictions
+        self._for = written_for if written_for is not None else flow.dst
+        self._fixed = None
+
+    @property
+    def verdicts(self) -> tuple[Verdict, ...]:
+        if self._for == self.flow.dst:
+            return self.outcomes
+        if self._fixed is None:
+            old, new = f"destination {self._for} ", f"destination {self.flow.dst} "
+            self._fixed = tuple(replace(v, message=new + v.message[len(old):]) if v.message.startswith(old) else v
+                                for v in self.outcomes)
+        return self._fixed
+
+    def with_flow(self, flow: Flow) -> Judged:
+        """The same judgement for an updated flow record (counters at its end); same destination."""
+        j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for)
+        j._fixed = self._fixed
+        return j
 
     @property
     def worst(self) -> Outcome:
         order = [Outcome.VIOLATION, Outcome.INDETERMINATE, Outcome.EXEMPT, Outcome.COMPLIANT]
-        outs = {v.outcome for v in self.verdicts}
+        outs = {v.outcome for v in self.outcomes}
         return next((o for o in order if o in outs), Outcome.NOT_APPLICABLE)
 
 
@@ -47,7 +79,8 @@ class Pipeline:
         self.scoper = scoper
         sel = [p.applies_to for p in policies]
         dests = [d for p in policies for d in (p.allow, p.deny, *(e.destinations for e in p.exceptions)) if d]
-        self._by_src = any(s.sources for s in sel)
+        self._dst_nets = destination_networks(policies)
+        self._src_nets = source_networks(policies)
         self._by_port = any(s.ports for s in sel)
         self._by_who = any(s.processes or s.users or s.units or s.containers for s in sel)
         self._by_host = any(d.hostnames for d in dests)
@@ -60,21 +93,22 @@ class Pipeline:
     def is_egress(self, flow: Flow) -> bool:
         return self.scoper.is_egress(flow.src, flow.dst)
 
-    def _key(self, flow: Flow) -> tuple:
-        return (flow.dst, flow_day(flow), flow.proto, flow.src if self._by_src else None,
-                flow.dport if self._by_port else None, flow.who if self._by_who else None,
-                flow.hostname if self._by_host else None)
+    def _key(self, flow: Flow, loc: Location) -> tuple:
+        """Everything `evaluate` reads, for every loaded policy (see agent.policy.compiled)."""
+        return (location_class(loc), self._dst_nets.mask(flow.dst), self._src_nets.mask(flow.src),
+                flow_day(flow), flow.proto, flow.dport if self._by_port else None,
+                flow.who if self._by_who else None, flow.hostname if self._by_host else None)
 
     def judge(self, flow: Flow) -> Judged:
-        key = self._key(flow)
+        loc = self.locator.locate(flow.dst)
+        key = self._key(flow, loc)
         hit = self._cache.get(key)
         if hit is None:
-            loc = self.locator.locate(flow.dst)
             verdicts = tuple(evaluate(flow, loc, p, self.jurisdictions) for p in self.policies)
             groups = ()
             if loc.unknown_reason is None and loc.country:
                 groups = tuple(self.jurisdictions.groups_of(loc.country, flow_day(flow)))
-            hit = self._cache[key] = (loc, verdicts, groups)
+            hit = self._cache[key] = (verdicts, groups, flow.dst)
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return Judged(flow, *hit)
+        return Judged(flow, loc, hit[0], hit[1], hit[2])

@@ -40,7 +40,8 @@ def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) ->
     templates = []
     for i in range(flows):
         dst = dsts[i % len(dsts)]
-        sport, dport = 30000 + i, rnd.choice([443, 53, 8443])
+        sport, dport = 1024 + i % 64000, rnd.choice([443, 53, 8443])
+        src4 = bytes([10, 0, i // 64000 % 256, 5])
         proto = 6 if i % 3 else 17
         if i % 5 == 0:  # IPv6
             src6 = bytes.fromhex("fd000000000000000000000000000005")
@@ -51,7 +52,7 @@ def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) ->
         else:
             l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + 100, 0, 0, 64, proto, 0,
-                             bytes([10, 0, 0, 5]), bytes(int(x) for x in dst.split(".")))
+                             src4, bytes(int(x) for x in dst.split(".")))
             frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + l4 + bytes(100)
         templates.append(frame)
     with open(path, "wb") as f:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from datetime import UTC, date, datetime
+from datetime import date, timedelta
 from functools import lru_cache
 
 from agent.flow import Flow, Location, Outcome, Verdict
@@ -33,13 +33,17 @@ def _ip(text: str):
     return ipaddress.ip_address(text)
 
 
+_EPOCH = date(1970, 1, 1)
+
+
 @lru_cache(maxsize=4096)
-def _day(ts: float) -> date:
-    return datetime.fromtimestamp(ts, tz=UTC).date()
+def _day(index: int) -> date:
+    return _EPOCH + timedelta(days=index)
 
 
 def flow_day(flow: Flow) -> date:
-    return _day(float(flow.first_seen or 0.0))
+    """The UTC day of the flow's first packet (memberships change at UTC midnight)."""
+    return _day(int((flow.first_seen or 0.0) // 86400))
 
 
 def _selected(sel: Selector, flow: Flow) -> bool:

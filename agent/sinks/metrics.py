@@ -131,7 +131,7 @@ class Metrics:
         cc = country_label(j.location)
         n = j.flow.bytes
         child = self._child
-        for v in j.verdicts:
+        for v in j.outcomes:
             outcome = v.outcome.value
             if outcome == "not_applicable":
                 continue
