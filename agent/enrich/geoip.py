@@ -16,13 +16,14 @@ Unknown is an answer, never a silent pass: `unknown_reason` is one of
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections import OrderedDict
 from datetime import UTC, datetime
 from importlib import metadata
+from socket import AF_INET as _AF4
+from socket import inet_ntop as _ntop
 
-from agent.enrich.scope import Scoper, embedded_ipv4
+from agent.enrich.scope import Scoper, embedded_int, ip_int
 from agent.errors import UserError
 from agent.fileio import open_regular
 from agent.flow import Location
@@ -30,6 +31,7 @@ from agent.flow import Location
 CACHE_SIZE = 65536
 # RIR pseudo-codes that name a region, not a country.
 _REGION_CODES = {"EU", "AP"}
+_MISSING = object()
 
 
 def _iso(d) -> str | None:
@@ -142,6 +144,30 @@ class _Db:
         self.build_epoch = meta.build_epoch
         self.ip_version = meta.ip_version
         self.stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self._fields: dict[tuple, dict | None] = {}
+
+    def fields(self, version: int, n: int, ip: str) -> tuple[tuple, dict | None]:
+        """(network key, `fields_from_record` of the record) for an address given three ways.
+
+        Records are per network: the fields are derived once per network the database returns
+        (keyed by prefix length and network bits), not once per address.
+        """
+        import maxminddb
+
+        if self.ip_version == 4 and version == 6:
+            return (), None
+        try:
+            rec, plen = self.reader.get_with_prefix_len(ip)
+        except (maxminddb.InvalidDatabaseError, ValueError) as e:
+            raise CorruptRecord(f"{self.path}: corrupt record for {ip} ({e})") from None
+        key = (version, plen, n >> ((32 if version == 4 else 128) - plen))
+        hit = self._fields.get(key, _MISSING)
+        if hit is _MISSING:
+            hit = fields_from_record(rec) if isinstance(rec, dict) else None
+            if len(self._fields) >= 262144:
+                self._fields.clear()
+            self._fields[key] = hit
+        return key, hit
 
     def get(self, ip: str) -> dict | None:
         import maxminddb
@@ -176,11 +202,13 @@ class Locator:
         self._cache: OrderedDict[str, Location] = OrderedDict()
         self.errors = 0  # corrupt records met; each address stays an explicit unknown
         self.warnings: list[str] = []
+        self._merged: dict[tuple, dict] = {}
         self._open()
 
     def _open(self):
         self.dbs = [_Db(p) for p in self.paths]
         self._cache.clear()
+        self._merged.clear()
         self.refresh_error: str | None = None
 
     def provenance(self) -> list[dict]:
@@ -212,6 +240,7 @@ class Locator:
             return False
         self.dbs = dbs
         self._cache.clear()
+        self._merged.clear()
         self.refresh_error = None
         return True
 
@@ -227,44 +256,55 @@ class Locator:
         return loc
 
     def _locate(self, ip: str) -> Location:
+        version, n = ip_int(ip)
         scope = self.scoper.scope(ip)
-        addr = ipaddress.ip_address(ip)
-        lookup = addr
-        if addr.version == 6:
-            emb = embedded_ipv4(addr)
+        lv, ln, lookup_ip, lookup = version, n, None, ip
+        if version == 6:
+            emb = embedded_int(n)
             if emb is not None:
-                lookup = emb[1]
-        lookup_ip = str(lookup) if lookup != addr else None
+                lv, ln = 4, emb
+                lookup = lookup_ip = _ntop(_AF4, emb.to_bytes(4, "big"))
         if scope != "public":
             return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, unknown_reason="not-public")
         if not self.dbs:
             import iptocc
 
-            cc = iptocc.country_code(str(lookup))
+            cc = iptocc.country_code(lookup)
             f = {"country": cc.upper() if cc else None}
             return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, country=f["country"],
                             source="rir-registration",
                             provenance=(("iptocc " + _iptocc_version(), ""),),
                             unknown_reason=unknown_reason(f))
-        geo: dict | None = None
-        geo_db = None
-        asn: dict | None = None
-        prov = []
+        keys = []
         for db in self.dbs:
             # The embedded IPv4 address itself, never the database's IPv6 alias: for Teredo,
             # MaxMind's alias resolves the relay server, not the client the data goes to.
             try:
-                rec = db.get(str(lookup))
+                keys.append(db.fields(lv, ln, lookup))
             except CorruptRecord as e:
                 self.errors += 1
                 if len(self.warnings) < 20:
                     self.warnings.append(f"{e}; address reported as unknown (database-error)")
                 return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, source=db.database_type,
                                 provenance=((db.database_type, db.build_date),), unknown_reason="database-error")
-            prov.append((db.database_type, db.build_date))
-            if rec is None:
+        ident = tuple(k for k, _ in keys)
+        kw = self._merged.get(ident)
+        if kw is None:
+            kw = self._merge([f for _, f in keys])
+            if len(self._merged) >= 262144:
+                self._merged.clear()
+            self._merged[ident] = kw
+        return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, **kw)
+
+    def _merge(self, found: list[dict | None]) -> dict:
+        """Location fields from each database's record: the first with a place wins, ASN from the
+        first that has one."""
+        geo: dict | None = None
+        geo_db = None
+        asn: dict | None = None
+        for db, f in zip(self.dbs, found, strict=True):
+            if f is None:
                 continue
-            f = fields_from_record(rec)
             if geo is None and (f["country"] or f["registered_country"] or f["continent"]):
                 geo, geo_db = f, db
             if asn is None and f["asn"] is not None:
@@ -272,14 +312,14 @@ class Locator:
         f = dict(geo or {})
         if asn is not None:
             f["asn"], f["as_org"] = asn["asn"], asn["as_org"]
-        return Location(ip=ip, scope=scope, lookup_ip=lookup_ip,
-                        country=f.get("country") if f.get("country") not in _REGION_CODES else None,
-                        registered_country=f.get("registered_country"),
-                        represented_country=f.get("represented_country"),
-                        continent=f.get("continent"), in_eu=f.get("in_eu"),
-                        anycast=bool(f.get("anycast")), asn=f.get("asn"), as_org=f.get("as_org"),
-                        source=geo_db.database_type if geo_db else None, provenance=tuple(prov),
-                        unknown_reason=unknown_reason(f))
+        return dict(country=f.get("country") if f.get("country") not in _REGION_CODES else None,
+                    registered_country=f.get("registered_country"),
+                    represented_country=f.get("represented_country"),
+                    continent=f.get("continent"), in_eu=f.get("in_eu"),
+                    anycast=bool(f.get("anycast")), asn=f.get("asn"), as_org=f.get("as_org"),
+                    source=geo_db.database_type if geo_db else None,
+                    provenance=tuple((db.database_type, db.build_date) for db in self.dbs),
+                    unknown_reason=unknown_reason(f))
 
 
 class FixtureLocator:

@@ -93,6 +93,19 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Addre
     return None
 
 
+def embedded_int(n: int) -> int | None:
+    """`embedded_ipv4` on integers: the IPv4 address (as an int) an IPv6 address carries, or None."""
+    if n >> 32 == 0xFFFF:
+        return n & 0xFFFFFFFF
+    if n >> 32 == _NAT64_BASE >> 32:
+        return n & 0xFFFFFFFF
+    if n >> 112 == 0x2002:
+        return (n >> 80) & 0xFFFFFFFF
+    if n >> 96 == 0x20010000:
+        return ~n & 0xFFFFFFFF
+    return None
+
+
 def registry_scope(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """Scope from the IANA tables alone; IPv6 forms that embed IPv4 take the IPv4 scope."""
     if addr.version == 6:

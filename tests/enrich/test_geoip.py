@@ -104,7 +104,7 @@ def test_corrupt_record_is_an_explicit_unknown_not_a_crash(tmp_path, monkeypatch
     loc = Locator([path], DOC)
 
     class Broken:
-        def get(self, ip):
+        def get_with_prefix_len(self, ip):
             raise maxminddb.InvalidDatabaseError("bad data section")
 
     monkeypatch.setattr(loc.dbs[0], "reader", Broken())

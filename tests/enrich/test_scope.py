@@ -113,3 +113,14 @@ def test_tables_cover_the_space_without_overlap():
 def test_not_an_address_is_a_value_error():
     with pytest.raises(ValueError):
         Scoper().scope("not-an-ip")
+
+
+def test_embedded_int_equals_embedded_ipv4():
+    from agent.enrich.scope import embedded_int
+
+    _s, addresses = _interesting_addresses()
+    for ip in addresses:
+        a = ipaddress.ip_address(ip)
+        if a.version == 6:
+            e = embedded_ipv4(a)
+            assert embedded_int(int(a)) == (int(e[1]) if e else None), ip
