@@ -55,6 +55,13 @@ class Judged:
                                 for v in self.outcomes)
         return self._fixed
 
+    def message(self, v: Verdict) -> str:
+        """The message of one of `outcomes`, naming this flow's destination."""
+        if self._for == self.flow.dst:
+            return v.message
+        old = f"destination {self._for} "
+        return f"destination {self.flow.dst} " + v.message[len(old):] if v.message.startswith(old) else v.message
+
     def with_flow(self, flow: Flow) -> Judged:
         """The same judgement for an updated flow record (counters at its end); same destination."""
         j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for)

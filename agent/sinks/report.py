@@ -17,6 +17,7 @@ from agent.flow import Outcome, iso_time, proto_name
 from agent.pipeline import Judged
 
 MAX_TABLE_ROWS = 40
+_VALUE = {o: o.value for o in Outcome}
 
 
 class AuditReport:
@@ -53,17 +54,22 @@ class AuditReport:
         c["bytes"] += f.bytes
         for g in j.jurisdictions:
             self.by_jurisdiction[g] += f.bytes
-        for v in j.verdicts:
-            self.verdicts[v.outcome.value] += 1
-            if v.outcome.value in self.records:
-                self.records[v.outcome.value].append({
-                    "policy": v.policy, "severity": v.severity, "reason": v.reason, "message": v.message,
-                    "exception": v.exception, "src": f.src, "sport": f.sport, "dst": f.dst,
-                    "dst_port": f.dport, "proto": proto_name(f.proto), "country": loc.country,
-                    "registered_country": loc.registered_country, "asn": loc.asn, "as_org": loc.as_org,
-                    "packets": f.packets, "bytes": f.bytes, "first_seen": iso_time(f.first_seen),
-                    "last_seen": iso_time(f.last_seen),
-                    "process": f.to_json().get("process")})
+        base = None
+        verdicts = self.verdicts
+        for v in j.outcomes:
+            outcome = _VALUE[v.outcome]
+            verdicts[outcome] += 1
+            records = self.records.get(outcome)
+            if records is None:
+                continue
+            if base is None:  # the flow's part of a record, built once for all its reported verdicts
+                base = {"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport, "proto": proto_name(f.proto),
+                        "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
+                        "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes,
+                        "first_seen": iso_time(f.first_seen), "last_seen": iso_time(f.last_seen),
+                        "process": f.to_json().get("process") if f.who is not None else None}
+            records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
+                            "message": j.message(v), "exception": v.exception, **base})
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],

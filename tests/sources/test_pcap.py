@@ -300,3 +300,21 @@ def test_unsupported_link_type_is_reported(tmp_path):
     path = write_pcap(tmp_path / "u.pcap", [(1.0, b"\x00" * 40)], linktype=147)
     cap = read_capture(path)
     assert cap.stats.unsupported == 1 and "link type 147" in cap.stats.warnings[0]
+
+
+def test_address_spelling_equals_ipaddress():
+    """The capture path names addresses with inet_ntop; it must spell them as ipaddress does."""
+    import ipaddress
+    import random
+
+    from agent.sources.pcap import _Flows
+
+    rnd = random.Random(4)
+    t = _Flows()
+    samples = [rnd.getrandbits(128) for _ in range(3000)]
+    samples += [rnd.getrandbits(16) << rnd.choice((0, 16, 48, 96, 112)) for _ in range(3000)]  # zero runs
+    samples += [0xFFFF << 32 | rnd.getrandbits(32), 1, 0, rnd.getrandbits(32)]
+    for n in samples:
+        t.table[(6 << 40, n >> 64, n & (2**64 - 1), n >> 64, n & (2**64 - 1))] = [1, 0, 0.0, 0.0]
+    for f in t.flows("pcap"):
+        assert f.src == str(ipaddress.IPv6Address(f.src)), f.src
