@@ -33,6 +33,7 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
+from agent.flow import Outcome
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
@@ -43,6 +44,7 @@ from agent.sinks.metrics import Metrics
 
 log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
+_REPORTED = {Outcome(o) for o in EVIDENCE_OUTCOMES}
 MAX_OPEN_FLOWS = 262144
 MAX_KNOWN = 1 << 20  # ct ids the source remembers, so a resynchronising dump skips flows it has seen
 BATCH = 4096  # events per queue item: one hand-off per netlink read, at most this many
@@ -401,6 +403,7 @@ class Daemon:
                 else:
                     if counted:
                         judged.inc()
+            self.metrics.flush()
             with self.pending_lock:
                 self.pending -= len(batch)
                 self.pending_flows -= flows
@@ -451,13 +454,11 @@ class Daemon:
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         ev = self.evidence
-        if not any(v.outcome.value in EVIDENCE_OUTCOMES for v in j.outcomes):
-            return  # nothing to report: no message is built
-        for v in j.verdicts:
-            if v.outcome.value in EVIDENCE_OUTCOMES:
+        for v in j.outcomes:
+            if v.outcome in _REPORTED:
                 gaps = ev.gaps
                 try:
-                    ev.write(record(j, v, event, extra))
+                    ev.write(record(j, v, event, extra))  # record() names this flow's destination
                     self.metrics.evidence_lines.inc()
                 except OSError as err:
                     # counted per line; logged once a minute, not per line (a full disk would flood the journal)

@@ -15,8 +15,10 @@ from datetime import UTC
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from agent import __version__
+from agent.flow import Outcome
 
 NS = "egress_agent"
+_VALUE = {o: o.value for o in Outcome}
 
 
 def country_label(loc) -> str:
@@ -27,6 +29,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self._children: dict = {}
+        self._pending: dict = {}
         self.flows = Counter(f"{NS}_flows", "Egress flows judged, by policy, verdict and destination country.",
                              ["policy", "verdict", "country"], registry=r)
         self.bytes = Counter(f"{NS}_bytes", "IP-layer bytes sent on judged egress flows (original direction).",
@@ -127,25 +130,41 @@ class Metrics:
         return c
 
     def judged(self, j, bytes_only: bool = False):
-        """Count one judged flow: flows + bytes per verdict, violations, indeterminate reasons."""
+        """Count one judged flow: flows + bytes per verdict, violations, indeterminate reasons.
+
+        Counts gather in a plain dict and reach the Prometheus counters in `flush()` (the worker
+        calls it after every batch): one locked increment per label set per batch, instead of
+        four to eight per flow.
+        """
         cc = country_label(j.location)
         n = j.flow.bytes
-        child = self._child
+        pend = self._pending
         for v in j.outcomes:
-            outcome = v.outcome.value
+            outcome = _VALUE[v.outcome]
             if outcome == "not_applicable":
                 continue
             if not bytes_only:
-                child(self.flows, v.policy, outcome, cc).inc()
+                k = (self.flows, v.policy, outcome, cc)
+                pend[k] = pend.get(k, 0) + 1
                 if outcome == "violation":
-                    child(self.violations, v.policy, v.severity, cc).inc()
+                    k = (self.violations, v.policy, v.severity, cc)
+                    pend[k] = pend.get(k, 0) + 1
                 elif outcome == "indeterminate":
-                    child(self.indeterminate, v.policy, v.reason).inc()
+                    k = (self.indeterminate, v.policy, v.reason)
+                    pend[k] = pend.get(k, 0) + 1
             if n:
-                child(self.bytes, v.policy, outcome, cc).inc(n)
+                k = (self.bytes, v.policy, outcome, cc)
+                pend[k] = pend.get(k, 0) + n
         if n:
             for g in j.jurisdictions:
-                child(self.jurisdiction_bytes, g).inc(n)
+                k = (self.jurisdiction_bytes, g)
+                pend[k] = pend.get(k, 0) + n
+
+    def flush(self):
+        """Apply the counts gathered by `judged` to the exported counters."""
+        pend, self._pending = self._pending, {}
+        for (metric, *labels), n in pend.items():
+            self._child(metric, *labels).inc(n)
 
     def policies(self, policies, geoip_provenance):
         self.policies_loaded.set(len(policies))
