@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from socket import AF_INET as _AF4
+from socket import AF_INET6 as _AF6
+from socket import inet_ntop as _ntop
+from socket import inet_pton as _pton
 
 from agent.errors import UserError
 from agent.flow import PROTO_NUMBERS, Flow, Who
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a dependency; the standard library still works
+    _orjson = None
 
 
 @dataclass
@@ -57,9 +67,25 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def loads(raw: bytes):
+def strict_loads(raw: bytes):
     """json.loads without NaN/Infinity and without huge integers; ValueError/RecursionError on bad input."""
     return json.loads(raw, parse_constant=_reject_constant, parse_int=_bounded_int)
+
+
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
+
+
+def loads(raw: bytes):
+    """`strict_loads`, fast: orjson for the common line (it rejects NaN/Infinity and invalid
+    UTF-8 too), the standard library whenever orjson refuses or a long digit run could be an
+    integer orjson would turn into a float, so acceptance and error messages stay those of
+    `strict_loads`."""
+    if _orjson is None or _LONG_DIGITS.search(raw):
+        return strict_loads(raw)
+    try:
+        return _orjson.loads(raw)
+    except _orjson.JSONDecodeError:
+        return strict_loads(raw)
 
 
 def _time(v, where: str) -> float:
@@ -97,6 +123,31 @@ def _int(d: dict, key: str, where: str, default=0, hi=None) -> int:
     return v
 
 
+_CANON: dict[str, str] = {}
+
+
+def canonical_ip(v: str) -> str:
+    """`str(ipaddress.ip_address(v))`, memoised, via inet_pton/inet_ntop where their spelling is
+    the same (everything but the ::a.b.c.d forms and scoped addresses); ValueError if not an address."""
+    c = _CANON.get(v)
+    if c is not None:
+        return c
+    try:
+        if ":" in v:
+            packed = _pton(_AF6, v)
+            c = None if packed[:10] == bytes(10) else _ntop(_AF6, packed)
+        else:
+            c = _ntop(_AF4, _pton(_AF4, v))
+    except OSError:
+        c = None
+    if c is None:
+        c = str(ipaddress.ip_address(v))  # the rare forms, and the exact error
+    if len(_CANON) > 65536:
+        _CANON.clear()
+    _CANON[v] = c
+    return c
+
+
 def _addr(d: dict, key: str, where: str) -> str:
     if key not in d:
         raise UserError(f"{where}{key}: missing field")
@@ -104,7 +155,7 @@ def _addr(d: dict, key: str, where: str) -> str:
     try:
         if not isinstance(v, str):
             raise TypeError
-        return str(ipaddress.ip_address(v))
+        return canonical_ip(v)
     except (ValueError, TypeError):
         raise UserError(f"{where}{key}: {_show(v)} is not an IP address") from None
 
