@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.netns import LOCAL_NETS, PUBLIC_NETS, Topology  # noqa: E402
 
+PROFILE = None  # --profile PREFIX
 COUNTRIES = ["DE", "FR", "US", "CN", "JP", "GB", "NL", "IE", "SG", "BR", "IN", "RU", "CA", "AU", "SE", "CH"]
 
 SENDER = """
@@ -114,7 +115,14 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
         time.sleep(1.0)
         m0 = metrics(port)
         a0, p0, t0 = cpu_seconds(agent.pid), cpu_seconds(peer.pid), time.monotonic()
+        spy = None
+        if PROFILE:  # sample the agent's threads while the sender runs (py-spy, collapsed stacks)
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(agent.pid), "-d", str(int(seconds)), "-r", "200",
+                                    "--format", "raw", "-o", f"{PROFILE}-{rate}-{int(attribution)}.txt"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sent = int(topo.run("python3", "-c", SENDER, str(rate), str(seconds), str(seed)).stdout)
+        if spy is not None:
+            spy.wait(timeout=60)
         dt = time.monotonic() - t0
         # let the agent drain its queue and settle its books (judged work still counts as its CPU)
         for _ in range(60):
@@ -146,7 +154,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="2000,10000,30000")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--profile", metavar="PREFIX", help="py-spy the agent; collapsed stacks to PREFIX-RATE-ATTR.txt")
+    ap.add_argument("--no-attribution-pass", action="store_true", help="skip the pass with attribution on")
     a = ap.parse_args()
+    global PROFILE
+    PROFILE = a.profile
     if os.geteuid() != 0:
         raise SystemExit("bench_live needs root (network namespaces, netlink, nftables)")
     work = Path(tempfile.mkdtemp(prefix="ea-live-"))
@@ -155,7 +167,7 @@ def main():
     print(f"{os.cpu_count()} CPUs; sender, agent, conntrack -E and the kernel share them")
     with Topology("ealive") as topo:
         topo.enable_conntrack(udp_timeout=2)
-        for attribution in (False, True):
+        for attribution in (False,) if a.no_attribution_pass else (False, True):
             print(f"\n--- attribution {'on' if attribution else 'off'} ---")
             print(f"{'offered/s':>10} {'kernel':>8} {'judged':>8} {'drops':>24} {'unacct':>6} "
                   f"{'agent %':>8} {'%/1k/s':>7} {'flows/cpu-s':>11} {'ct -E %':>8} {'%/1k/s':>7} {'ratio':>6}")
