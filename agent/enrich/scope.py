@@ -187,8 +187,11 @@ def build_tables(public_nets=(), local_nets=()) -> dict[int, list[tuple[int, int
     return {4: t4, 6: _flatten(v6, 128)}
 
 
+@lru_cache(maxsize=65536)
 def ip_int(ip: str) -> tuple[int, int]:
-    """(version, integer) of an address in text form; ValueError when it is not one."""
+    """(version, integer) of an address in text form; ValueError when it is not one.
+
+    Memoised: the source, the locator and the policy masks all ask for the same address."""
     try:
         if ":" in ip:
             return 6, int.from_bytes(_pton(_AF6, ip), "big")
@@ -229,6 +232,8 @@ class Scoper:
     def accountable(self, ip: str) -> bool:
         """False for Teredo addresses: the kernel's egress counter cannot classify them (see
         `agent.sources.kernel_count`), so they are judged but left out of loss accounting."""
+        if ":" not in ip:
+            return True
         version, n = ip_int(ip)
         return version == 4 or self._scopes[6][bisect_right(self._starts[6], n) - 1] != TEREDO
 
