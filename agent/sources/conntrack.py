@@ -65,7 +65,7 @@ class CtEntry(NamedTuple):
     several microseconds cheaper per entry.
     """
 
-    ct_id: int
+    ct_id: int  # 32 bits, not unique on its own: identify a flow by entry[:6] (id and tuple)
     proto: int
     src: str
     sport: int
