@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=FORMATS, default="table")
     a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
     a.add_argument("--conntrack", action="store_true", help="audit one snapshot of the live conntrack table")
+    a.add_argument("--as-of", type=_as_of, metavar="DATE",
+                   help="judge flows without a plausible time (none, before 1995, or more than a day after "
+                        "DATE) as of DATE (default: today, UTC); the report lists them")
     a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
 
     lk = sub.add_parser("lookup", help="where addresses are, and how we know")
@@ -111,6 +114,12 @@ def _error(text: str):
     """One error line; under journald at priority err (3), so `journalctl -p err` shows it."""
     prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
     print("\n".join(f"{prefix}{line}" for line in f"egress-agent: error: {text}".splitlines()), file=sys.stderr)
+
+
+def _as_of(text):
+    from agent.commands.common import as_of_date
+
+    return as_of_date(text)
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import replace
+from datetime import UTC, date, datetime
 
 from agent.enrich.scope import Scoper
-from agent.flow import Flow, Location, Outcome, Verdict
+from agent.flow import Flow, Location, Outcome, Verdict, iso_time
 from agent.policy.compiled import destination_networks, location_class, source_networks
 from agent.policy.engine import evaluate, flow_day
 from agent.policy.jurisdictions import Jurisdictions
@@ -37,13 +38,16 @@ class Judged:
     the same for every flow of the key (what metrics need).
     """
 
-    __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed")
+    __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed", "judged_at", "redated")
 
     def __init__(self, flow: Flow, location: Location, verdicts: tuple[Verdict, ...],
-                 jurisdictions: tuple[str, ...], written_for: str | None = None):
+                 jurisdictions: tuple[str, ...], written_for: str | None = None, judged_at: date | None = None,
+                 redated: str | None = None):
         self.flow, self.location, self.outcomes, self.jurisdictions = flow, location, verdicts, jurisdictions
         self._for = written_for if written_for is not None else flow.dst
         self._fixed = None
+        self.judged_at = judged_at or flow_day(flow)
+        self.redated = redated  # why the flow was judged at the as-of date, not its own time
 
     @property
     def verdicts(self) -> tuple[Verdict, ...]:
@@ -64,7 +68,7 @@ class Judged:
 
     def with_flow(self, flow: Flow) -> Judged:
         """The same judgement for an updated flow record (counters at its end); same destination."""
-        j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for)
+        j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for, self.judged_at, self.redated)
         j._fixed = self._fixed
         return j
 
@@ -78,8 +82,17 @@ class Judged:
 CACHE_SIZE = 65536
 
 
+PLAUSIBLE_FROM = 788918400.0  # 1995-01-01T00:00:00Z: no flow record we judge is older
+
+
 class Pipeline:
-    def __init__(self, policies: list[Policy], jurisdictions: Jurisdictions, locator, scoper: Scoper):
+    """`as_of`: the day a flow without a plausible time is judged at (no time, before 1995, or more
+    than a day after the as-of date); None means today (UTC), which is what the live daemon wants.
+    """
+
+    def __init__(self, policies: list[Policy], jurisdictions: Jurisdictions, locator, scoper: Scoper,
+                 as_of: date | None = None):
+        self.as_of = as_of
         self.policies = policies
         self.jurisdictions = jurisdictions
         self.locator = locator
@@ -100,22 +113,36 @@ class Pipeline:
     def is_egress(self, flow: Flow) -> bool:
         return self.scoper.is_egress(flow.src, flow.dst)
 
-    def _key(self, flow: Flow, loc: Location) -> tuple:
+    def judging_day(self, flow: Flow) -> tuple[date, str | None]:
+        """The day a flow is judged at, and why it is not its own first-seen day (or None)."""
+        t = flow.first_seen
+        as_of = self.as_of or datetime.now(UTC).date()
+        if not t:
+            return as_of, "no timestamp"
+        if t < PLAUSIBLE_FROM:
+            return as_of, f"timestamp {iso_time(t)} is before 1995"
+        day = flow_day(flow)
+        if (day - as_of).days > 1:
+            return as_of, f"timestamp {iso_time(t)} is more than a day after the as-of date {as_of}"
+        return day, None
+
+    def _key(self, flow: Flow, loc: Location, day: date) -> tuple:
         """Everything `evaluate` reads, for every loaded policy (see agent.policy.compiled)."""
         return (location_class(loc), self._dst_nets.mask(flow.dst), self._src_nets.mask(flow.src),
-                flow_day(flow), flow.proto, flow.dport if self._by_port else None,
+                day, flow.proto, flow.dport if self._by_port else None,
                 flow.who if self._by_who else None, flow.hostname if self._by_host else None)
 
     def judge(self, flow: Flow) -> Judged:
         loc = self.locator.locate(flow.dst)
-        key = self._key(flow, loc)
+        day, redated = self.judging_day(flow)
+        key = self._key(flow, loc, day)
         hit = self._cache.get(key)
         if hit is None:
-            verdicts = tuple(evaluate(flow, loc, p, self.jurisdictions) for p in self.policies)
+            verdicts = tuple(evaluate(flow, loc, p, self.jurisdictions, day) for p in self.policies)
             groups = ()
             if loc.unknown_reason is None and loc.country:
-                groups = tuple(self.jurisdictions.groups_of(loc.country, flow_day(flow)))
+                groups = tuple(self.jurisdictions.groups_of(loc.country, day))
             hit = self._cache[key] = (verdicts, groups, flow.dst)
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return Judged(flow, loc, hit[0], hit[1], hit[2])
+        return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated)

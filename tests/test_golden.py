@@ -30,6 +30,7 @@ def essential(report: dict) -> dict:
     out = {k: report[k] for k in KEYS}
     for kind in ("violations", "indeterminate", "exempt"):
         out[kind] = sorted([r["policy"], r["dst"], r["dst_port"], r["reason"], r["exception"]] for r in report[kind])
+    out["redated"] = sorted([r["dst"], r["judged_at"], r["reason"]] for r in report.get("redated", []))
     return out
 
 

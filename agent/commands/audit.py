@@ -99,7 +99,7 @@ def run_audit(args) -> int:
             if pipe.is_egress(flow):
                 report.add(pipe.judge(flow))
     report.warnings.extend(pipe.locator.warnings)
-    for w in report.warnings:
+    for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output
 

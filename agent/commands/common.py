@@ -20,4 +20,21 @@ def build_pipeline(args) -> Pipeline:
     jur = Jurisdictions.load()
     policies = load_policies(args.policies or shipped_policies(), jur)
     locator = build_locator(args)
-    return Pipeline(policies, jur, locator, locator.scoper)
+    return Pipeline(policies, jur, locator, locator.scoper, as_of=getattr(args, "as_of", None) or _today())
+
+
+def _today():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).date()
+
+
+def as_of_date(text: str):
+    """argparse type for --as-of: a calendar date (UTC day)."""
+    import argparse
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date (YYYY-MM-DD)") from None

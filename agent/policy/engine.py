@@ -134,9 +134,14 @@ def _describe(flow: Flow, loc: Location, country: str | None) -> str:
     return f"destination {flow.dst} ({where}{org})"
 
 
-def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions) -> Verdict:
+def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: date | None = None) -> Verdict:
+    """The verdict of `policy` on `flow`, judged as of `at` (default: the flow's first-seen UTC day;
+    the pipeline passes another day for flows without a plausible time). Every message ends with
+    the day it was judged at, since memberships and exceptions depend on it."""
+    at = at or flow_day(flow)
+
     def verdict(outcome: Outcome, reason: str, message: str, exception: str | None = None) -> Verdict:
-        return Verdict(policy=policy.name, outcome=outcome, reason=reason, message=message,
+        return Verdict(policy=policy.name, outcome=outcome, reason=reason, message=f"{message} (judged as of {at})",
                        severity=policy.severity, policy_file=policy.file, policy_sha256=policy.sha256,
                        exception=exception)
 
@@ -145,7 +150,11 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions) -> V
                        f"destination {flow.dst} is {loc.scope}, not a transfer")
     if not _selected(policy.applies_to, flow):
         return verdict(Outcome.NOT_APPLICABLE, "not-selected", f"flow is not governed by policy {policy.name}")
-    at = flow_day(flow)
+    if not policy.in_effect(at):
+        span = (f"from {policy.effective_from}" if policy.effective_from else "") + \
+               (f" until {policy.effective_until} (exclusive)" if policy.effective_until else "")
+        return verdict(Outcome.NOT_APPLICABLE, "not-in-effect",
+                       f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
     desc = _describe(flow, loc, country)
 

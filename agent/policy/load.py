@@ -210,10 +210,16 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
             probs.add(path + ("expires",), f"expires {expires} is not after from {start}")
         exceptions.append(Exemption(e["id"], e["basis"], e["reference"], e["owner"], dest or Destinations(),
                                     expires or date.min, start))
+    eff = d.get("effective") or {}
+    eff_from = _day(eff.get("from"), ("effective", "from"), probs)
+    eff_until = _day(eff.get("until"), ("effective", "until"), probs)
+    if eff_from and eff_until and eff_until <= eff_from:
+        probs.add(("effective", "until"), f"until {eff_until} is not after from {eff_from}")
     return Policy(name=d["name"], home=home, severity=d.get("severity", "medium"),
                   description=d.get("description", ""), applies_to=selector, allow=allow, deny=deny,
                   operators=operators, unknown=d.get("unknown", "indeterminate"),
-                  exceptions=tuple(exceptions), file=file, sha256=sha)
+                  exceptions=tuple(exceptions), file=file, sha256=sha,
+                  effective_from=eff_from, effective_until=eff_until)
 
 
 def _day(v, path, probs) -> date | None:

@@ -74,3 +74,9 @@ class Policy:
     exceptions: tuple[Exemption, ...] = ()
     file: str = ""
     sha256: str = ""
+    effective_from: date | None = None   # first day the rules apply (the law's date of application)
+    effective_until: date | None = None  # first day they no longer apply (exclusive)
+
+    def in_effect(self, at: date) -> bool:
+        return (self.effective_from is None or self.effective_from <= at) and \
+            (self.effective_until is None or at < self.effective_until)

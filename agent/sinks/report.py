@@ -30,6 +30,7 @@ class AuditReport:
         self.by_country: dict = defaultdict(lambda: {"dst": set(), "flows": 0, "packets": 0, "bytes": 0})
         self.by_jurisdiction: Counter = Counter()
         self.records: dict[str, list] = {"violation": [], "indeterminate": [], "exempt": []}
+        self.redated: list[dict] = []
         self.warnings: list[str] = []
 
     def add_input(self, stats: dict, packets: int | None = None):
@@ -54,6 +55,10 @@ class AuditReport:
         c["bytes"] += f.bytes
         for g in j.jurisdictions:
             self.by_jurisdiction[g] += f.bytes
+        if j.redated is not None:
+            self.redated.append({"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport,
+                                 "proto": proto_name(f.proto), "first_seen": iso_time(f.first_seen) if f.first_seen
+                                 else None, "judged_at": j.judged_at.isoformat(), "reason": j.redated})
         base = None
         verdicts = self.verdicts
         for v in j.outcomes:
@@ -91,8 +96,18 @@ class AuditReport:
             "violations": sorted(self.records["violation"], key=order),
             "indeterminate": sorted(self.records["indeterminate"], key=order),
             "exempt": sorted(self.records["exempt"], key=order),
-            "warnings": self.warnings,
+            "redated": self.redated,
+            "warnings": self.warnings + self._redated_warning(),
         }
+
+    def _redated_warning(self) -> list[str]:
+        if not self.redated:
+            return []
+        days = sorted({r["judged_at"] for r in self.redated})
+        reasons = sorted({r["reason"].split(" is ")[-1] if " is " in r["reason"] else r["reason"]
+                          for r in self.redated})
+        return [f"{len(self.redated)} flow(s) had no plausible time ({'; '.join(reasons)}) and were judged as of "
+                f"{', '.join(days)} (--as-of); listed under \"redated\""]
 
     def render(self, console):
         from rich.table import Table
@@ -120,6 +135,8 @@ class AuditReport:
                       str(r["packets"]), str(r["bytes"]))
         console.print(t)
         console.print("Verdicts: " + ", ".join(f"{k} {v}" for k, v in self.verdicts.items()))
+        for w in self._redated_warning():
+            console.print(f"[yellow]{w}[/]")
         for kind, style in (("violation", "red"), ("indeterminate", "yellow")):
             groups: dict = {}
             for r in self.records[kind]:

@@ -64,7 +64,7 @@ def test_table(tmp_path, loc, kw, outcome, reason):
 def test_violation_message_is_actionable(tmp_path):
     (v,) = judge(tmp_path, "203.0.113.9", {"country": "US"}).verdicts
     assert v.message == ("destination 203.0.113.9 (US) is outside EU required by policy t; "
-                         "no exception applies")
+                         "no exception applies (judged as of 2025-06-01)")
 
 
 def test_jurisdictions_of_destination_are_reported(tmp_path):
