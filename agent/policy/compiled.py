@@ -67,6 +67,7 @@ def source_networks(policies) -> NetMask:
 
 
 def location_class(loc) -> tuple:
-    """The fields of a Location that `evaluate` reads (everything but the address itself)."""
+    """The fields of a Location that `evaluate` reads (everything but the address itself; the
+    embedded IPv4 address a message names is one of them)."""
     return (loc.scope, loc.country, loc.registered_country, loc.continent, loc.asn, loc.as_org,
-            loc.unknown_reason)
+            loc.unknown_reason, loc.lookup_ip)

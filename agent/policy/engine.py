@@ -120,18 +120,42 @@ def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, p
     return m
 
 
+# What each unknown reason means, in words (reason codes stay machine-readable in `reason`).
+UNKNOWN_WORDS = {
+    "no-record": "no location data for this address",
+    "registered-country-only": "only the country the address is registered to is known, not where it is",
+    "continent-only": "only the continent is known",
+    "anycast": "an anycast address, served from many countries",
+    "database-error": "the GeoIP database could not be read for this address",
+    "not-public": "not a public address",
+    "no-asn": "no network operator (ASN) is known for this address",
+    "unlisted-asn": "the network operator (ASN) is not in the policy's operator list",
+}
+PROBLEM_WORDS = {"denied-destination": "denied", "outside-allowed": "outside the allowed destinations"}
+
+
+def _unknown_words(code: str) -> str:
+    kind, _, why = code.partition(":")
+    return UNKNOWN_WORDS.get(why, why.replace("-", " "))
+
+
 def _describe(flow: Flow, loc: Location, country: str | None) -> str:
     if country:
         where = country
     else:
-        where = f"location unknown: {loc.unknown_reason or 'no-record'}"
+        where = f"location unknown: {_unknown_words(':' + (loc.unknown_reason or 'no-record'))}"
         if loc.registered_country:
-            where += f", registered {loc.registered_country}"
+            where += f"; registered {loc.registered_country}"
         elif loc.continent:
-            where += f", continent {loc.continent}"
+            where += f"; continent {loc.continent}"
     org = f", AS{loc.asn} {loc.as_org}" if loc.asn is not None and loc.as_org else (
         f", AS{loc.asn}" if loc.asn is not None else "")
-    return f"destination {flow.dst} ({where}{org})"
+    via = f"located by its embedded IPv4 address {loc.lookup_ip}: " if loc.lookup_ip else ""
+    return f"destination {flow.dst} ({via}{where}{org})"
+
+
+def _last_day(ex) -> date:
+    return ex.expires - timedelta(days=1)
 
 
 def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: date | None = None) -> Verdict:
@@ -188,18 +212,21 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         if not em.hit:
             continue
         if ex.in_force(at):
-            what = problem[0] if problem else unknown
+            what = (PROBLEM_WORDS.get(problem[0], problem[0]) if problem
+                    else f"impossible to judge ({_unknown_words(unknown)})")
             return verdict(Outcome.EXEMPT, "exception",
                            f"{desc} would be {what} under policy {policy.name}; exempt by exception {ex.id} "
-                           f"({ex.basis}: {ex.reference}; owner {ex.owner}; expires {ex.expires})",
+                           f"({ex.basis}: {ex.reference}; owner {ex.owner}; covers until {_last_day(ex)})",
                            exception=ex.id)
-        expired.append(f"exception {ex.id} " + (f"expired {ex.expires}" if at >= ex.expires
-                                                 else f"starts {ex.start}"))
+        expired.append(f"exception {ex.id} " + (f"expired {ex.expires} (it covered until {_last_day(ex)})"
+                                                 if at >= ex.expires else f"starts {ex.start}"))
     tail = "; " + ("; ".join(expired) + " (not in force)" if expired else "no exception applies")
     if problem is not None:
         return verdict(Outcome.VIOLATION, problem[0], problem[1] + tail)
-    what = unknown.split(":", 1)
-    msg = f"{desc}: policy {policy.name} cannot be judged ({what[0].replace('-', ' ')}: {what[-1]})"
+    if unknown.startswith("unknown-location"):  # the description already says what is missing
+        msg = f"{desc}: policy {policy.name} cannot be judged without the destination's country"
+    else:
+        msg = f"{desc}: policy {policy.name} cannot be judged ({_unknown_words(unknown)})"
     if policy.unknown == "allow":
         return verdict(Outcome.COMPLIANT, unknown, msg + "; unknown locations are allowed by this policy")
     if policy.unknown == "violation":

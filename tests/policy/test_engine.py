@@ -86,3 +86,34 @@ def test_a_wrong_expectation_fails(tmp_path):
         "cases:\n  - {name: wrong, flow: {dst: 203.0.113.9}, expect: compliant}\n")
     (r,) = run_test_file(tmp_path / "p.test.yaml", J)
     assert not r.passed and "expected compliant, got violation" in r.detail
+
+
+def test_messages_are_sentences_with_the_embedded_address_and_last_covered_day(tmp_path):
+    """Issue 9 section 5: words, not reason codes; NAT64 names the IPv4 looked up; exceptions say
+    the last day they cover."""
+    from agent.enrich.geoip import FixtureLocator
+
+    (tmp_path / "t.yaml").write_text(POLICY.replace("unknown: allow", "unknown: indeterminate"))
+    pols = load_policies(str(tmp_path), J)
+    scoper = Scoper(public_nets=["198.51.100.0/24", "203.0.113.0/24"])
+    pipe = Pipeline(pols, J, FixtureLocator({"203.0.113.9": {"country": "US", "asn": 64500},
+                                             "198.51.100.1": {"registered_country": "DE"}}, scoper), scoper)
+    when = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
+
+    def msg(dst):
+        f = Flow(proto=6, src="10.0.0.1", sport=1, dst=dst, dport=443, first_seen=when, who=CURL)
+        return pipe.judge(f).verdicts[0].message
+
+    exempt = msg("203.0.113.9")
+    assert "would be outside the allowed destinations" in exempt and "outside-allowed" not in exempt
+    assert "covers until 2029-12-31" in exempt and exempt.endswith("(judged as of 2025-06-01)")
+    unknown = msg("198.51.100.1")
+    assert "only the country the address is registered to is known" in unknown and "registered DE" in unknown
+    assert "registered-country-only" not in unknown and "no-record" not in unknown
+    from agent.enrich.geoip import Locator
+    from tests.helpers import build_city_mmdb
+
+    db = build_city_mmdb(tmp_path / "g.mmdb", {"203.0.113.0/24": {"country": "US"}})
+    pipe = Pipeline(pols, J, Locator([db], scoper), scoper)
+    nat64 = msg("64:ff9b::cb00:7109")  # 203.0.113.9 inside NAT64
+    assert nat64.startswith("destination 64:ff9b::cb00:7109 (located by its embedded IPv4 address 203.0.113.9: US")
