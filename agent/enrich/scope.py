@@ -50,7 +50,8 @@ _V4 = [
 ]
 _V6 = [
     ("::/128", "unspecified"), ("::1/128", "loopback"),
-    ("64:ff9b:1::/48", "private"),  # local-use IPv4/IPv6 translation
+    # 64:ff9b:1::/48 (RFC 8215, local-use IPv4/IPv6 translation) is not listed: like 64:ff9b::/96 it
+    # carries an IPv4 destination, and takes that address's scope (see embedded_ipv4)
     ("100::/64", "reserved"), ("100:0:0:1::/64", "reserved"),
     ("2001::/23", "reserved"),
     ("2001:1::1/128", "public"), ("2001:1::2/128", "public"), ("2001:1::3/128", "public"),
@@ -78,14 +79,20 @@ _TABLE = {4: _table(_V4), 6: _table(_V6)}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _SIXTOFOUR = ipaddress.ip_network("2002::/16")
 _TEREDO = ipaddress.ip_network("2001::/32")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
-    """The IPv4 address an IPv6 address carries, and the form: mapped, nat64, 6to4 or teredo."""
+    """The IPv4 address an IPv6 address carries, and the form: mapped, nat64, nat64-local, 6to4 or teredo.
+
+    nat64-local (64:ff9b:1::/48, RFC 8215) is read as operators deploy it, a /96 translation
+    prefix inside the /48 with the IPv4 address in the last 32 bits (RFC 6052's /96 format)."""
     if addr.ipv4_mapped is not None:
         return "mapped", addr.ipv4_mapped
     if addr in _NAT64:
         return "nat64", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr in _NAT64_LOCAL:
+        return "nat64-local", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     if addr in _SIXTOFOUR:
         return "6to4", ipaddress.IPv4Address((int(addr) >> 80) & 0xFFFFFFFF)
     if addr in _TEREDO:
@@ -98,6 +105,8 @@ def embedded_int(n: int) -> int | None:
     if n >> 32 == 0xFFFF:
         return n & 0xFFFFFFFF
     if n >> 32 == _NAT64_BASE >> 32:
+        return n & 0xFFFFFFFF
+    if n >> 80 == 0x64FF9B0001:
         return n & 0xFFFFFFFF
     if n >> 112 == 0x2002:
         return (n >> 80) & 0xFFFFFFFF
@@ -137,6 +146,8 @@ def parse_nets(values, what: str) -> tuple:
 # obfuscates the client (~low 32 bits), which no interval of IPv6 addresses can express: the table
 # marks that region TEREDO and the lookup resolves it through the IPv4 table.
 TEREDO = "teredo"
+LOCAL64 = "nat64-local"  # 64:ff9b:1::/48: the IPv4 address is the last 32 bits of each /96 in it
+EMBEDDED_MARKERS = (TEREDO, LOCAL64)  # regions the tables cannot flatten: resolved per address
 _MAPPED, _NAT64_BASE, _SIXTOFOUR_BASE = 0xFFFF << 32, int(_NAT64.network_address), 0x2002 << 112
 _BITS = {4: 32, 6: 128}
 
@@ -182,6 +193,7 @@ def build_tables(public_nets=(), local_nets=()) -> dict[int, list[tuple[int, int
         v6.append((_NAT64_BASE | s, _NAT64_BASE | e, 150, scope))
         v6.append((_SIXTOFOUR_BASE | s << 80, _SIXTOFOUR_BASE | e << 80 | ((1 << 80) - 1), 150, scope))
     v6.append(_net_entry(_TEREDO, 150, TEREDO))
+    v6.append(_net_entry(_NAT64_LOCAL, 150, LOCAL64))
     v6 += [_net_entry(n, 200, "public") for n in public_nets if n.version == 6]
     v6 += [_net_entry(n, 300, "local") for n in local_nets if n.version == 6]
     return {4: t4, 6: _flatten(v6, 128)}
@@ -224,18 +236,20 @@ class Scoper:
         scope = self._scopes[version][bisect_right(self._starts[version], n) - 1]
         if scope == TEREDO:
             return self._scopes[4][bisect_right(self._starts[4], ~n & 0xFFFFFFFF) - 1]
+        if scope == LOCAL64:
+            return self._scopes[4][bisect_right(self._starts[4], n & 0xFFFFFFFF) - 1]
         return scope
 
     def _scope(self, ip: str) -> str:
         return self.scope_int(*ip_int(ip))
 
     def accountable(self, ip: str) -> bool:
-        """False for Teredo addresses: the kernel's egress counter cannot classify them (see
+        """False for Teredo and local-use NAT64 addresses: the kernel's egress counter cannot classify them (see
         `agent.sources.kernel_count`), so they are judged but left out of loss accounting."""
         if ":" not in ip:
             return True
         version, n = ip_int(ip)
-        return version == 4 or self._scopes[6][bisect_right(self._starts[6], n) - 1] != TEREDO
+        return version == 4 or self._scopes[6][bisect_right(self._starts[6], n) - 1] not in EMBEDDED_MARKERS
 
     def is_local(self, ip: str) -> bool:
         """A source is local (this side of the border) when it is anything but public."""

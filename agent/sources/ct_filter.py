@@ -23,7 +23,7 @@ import ctypes
 import socket
 import struct
 
-from agent.enrich.scope import TEREDO, Scoper
+from agent.enrich.scope import EMBEDDED_MARKERS, Scoper
 
 SO_ATTACH_FILTER = 26
 # cBPF opcodes (linux/filter.h)
@@ -85,13 +85,13 @@ def _classes(scoper: Scoper, version: int):
     rows = scoper.ranges(version)
     if version == 4:
         pub = [(lo, hi) for lo, hi, s in rows if s == "public"]
-        non = [(lo, hi) for lo, hi, s in rows if s not in ("public", TEREDO)]
+        non = [(lo, hi) for lo, hi, s in rows if s != "public" and s not in EMBEDDED_MARKERS]
         return _merge(pub), _merge(non)
     pub, non = [], []
     for lo, hi, s in rows:
         first = (lo + (1 << 96) - 1) >> 96  # first /32 block wholly inside [lo, hi]
         last = ((hi + 1) >> 96) - 1
-        if first > last or s == TEREDO:
+        if first > last or s in EMBEDDED_MARKERS:
             continue
         (pub if s == "public" else non).append((first, last))
     return _merge(pub), _merge(non)

@@ -2,7 +2,7 @@
 
     table inet egress_agent
       set nonpublic4 / nonpublic6   every address the agent does not call public (from its scope table)
-      set teredo6                   Teredo space (its scope depends on obfuscated bits: not countable)
+      set embedded6                   Teredo and local-use NAT64 space (scope per embedded IPv4: not countable)
       chain egress_output           hook output,  priority 300: ct state new, first packet, local -> public
       chain egress_forward          hook forward, priority 300: the same for forwarded (container) traffic
 
@@ -24,7 +24,7 @@ import ipaddress
 import json
 import subprocess
 
-from agent.enrich.scope import TEREDO, Scoper
+from agent.enrich.scope import EMBEDDED_MARKERS, Scoper
 
 COMMENT = "egress-agent:kernel-flows"
 TABLE = "egress_agent"
@@ -60,11 +60,11 @@ def _merge(intervals):
 
 def nonpublic(scoper: Scoper, version: int):
     """Merged (lo, hi) intervals of every address whose scope is not public (Teredo excluded)."""
-    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(version) if s not in ("public", TEREDO)])
+    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(version) if s != "public" and s not in EMBEDDED_MARKERS])
 
 
-def teredo(scoper: Scoper):
-    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(6) if s == TEREDO])
+def embedded(scoper: Scoper):
+    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(6) if s in EMBEDDED_MARKERS])
 
 
 def nft_table(scoper: Scoper) -> str:
@@ -73,12 +73,12 @@ def nft_table(scoper: Scoper) -> str:
     It is idempotent: it deletes and recreates the table, so a reload with other public/local
     networks replaces the sets (and resets the counters; the daemon notices and rebases).
     """
-    t6 = teredo(scoper)
+    t6 = embedded(scoper)
     rule4 = (f"ct state new ct status & confirmed == 0 ct original ip saddr @nonpublic4 "
              f"ct original ip daddr != @nonpublic4 counter comment \"{COMMENT}\"")
     rule6 = ("ct state new ct status & confirmed == 0 ct original ip6 saddr @nonpublic6 "
              "ct original ip6 daddr != @nonpublic6 "
-             + ("ct original ip6 saddr != @teredo6 ct original ip6 daddr != @teredo6 " if t6 else "")
+             + ("ct original ip6 saddr != @embedded6 ct original ip6 daddr != @embedded6 " if t6 else "")
              + f"counter comment \"{COMMENT}\"")
     chains = []
     for chain, hook in (("egress_output", "output"), ("egress_forward", "forward")):
@@ -90,7 +90,7 @@ def nft_table(scoper: Scoper) -> str:
     sets = (one("nonpublic4", "ipv4_addr", _elements(nonpublic(scoper, 4), 4))
             + one("nonpublic6", "ipv6_addr", _elements(nonpublic(scoper, 6), 6)))
     if t6:
-        sets += one("teredo6", "ipv6_addr", _elements(t6, 6))
+        sets += one("embedded6", "ipv6_addr", _elements(t6, 6))
     return (f"# Added by egress-agent. The rules accept and drop nothing: they make the kernel track\n"
             f"# connections here and count new local -> public connections (see agent/sources/kernel_count.py).\n"
             f"table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n{sets}{''.join(chains)}}}\n")

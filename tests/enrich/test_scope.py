@@ -16,7 +16,8 @@ from agent.enrich.scope import Scoper, embedded_ipv4, registry_scope
     ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fd00::1", "private"),
     ("ff02::1", "multicast"), ("2001:db8::1", "documentation"), ("3fff::1", "documentation"),
     ("2a00:1450::1", "public"), ("2001:2::1", "benchmarking"), ("2001:20::1", "public"),
-    ("64:ff9b::808:808", "public"), ("64:ff9b::a00:1", "private"), ("64:ff9b:1::1", "private"),
+    ("64:ff9b::808:808", "public"), ("64:ff9b::a00:1", "private"), ("64:ff9b:1::808:808", "public"),
+    ("64:ff9b:1::a00:1", "private"), ("64:ff9b:1:5::cb00:7109", "documentation"),
     ("::ffff:192.168.0.1", "private"), ("2002:c000:0201::1", "documentation"),
     ("4000::1", "reserved"),
 ])
@@ -35,6 +36,7 @@ def test_stdlib_would_get_these_wrong():
     ("64:ff9b::102:304", "nat64", "1.2.3.4"),
     ("2002:102:304::1", "6to4", "1.2.3.4"),
     ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "teredo", "192.0.2.45"),
+    ("64:ff9b:1::102:304", "nat64-local", "1.2.3.4"),
 ])
 def test_embedded_ipv4(ip, form, v4):
     assert embedded_ipv4(ipaddress.ip_address(ip)) == (form, ipaddress.ip_address(v4))
@@ -91,7 +93,8 @@ def _interesting_addresses():
         v4 = rnd.getrandbits(32)
         out += [f"::ffff:{ipaddress.IPv4Address(v4)}", str(ipaddress.IPv6Address((0x64FF9B << 96) | v4)),
                 str(ipaddress.IPv6Address((0x2002 << 112) | v4 << 80 | rnd.getrandbits(80))),
-                str(ipaddress.IPv6Address((0x20010000 << 96) | rnd.getrandbits(64) << 32 | v4))]
+                str(ipaddress.IPv6Address((0x20010000 << 96) | rnd.getrandbits(64) << 32 | v4)),
+                str(ipaddress.IPv6Address((0x64FF9B0001 << 80) | rnd.getrandbits(48) << 32 | v4))]
     return s, out
 
 
