@@ -312,6 +312,9 @@ class Locator:
         f = dict(geo or {})
         if asn is not None:
             f["asn"], f["as_org"] = asn["asn"], asn["as_org"]
+        # MaxMind marks anycast networks in traits, often on records with no place at all: keep the
+        # marker from any database, so the reason is `anycast`, never `no-record`
+        f["anycast"] = any(x and x.get("anycast") for x in found)
         return dict(country=f.get("country") if f.get("country") not in _REGION_CODES else None,
                     registered_country=f.get("registered_country"),
                     represented_country=f.get("represented_country"),

@@ -15,6 +15,7 @@ EDGE = {
     "198.51.100.32/28": {"continent": "EU"},
     "198.51.100.48/28": {"country": "PH", "represented": "US"},
     "198.51.100.64/28": {"country": "US", "anycast": True},
+    "198.51.100.80/28": {"anycast": True},  # anycast with no place in the record at all
     "203.0.113.0/24": {"country": "US"},
 }
 
@@ -36,6 +37,7 @@ def test_fields_and_provenance(city_db, asn_db):
     ("198.51.100.17", "registered-country-only"),
     ("198.51.100.33", "continent-only"),
     ("198.51.100.65", "anycast"),
+    ("198.51.100.81", "anycast"),
     ("198.51.100.200", "no-record"),
     ("10.0.0.1", "not-public"),
 ])
