@@ -181,6 +181,11 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
                        f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
     desc = _describe(flow, loc, country)
+    if country and policy.use_represented_country and loc.represented_country \
+            and loc.represented_country != country:
+        # e.g. a military base abroad: the policy chose to judge by the country the network represents
+        desc = desc.replace(f"({country}", f"({loc.represented_country}, represented; located in {country}", 1)
+        country = loc.represented_country
 
     problem: tuple[str, str] | None = None  # (reason, message)
     unknown: str | None = None

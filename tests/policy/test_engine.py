@@ -117,3 +117,22 @@ def test_messages_are_sentences_with_the_embedded_address_and_last_covered_day(t
     pipe = Pipeline(pols, J, Locator([db], scoper), scoper)
     nat64 = msg("64:ff9b::cb00:7109")  # 203.0.113.9 inside NAT64
     assert nat64.startswith("destination 64:ff9b::cb00:7109 (located by its embedded IPv4 address 203.0.113.9: US")
+
+
+def test_represented_country_is_a_policy_choice(tmp_path):
+    """A US base in the Philippines: GeoIP says country PH, represented_country US."""
+    from agent.enrich.geoip import FixtureLocator
+
+    scoper = Scoper(public_nets=["203.0.113.0/24"])
+    when = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
+    flow = Flow(proto=6, src="10.0.0.1", sport=1, dst="203.0.113.9", dport=443, first_seen=when)
+    table = {"203.0.113.9": {"country": "PH", "represented_country": "US"}}
+    out = {}
+    for rule in ("located", "represented"):
+        (tmp_path / "p.yaml").write_text(f"version: 1\nname: p\nhome: [US]\nlocation: {rule}\n"
+                                         "allow: {jurisdictions: [HOME]}\n")
+        pipe = Pipeline(load_policies(str(tmp_path / "p.yaml"), J), J, FixtureLocator(table, scoper), scoper)
+        out[rule] = pipe.judge(flow).verdicts[0]
+    assert out["located"].outcome == Outcome.VIOLATION and "(PH)" in out["located"].message
+    assert out["represented"].outcome == Outcome.COMPLIANT
+    assert "(US, represented; located in PH)" in out["represented"].message
