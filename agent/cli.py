@@ -1,4 +1,4 @@
-"""Command line: audit | lookup | policy check | policy test | policy schema | run.
+"""Command line: audit | lookup | jurisdictions | policy check | policy test | policy schema | run.
 
 Exit codes are the contract: 0 clean, 1 violations (audit) or failed policy tests, 2 usage or input
 errors (a message naming file, line/offset and field; never a traceback), 70 an internal error (a
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_geo(lk)
     lk.add_argument("--format", choices=FORMATS, default="table")
 
+    ju = sub.add_parser("jurisdictions", help="the jurisdiction groups: members, dates, conditions, sources")
+    ju.add_argument("group", nargs="?", metavar="GROUP")
+    ju.add_argument("--at", type=_as_of, metavar="DATE", help="only the entries in force on this UTC day")
+    ju.add_argument("--format", choices=FORMATS, default="table")
+
     pol = sub.add_parser("policy", help="check, test or describe policies")
     psub = pol.add_subparsers(dest="policy_command", required=True)
     pc = psub.add_parser("check", help="validate policies; report every problem (exit 2 on any)")
@@ -131,6 +136,9 @@ def main(argv=None) -> int:
         if args.command == "lookup":
             from agent.commands.lookup import run_lookup
             return run_lookup(args)
+        if args.command == "jurisdictions":
+            from agent.commands.jurisdictions import run_jurisdictions
+            return run_jurisdictions(args)
         if args.command == "policy":
             from agent.commands.policy import run_policy
             return run_policy(args)

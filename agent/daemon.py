@@ -163,6 +163,7 @@ class Daemon:
 
     def _loaded(self):
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
+        self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)
         self.metrics.reload_time.set(time.time())
 

@@ -49,6 +49,9 @@ GRAFANA = {
         "$A > 0"),
     "EgressFlowsUnaccounted": ({"A": "egress_agent_flows_unaccounted"}, "$A > 0"),
     "EgressLossAccountingOff": ({"A": "egress_agent_loss_accounting"}, "$A < 1"),
+    "EgressJurisdictionDataStale": (
+        {"A": "time() - min by (instance) (egress_agent_jurisdiction_data_reviewed_timestamp_seconds)"},
+        "$A > 31536000"),
     "EgressGeoIPDatabaseStale": ({"A": "time() - egress_agent_geoip_database_build_timestamp_seconds"},
                                  "$A > 864000"),
     "EgressExceptionExpiringSoon": ({"A": "egress_agent_exception_expiry_timestamp_seconds - time()"},

@@ -50,6 +50,7 @@ class Group:
     members: tuple[Member, ...]
     include: tuple[str, ...]
     file: str
+    reviewed: date | None = None  # when someone last checked every entry against its source
 
 
 def _date(value, where: str) -> date:
@@ -156,5 +157,8 @@ def _load_group(path: Path) -> Group:
         members.append(Member(cc, _date(m.get("from"), f"{where}.from"),
                               _date(m["until"], f"{where}.until") if m.get("until") else None,
                               str(m["source"]), m.get("condition")))
+    if not doc.get("reviewed"):
+        raise UserError(f"{path}: reviewed: every group file says when its entries were last checked "
+                        "against their sources (YYYY-MM-DD)")
     return Group(doc["name"], doc.get("title", ""), doc.get("source", ""), tuple(members),
-                 tuple(doc.get("include") or ()), str(path))
+                 tuple(doc.get("include") or ()), str(path), _date(doc["reviewed"], f"{path}: reviewed"))

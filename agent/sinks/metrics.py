@@ -97,6 +97,9 @@ class Metrics:
                                        "(lost lines: disk full, I/O error).", registry=r)
         self.evidence_gaps = Counter(f"{NS}_evidence_gaps", "Gap records written to the evidence log (after lost "
                                      "lines, or at start after an unclean stop).", registry=r)
+        self.jurisdiction_reviewed = Gauge(f"{NS}_jurisdiction_data_reviewed_timestamp_seconds",
+                                           "When each jurisdiction group's entries were last checked against "
+                                           "their sources (the file's `reviewed` date).", ["group"], registry=r)
         self.http_rejected = Counter(f"{NS}_http_connections_rejected", "Metrics connections closed at once "
                                      "because the connection limit was reached.", registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
@@ -165,6 +168,15 @@ class Metrics:
         pend, self._pending = self._pending, {}
         for (metric, *labels), n in pend.items():
             self._child(metric, *labels).inc(n)
+
+    def jurisdictions(self, jur):
+        from datetime import datetime, time
+
+        self.jurisdiction_reviewed.clear()
+        for g in jur.groups.values():
+            if g.reviewed:
+                self.jurisdiction_reviewed.labels(g.name).set(
+                    datetime.combine(g.reviewed, time(0), tzinfo=UTC).timestamp())
 
     def policies(self, policies, geoip_provenance):
         self.policies_loaded.set(len(policies))

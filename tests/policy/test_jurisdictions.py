@@ -12,10 +12,17 @@ def members(group, at):
     return {cc for cc in ISO3166 if (m := J.membership(group, cc, at)) and m.condition is None}
 
 
+# Parts of member states with their own ISO code (outermost regions, Åland, Gibraltar until Brexit)
+TERRITORIES_2025 = {"GP", "MQ", "GF", "RE", "MF", "YT", "AX"}
+
+
 def test_eu_has_27_members_today_and_28_before_brexit():
-    assert len(members("EU", date(2025, 1, 1))) == 27
-    assert len(members("EU", date(2019, 1, 1))) == 28
-    assert len(members("EU", date(2013, 6, 30))) == 27  # before Croatia
+    assert len(members("EU", date(2025, 1, 1)) - TERRITORIES_2025) == 27
+    assert len(members("EU", date(2019, 1, 1)) - TERRITORIES_2025 - {"GI"}) == 28
+    assert len(members("EU", date(2013, 6, 30)) - TERRITORIES_2025 - {"GI"}) == 27  # before Croatia
+    assert members("EU", date(2025, 1, 1)) & TERRITORIES_2025 == TERRITORIES_2025
+    assert "YT" not in members("EU", date(2013, 12, 31)) and "BL" in members("EU", date(2011, 12, 31))
+    assert "BL" not in members("EU", date(2012, 1, 1)) and "PF" not in members("EU", date(2025, 1, 1))
 
 
 def test_gb_left_the_eu_on_2020_01_31():
@@ -56,7 +63,43 @@ def test_iso_codes_are_jurisdictions_and_suggestions():
 
 
 def test_bad_group_file_is_reported(tmp_path):
-    (tmp_path / "X.yaml").write_text("name: X\nmembers:\n  - {country: ZZ, from: 2020-01-01, source: s}\n")
+    (tmp_path / "X.yaml").write_text("name: X\nreviewed: 2026-01-01\nmembers:\n"
+                                     "  - {country: ZZ, from: 2020-01-01, source: s}\n")
     with pytest.raises(UserError) as e:
         Jurisdictions.load([tmp_path])
     assert "members[0].country: 'ZZ'" in str(e.value)
+
+
+def test_uk_transition_bridge_adequacy_and_sunset():
+    """Withdrawal Agreement arts. 126-127, TCA art. FINPROV.10A, Decision (EU) 2021/1772 to 2031-12-27."""
+    for day in (date(2020, 2, 1), date(2020, 12, 31), date(2021, 1, 1), date(2021, 6, 27), date(2021, 6, 28),
+                date(2031, 12, 27)):
+        assert "EU-ADEQUATE" in J.groups_of("GB", day), day
+    assert "EU-ADEQUATE" not in J.groups_of("GB", date(2031, 12, 28))
+    assert "EU" in J.groups_of("GB", date(2020, 1, 31)) and "EU" not in J.groups_of("GB", date(2020, 2, 1))
+
+
+def test_brazil_adequacy_from_2026_01_26():
+    assert J.membership("EU-ADEQUATE", "BR", date(2026, 1, 25)) is None
+    assert "2026/179" in J.membership("EU-ADEQUATE", "BR", date(2026, 1, 26)).source
+
+
+def test_every_group_says_when_it_was_reviewed(tmp_path):
+    assert all(g.reviewed for g in J.groups.values())
+    (tmp_path / "X.yaml").write_text("name: X\nmembers: []\n")
+    with pytest.raises(UserError) as e:
+        Jurisdictions.load([tmp_path])
+    assert "reviewed:" in str(e.value)
+
+
+def test_jurisdictions_command(cli):
+    import json
+
+    r = cli("jurisdictions", "EU-ADEQUATE", "--at", "2020-06-01", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    (g,) = json.loads(r.stdout)
+    gb = [m for m in g["members"] if m["country"] == "GB"]
+    assert g["reviewed"] and len(gb) == 1 and "FINPROV.10A" in gb[0]["source"] and gb[0]["until"] == "2021-06-28"
+    assert "BR" not in {m["country"] for m in g["members"]}
+    bad = cli("jurisdictions", "EU-ADEQUAT")
+    assert bad.returncode == 2 and "did you mean EU-ADEQUATE" in bad.stderr
