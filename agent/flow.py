@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 47: "gre", 50: "esp"}
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 47: "gre", 50: "esp", 51: "ah"}
 PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()} | {"icmpv6": 58}
 
 
