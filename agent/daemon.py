@@ -162,6 +162,12 @@ class Daemon:
         return f"STATUS=judging with {len(self.pipeline.policies)} policies; attribution: {attr}"
 
     def _loaded(self):
+        inbound = [p.name for p in self.pipeline.policies if "inbound" in p.directions]
+        if inbound:
+            # said, not silently skipped: the live source's kernel filter and flow counter cover
+            # connections opened from local hosts; inbound ones are judged by `egress-agent audit`
+            log.warning("policies %s judge inbound connections too; the live conntrack source judges outbound "
+                        "connections only (audit captures or flow logs for inbound ones)", ", ".join(inbound))
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
         self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Location, Outcome, Verdict, iso_time
 from agent.policy.compiled import destination_networks, location_class, source_networks
-from agent.policy.engine import evaluate, flow_day
+from agent.policy.engine import PEER_NOUN, evaluate, flow_day
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Policy
 
@@ -38,37 +38,44 @@ class Judged:
     the same for every flow of the key (what metrics need).
     """
 
-    __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed", "judged_at", "redated")
+    __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed", "judged_at", "redated",
+                 "inbound")
 
     def __init__(self, flow: Flow, location: Location, verdicts: tuple[Verdict, ...],
                  jurisdictions: tuple[str, ...], written_for: str | None = None, judged_at: date | None = None,
-                 redated: str | None = None):
+                 redated: str | None = None, inbound: bool = False):
         self.flow, self.location, self.outcomes, self.jurisdictions = flow, location, verdicts, jurisdictions
-        self._for = written_for if written_for is not None else flow.dst
+        self.inbound = inbound  # opened from the remote peer (flow.src); location is the peer's
+        self._for = written_for if written_for is not None else self.peer
         self._fixed = None
         self.judged_at = judged_at or flow_day(flow)
         self.redated = redated  # why the flow was judged at the as-of date, not its own time
 
     @property
+    def peer(self) -> str:
+        """The remote address: the destination of an outbound flow, the source of an inbound one."""
+        return self.flow.src if self.inbound else self.flow.dst
+
+    @property
     def verdicts(self) -> tuple[Verdict, ...]:
-        if self._for == self.flow.dst:
+        if self._for == self.peer:
             return self.outcomes
         if self._fixed is None:
-            old, new = f"destination {self._for} ", f"destination {self.flow.dst} "
-            self._fixed = tuple(replace(v, message=new + v.message[len(old):]) if v.message.startswith(old) else v
-                                for v in self.outcomes)
+            self._fixed = tuple(replace(v, message=self.message(v)) for v in self.outcomes)
         return self._fixed
 
     def message(self, v: Verdict) -> str:
-        """The message of one of `outcomes`, naming this flow's destination."""
-        if self._for == self.flow.dst:
+        """The message of one of `outcomes`, naming this flow's remote address."""
+        if self._for == self.peer:
             return v.message
-        old = f"destination {self._for} "
-        return f"destination {self.flow.dst} " + v.message[len(old):] if v.message.startswith(old) else v.message
+        noun = PEER_NOUN[self.inbound]
+        old = f"{noun} {self._for} "
+        return f"{noun} {self.peer} " + v.message[len(old):] if v.message.startswith(old) else v.message
 
     def with_flow(self, flow: Flow) -> Judged:
         """The same judgement for an updated flow record (counters at its end); same destination."""
-        j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for, self.judged_at, self.redated)
+        j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for, self.judged_at, self.redated,
+                   self.inbound)
         j._fixed = self._fixed
         return j
 
@@ -104,6 +111,7 @@ class Pipeline:
         self._by_port = any(s.ports for s in sel)
         self._by_who = any(s.processes or s.users or s.units or s.containers for s in sel)
         self._by_host = any(d.hostnames for d in dests)
+        self.inbound = any("inbound" in p.directions for p in policies)
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
 
     def clear(self):
@@ -112,6 +120,15 @@ class Pipeline:
 
     def is_egress(self, flow: Flow) -> bool:
         return self.scoper.is_egress(flow.src, flow.dst)
+
+    def is_inbound(self, flow: Flow) -> bool:
+        """Opened from a public address to a local one, and some policy judges inbound connections."""
+        return self.inbound and self.scoper.is_egress(flow.dst, flow.src)
+
+    def judged_direction(self, flow: Flow) -> str | None:
+        if self.is_egress(flow):
+            return "outbound"
+        return "inbound" if self.is_inbound(flow) else None
 
     def judging_day(self, flow: Flow) -> tuple[date, str | None]:
         """The day a flow is judged at, and why it is not its own first-seen day (or None)."""
@@ -132,17 +149,20 @@ class Pipeline:
                 day, flow.proto, flow.dport if self._by_port else None,
                 flow.who if self._by_who else None, flow.hostname if self._by_host else None)
 
-    def judge(self, flow: Flow) -> Judged:
-        loc = self.locator.locate(flow.dst)
+    def judge(self, flow: Flow, inbound: bool = False) -> Judged:
+        """Judge an outbound flow, or (inbound=True) a connection a remote peer opened to a local host:
+        then the policies see it from the local side and the peer's location is what counts."""
+        view = replace(flow, src=flow.dst, dst=flow.src) if inbound else flow
+        loc = self.locator.locate(view.dst)
         day, redated = self.judging_day(flow)
-        key = self._key(flow, loc, day)
+        key = (inbound, *self._key(view, loc, day))
         hit = self._cache.get(key)
         if hit is None:
-            verdicts = tuple(evaluate(flow, loc, p, self.jurisdictions, day) for p in self.policies)
+            verdicts = tuple(evaluate(view, loc, p, self.jurisdictions, day, inbound) for p in self.policies)
             groups = ()
             if loc.unknown_reason is None and loc.country:
                 groups = tuple(self.jurisdictions.groups_of(loc.country, day))
-            hit = self._cache[key] = (verdicts, groups, flow.dst)
+            hit = self._cache[key] = (verdicts, groups, view.dst)
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated)
+        return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated, inbound)

@@ -45,7 +45,8 @@ def test_audit_report_contract(cli, capture, city_db, asn_db):
     assert [g["database_type"] for g in rep["geoip"]] == ["GeoIP2-City", "GeoLite2-ASN"]
     assert {p["name"] for p in rep["policies"]} >= {"gdpr-personal-data"}
     assert all(len(p["sha256"]) == 64 for p in rep["policies"])
-    assert rep["totals"] == {"packets": 8, "bytes": rep["totals"]["bytes"], "flows": 7, "egress_flows": 5}
+    assert rep["totals"] == {"packets": 8, "bytes": rep["totals"]["bytes"], "flows": 7, "egress_flows": 5,
+                             "inbound_flows": 1}  # the shipped PIPL policy also judges inbound connections
     by = {d["country"]: d for d in rep["destinations_by_country"]}
     assert by["DE"] == {"country": "DE", "distinct_dst": 1, "flows": 1, "packets": 2, "bytes": 180}
     assert by["US"]["distinct_dst"] == 2 and by["CN"]["flows"] == 1 and by[None]["flows"] == 1

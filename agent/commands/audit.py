@@ -96,8 +96,9 @@ def run_audit(args) -> int:
         report.add_input(stats, packets)
         for flow in flows:
             report.add_flow(flow, count_packets=packets is None)
-            if pipe.is_egress(flow):
-                report.add(pipe.judge(flow))
+            direction = pipe.judged_direction(flow)
+            if direction is not None:
+                report.add(pipe.judge(flow, inbound=direction == "inbound"))
     report.warnings.extend(pipe.locator.warnings)
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)

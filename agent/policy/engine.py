@@ -139,7 +139,7 @@ def _unknown_words(code: str) -> str:
     return UNKNOWN_WORDS.get(why, why.replace("-", " "))
 
 
-def _describe(flow: Flow, loc: Location, country: str | None) -> str:
+def _describe(flow: Flow, loc: Location, country: str | None, inbound: bool = False) -> str:
     if country:
         where = country
     else:
@@ -151,17 +151,25 @@ def _describe(flow: Flow, loc: Location, country: str | None) -> str:
     org = f", AS{loc.asn} {loc.as_org}" if loc.asn is not None and loc.as_org else (
         f", AS{loc.asn}" if loc.asn is not None else "")
     via = f"located by its embedded IPv4 address {loc.lookup_ip}: " if loc.lookup_ip else ""
-    return f"destination {flow.dst} ({via}{where}{org})"
+    return f"{PEER_NOUN[inbound]} {flow.dst} ({via}{where}{org})"
+
+
+PEER_NOUN = {False: "destination", True: "inbound peer"}  # how a message names the remote address
 
 
 def _last_day(ex) -> date:
     return ex.expires - timedelta(days=1)
 
 
-def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: date | None = None) -> Verdict:
+def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: date | None = None,
+             inbound: bool = False) -> Verdict:
     """The verdict of `policy` on `flow`, judged as of `at` (default: the flow's first-seen UTC day;
     the pipeline passes another day for flows without a plausible time). Every message ends with
-    the day it was judged at, since memberships and exceptions depend on it."""
+    the day it was judged at, since memberships and exceptions depend on it.
+
+    `inbound`: the connection was opened from the remote peer; `flow` is then given from the local
+    side (src the local host, dst the remote peer, dport the local service port), so selectors,
+    destinations and exceptions read the same way in both directions."""
     at = at or flow_day(flow)
 
     def verdict(outcome: Outcome, reason: str, message: str, exception: str | None = None) -> Verdict:
@@ -171,7 +179,11 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
 
     if loc.scope != "public":
         return verdict(Outcome.NOT_APPLICABLE, "not-public",
-                       f"destination {flow.dst} is {loc.scope}, not a transfer")
+                       f"{PEER_NOUN[inbound]} {flow.dst} is {loc.scope}, not a transfer")
+    direction = "inbound" if inbound else "outbound"
+    if direction not in policy.directions:
+        return verdict(Outcome.NOT_APPLICABLE, f"{direction}-not-governed",
+                       f"policy {policy.name} does not judge {direction} connections")
     if not _selected(policy.applies_to, flow):
         return verdict(Outcome.NOT_APPLICABLE, "not-selected", f"flow is not governed by policy {policy.name}")
     if not policy.in_effect(at):
@@ -180,7 +192,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         return verdict(Outcome.NOT_APPLICABLE, "not-in-effect",
                        f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
-    desc = _describe(flow, loc, country)
+    desc = _describe(flow, loc, country, inbound)
     if country and policy.use_represented_country and loc.represented_country \
             and loc.represented_country != country:
         # e.g. a military base abroad: the policy chose to judge by the country the network represents

@@ -74,6 +74,7 @@ class Policy:
     exceptions: tuple[Exemption, ...] = ()
     file: str = ""
     sha256: str = ""
+    directions: tuple[str, ...] = ("outbound",)  # outbound: local -> abroad; inbound: abroad -> local
     use_represented_country: bool = False  # judge by GeoIP's represented_country where it differs
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)

@@ -107,7 +107,8 @@ def run_test_file(path: Path, jur: Jurisdictions) -> list[CaseResult]:
         if isinstance(f.get("process"), dict):
             f["process"] = {k: v for k, v in f["process"].items() if k in Who.__slots__}
         flow = parse_flow(f, where("cases", i, "flow"))
-        judged = pipe.judge(flow)
+        # a flow from a public address to a local one is an inbound connection (judged by the peer)
+        judged = pipe.judge(flow, inbound=pipe.is_inbound(flow))
         v = judged.verdicts[0]
         problems = []
         if v.outcome != expect:

@@ -25,7 +25,7 @@ class AuditReport:
         self.inputs: list[dict] = []
         self.policies = [{"name": p.name, "file": p.file, "sha256": p.sha256} for p in policies]
         self.geoip = geoip_provenance
-        self.totals = Counter(packets=0, bytes=0, flows=0, egress_flows=0)
+        self.totals = Counter(packets=0, bytes=0, flows=0, egress_flows=0, inbound_flows=0)
         self.verdicts = Counter({o.value: 0 for o in Outcome})
         self.by_country: dict = defaultdict(lambda: {"dst": set(), "flows": 0, "packets": 0, "bytes": 0})
         self.by_jurisdiction: Counter = Counter()
@@ -47,9 +47,9 @@ class AuditReport:
 
     def add(self, j: Judged):
         f, loc = j.flow, j.location
-        self.totals["egress_flows"] += 1
+        self.totals["inbound_flows" if j.inbound else "egress_flows"] += 1
         c = self.by_country[loc.country if loc.unknown_reason is None else None]
-        c["dst"].add(f.dst)
+        c["dst"].add(j.peer)
         c["flows"] += 1
         c["packets"] += f.packets
         c["bytes"] += f.bytes
@@ -69,6 +69,7 @@ class AuditReport:
                 continue
             if base is None:  # the flow's part of a record, built once for all its reported verdicts
                 base = {"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport, "proto": proto_name(f.proto),
+                        "direction": "inbound" if j.inbound else "outbound",
                         "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
                         "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes,
                         "first_seen": iso_time(f.first_seen), "last_seen": iso_time(f.last_seen),
