@@ -186,8 +186,8 @@ def test_overflow_resynchronises_and_restart_loses_no_evidence(topo, tmp_path):
         topo.fill_udp(3000, net="203.0.113")  # a bounded burst of new flows into a tiny buffer
         wait_for(lambda: (a.value("egress_agent_source_events_lost_total") or 0) >= 1, what="lost events counted")
         # the flows are still open, so the resynchronising dump finds every one: nothing is lost
-        wait_for(lambda: a.value("egress_agent_flows_judged_total") == 3000, what="all 3000 judged")
-        assert a.value("egress_agent_kernel_flows_total") == 3000
+        wait_for(lambda: a.value("egress_agent_flows_judged_total") == 3000, timeout=40, what="all 3000 judged")
+        wait_for(lambda: a.value("egress_agent_kernel_flows_total") == 3000, what="the kernel's count read")
         assert a.value("egress_agent_source_flows_recovered_total") > 0
         wait_for(lambda: a.value("egress_agent_flows_unaccounted") == 0, what="unaccounted back to 0")
         assert a.value("egress_agent_source_drops_total", reason="overflow") == 0

@@ -32,6 +32,7 @@ CACHE_SIZE = 65536
 # RIR pseudo-codes that name a region, not a country.
 _REGION_CODES = {"EU", "AP"}
 _MISSING = object()
+REGISTRATION_SOURCE = "rir-registration"  # Location.source of the embedded data
 
 
 def _iso(d) -> str | None:
@@ -269,10 +270,12 @@ class Locator:
         if not self.dbs:
             import iptocc
 
+            # RIR delegation data says which country an address is *registered* to, not where it
+            # is: reported as such, so each policy's `unknown` (or registration_as_location) decides
             cc = iptocc.country_code(lookup)
-            f = {"country": cc.upper() if cc else None}
-            return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, country=f["country"],
-                            source="rir-registration",
+            f = {"registered_country": cc.upper() if cc else None}
+            return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, registered_country=f["registered_country"],
+                            source=REGISTRATION_SOURCE,
                             provenance=(("iptocc " + _iptocc_version(), ""),),
                             unknown_reason=unknown_reason(f))
         keys = []

@@ -70,4 +70,4 @@ def location_class(loc) -> tuple:
     """The fields of a Location that `evaluate` reads (everything but the address itself; the
     embedded IPv4 address a message names is one of them)."""
     return (loc.scope, loc.country, loc.registered_country, loc.continent, loc.asn, loc.as_org,
-            loc.unknown_reason, loc.lookup_ip, loc.represented_country)
+            loc.unknown_reason, loc.lookup_ip, loc.represented_country, loc.source)

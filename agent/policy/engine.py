@@ -139,8 +139,10 @@ def _unknown_words(code: str) -> str:
     return UNKNOWN_WORDS.get(why, why.replace("-", " "))
 
 
-def _describe(flow: Flow, loc: Location, country: str | None, inbound: bool = False) -> str:
-    if country:
+def _describe(flow: Flow, loc: Location, country: str | None, inbound: bool = False, where: str | None = None) -> str:
+    if where is not None:
+        pass
+    elif country:
         where = country
     else:
         where = f"location unknown: {_unknown_words(':' + (loc.unknown_reason or 'no-record'))}"
@@ -193,6 +195,12 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
                        f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
     desc = _describe(flow, loc, country, inbound)
+    if country is None and policy.registration_as_location and loc.unknown_reason == "registered-country-only" \
+            and loc.source == "rir-registration" and loc.registered_country:
+        # no location database: this policy chose to judge by the country of registration, and says so
+        country = loc.registered_country
+        desc = _describe(flow, loc, country, inbound,
+                         where=f"registered {country}, taken as its location by this policy: no GeoIP location data")
     if country and policy.use_represented_country and loc.represented_country \
             and loc.represented_country != country:
         # e.g. a military base abroad: the policy chose to judge by the country the network represents

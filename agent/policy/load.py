@@ -219,6 +219,7 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
                   description=d.get("description", ""), applies_to=selector, allow=allow, deny=deny,
                   operators=operators, unknown=d.get("unknown", "indeterminate"),
                   use_represented_country=d.get("location") == "represented",
+                  registration_as_location=bool(d.get("registration_as_location", False)),
                   directions=tuple(d.get("directions") or ("outbound",)),
                   exceptions=tuple(exceptions), file=file, sha256=sha,
                   effective_from=eff_from, effective_until=eff_until)

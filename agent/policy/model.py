@@ -75,7 +75,8 @@ class Policy:
     file: str = ""
     sha256: str = ""
     directions: tuple[str, ...] = ("outbound",)  # outbound: local -> abroad; inbound: abroad -> local
-    use_represented_country: bool = False  # judge by GeoIP's represented_country where it differs
+    use_represented_country: bool = False  # judge by GeoIP represented_country where it differs
+    registration_as_location: bool = False  # without a GeoIP database, judge by the country of registration
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)
 

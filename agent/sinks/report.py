@@ -20,6 +20,12 @@ MAX_TABLE_ROWS = 40
 _VALUE = {o: o.value for o in Outcome}
 
 
+def _where(r: dict) -> str:
+    if r["country"]:
+        return r["country"]
+    return f"registered {r['registered_country']}" if r.get("registered_country") else "unknown"
+
+
 class AuditReport:
     def __init__(self, policies, geoip_provenance):
         self.inputs: list[dict] = []
@@ -156,7 +162,7 @@ class AuditReport:
                 r = g["first"]
                 srcs = ", ".join(sorted(g["srcs"])[:3]) + (" …" if len(g["srcs"]) > 3 else "")
                 console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst} port {port} "
-                              f"({r['country'] or 'unknown'}): {g['flows']} flow(s), {g['packets']} packets, "
+                              f"({_where(r)}): {g['flows']} flow(s), {g['packets']} packets, "
                               f"{g['bytes']} bytes from {srcs}", highlight=False)
                 console.print(f"      {r['message']}", highlight=False, style="dim")
             if len(ranked) > MAX_TABLE_ROWS:

@@ -58,7 +58,9 @@ def test_nat64_and_6to4_look_up_the_embedded_ipv4(edge_db):
 
 def test_embedded_rir_data_without_database():
     loc = Locator([], Scoper()).locate("8.8.8.8")
-    assert loc.country == "US" and loc.source == "rir-registration"
+    # registration, not location (issue 9): the country stays unknown, the registration is reported
+    assert loc.country is None and loc.registered_country == "US" and loc.source == "rir-registration"
+    assert loc.unknown_reason == "registered-country-only"
     assert Locator([], Scoper()).provenance()[0]["database_type"].startswith("iptocc")
     # documentation space has no registration: unknown, not a guess
     assert Locator([], DOC).locate("203.0.113.5").unknown_reason == "no-record"

@@ -136,3 +136,24 @@ def test_represented_country_is_a_policy_choice(tmp_path):
     assert out["located"].outcome == Outcome.VIOLATION and "(PH)" in out["located"].message
     assert out["represented"].outcome == Outcome.COMPLIANT
     assert "(US, represented; located in PH)" in out["represented"].message
+
+
+def test_embedded_data_is_registration_and_a_policy_may_trust_it(tmp_path):
+    """Issue 9 section 3: without a GeoIP database the embedded RIR data gives the registration
+    country only; a policy judges by it only with registration_as_location: true, and says so."""
+    from agent.enrich.geoip import Locator
+
+    loc = Locator([], Scoper()).locate("8.8.8.8")
+    assert (loc.country, loc.registered_country, loc.unknown_reason) == (None, "US", "registered-country-only")
+    flow = Flow(proto=17, src="10.0.0.1", sport=1, dst="8.8.8.8", dport=53,
+                first_seen=datetime(2025, 6, 1, tzinfo=UTC).timestamp())
+    out = {}
+    for trust in ("false", "true"):
+        (tmp_path / "p.yaml").write_text(f"version: 1\nname: p\nhome: [EU]\nregistration_as_location: {trust}\n"
+                                         "allow: {jurisdictions: [EEA]}\n")
+        pipe = Pipeline(load_policies(str(tmp_path / "p.yaml"), J), J, Locator([], Scoper()), Scoper())
+        out[trust] = pipe.judge(flow).verdicts[0]
+    assert out["false"].outcome == Outcome.INDETERMINATE
+    assert out["false"].reason == "unknown-location:registered-country-only"
+    assert out["true"].outcome == Outcome.VIOLATION
+    assert "(registered US, taken as its location by this policy: no GeoIP location data)" in out["true"].message
