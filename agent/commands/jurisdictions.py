@@ -29,6 +29,7 @@ def describe(jur: Jurisdictions, name: str | None, at) -> list[dict]:
             "as_of": at.isoformat() if at else None,
             "members": [{"country": m.country, "from": m.start.isoformat(),
                          "until": m.end.isoformat() if m.end else None, "condition": m.condition,
+                         "excludes": " ".join(m.excludes.split()) if m.excludes else None,
                          "source": " ".join(m.source.split())} for m in members],
         })
     return out
@@ -47,10 +48,11 @@ def run_jurisdictions(args) -> int:
     for g in groups:
         when = f" in force on {g['as_of']}" if g["as_of"] else ""
         t = Table(title=f"{g['group']}: {g['title']}{when} (reviewed {g['reviewed']})", title_justify="left")
-        for col in ("country", "from", "until (exclusive)", "condition", "source"):
+        for col in ("country", "from", "until (exclusive)", "condition / excludes", "source"):
             t.add_column(col, overflow="fold")
         for m in g["members"]:
-            t.add_row(m["country"], m["from"], m["until"] or "", m["condition"] or "", m["source"])
+            limits = m["condition"] and f"only when: {m['condition']}" or m["excludes"] and f"excludes: {m['excludes']}"
+            t.add_row(m["country"], m["from"], m["until"] or "", limits or "", m["source"])
         console.print(t)
         if g["includes"]:
             console.print(f"  and every member of: {', '.join(g['includes'])}")

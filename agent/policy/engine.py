@@ -102,7 +102,8 @@ def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, p
                 if mem is None:
                     continue
                 if mem.condition is None:
-                    m.hit = j
+                    # a decision with carve-outs still covers the country: name them for the reader
+                    m.hit = f"{j} (the decision excludes {mem.excludes})" if mem.excludes else j
                     return m
                 m.conditional = m.conditional or f"{country} counts as {j} only when the {mem.condition}"
     if dest.operator_jurisdictions:

@@ -36,7 +36,8 @@ class Member:
     start: date
     end: date | None  # exclusive
     source: str
-    condition: str | None = None
+    condition: str | None = None  # must be shown of the recipient: never allows a flow on its own
+    excludes: str | None = None   # sectors or purposes the decision leaves out: allowed, and named
 
     def in_force(self, at: date) -> bool:
         return self.start <= at and (self.end is None or at < self.end)
@@ -156,7 +157,7 @@ def _load_group(path: Path) -> Group:
             raise UserError(f"{where}.source: every entry cites its source")
         members.append(Member(cc, _date(m.get("from"), f"{where}.from"),
                               _date(m["until"], f"{where}.until") if m.get("until") else None,
-                              str(m["source"]), m.get("condition")))
+                              str(m["source"]), m.get("condition"), m.get("excludes")))
     if not doc.get("reviewed"):
         raise UserError(f"{path}: reviewed: every group file says when its entries were last checked "
                         "against their sources (YYYY-MM-DD)")
