@@ -117,6 +117,7 @@ class Daemon:
         self.web = webconfig.load(cfg.web_config)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
+        self.rescope = threading.Event()
         self.queue: queue.Queue = queue.Queue()  # bounded by `pending` (events), see _source
         self.pending = 0
         self.pending_flows = 0  # of which flows counted for loss accounting
@@ -190,7 +191,12 @@ class Daemon:
             message = f"{type(e).__name__}: {e}"
             log.exception("reload failed (%s), keeping the policies in force", message)
         else:
+            rescoped = pipe.scoper.tables != self.pipeline.scoper.tables
             self.pipeline, self.cfg, self.web = pipe, cfg, web
+            if rescoped:
+                # public_nets/local_nets changed what "egress" means: the kernel's filter and counter
+                # are built from the scope table, so the source rebuilds them (and takes a new baseline)
+                self.rescope.set()
             if getattr(self, "http", None):
                 self.http.set_web_config(web)
             self._loaded()
@@ -278,6 +284,17 @@ class Daemon:
         next_tick = 0.0
         while not self.stop.is_set():
             try:
+                if self.rescope.is_set() and ct is not None:
+                    self.rescope.clear()
+                    if src.get("enable"):
+                        from agent.sources.conntrack import enable_tracking
+
+                        enable_tracking(netns, self.pipeline.scoper)
+                    log.info("public/local networks changed: the kernel's event filter and egress counter were "
+                             "rebuilt from the new scope table")
+                    ct.close()
+                    ct = None
+                    acct.kernel_base = None  # a new counter (or new sets): a new baseline, totals kept
                 if ct is None:
                     ct = self._open_source(m, acct)
                     self._socket_drops = ct.socket_drops()

@@ -97,3 +97,31 @@ def test_missing_counter_is_reported_not_guessed(topo, tmp_path):
         assert "loss accounting is off" in a.logtext()
     finally:
         assert a.stop() == 0, a.logtext()
+
+
+def test_a_reload_that_changes_public_networks_rebuilds_the_kernel_side(topo, tmp_path):
+    """The socket filter and the nft sets come from the scope table: a reload that makes
+    198.51.100.0/24 local must stop judging it, one that makes it public again must resume."""
+    import json
+    import signal
+
+    topo.enable_conntrack(udp_timeout=60)
+    a = Agent(tmp_path, topo).start()
+    try:
+        cfg = json.loads(a.config.read_text())
+        cfg["public_nets"] = ["203.0.113.0/24", "2001:db8::/32"]  # 198.51.100.0/24 is documentation again
+        a.config.write_text(json.dumps(cfg))
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "rebuilt from the new scope table" in a.logtext(), what="rescope")
+        topo.fill_udp(50, net="198.51.100")
+        topo.fill_udp(30, net="203.0.113")
+        settled(a, 30)  # only the 203.0.113 flows are egress now, in the kernel and in Python
+        cfg["public_nets"].append("198.51.100.0/24")
+        a.config.write_text(json.dumps(cfg))
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: a.logtext().count("rebuilt from the new scope table") == 2, what="second rescope")
+        topo.run("python3", "-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "[s.sendto(b'x', ('198.51.100.%d' % (1 + i), 3000 + i)) for i in range(20)]")
+        settled(a, 50)
+    finally:
+        assert a.stop() == 0, a.logtext()
