@@ -15,12 +15,17 @@ import time
 from tests.agent_process import REPO, free_port
 
 
-def test_notify_protocol(tmp_path):
+def notify_socket(tmp_path, timeout: float):
+    """A unix datagram socket standing in for systemd, and the environment that points at it."""
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
-    sock.settimeout(0.5)
-    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    sock.settimeout(timeout)
+    return sock, dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+
+
+def test_notify_protocol(tmp_path):
+    sock, env = notify_socket(tmp_path, 0.5)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{free_port()}",
                              "--evidence", str(tmp_path / "ev.jsonl"), "--no-attribution"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -58,11 +63,7 @@ def test_watchdog_keeps_pinging_through_a_long_reload(tmp_path):
     pol = tmp_path / "policies"
     pol.mkdir()
     (pol / "p0.yaml").write_text("version: 1\nname: p0\nhome: [EU]\nallow: {jurisdictions: [HOME]}\n")
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.2)
-    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    sock, env = notify_socket(tmp_path, 0.2)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{free_port()}",
                              "--policies", str(pol), "--evidence", str(tmp_path / "ev.jsonl"), "--no-attribution"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
