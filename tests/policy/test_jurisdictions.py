@@ -103,3 +103,16 @@ def test_jurisdictions_command(cli):
     assert "BR" not in {m["country"] for m in g["members"]}
     bad = cli("jurisdictions", "EU-ADEQUAT")
     assert bad.returncode == 2 and "did you mean EU-ADEQUATE" in bad.stderr
+
+
+def test_uk_and_swiss_adequacy_groups():
+    def uk(cc, day):
+        return "UK-ADEQUATE" in J.groups_of(cc, day)
+
+    assert uk("FR", date(2021, 1, 1)) and not uk("FR", date(2020, 12, 31))
+    assert uk("KR", date(2022, 12, 19)) and not uk("KR", date(2022, 12, 18))
+    assert "Extension" in J.membership("UK-ADEQUATE", "US", date(2024, 1, 1)).condition
+    assert "CH-ADEQUATE" in J.groups_of("GB", date(2023, 9, 1)) and "CH-ADEQUATE" in J.groups_of("DE", date(2024, 1, 1))
+    assert "CH-ADEQUATE" not in J.groups_of("JP", date(2025, 1, 1))
+    assert J.membership("CH-ADEQUATE", "US", date(2024, 9, 14)) is None
+    assert "Swiss-US" in J.membership("CH-ADEQUATE", "US", date(2024, 9, 15)).condition
