@@ -52,6 +52,7 @@ class Group:
     include: tuple[str, ...]
     file: str
     reviewed: date | None = None  # when someone last checked every entry against its source
+    include_from: tuple[tuple[str, date], ...] = ()  # a country counts through `include` only from a date
 
 
 def _date(value, where: str) -> date:
@@ -122,7 +123,8 @@ class Jurisdictions:
                 if m.condition is None:
                     return m
                 found = found or m
-        for inc in g.include:
+        later = dict(g.include_from).get(country)
+        for inc in g.include if later is None or at >= later else ():
             m = self._membership(inc, country, at, _seen + (name,))
             if m is not None and m.condition is None:
                 return m
@@ -161,5 +163,12 @@ def _load_group(path: Path) -> Group:
     if not doc.get("reviewed"):
         raise UserError(f"{path}: reviewed: every group file says when its entries were last checked "
                         "against their sources (YYYY-MM-DD)")
+    include_from = []
+    for cc, spec in (doc.get("include_from") or {}).items():
+        where = f"{path}: include_from.{cc}"
+        if str(cc).upper() not in ISO3166 or not isinstance(spec, dict) or not spec.get("source"):
+            raise UserError(f"{where}: an ISO country code mapping to {{from: DATE, source: ...}}")
+        include_from.append((str(cc).upper(), _date(spec.get("from"), f"{where}.from")))
     return Group(doc["name"], doc.get("title", ""), doc.get("source", ""), tuple(members),
-                 tuple(doc.get("include") or ()), str(path), _date(doc["reviewed"], f"{path}: reviewed"))
+                 tuple(doc.get("include") or ()), str(path), _date(doc["reviewed"], f"{path}: reviewed"),
+                 tuple(include_from))

@@ -116,3 +116,8 @@ def test_uk_and_swiss_adequacy_groups():
     assert "CH-ADEQUATE" not in J.groups_of("JP", date(2025, 1, 1))
     assert J.membership("CH-ADEQUATE", "US", date(2024, 9, 14)) is None
     assert "Swiss-US" in J.membership("CH-ADEQUATE", "US", date(2024, 9, 15)).condition
+
+
+def test_croatia_joined_the_eea_after_the_eu():
+    assert "EU" in J.groups_of("HR", date(2013, 7, 1)) and "EEA" not in J.groups_of("HR", date(2013, 7, 1))
+    assert "EEA" in J.groups_of("HR", date(2014, 4, 12))
