@@ -156,6 +156,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy the agent; collapsed stacks to PREFIX-RATE-ATTR.txt")
     ap.add_argument("--no-attribution-pass", action="store_true", help="skip the pass with attribution on")
+    ap.add_argument("--only-attribution-pass", action="store_true", help="only the pass with attribution on")
     a = ap.parse_args()
     global PROFILE
     PROFILE = a.profile
@@ -167,7 +168,8 @@ def main():
     print(f"{os.cpu_count()} CPUs; sender, agent, conntrack -E and the kernel share them")
     with Topology("ealive") as topo:
         topo.enable_conntrack(udp_timeout=2)
-        for attribution in (False,) if a.no_attribution_pass else (False, True):
+        passes = (False,) if a.no_attribution_pass else (True,) if a.only_attribution_pass else (False, True)
+        for attribution in passes:
             print(f"\n--- attribution {'on' if attribution else 'off'} ---")
             print(f"{'offered/s':>10} {'kernel':>8} {'judged':>8} {'drops':>24} {'unacct':>6} "
                   f"{'agent %':>8} {'%/1k/s':>7} {'flows/cpu-s':>11} {'ct -E %':>8} {'%/1k/s':>7} {'ratio':>6}")
