@@ -131,3 +131,61 @@ def decode(linktype: int, data: bytes, wirelen: int | None = None) -> Decoded | 
             return "malformed"
         sport, dport = _be16(data, l4)[0], _be16(data, l4 + 2)[0]
     return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen)
+
+
+GRE, GTPU_PORT = 47, 2152
+
+
+def tunnel_inner(linktype: int, data: bytes, wirelen: int | None = None) -> tuple[str, Decoded] | None:
+    """The packet a GRE or GTP-U tunnel carries, decoded like any other: ("gre"|"gtp-u", Decoded).
+
+    None when the packet is not such a tunnel, or its inner packet cannot be read. GRE (RFC 2784/2890):
+    version 0, checksum/key/sequence fields skipped per flag, protocol type IPv4 or IPv6. GTP-U
+    (3GPP TS 29.281) on UDP port 2152: version 1, message type 255 (G-PDU), the optional sequence
+    and N-PDU fields and any extension headers skipped.
+    """
+    outer = decode(linktype, data, wirelen)
+    if not isinstance(outer, Decoded):
+        return None
+    start = l3_start(linktype, data)
+    if isinstance(start, str):
+        return None
+    off = start[0]
+    if outer.version == 4:
+        l4 = off + (data[off] & 0x0F) * 4
+    else:
+        l4 = off + 40  # tunnels behind IPv6 extension headers are not followed
+        if data[off + 6] != outer.proto:
+            return None
+    n = len(data)
+    if outer.proto == GRE:
+        if n < l4 + 4:
+            return None
+        flags, ptype = _be16(data, l4)[0], _be16(data, l4 + 2)[0]
+        if flags & 0x0007 or ptype not in (ET_IPV4, ET_IPV6):
+            return None
+        inner = l4 + 4 + 4 * bool(flags & 0x8000) + 4 * bool(flags & 0x2000) + 4 * bool(flags & 0x1000)
+        kind = "gre"
+    elif outer.proto == 17 and GTPU_PORT in (outer.sport, outer.dport):
+        u = l4 + 8
+        if n < u + 8 or data[u] >> 5 != 1 or not data[u] & 0x10 or data[u + 1] != 0xFF:
+            return None
+        inner = u + 8
+        if data[u] & 0x07:  # E, S or PN: sequence (2), N-PDU (1), next extension type (1)
+            if n < u + 12:
+                return None
+            nxt, inner = data[u + 11], u + 12
+            while nxt:
+                if n < inner + 1 or data[inner] == 0:
+                    return None
+                size = data[inner] * 4
+                if n < inner + size:
+                    return None
+                nxt, inner = data[inner + size - 1], inner + size
+        kind = "gtp-u"
+    else:
+        return None
+    if n <= inner:
+        return None
+    got = decode(RAW, data[inner:], (wirelen if wirelen is not None else n) - inner)
+    return (kind, got) if isinstance(got, Decoded) else None

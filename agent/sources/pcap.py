@@ -161,7 +161,7 @@ class _Window:
         return bool(parts)
 
 
-def _walk_pcap(win: _Window, stats: CaptureStats, progress):
+def _walk_pcap(win: _Window, stats: CaptureStats, progress, use_c: bool = True):
     win.advance(0)
     endian, unit = PCAP_MAGIC[win.data[:4]]
     if len(win.data) < 24:
@@ -177,7 +177,7 @@ def _walk_pcap(win: _Window, stats: CaptureStats, progress):
         mm = win.data
         end = len(mm)
         off = yield from _walk_pcap_window(mm, win.base, off, end, endian, unit, linktype, native, rec, dt,
-                                           progress)
+                                           progress, use_c)
         # The window ends here: inside a record (read on), at a corrupt header, or at the end of the file.
         if off + 16 <= end and rec(mm, off + 8)[0] > MAX_RECORD:
             _truncate_cause(stats, mm, rec, off, end, win.base)
@@ -190,7 +190,7 @@ def _walk_pcap(win: _Window, stats: CaptureStats, progress):
         return
 
 
-def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, dt, progress):
+def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, dt, progress, use_c=True):
     """Walk whole records of one window; returns the local offset of the first one that does not fit."""
     buf = np.frombuffer(mm, dtype=np.uint8)
     # Native-order files: read captured lengths through four 4-byte-aligned memoryview casts, one
@@ -199,7 +199,7 @@ def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, d
     views = [mv[k:k + (end - k) // 4 * 4].cast("I") for k in range(4)] if native and end >= 8 else None
     try:
         while off < end:
-            if _c_walk is not None and WALK["c"]:
+            if _c_walk is not None and WALK["c"] and use_c:
                 *groups, counts, off, _stop = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD, linktype, unit)
                 n = counts[0]
                 if n:
@@ -667,10 +667,49 @@ def read_capture(path: str, progress=None) -> Capture:
             stats.truncated_offset = read if stats.truncated_offset is None else stats.truncated_offset
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
+        outer = flows.flows(fmt)
+        if any(f.proto == dec.GRE or (f.proto == 17 and dec.GTPU_PORT in (f.sport, f.dport)) for f in outer):
+            outer += _tunnel_pass(fd, fmt, stats)
         stats.finish()
-        return Capture(stats, flows.flows(fmt))
+        return Capture(stats, outer)
     finally:
         os.close(fd)
+
+
+def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[Flow]:
+    """A second walk, only for captures with GRE or GTP-U flows: the flows their packets carry.
+
+    Each tunnel's outer endpoint is already a flow; the inner destination is a transfer too (the
+    data goes there). The pass uses the Python walk, so both walk paths give the same flows.
+    """
+    inner = {"gre": _Flows(), "gtp-u": _Flows()}
+    scratch = CaptureStats(path=stats.path, format=fmt)
+    os.lseek(fd, 0, os.SEEK_SET)  # the first walk read to the end
+    win = _Window(fd, stats.path)
+    walker = _walk_pcap(win, scratch, None, use_c=False) if fmt == "pcap" else _walk_pcapng(win, scratch, None)
+    carried = 0
+    for mm, linktype, off, cap, wire, ts, w in walker:
+        if linktype not in dec.SUPPORTED_LINKS or off is None:
+            continue
+        status, fields, fallback = _decode_chunk(np.frombuffer(mm, dtype=np.uint8), linktype, off, cap, wire, w)
+        rows = fallback.copy()
+        if fields is not None:
+            good, words, _ = fields
+            k = words[:, 0]
+            proto, sport, dport = (k >> np.uint64(32)) & np.uint64(0xFF), (k >> np.uint64(16)) & np.uint64(0xFFFF), \
+                k & np.uint64(0xFFFF)
+            gtpu = (proto == 17) & ((sport == dec.GTPU_PORT) | (dport == dec.GTPU_PORT))
+            rows |= good & (status == 0) & ((proto == dec.GRE) | gtpu)
+        for i in np.flatnonzero(rows).tolist():
+            o, c = int(off[i]), int(cap[i])
+            got = dec.tunnel_inner(linktype, bytes(mm[o:o + c]), int(wire[i]))
+            if got is not None:
+                inner[got[0]].add_one(got[1], float(ts[i]))
+                carried += 1
+    if carried:
+        stats.note("tunnels", "{n} packet(s) in GRE or GTP-U tunnels: the flows they carry are judged too "
+                              "(source " + fmt + ":gre / " + fmt + ":gtp-u)", count=carried)
+    return [f for kind, t in inner.items() for f in t.flows(f"{fmt}:{kind}")]
 
 
 def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
