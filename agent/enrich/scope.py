@@ -171,6 +171,17 @@ def _flatten(entries, bits: int) -> list[tuple[int, int, str]]:
     return out
 
 
+def merge_intervals(intervals) -> list[tuple[int, int]]:
+    """Sorted (lo, hi) intervals with overlapping and adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and out[-1][1] + 1 >= lo:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def _net_entry(net, rank: int, scope: str):
     return int(net.network_address), int(net.broadcast_address), rank, scope
 

@@ -140,17 +140,19 @@ def _unknown_words(code: str) -> str:
     return UNKNOWN_WORDS.get(why, why.replace("-", " "))
 
 
+def _where(loc: Location, country: str | None) -> str:
+    if country:
+        return country
+    where = f"location unknown: {_unknown_words(':' + (loc.unknown_reason or 'no-record'))}"
+    if loc.registered_country:
+        where += f"; registered {loc.registered_country}"
+    elif loc.continent:
+        where += f"; continent {loc.continent}"
+    return where
+
+
 def _describe(flow: Flow, loc: Location, country: str | None, inbound: bool = False, where: str | None = None) -> str:
-    if where is not None:
-        pass
-    elif country:
-        where = country
-    else:
-        where = f"location unknown: {_unknown_words(':' + (loc.unknown_reason or 'no-record'))}"
-        if loc.registered_country:
-            where += f"; registered {loc.registered_country}"
-        elif loc.continent:
-            where += f"; continent {loc.continent}"
+    where = where if where is not None else _where(loc, country)
     org = f", AS{loc.asn} {loc.as_org}" if loc.asn is not None and loc.as_org else (
         f", AS{loc.asn}" if loc.asn is not None else "")
     via = f"located by its embedded IPv4 address {loc.lookup_ip}: " if loc.lookup_ip else ""

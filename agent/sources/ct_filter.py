@@ -23,7 +23,7 @@ import ctypes
 import socket
 import struct
 
-from agent.enrich.scope import EMBEDDED_MARKERS, Scoper
+from agent.enrich.scope import EMBEDDED_MARKERS, Scoper, merge_intervals
 
 SO_ATTACH_FILTER = 26
 # cBPF opcodes (linux/filter.h)
@@ -86,7 +86,7 @@ def _classes(scoper: Scoper, version: int):
     if version == 4:
         pub = [(lo, hi) for lo, hi, s in rows if s == "public"]
         non = [(lo, hi) for lo, hi, s in rows if s != "public" and s not in EMBEDDED_MARKERS]
-        return _merge(pub), _merge(non)
+        return merge_intervals(pub), merge_intervals(non)
     pub, non = [], []
     for lo, hi, s in rows:
         first = (lo + (1 << 96) - 1) >> 96  # first /32 block wholly inside [lo, hi]
@@ -94,17 +94,7 @@ def _classes(scoper: Scoper, version: int):
         if first > last or s in EMBEDDED_MARKERS:
             continue
         (pub if s == "public" else non).append((first, last))
-    return _merge(pub), _merge(non)
-
-
-def _merge(intervals):
-    out = []
-    for lo, hi in sorted(intervals):
-        if out and out[-1][1] + 1 >= lo:
-            out[-1] = (out[-1][0], max(hi, out[-1][1]))
-        else:
-            out.append((lo, hi))
-    return out
+    return merge_intervals(pub), merge_intervals(non)
 
 
 def program(scoper: Scoper) -> list[tuple[int, int, int, int]]:

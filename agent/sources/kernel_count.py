@@ -24,7 +24,7 @@ import ipaddress
 import json
 import subprocess
 
-from agent.enrich.scope import EMBEDDED_MARKERS, Scoper
+from agent.enrich.scope import EMBEDDED_MARKERS, Scoper, merge_intervals
 
 COMMENT = "egress-agent:kernel-flows"
 TABLE = "egress_agent"
@@ -48,23 +48,15 @@ def _as_prefix(lo: int, hi: int, version: int):
     return None
 
 
-def _merge(intervals):
-    out = []
-    for lo, hi in intervals:
-        if out and out[-1][1] + 1 == lo:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
-
-
 def nonpublic(scoper: Scoper, version: int):
-    """Merged (lo, hi) intervals of every address whose scope is not public (Teredo excluded)."""
-    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(version) if s != "public" and s not in EMBEDDED_MARKERS])
+    """Merged (lo, hi) intervals of every address whose scope is not public (the embedded-IPv4
+    regions excluded: their scope is per address, see EMBEDDED_MARKERS)."""
+    rows = scoper.ranges(version)
+    return merge_intervals([(lo, hi) for lo, hi, s in rows if s != "public" and s not in EMBEDDED_MARKERS])
 
 
 def embedded(scoper: Scoper):
-    return _merge([(lo, hi) for lo, hi, s in scoper.ranges(6) if s in EMBEDDED_MARKERS])
+    return merge_intervals([(lo, hi) for lo, hi, s in scoper.ranges(6) if s in EMBEDDED_MARKERS])
 
 
 def nft_table(scoper: Scoper) -> str:
