@@ -122,6 +122,7 @@ class Daemon:
         self.pending = 0
         self.pending_flows = 0  # of which flows counted for loss accounting
         self._socket_drops = 0
+        self._counter_ok = True  # the last reading of the kernel's counter worked
         self.pending_lock = threading.Lock()
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
@@ -250,11 +251,21 @@ class Daemon:
             ct.needs_dump = True
         self._socket_drops = drops_now
         if kernel_now is not None:
+            if not self._counter_ok:
+                log.info("the kernel's egress flow counter is readable again; loss accounting resumes")
+            self._counter_ok = True
+            m.loss_accounting.labels(SOURCE).set(1)
             m.kernel_flows.labels(SOURCE).inc(acct.kernel_reading(kernel_now))
+        elif acct.kernel_base is not None and self._counter_ok:
+            # the table was deleted or replaced under us: say so instead of exporting a stale gauge
+            self._counter_ok = False
+            m.loss_accounting.labels(SOURCE).set(0)
+            log.warning("the kernel's egress flow counter can no longer be read (%s); loss accounting is off "
+                        "until it returns", self.kernel_counter.error)
         booked = acct.settle()
         if booked:
             m.drops.labels(SOURCE, "overflow").inc(booked)
-        if acct.kernel_base is not None:
+        if acct.kernel_base is not None and self._counter_ok:
             m.unaccounted.labels(SOURCE).set(acct.unaccounted)
             if acct.kernel:
                 judged = m.judged_flows.labels(SOURCE)._value.get()

@@ -125,3 +125,23 @@ def test_a_reload_that_changes_public_networks_rebuilds_the_kernel_side(topo, tm
         settled(a, 50)
     finally:
         assert a.stop() == 0, a.logtext()
+
+
+def test_a_deleted_counter_turns_accounting_off_and_back_on(topo, tmp_path):
+    """An operator deletes the table under the running agent: the agent says so (metric and log)
+    instead of exporting stale books, and resumes when the table is back."""
+    topo.enable_conntrack(udp_timeout=60)
+    a = Agent(tmp_path, topo).start()
+    try:
+        wait_for(lambda: a.value("egress_agent_loss_accounting") == 1, what="accounting on")
+        topo.run("nft", "delete table inet egress_agent")
+        wait_for(lambda: a.value("egress_agent_loss_accounting") == 0, what="accounting off")
+        assert "can no longer be read" in a.logtext()
+        topo.enable_conntrack(udp_timeout=60)  # the table again, its counter from zero
+        wait_for(lambda: a.value("egress_agent_loss_accounting") == 1, what="accounting back")
+        before = a.value("egress_agent_kernel_flows_total")
+        topo.fill_udp(40)
+        settled(a, before + 40)
+        assert a.proc.poll() is None
+    finally:
+        assert a.stop() == 0, a.logtext()
