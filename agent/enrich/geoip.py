@@ -170,17 +170,6 @@ class _Db:
             self._fields[key] = hit
         return key, hit
 
-    def get(self, ip: str) -> dict | None:
-        import maxminddb
-
-        if self.ip_version == 4 and ":" in ip:
-            return None
-        try:
-            rec = self.reader.get(ip)
-        except (maxminddb.InvalidDatabaseError, ValueError) as e:
-            raise CorruptRecord(f"{self.path}: corrupt record for {ip} ({e})") from None
-        return rec if isinstance(rec, dict) else None
-
     def provenance(self) -> dict:
         return {"path": self.path, "database_type": self.database_type, "build_date": self.build_date,
                 "build_epoch": self.build_epoch}

@@ -203,7 +203,8 @@ class EvidenceLog:
         the log keeps working and retries, and a gap record marks the loss once writes succeed."""
         with self._lock:
             now = self.clock()
-            line = self._stamp(dict(rec))
+            stamped = dict(rec)
+            line = self._stamp(stamped)
             if self._size and self._size + len(line) + 256 > self.options.max_bytes and now >= self._retry_at:
                 try:
                     self._rotate()
@@ -220,7 +221,7 @@ class EvidenceLog:
                     self._write_now(gap)
                     self._unwritten, self._lost_since = 0, None
                     self.gaps += 1
-                    line = self._stamp(json.loads(line))  # after the gap record, in sequence
+                    line = self._stamp(stamped)  # renumbered after the gap record
                 self._write_now(line)
             except OSError as e:
                 self.lost_lines += 1
