@@ -60,6 +60,8 @@ class Flow:
     source: str = ""
     who: Who | None = None
     hostname: str | None = None
+    hostname_source: str | None = None  # sni, quic-sni, dns, or whatever a flow log said
+    hostname_chain: tuple[str, ...] = ()  # dns: asked-for name, CNAME targets, owner of the address
 
     def to_json(self) -> dict:
         d = {
@@ -77,6 +79,10 @@ class Flow:
             d["source"] = self.source
         if self.hostname:
             d["hostname"] = self.hostname
+            if self.hostname_source:
+                d["hostname_source"] = self.hostname_source
+            if len(self.hostname_chain) > 1:
+                d["hostname_chain"] = list(self.hostname_chain)
         if self.who is not None:
             w = self.who
             d["process"] = {k: v for k, v in (("pid", w.pid), ("comm", w.comm), ("exe", w.exe), ("uid", w.uid),

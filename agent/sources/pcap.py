@@ -70,6 +70,7 @@ class CaptureStats:
     truncated_offset: int | None = None
     warnings: list = field(default_factory=list)
     notes: dict = field(default_factory=dict)  # kind -> [count, first offsets, message]
+    names: dict = field(default_factory=dict)  # what the names pass read: DNS responses, hellos, malformed
 
     def note(self, kind: str, message: str, offset: int | None = None, count: int = 1):
         """Aggregate a warning by kind: one line per kind with its count and first offsets.
@@ -100,7 +101,7 @@ class CaptureStats:
                 "link_types": sorted(dec.LINK_NAMES.get(lt, f"dlt-{lt}") for lt in self.link_types),
                 "packets": self.packets, "malformed": self.malformed, "non_ip": self.non_ip,
                 "unsupported_link": self.unsupported, "truncated": self.truncated,
-                "truncated_offset": self.truncated_offset, "warnings": self.warnings}
+                "truncated_offset": self.truncated_offset, "names": self.names, "warnings": self.warnings}
 
 
 @dataclass
@@ -640,7 +641,7 @@ class _Flows:
         return out
 
 
-def read_capture(path: str, progress=None) -> Capture:
+def read_capture(path: str, progress=None, names: bool = True) -> Capture:
     fd, st = open_regular(path, "capture")
     try:
         if st.st_size == 0:
@@ -670,6 +671,10 @@ def read_capture(path: str, progress=None) -> Capture:
         outer = flows.flows(fmt)
         if any(f.proto == dec.GRE or (f.proto == 17 and dec.GTPU_PORT in (f.sport, f.dport)) for f in outer):
             outer += _tunnel_pass(fd, fmt, stats)
+        if names:
+            from agent.sources.pcap_names import name_flows
+
+            outer = name_flows(fd, fmt, stats, outer)
         stats.finish()
         return Capture(stats, outer)
     finally:

@@ -1,0 +1,197 @@
+"""Packets in, names out: the one extractor behind `audit` on captures and the live capture source.
+
+Contract:
+- `NameExtractor.feed(segment, at)` takes one TCP or UDP segment (see `packet.py`) seen at `at`
+  (POSIX seconds). DNS responses (UDP source port 53 or 5353) fill the answer cache; the client's
+  first TCP bytes are reassembled until a ClientHello is complete (it may span segments and
+  records); client QUIC Initials (UDP datagrams from 1,200 octets, the minimum RFC 9000 pads client
+  Initials to) are opened and their CRYPTO frames joined. It returns the flow key a TLS or QUIC
+  hello just named, or a key whose first client bytes showed it is not TLS (`Named`/`NoHello`,
+  which the live source uses to release a flow waiting for its name), else None.
+- `name_flow(proto, src, sport, dst, dport, at)` -> `Name` or None: the server name of that
+  5-tuple's hello (`sni` for TCP, `quic-sni` for UDP) wins over a DNS answer (`dns`, see
+  `answers.py`); an IP literal in SNI is not a name.
+- Malformed DNS, TLS and QUIC are counted in `counts` (by kind) and skipped; nothing raises.
+Every table is bounded; evictions are counted.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter, OrderedDict
+from typing import NamedTuple
+
+from agent.names import dns, quic, tls
+from agent.names.answers import AnswerCache
+from agent.names.packet import TCP, UDP, Segment
+
+DNS_PORTS = (53, 5353)
+QUIC_MIN_DATAGRAM = 1200
+MAX_PENDING = 4096  # TCP streams waiting for the rest of a ClientHello
+MAX_NAMED = 262144  # 5-tuples named by a hello
+MAX_SEGMENTS = 16  # out-of-order segments held per stream
+
+
+class Name(NamedTuple):
+    hostname: str
+    source: str  # sni, quic-sni, dns
+    chain: tuple[str, ...] = ()  # dns: the CNAME chain from the asked name to the address owner
+
+
+class Named(NamedTuple):
+    key: tuple
+    name: str
+
+
+class NoHello(NamedTuple):
+    key: tuple
+
+
+def packed(text: str) -> bytes:
+    """Canonical address text -> the 16-byte form segments and the answer cache use."""
+    if ":" in text:
+        return socket.inet_pton(socket.AF_INET6, text)
+    return bytes(12) + socket.inet_pton(socket.AF_INET, text)
+
+
+class _Stream:
+    __slots__ = ("next_seq", "buf", "held")
+
+    def __init__(self, seq: int, data: bytes):
+        self.next_seq = (seq + len(data)) & 0xFFFFFFFF
+        self.buf = bytearray(data)
+        self.held: dict[int, bytes] = {}
+
+
+class NameExtractor:
+    def __init__(self, dns_size: int = 262144, grace: float = 30.0, client_of=None):
+        self.answers = AnswerCache(dns_size, grace)
+        self.counts: Counter = Counter()
+        # A client's identity for the answer cache: the live source maps all the host's own
+        # addresses to one, because a stub resolver on loopback answers for every local address.
+        self.client_of = client_of or (lambda addr: addr)
+        self._named: OrderedDict[tuple, tuple[str, str]] = OrderedDict()
+        self._streams: OrderedDict[tuple, _Stream] = OrderedDict()
+        self._quic = quic.Assembler()
+
+    # -- packets ---------------------------------------------------------------------------------
+
+    def feed(self, seg: Segment, at: float) -> Named | NoHello | None:
+        if seg.proto == UDP:
+            if seg.sport in DNS_PORTS:
+                self._dns(seg, at)
+                return None
+            if len(seg.payload) >= QUIC_MIN_DATAGRAM and seg.payload[0] & 0xC0 == 0xC0:
+                return self._quic_initial(seg)
+            return None
+        if seg.proto == TCP and seg.payload:
+            return self._tcp(seg)
+        return None
+
+    def _dns(self, seg: Segment, at: float):
+        try:
+            r = dns.parse_response(seg.payload)
+        except dns.Malformed:
+            self.counts["dns_malformed"] += 1
+            return
+        self.counts["dns_responses"] += 1
+        if r.rcode != 0:
+            return
+        client = self.client_of(seg.dst)
+        for addr, ttl, chain in r.addresses():
+            self.answers.add(client, addr if len(addr) == 16 else bytes(12) + addr, r.qname, chain, ttl, at)
+
+    def _tcp(self, seg: Segment):
+        key = (TCP, seg.src, seg.sport, seg.dst, seg.dport)
+        st = self._streams.get(key)
+        if st is None:
+            if key in self._named:
+                return None
+            p = seg.payload
+            if p[0] != tls.HANDSHAKE or len(p) > 1 and p[1] != 3:
+                return None  # not the start of a TLS stream (or a later segment of one we did not see begin)
+            st = _Stream(seg.seq, p)
+        elif seg.seq == st.next_seq:
+            st.buf += seg.payload
+            st.next_seq = (st.next_seq + len(seg.payload)) & 0xFFFFFFFF
+            while st.next_seq in st.held:  # segments that arrived early now fit
+                data = st.held.pop(st.next_seq)
+                st.buf += data
+                st.next_seq = (st.next_seq + len(data)) & 0xFFFFFFFF
+        elif (seg.seq - st.next_seq) & 0xFFFFFFFF < 1 << 31:  # ahead: hold it
+            if len(st.held) < MAX_SEGMENTS:
+                st.held[seg.seq] = seg.payload
+            return None
+        else:
+            return None  # a retransmission of bytes we have
+        try:
+            got = tls.client_hello_from_records(bytes(st.buf))
+        except tls.Malformed:
+            self.counts["tls_malformed"] += 1
+            self._streams.pop(key, None)
+            return NoHello(key)
+        if got == tls.NEED_MORE:
+            if key not in self._streams:
+                self._streams[key] = st
+                if len(self._streams) > MAX_PENDING:
+                    self._streams.popitem(last=False)
+                    self.counts["tls_streams_evicted"] += 1
+            return None
+        self._streams.pop(key, None)
+        if got == tls.NOT_TLS:
+            return NoHello(key)
+        self.counts["tls_hellos"] += 1
+        return self._remember(key, got.sni, "sni")
+
+    def _quic_initial(self, seg: Segment):
+        try:
+            packets = quic.open_initials(seg.payload)
+        except quic.Malformed:
+            self.counts["quic_malformed"] += 1
+            return None
+        except quic.Undecryptable:
+            self.counts["quic_undecryptable"] += 1
+            return None
+        key = (UDP, seg.src, seg.sport, seg.dst, seg.dport)
+        for dcid, plain in packets:
+            self.counts["quic_initials"] += 1
+            try:
+                msg = self._quic.add(key + (dcid,), quic.crypto_frames(plain))
+                if msg is None:
+                    continue
+                hello = tls.parse_client_hello(msg)
+            except (quic.Malformed, tls.Malformed):
+                self.counts["quic_malformed"] += 1
+                self._quic.drop(key + (dcid,))
+                return NoHello(key)
+            return self._remember(key, hello.sni, "quic-sni")
+        return None
+
+    def _remember(self, key: tuple, sni: str | None, source: str):
+        if sni is None:
+            return NoHello(key)
+        self._named[key] = (sni, source)
+        self._named.move_to_end(key)
+        if len(self._named) > MAX_NAMED:
+            self._named.popitem(last=False)
+            self.counts["named_evicted"] += 1
+        self.counts[f"names_{source}"] += 1
+        return Named(key, sni)
+
+    # -- flows -----------------------------------------------------------------------------------
+
+    def name_flow(self, proto: int, src: str, sport: int, dst: str, dport: int, at: float) -> Name | None:
+        s, d = packed(src), packed(dst)
+        hit = self._named.get((proto, s, sport, d, dport))
+        if hit is not None:
+            return Name(hit[0], hit[1])
+        a = self.answers.lookup(self.client_of(s), d, at)
+        if a is not None:
+            return Name(a.name, "dns", a.chain)
+        return None
+
+    def stats(self) -> dict:
+        out = dict(self.counts)
+        out["dns_answers_evicted"] = self.answers.evicted
+        out["quic_streams_evicted"] = self._quic.evicted
+        return out
