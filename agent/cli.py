@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=FORMATS, default="table")
     a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
     a.add_argument("--conntrack", action="store_true", help="audit one snapshot of the live conntrack table")
+    a.add_argument("--flows", action="store_true",
+                   help="list every flow (addresses, counters, egress, country, host name and its source, "
+                        "verdict per policy) under \"flows\" in the JSON report, and as a table")
     a.add_argument("--as-of", type=_as_of, metavar="DATE",
                    help="judge flows without a plausible time (none, before 1995, or more than a day after "
                         "DATE) as of DATE (default: today, UTC); the report lists them")

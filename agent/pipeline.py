@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Location, Outcome, Verdict, iso_time
 from agent.policy.compiled import destination_networks, location_class, source_networks
-from agent.policy.engine import PEER_NOUN, evaluate, flow_day
+from agent.policy.engine import PEER_NOUN, evaluate, flow_day, peer_prefix
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Policy
 
@@ -32,21 +32,22 @@ class Judged:
     the destination country belongs to at the flow's time.
 
     Verdicts come from a cache shared by every flow with the same facts (see `Pipeline`); their
-    messages name the destination of the flow that filled the cache. `verdicts` gives them with
-    this flow's destination (rebuilt on first access, so a flow whose verdicts nobody reads costs
-    nothing); `outcomes` gives the cached ones, whose policy, outcome, severity and reason are
-    the same for every flow of the key (what metrics need).
+    messages name the destination (address and host name) of the flow that filled the cache.
+    `verdicts` gives them with this flow's (rebuilt on first access, so a flow whose verdicts nobody
+    reads costs nothing); `outcomes` gives the cached ones, whose policy, outcome, severity and
+    reason are the same for every flow of the key (what metrics need).
     """
 
     __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed", "judged_at", "redated",
                  "inbound")
 
     def __init__(self, flow: Flow, location: Location, verdicts: tuple[Verdict, ...],
-                 jurisdictions: tuple[str, ...], written_for: str | None = None, judged_at: date | None = None,
-                 redated: str | None = None, inbound: bool = False):
+                 jurisdictions: tuple[str, ...], written_for: tuple[str, str] | None = None,
+                 judged_at: date | None = None, redated: str | None = None, inbound: bool = False):
         self.flow, self.location, self.outcomes, self.jurisdictions = flow, location, verdicts, jurisdictions
         self.inbound = inbound  # opened from the remote peer (flow.src); location is the peer's
-        self._for = written_for if written_for is not None else self.peer
+        # (peer address, description prefix) of the flow whose judgement filled the cache
+        self._for = written_for if written_for is not None else (self.peer, self.prefix)
         self._fixed = None
         self.judged_at = judged_at or flow_day(flow)
         self.redated = redated  # why the flow was judged at the as-of date, not its own time
@@ -57,19 +58,28 @@ class Judged:
         return self.flow.src if self.inbound else self.flow.dst
 
     @property
+    def prefix(self) -> str:
+        f = self.flow
+        return peer_prefix(self.peer, self.inbound, f.hostname, f.hostname_source)
+
+    @property
     def verdicts(self) -> tuple[Verdict, ...]:
-        if self._for == self.peer:
+        if self._for == (self.peer, self.prefix):
             return self.outcomes
         if self._fixed is None:
             self._fixed = tuple(replace(v, message=self.message(v)) for v in self.outcomes)
         return self._fixed
 
     def message(self, v: Verdict) -> str:
-        """The message of one of `outcomes`, naming this flow's remote address."""
-        if self._for == self.peer:
+        """The message of one of `outcomes`, naming this flow's remote address and host name."""
+        old_peer, old_prefix = self._for
+        prefix = self.prefix
+        if old_prefix == prefix:
             return v.message
+        if v.message.startswith(old_prefix):
+            return prefix + v.message[len(old_prefix):]
         noun = PEER_NOUN[self.inbound]
-        old = f"{noun} {self._for} "
+        old = f"{noun} {old_peer} "  # messages without a location description ("... is loopback")
         return f"{noun} {self.peer} " + v.message[len(old):] if v.message.startswith(old) else v.message
 
     def with_flow(self, flow: Flow) -> Judged:
@@ -162,7 +172,8 @@ class Pipeline:
             groups = ()
             if loc.unknown_reason is None and loc.country:
                 groups = tuple(self.jurisdictions.groups_of(loc.country, day))
-            hit = self._cache[key] = (verdicts, groups, view.dst)
+            hit = self._cache[key] = (verdicts, groups, (view.dst, peer_prefix(view.dst, inbound, flow.hostname,
+                                                                                flow.hostname_source)))
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated, inbound)

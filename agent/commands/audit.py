@@ -83,7 +83,7 @@ def run_audit(args) -> int:
     if args.netns and not args.conntrack:
         raise UserError("audit: --netns goes with --conntrack")
     pipe = build_pipeline(args)
-    report = AuditReport(pipe.policies, pipe.locator.provenance())
+    report = AuditReport(pipe.policies, pipe.locator.provenance(), with_flows=getattr(args, "flows", False))
     sources = []
     if args.conntrack:
         from agent.sources.conntrack import snapshot
@@ -95,10 +95,11 @@ def run_audit(args) -> int:
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
         for flow in flows:
-            report.add_flow(flow, count_packets=packets is None)
             direction = pipe.judged_direction(flow)
-            if direction is not None:
-                report.add(pipe.judge(flow, inbound=direction == "inbound"))
+            j = pipe.judge(flow, inbound=direction == "inbound") if direction is not None else None
+            report.add_flow(flow, count_packets=packets is None, judged=j)
+            if j is not None:
+                report.add(j)
     report.warnings.extend(pipe.locator.warnings)
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)

@@ -17,12 +17,12 @@ destination; an expired exception that would have covered it is named in the mes
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 from datetime import date, timedelta
 from functools import lru_cache
 
 from agent.flow import Flow, Location, Outcome, Verdict
+from agent.names.hostnames import SOURCE_WORDS, display
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Destinations, Policy, Selector
 
@@ -79,8 +79,12 @@ class _Match:
         self.conditional: str | None = None
 
 
+def _name_hit(dest: Destinations | None, host: str | None) -> bool:
+    return bool(host and dest is not None and dest.hostnames and any(p.matches(host) for p in dest.hostnames))
+
+
 def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, policy: Policy,
-           jur: Jurisdictions, at: date) -> _Match:
+           jur: Jurisdictions, at: date, host: str | None = None) -> _Match:
     m = _Match()
     addr = _ip(flow.dst)
     for net in dest.networks:
@@ -90,8 +94,8 @@ def _match(dest: Destinations, flow: Flow, loc: Location, country: str | None, p
     if loc.asn is not None and loc.asn in dest.asns:
         m.hit = f"AS{loc.asn}"
         return m
-    if flow.hostname and any(fnmatch.fnmatch(flow.hostname.lower(), h) for h in dest.hostnames):
-        m.hit = f"hostname {flow.hostname}"
+    if _name_hit(dest, host):
+        m.hit = f"hostname {next(p for p in dest.hostnames if p.matches(host))}"
         return m
     if dest.jurisdictions:
         if country is None:
@@ -151,12 +155,23 @@ def _where(loc: Location, country: str | None) -> str:
     return where
 
 
+def peer_prefix(peer: str, inbound: bool = False, hostname: str | None = None, source: str | None = None) -> str:
+    """How every description of the remote peer begins: "destination ADDR (" plus, for an outbound
+    flow with a name, "NAME, from TLS SNI; ". `Judged` swaps it to reuse a cached message. An
+    inbound flow's name (its SNI) is the local service's, not the peer's, so it is left out."""
+    if hostname and not inbound:
+        how = SOURCE_WORDS.get(source or "", f"from {source or 'the flow record'}")
+        return f"{PEER_NOUN[False]} {peer} ({display(hostname)}, {how}; "
+    return f"{PEER_NOUN[inbound]} {peer} ("
+
+
 def _describe(flow: Flow, loc: Location, country: str | None, inbound: bool = False, where: str | None = None) -> str:
+    """`flow` as the engine sees it: for an inbound flow, dst is the remote peer."""
     where = where if where is not None else _where(loc, country)
     org = f", AS{loc.asn} {loc.as_org}" if loc.asn is not None and loc.as_org else (
         f", AS{loc.asn}" if loc.asn is not None else "")
     via = f"located by its embedded IPv4 address {loc.lookup_ip}: " if loc.lookup_ip else ""
-    return f"{PEER_NOUN[inbound]} {flow.dst} ({via}{where}{org})"
+    return f"{peer_prefix(flow.dst, inbound, flow.hostname, flow.hostname_source)}{via}{where}{org})"
 
 
 PEER_NOUN = {False: "destination", True: "inbound peer"}  # how a message names the remote address
@@ -197,6 +212,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         return verdict(Outcome.NOT_APPLICABLE, "not-in-effect",
                        f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
+    host = None if inbound else flow.hostname
     desc = _describe(flow, loc, country, inbound)
     if country is None and policy.registration_as_location and loc.unknown_reason == "registered-country-only" \
             and loc.source == "rir-registration" and loc.registered_country:
@@ -204,22 +220,28 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         country = loc.registered_country
         desc = _describe(flow, loc, country, inbound,
                          where=f"registered {country}, taken as its location by this policy: no GeoIP location data")
+    if policy.names_override_location and _name_hit(policy.allow, host) and not _name_hit(policy.deny, host):
+        # the policy trusts the name over the address (a contractually located endpoint on a CDN)
+        return verdict(Outcome.COMPLIANT, "allowed",
+                       f"{desc} is named {host}, allowed by policy {policy.name}, whose names override the "
+                       "address's location")
     if country and policy.use_represented_country and loc.represented_country \
             and loc.represented_country != country:
         # e.g. a military base abroad: the policy chose to judge by the country the network represents
-        desc = desc.replace(f"({country}", f"({loc.represented_country}, represented; located in {country}", 1)
+        desc = _describe(flow, loc, country, inbound,
+                         where=f"{loc.represented_country}, represented; located in {country}")
         country = loc.represented_country
 
     problem: tuple[str, str] | None = None  # (reason, message)
     unknown: str | None = None
     if policy.deny:
-        m = _match(policy.deny, flow, loc, country, policy, jur, at)
+        m = _match(policy.deny, flow, loc, country, policy, jur, at, host)
         if m.hit:
             problem = ("denied-destination", f"{desc} is in {m.hit}, denied by policy {policy.name}")
         elif m.unknown:
             unknown = m.unknown
     if problem is None and policy.allow:
-        m = _match(policy.allow, flow, loc, country, policy, jur, at)
+        m = _match(policy.allow, flow, loc, country, policy, jur, at, host)
         if m.hit and unknown is None:
             return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is in {m.hit}, allowed by policy {policy.name}")
         if not m.hit:
@@ -236,7 +258,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
 
     expired = []
     for ex in policy.exceptions:
-        em = _match(ex.destinations, flow, loc, country, policy, jur, at)
+        em = _match(ex.destinations, flow, loc, country, policy, jur, at, host)
         if not em.hit:
             continue
         if ex.in_force(at):

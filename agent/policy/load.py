@@ -8,7 +8,6 @@ lists *all* problems found in all files, e.g.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import ipaddress
 import json
@@ -21,6 +20,7 @@ import jsonschema
 from agent import yamlio
 from agent.errors import UserError
 from agent.flow import PROTO_NUMBERS
+from agent.names.hostnames import Pattern
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Destinations, Exemption, Operator, Policy, Selector
 
@@ -146,14 +146,17 @@ def _asns(values, path, probs) -> frozenset:
 def _dest(d, path, jur, probs, home) -> Destinations | None:
     if d is None:
         return None
+    patterns = []
     for i, h in enumerate(d.get("hostnames") or ()):
-        if not fnmatch.translate(h):
-            probs.add(path + ("hostnames", i), f"bad hostname pattern '{h}'")
+        try:
+            patterns.append(Pattern(h))
+        except ValueError as e:
+            probs.add(path + ("hostnames", i), f"bad hostname pattern: {e}")
     return Destinations(
         jurisdictions=_jurs(d.get("jurisdictions"), path + ("jurisdictions",), jur, probs, home),
         networks=_nets(d.get("networks"), path + ("networks",), probs),
         asns=_asns(d.get("asns"), path + ("asns",), probs),
-        hostnames=tuple(h.lower() for h in d.get("hostnames") or ()),
+        hostnames=tuple(patterns),
         operator_jurisdictions=_jurs(d.get("operator_jurisdictions"), path + ("operator_jurisdictions",),
                                      jur, probs, home),
     )
@@ -220,6 +223,7 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
                   operators=operators, unknown=d.get("unknown", "indeterminate"),
                   use_represented_country=d.get("location") == "represented",
                   registration_as_location=bool(d.get("registration_as_location", False)),
+                  names_override_location=bool(d.get("names_override_location", False)),
                   directions=tuple(d.get("directions") or ("outbound",)),
                   exceptions=tuple(exceptions), file=file, sha256=sha,
                   effective_from=eff_from, effective_until=eff_until)

@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from datetime import date
 
+from agent.names.hostnames import Pattern
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -19,7 +21,7 @@ class Destinations:
     jurisdictions: tuple[str, ...] = ()
     networks: tuple[Network, ...] = ()
     asns: frozenset[int] = frozenset()
-    hostnames: tuple[str, ...] = ()
+    hostnames: tuple[Pattern, ...] = ()  # exact names and *.suffix patterns (agent.names.hostnames)
     operator_jurisdictions: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -77,6 +79,7 @@ class Policy:
     directions: tuple[str, ...] = ("outbound",)  # outbound: local -> abroad; inbound: abroad -> local
     use_represented_country: bool = False  # judge by GeoIP represented_country where it differs
     registration_as_location: bool = False  # without a GeoIP database, judge by the country of registration
+    names_override_location: bool = False  # a name matching allow decides, whatever the address's location
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)
 

@@ -17,6 +17,7 @@ from agent.flow import Outcome, iso_time, proto_name
 from agent.pipeline import Judged
 
 MAX_TABLE_ROWS = 40
+MAX_FLOW_ROWS = 500
 _VALUE = {o: o.value for o in Outcome}
 
 
@@ -26,8 +27,22 @@ def _where(r: dict) -> str:
     return f"registered {r['registered_country']}" if r.get("registered_country") else "unknown"
 
 
+def flow_row(flow, j: Judged | None) -> dict:
+    """One entry of the report's `flows` list (`audit --flows`): field names as in `violations`,
+    plus `dport` (the name the flow log uses) and the verdict of each policy."""
+    loc = j.location if j is not None else None
+    return {"proto": proto_name(flow.proto), "src": flow.src, "sport": flow.sport, "dst": flow.dst,
+            "dport": flow.dport, "dst_port": flow.dport, "packets": flow.packets, "bytes": flow.bytes,
+            "first_seen": iso_time(flow.first_seen) if flow.first_seen else None,
+            "last_seen": iso_time(flow.last_seen) if flow.last_seen else None,
+            "egress": j is not None and not j.inbound, "direction": ("inbound" if j.inbound else "outbound") if j
+            else None, "country": loc.country if loc is not None and loc.unknown_reason is None else None,
+            "hostname": flow.hostname, "hostname_source": flow.hostname_source,
+            "verdicts": {v.policy: v.outcome.value for v in j.outcomes} if j is not None else {}}
+
+
 class AuditReport:
-    def __init__(self, policies, geoip_provenance):
+    def __init__(self, policies, geoip_provenance, with_flows: bool = False):
         self.inputs: list[dict] = []
         self.policies = [{"name": p.name, "file": p.file, "sha256": p.sha256} for p in policies]
         self.geoip = geoip_provenance
@@ -38,6 +53,7 @@ class AuditReport:
         self.records: dict[str, list] = {"violation": [], "indeterminate": [], "exempt": []}
         self.redated: list[dict] = []
         self.warnings: list[str] = []
+        self.flows: list[dict] | None = [] if with_flows else None
 
     def add_input(self, stats: dict, packets: int | None = None):
         self.inputs.append(stats)
@@ -45,7 +61,10 @@ class AuditReport:
         if packets is not None:
             self.totals["packets"] += packets
 
-    def add_flow(self, flow, count_packets: bool):
+    def add_flow(self, flow, count_packets: bool, judged: Judged | None = None):
+        """Count one flow read; `judged` is its judgement when it was judged (egress or inbound)."""
+        if self.flows is not None:
+            self.flows.append(flow_row(flow, judged))
         self.totals["flows"] += 1
         self.totals["bytes"] += flow.bytes
         if count_packets:
@@ -79,7 +98,8 @@ class AuditReport:
                         "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
                         "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes,
                         "first_seen": iso_time(f.first_seen), "last_seen": iso_time(f.last_seen),
-                        "process": f.to_json().get("process") if f.who is not None else None}
+                        "process": f.to_json().get("process") if f.who is not None else None,
+                        "hostname": f.hostname, "hostname_source": f.hostname_source}
             records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
                             "message": j.message(v), "exception": v.exception, **base})
 
@@ -90,7 +110,7 @@ class AuditReport:
 
     def to_json(self) -> dict:
         order = lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"])  # noqa: E731
-        return {
+        out = {
             "tool": {"name": "egress-agent", "version": __version__},
             "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "inputs": self.inputs,
@@ -106,6 +126,10 @@ class AuditReport:
             "redated": self.redated,
             "warnings": self.warnings + self._redated_warning(),
         }
+        if self.flows is not None:
+            out["flows"] = sorted(self.flows, key=lambda r: (r["first_seen"] or "", r["src"], r["sport"], r["dst"],
+                                                             r["dport"], r["proto"]))
+        return out
 
     def _redated_warning(self) -> list[str]:
         if not self.redated:
@@ -161,9 +185,31 @@ class AuditReport:
             for (policy, dst, port, proto), g in ranked[:MAX_TABLE_ROWS]:
                 r = g["first"]
                 srcs = ", ".join(sorted(g["srcs"])[:3]) + (" …" if len(g["srcs"]) > 3 else "")
-                console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst} port {port} "
+                named = f" {r['hostname']}" if r.get("hostname") else ""
+                console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst}{named} port {port} "
                               f"({_where(r)}): {g['flows']} flow(s), {g['packets']} packets, "
                               f"{g['bytes']} bytes from {srcs}", highlight=False)
                 console.print(f"      {r['message']}", highlight=False, style="dim")
             if len(ranked) > MAX_TABLE_ROWS:
                 console.print(f"  … and {len(ranked) - MAX_TABLE_ROWS} more destinations (--format json lists all)")
+        if self.flows is not None:
+            self._render_flows(console)
+
+    def _render_flows(self, console):
+        from rich.table import Table
+
+        rows = self.to_json()["flows"]
+        t = Table(title=f"Flows ({len(rows)})", title_justify="left")
+        cols = ("first seen", "proto", "source", "destination", "host name", "country", "packets", "bytes", "verdicts")
+        for col in cols:
+            t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
+        for r in rows[:MAX_FLOW_ROWS]:
+            host = f"{r['hostname']} ({r['hostname_source']})" if r["hostname"] else ""
+            verdicts = ", ".join(f"{p}: {o}" for p, o in r["verdicts"].items() if o != "not_applicable") or \
+                ("-" if not r["direction"] else "not applicable")
+            t.add_row(r["first_seen"] or "", r["proto"], f"{r['src']}:{r['sport']}", f"{r['dst']}:{r['dport']}", host,
+                      r["country"] or ("" if not r["direction"] else "unknown"), str(r["packets"]), str(r["bytes"]),
+                      verdicts)
+        console.print(t)
+        if len(rows) > MAX_FLOW_ROWS:
+            console.print(f"… and {len(rows) - MAX_FLOW_ROWS} more flows (--format json lists all)")

@@ -3,7 +3,8 @@
 Each line is either a flow object (what `Flow.to_json` writes) or an evidence record holding one
 under `"flow"`, so an evidence log can be replayed through `egress-agent audit`.
 Required: proto, src, dst; optional: sport, dport, packets, bytes, first_seen, last_seen
-(RFC 3339 or POSIX seconds), process, hostname.
+(RFC 3339 or POSIX seconds), process, hostname (any IDNA form; kept in canonical A-label form),
+hostname_source, hostname_chain.
 
 Evidence records name the same flow several times (one line per verdict, and `new`/`open` then
 `end` events with final counters): lines with a `conntrack_id` are merged per (id, tuple), the
@@ -28,6 +29,7 @@ from socket import inet_pton as _pton
 
 from agent.errors import UserError
 from agent.flow import PROTO_NUMBERS, Flow, Who
+from agent.names.hostnames import canonical
 
 try:
     import orjson as _orjson
@@ -201,9 +203,21 @@ def parse_flow(d, where: str) -> Flow:
     proto = _proto(d.get("proto"), where)
     first = _time(d["first_seen"], f"{where}first_seen") if d.get("first_seen") is not None else 0.0
     last = _time(d["last_seen"], f"{where}last_seen") if d.get("last_seen") is not None else first
-    host = d.get("hostname")
-    if host is not None and not isinstance(host, str):
-        raise UserError(f"{where}hostname: {_show(host)} is not a string")
+    host, host_src, chain = d.get("hostname"), d.get("hostname_source"), ()
+    if host is not None:
+        if not isinstance(host, str):
+            raise UserError(f"{where}hostname: {_show(host)} is not a string")
+        try:
+            host = canonical(host)
+        except ValueError as e:
+            raise UserError(f"{where}hostname: {e}") from None
+        if host_src is not None and not isinstance(host_src, str):
+            raise UserError(f"{where}hostname_source: {_show(host_src)} is not a string")
+        raw_chain = d.get("hostname_chain")
+        if raw_chain is not None:
+            if not isinstance(raw_chain, list) or not all(isinstance(c, str) for c in raw_chain):
+                raise UserError(f"{where}hostname_chain: expected a list of names")
+            chain = tuple(raw_chain)
     src = d.get("source")
     if src is not None and not isinstance(src, str):
         raise UserError(f"{where}source: {_show(src)} is not a string")
@@ -212,7 +226,7 @@ def parse_flow(d, where: str) -> Flow:
                 packets=_int(d, "packets", where, default=1, hi=2**63 - 1),
                 bytes=_int(d, "bytes", where, hi=2**63 - 1),
                 first_seen=first, last_seen=last, source=src or "jsonl", who=_who(d.get("process"), where),
-                hostname=host)
+                hostname=host, hostname_source=host_src if host else None, hostname_chain=chain)
 
 
 def _lines(f, path: str, stats: JsonlStats):
