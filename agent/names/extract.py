@@ -30,6 +30,8 @@ QUIC_MIN_DATAGRAM = 1200
 MAX_PENDING = 4096  # TCP streams waiting for the rest of a ClientHello
 MAX_NAMED = 262144  # 5-tuples named by a hello
 MAX_SEGMENTS = 16  # out-of-order segments held per stream
+MAX_ORPHANS = 1024  # flows whose first payload segment was not a hello start: kept in case it comes later
+ORPHAN_SEGMENTS = 4
 
 
 class Name(NamedTuple):
@@ -72,6 +74,8 @@ class NameExtractor:
         self.client_of = client_of or (lambda addr: addr)
         self._named: OrderedDict[tuple, tuple[str, str]] = OrderedDict()
         self._streams: OrderedDict[tuple, _Stream] = OrderedDict()
+        # segments that arrived before the start of their stream (reordering): {key: {seq: data}}
+        self._orphans: OrderedDict[tuple, dict[int, bytes]] = OrderedDict()
         self._quic = quic.Assembler()
 
     # -- packets ---------------------------------------------------------------------------------
@@ -109,8 +113,22 @@ class NameExtractor:
                 return None
             p = seg.payload
             if p[0] != tls.HANDSHAKE or len(p) > 1 and p[1] != 3:
-                return None  # not the start of a TLS stream (or a later segment of one we did not see begin)
+                # not the start of a TLS stream: other data, or a later segment of a hello whose start
+                # comes next (reordered), which a few bounded slots keep
+                held = self._orphans.get(key)
+                if held is None:
+                    held = self._orphans[key] = {}
+                    if len(self._orphans) > MAX_ORPHANS:
+                        self._orphans.popitem(last=False)
+                if len(held) < ORPHAN_SEGMENTS:
+                    held[seg.seq] = p
+                return None
             st = _Stream(seg.seq, p)
+            st.held = self._orphans.pop(key, None) or {}
+            while st.next_seq in st.held:
+                data = st.held.pop(st.next_seq)
+                st.buf += data
+                st.next_seq = (st.next_seq + len(data)) & 0xFFFFFFFF
         elif seg.seq == st.next_seq:
             st.buf += seg.payload
             st.next_seq = (st.next_seq + len(seg.payload)) & 0xFFFFFFFF

@@ -97,3 +97,35 @@ def test_shipped_policies_load_and_carry_sha256():
     assert {p.name for p in pols} == {"gdpr-personal-data", "pipl-personal-information", "sovereign-operator",
                                       "device-phone-home"}
     assert all(len(p.sha256) == 64 for p in pols)
+
+
+def test_hostname_patterns(tmp_path):
+    p = write(tmp_path, "h.yaml", """\
+        version: 1
+        name: h
+        home: [EU]
+        allow:
+          hostnames: ["api*.example.eu", "*.*.example", "ok.example", "a..b"]
+        """)
+    probs = "\n".join(map(str, problems(p)))
+    assert "h.yaml:5: allow.hostnames[0]: bad hostname pattern" in probs
+    assert "'api*.example.eu': a pattern is an exact name or '*.suffix'" in probs
+    assert "'*.*.example': only a leading '*.' is allowed" in probs
+    assert "ok.example" not in probs and "a..b" in probs
+
+
+def test_hostnames_match_in_any_idna_form(tmp_path):
+    from agent.names.hostnames import canonical
+
+    p = write(tmp_path, "h.yaml", """\
+        version: 1
+        name: h
+        home: [EU]
+        allow:
+          hostnames: ["*.BÜCHER.example", "xn--caf-dma.example"]
+        """)
+    (pol,) = load_policies(p, J)
+    star, exact = pol.allow.hostnames
+    assert star.matches(canonical("shop.bücher.example")) and star.matches("a.b.xn--bcher-kva.example")
+    assert not star.matches("xn--bcher-kva.example")  # *.suffix is what is under it, not the suffix
+    assert exact.matches(canonical("Café.example.")) and not exact.matches("www.xn--caf-dma.example")

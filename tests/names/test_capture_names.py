@@ -1,0 +1,158 @@
+"""Names on flows from captures, end to end: `audit --flows` on captures built with scapy."""
+
+import json
+
+from agent.names import quic
+from agent.sources.pcap import read_capture
+from tests.helpers import write_pcap
+from tests.names import build
+from tests.names.build import CLIENT
+
+T = 1750000000.0
+DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32"]
+
+
+def _capture(tmp_path, frames, name="names.pcap"):
+    return write_pcap(tmp_path / name, frames)
+
+
+def _names(path):
+    return {(f.dst, f.sport): (f.hostname, f.hostname_source, f.hostname_chain)
+            for f in read_capture(path).flows if f.src == CLIENT}
+
+
+def test_dns_then_connect_names_the_flow_until_the_answer_expires(tmp_path):
+    answer = build.dns_response("www.payroll.example", [("www.payroll.example", "CNAME", 60, "edge.cdn.example"),
+                                                       ("edge.cdn.example", "A", 300, "203.0.113.9")])
+    frames = [
+        (T - 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S")),  # before the answer: no name
+        (T, answer),
+        (T + 1, build.tcp(CLIENT, 50001, "203.0.113.9", 443, 1, flags="S")),
+        (T + 60 + 30 - 1, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, flags="S")),  # TTL 60 (chain) + grace
+        (T + 60 + 30 + 1, build.tcp(CLIENT, 50003, "203.0.113.9", 443, 1, flags="S")),  # expired
+        (T + 2, build.tcp("192.0.2.11", 50004, "203.0.113.9", 443, 1, flags="S")),  # another client: not told
+    ]
+    path = _capture(tmp_path, frames)
+    got = _names(path)
+    chain = ("www.payroll.example", "edge.cdn.example")
+    assert got[("203.0.113.9", 50000)] == (None, None, ())
+    assert got[("203.0.113.9", 50001)] == ("www.payroll.example", "dns", chain)
+    assert got[("203.0.113.9", 50002)] == ("www.payroll.example", "dns", chain)
+    assert got[("203.0.113.9", 50003)] == (None, None, ())
+    other = [f for f in read_capture(path).flows if f.src == "192.0.2.11"]
+    assert other[0].hostname is None
+
+
+def test_most_recent_answer_to_that_client_wins(tmp_path):
+    frames = [(T, build.dns_response("old.example", [("old.example", "A", 600, "203.0.113.9")])),
+              (T + 1, build.dns_response("new.example", [("new.example", "A", 600, "203.0.113.9")])),
+              (T + 2, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S"))]
+    assert _names(_capture(tmp_path, frames))[("203.0.113.9", 50000)][0] == "new.example"
+
+
+def test_sni_in_one_segment_two_segments_out_of_order_and_ech(tmp_path):
+    one = build.records(build.client_hello("api.vendor.example"))
+    two = build.records(build.client_hello("split.vendor.example", pad=1800))
+    ech = build.records(build.client_hello("public.ech.example", ech=True))
+    frames = [
+        (T, build.dns_response("dns-name.example", [("dns-name.example", "A", 600, "203.0.113.9")])),
+        (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1000, one)),  # SNI wins over DNS
+        (T + 2, build.tcp(CLIENT, 50001, "203.0.113.10", 443, 5000, two[:1000])),
+        (T + 3, build.tcp(CLIENT, 50001, "203.0.113.10", 443, 5000, two[:1000])),  # a retransmission
+        (T + 4, build.tcp(CLIENT, 50001, "203.0.113.10", 443, 6000, two[1000:])),
+        (T + 5, build.tcp(CLIENT, 50002, "203.0.113.11", 443, 9000 + 700, two[700:])),  # later part first
+        (T + 6, build.tcp(CLIENT, 50002, "203.0.113.11", 443, 9000, two[:700])),
+        (T + 7, build.tcp(CLIENT, 50003, "203.0.113.12", 443, 1, ech)),
+        (T + 8, build.tcp(CLIENT, 50004, "203.0.113.13", 443, 1, build.records(build.client_hello("192.0.2.1")))),
+    ]
+    got = _names(_capture(tmp_path, frames))
+    assert got[("203.0.113.9", 50000)][:2] == ("api.vendor.example", "sni")
+    assert got[("203.0.113.10", 50001)][:2] == ("split.vendor.example", "sni")
+    assert got[("203.0.113.11", 50002)][:2] == ("split.vendor.example", "sni")
+    assert got[("203.0.113.12", 50003)][:2] == ("public.ech.example", "sni")
+    assert got[("203.0.113.13", 50004)][:2] == (None, None)  # an IP literal is not a name
+
+
+def test_quic_v1_and_v2_initials_one_hello_over_two_packets(tmp_path):
+    big = build.client_hello("quic.vendor.example", pad=1500)
+    cut = 900
+    v1a = build.seal_initial(b"\x01" * 8, build.crypto_frame(0, big[:cut]), version=quic.V1, pn=0)
+    v1b = build.seal_initial(b"\x01" * 8, build.crypto_frame(cut, big[cut:]), version=quic.V1, pn=1)
+    v2 = build.seal_initial(b"\x02" * 8, build.crypto_frame(0, build.client_hello("v2.vendor.example")),
+                            version=quic.V2)
+    frames = [(T, build.udp(CLIENT, 50000, "203.0.113.20", 443, v1b)),  # the second half first
+              (T + 0.01, build.udp(CLIENT, 50000, "203.0.113.20", 443, v1a)),
+              (T + 1, build.udp(CLIENT, 50001, "203.0.113.21", 443, v2))]
+    cap = read_capture(_capture(tmp_path, frames))
+    got = {f.dst: (f.hostname, f.hostname_source) for f in cap.flows}
+    assert got["203.0.113.20"] == ("quic.vendor.example", "quic-sni")
+    assert got["203.0.113.21"] == ("v2.vendor.example", "quic-sni")
+    assert cap.stats.names["quic_initials"] == 3
+
+
+def test_malformed_names_are_counted_not_fatal(tmp_path):
+    good = build.dns_response("ok.example", [("ok.example", "A", 600, "203.0.113.9")])
+    from scapy.all import Ether
+    bad_dns = build.udp(build.RESOLVER, 53, CLIENT, 40000, bytes(Ether(good)["DNS"])[:-3])  # answer cut short
+    hello = bytearray(build.records(build.client_hello("x.example")))
+    hello[6] = 0xFF  # the handshake length now claims 16 MB
+    sealed = bytearray(build.seal_initial(b"\x03" * 8, build.crypto_frame(0, build.client_hello("q.example"))))
+    sealed[5] = 200  # a connection ID length no version allows
+    frames = [(T, bad_dns), (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, bytes(hello))),
+              (T + 2, build.udp(CLIENT, 50001, "203.0.113.9", 443, bytes(sealed))),
+              (T + 3, good), (T + 4, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, flags="S"))]
+    cap = read_capture(_capture(tmp_path, frames))
+    assert (cap.stats.names["dns_malformed"], cap.stats.names["tls_malformed"],
+            cap.stats.names["quic_malformed"]) == (1, 1, 1)
+    assert any("malformed TLS ClientHello" in w for w in cap.stats.warnings)
+    assert {f.sport: f.hostname for f in cap.flows if f.src == CLIENT}[50002] == "ok.example"
+
+
+POLICY = """\
+version: 1
+name: vendor-eu
+home: [EU]
+names_override_location: {override}
+allow:
+  jurisdictions: [EU]
+  hostnames: ["*.payroll.example", "bücher.example"]
+deny:
+  jurisdictions: [CN]
+"""
+
+
+def _hello(name):
+    return build.records(build.client_hello(name))
+
+
+def test_audit_flows_and_hostname_policies(cli, tmp_path, city_db):
+    frames = [
+        (T, build.dns_response("xn--bcher-kva.example", [("xn--bcher-kva.example", "A", 600, "203.0.113.140")])),
+        (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, _hello("eu.payroll.example"))),
+        (T + 2, build.tcp(CLIENT, 50001, "203.0.113.9", 443, 1, _hello("other.example"))),
+        (T + 3, build.tcp(CLIENT, 50002, "203.0.113.140", 443, 1, flags="S")),  # CN, named bücher.example
+        (T + 4, build.tcp(CLIENT, 50003, "10.1.1.1", 443, 1, flags="S")),  # not egress
+    ]
+    cap = _capture(tmp_path, frames)
+    verdicts = {}
+    for override in ("false", "true"):
+        pol = tmp_path / f"p-{override}"
+        pol.mkdir()
+        (pol / "vendor-eu.yaml").write_text(POLICY.format(override=override))
+        r = cli("audit", "--flows", "--format", "json", *DOC_PUBLIC, "--geoip-db", city_db, "--policies", pol, cap)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        rep = json.loads(r.stdout)
+        rows = {f["sport"]: f for f in rep["flows"] if f["src"] == CLIENT}
+        verdicts[override] = {s: f["verdicts"].get("vendor-eu") for s, f in rows.items()}
+        assert set(rows[50000]) >= {"proto", "src", "sport", "dst", "dport", "packets", "bytes", "first_seen",
+                                    "last_seen", "egress", "country", "hostname", "hostname_source", "verdicts"}
+        assert (rows[50000]["hostname"], rows[50000]["hostname_source"], rows[50000]["country"],
+                rows[50000]["egress"]) == ("eu.payroll.example", "sni", "US", True)
+        assert (rows[50003]["egress"], rows[50003]["verdicts"]) == (False, {})
+        msg = next(v["message"] for v in rep["violations"] if v["sport"] == 50001)
+        assert msg.startswith("destination 203.0.113.9 (other.example, from TLS SNI; US")
+    # a name in allow makes a US address compliant either way; only the override beats a denied country
+    assert verdicts["false"] == {50000: "compliant", 50001: "violation", 50002: "violation", 50003: None}
+    assert verdicts["true"] == {50000: "compliant", 50001: "violation", 50002: "compliant", 50003: None}
+    r = cli("audit", "--flows", *DOC_PUBLIC, "--geoip-db", city_db, "--policies", tmp_path / "p-true", cap)
+    assert "eu.payroll.example (sni)" in r.stdout and "Flows (" in r.stdout
