@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--queue-size", type=int, metavar="N", help="bounded event queue (default 65536)")
     r.add_argument("--rcvbuf", type=int, metavar="BYTES", help="netlink event socket buffer")
     r.add_argument("--no-attribution", action="store_true", default=None, help="do not look up processes")
+    r.add_argument("--source", action="append", choices=("conntrack", "capture"),
+                   help="flow sources (repeatable; default conntrack). capture with conntrack: names on "
+                        "conntrack's flows from DNS answers and TLS/QUIC hellos (needs CAP_NET_RAW)")
+    r.add_argument("--interface", action="append", metavar="IFACE",
+                   help="capture source: listen here (repeatable; default every interface but loopback)")
+    r.add_argument("--no-host-addresses", action="store_true", default=None,
+                   help="do not treat the host's own (public) addresses as local")
     r.add_argument("--geoip-check-interval", type=float, metavar="SECONDS",
                    help="how often to look for a new GeoIP database file (default 60)")
     r.add_argument("--reload-check-interval", type=float, metavar="SECONDS",

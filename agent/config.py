@@ -13,6 +13,9 @@ Example (every key optional; flags of `egress-agent run` override):
     source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608,
              kernel_filter: true,          # drop non-egress events in the kernel (socket BPF filter)
              accounting_interval: 1}       # seconds between readings of the kernel's flow counter
+    sources: [conntrack]            # add capture: names on flows from DNS, TLS and QUIC (agent/sources/capture.py)
+    capture: {interfaces: [], tls_ports: [443], name_wait: 0.5, dns_grace: 30}
+    host_addresses: true            # the host's own addresses are local, even public ones (pyroute2)
     sampling: {one_in: 1, per_destination_per_second: 0}
     attribution: true
     queue_size: 65536
@@ -50,6 +53,13 @@ SCHEMA = {
             "type": {"enum": ["conntrack"]}, "netns": {"type": ["string", "null"]}, "enable": {"type": "boolean"},
             "rcvbuf": {"type": "integer", "minimum": 1024}, "kernel_filter": {"type": "boolean"},
             "accounting_interval": {"type": "number", "minimum": 0.2, "maximum": 3600}}},
+        "sources": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": ["conntrack", "capture"]}},
+        "capture": {"type": "object", "additionalProperties": False, "properties": {
+            "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
+            "name_wait": {"type": "number", "minimum": 0, "maximum": 10},
+            "dns_grace": {"type": "number", "minimum": 0, "maximum": 86400}}},
+        "host_addresses": {"type": "boolean"},
         "sampling": {"type": "object", "additionalProperties": False, "properties": {
             "one_in": {"type": "integer", "minimum": 1},
             "per_destination_per_second": {"type": "number", "minimum": 0}}},
@@ -73,6 +83,9 @@ class Config:
     web_config: str | None = None
     evidence: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    sources: tuple[str, ...] = ("conntrack",)
+    capture: dict = field(default_factory=dict)
+    host_addresses: bool = True
     sampling: dict = field(default_factory=dict)
     attribution: bool = True
     queue_size: int = 65536
@@ -136,6 +149,12 @@ def with_flags(cfg: Config, args) -> Config:
                       ("reload_check_interval", "reload_check_interval")):
         if getattr(args, flag, None) is not None:
             changes[key] = getattr(args, flag)
+    if getattr(args, "source", None):
+        changes["sources"] = tuple(dict.fromkeys(args.source))
+    if getattr(args, "interface", None):
+        changes["capture"] = {**cfg.capture, "interfaces": list(args.interface)}
+    if getattr(args, "no_host_addresses", None):
+        changes["host_addresses"] = False
     if getattr(args, "no_attribution", None):
         changes["attribution"] = False
     if getattr(args, "rcvbuf", None) is not None:

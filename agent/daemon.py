@@ -72,12 +72,14 @@ def setup_logging():
     log.propagate = False
 
 
-def build_pipeline(cfg: Config) -> Pipeline:
+def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipeline:
+    """`host_addresses`: the host's own addresses, local like `local_nets` (a public-IP server's
+    outbound flows are egress)."""
     from agent.cli import shipped_policies
 
     jur = Jurisdictions.load()
     policies = load_policies(cfg.policies or shipped_policies(), jur)
-    scoper = Scoper(public_nets=cfg.public_nets, local_nets=cfg.local_nets)
+    scoper = Scoper(public_nets=cfg.public_nets, local_nets=tuple(cfg.local_nets) + tuple(host_addresses))
     return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper)
 
 
@@ -113,7 +115,21 @@ class Daemon:
         self.args = args
         self.metrics = Metrics()
         self.metrics.source(SOURCE)
-        self.pipeline = build_pipeline(cfg)
+        if "conntrack" not in cfg.sources:
+            raise UserError("sources: the capture source names conntrack's flows; flows from capture alone "
+                            "(hosts without nf_conntrack) are not built yet: run --source conntrack --source capture")
+        self.host_addrs: tuple[str, ...] = ()
+        if cfg.host_addresses:
+            from agent.sources.host_addresses import HostAddresses
+
+            try:
+                self.host_addrs = HostAddresses(cfg.source.get("netns")).current()
+            except Exception as e:  # the daemon still works from local_nets; say what is missing
+                log.warning("cannot read the host's own addresses (%s): flows from a public address of this "
+                            "host are not egress unless local_nets lists it", e)
+        self.pipeline = build_pipeline(cfg, self.host_addrs)
+        self.names = None  # NameExtractor when the capture source is on
+        self._host_packed: frozenset = frozenset()
         self.web = webconfig.load(cfg.web_config)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
@@ -181,7 +197,7 @@ class Daemon:
         ok, message = False, ""
         try:
             cfg = with_flags(load_config(self.config_path), self.args) if self.args else load_config(self.config_path)
-            pipe = build_pipeline(cfg)
+            pipe = build_pipeline(cfg, self.host_addrs)
             web = webconfig.load(cfg.web_config)
         except UserError as e:
             self.metrics.reload_success.set(0)
@@ -428,6 +444,12 @@ class Daemon:
                 self._check_geoip()
             if batch is None:
                 continue
+            if self.names is not None:
+                # give the capture source time to see the flow's TLS or QUIC hello (one round trip
+                # after the SYN that made the conntrack entry); FIFO, so one wait per batch at most
+                delay = now + self.name_wait - time.time()
+                if delay > 0:
+                    self.stop.wait(delay)
             flows = 0
             for kind, e, counted in batch:
                 flows += counted
@@ -465,6 +487,13 @@ class Daemon:
             if e[:6] in self.open:
                 return  # seen already
             flow = e.flow(now)
+            if self.names is not None:
+                n = self.names.name_flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
+                                         flow.first_seen or now)
+                if n is not None:
+                    flow = dataclasses.replace(flow, hostname=n.hostname, hostname_source=n.source,
+                                               hostname_chain=n.chain)
+                    self.metrics.names.labels(n.source).inc()
             who = self.attributor.who(flow) if self.attributor else None
             if who is not None:
                 flow = dataclasses.replace(flow, who=who)
@@ -527,12 +556,46 @@ class Daemon:
 
             for done in enable_tracking(self.cfg.source.get("netns"), self.pipeline.scoper):
                 log.info("enabled %s", done)
-        for target, name in ((self._source, "source"), (self._worker, "worker")):
+        targets = [(self._source, "source"), (self._worker, "worker")]
+        if "capture" in self.cfg.sources:
+            capture = self._open_capture()
+            targets.append((lambda: capture.run(self.stop), "capture"))
+        if self.cfg.host_addresses:
+            from agent.sources.host_addresses import HostAddresses
+
+            hosts = HostAddresses(self.cfg.source.get("netns"))
+            targets.append((lambda: hosts.watch(self._host_addresses_changed, self.stop), "host-addresses"))
+        for target, name in targets:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self.threads.append(t)
         log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
                  len(self.pipeline.policies), self.cfg.listen, self.cfg.evidence_path)
+
+    def _open_capture(self):
+        from agent.names.extract import NameExtractor, packed
+        from agent.sources.capture import CaptureNames
+
+        cap = self.cfg.capture
+        self.name_wait = float(cap.get("name_wait", 0.5))
+        self._host_packed = frozenset(packed(a) for a in self.host_addrs)
+        # every address of this host is one DNS client: a stub resolver on loopback answers for all
+        host_id, loop4, loop6 = b"host", packed("127.0.0.1")[:13], packed("::1")
+        client_of = lambda a: host_id if a in self._host_packed or a[:13] == loop4 or a == loop6 else a  # noqa: E731
+        names = NameExtractor(grace=float(cap.get("dns_grace", 30)), client_of=client_of)
+        self.metrics.source("capture")
+        capture = CaptureNames(names, cap.get("interfaces") or (), cap.get("tls_ports") or (443,),
+                               self.cfg.source.get("netns"), self.metrics).open()
+        self.names = names
+        return capture
+
+    def _host_addresses_changed(self, addrs: tuple[str, ...]):
+        from agent.names.extract import packed
+
+        log.info("the host's addresses changed (now %s); rebuilding the scope table", ", ".join(addrs))
+        self.host_addrs = addrs
+        self._host_packed = frozenset(packed(a) for a in addrs)
+        self.reload_requested.set()
 
     def shutdown(self):
         sd.notify("STOPPING=1")

@@ -52,7 +52,7 @@ def wait_for(cond, timeout=15.0, what="condition"):
 class Agent:
     """One daemon process with its config, metrics endpoint and evidence file."""
 
-    def __init__(self, tmp: Path, topo: Topology, **source):
+    def __init__(self, tmp: Path, topo: Topology, config: dict | None = None, **source):
         self.tmp, self.topo = tmp, topo
         self.port = free_port()
         self.policies = tmp / "policies"
@@ -72,7 +72,7 @@ class Agent:
             "geoip_check_interval": 0.5, "listen": f"127.0.0.1:{self.port}",
             "local_nets": ["192.0.2.0/24", "2001:db8:1::/64"],
             "public_nets": ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
-            "evidence": {"path": str(self.evidence), "max_bytes": 64 << 20}, "source": src}))
+            "evidence": {"path": str(self.evidence), "max_bytes": 64 << 20}, "source": src, **(config or {})}))
         self.proc = None
 
     def start(self):

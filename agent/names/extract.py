@@ -18,6 +18,7 @@ Every table is bounded; evictions are counted.
 from __future__ import annotations
 
 import socket
+import threading
 from collections import Counter, OrderedDict
 from typing import NamedTuple
 
@@ -77,10 +78,16 @@ class NameExtractor:
         # segments that arrived before the start of their stream (reordering): {key: {seq: data}}
         self._orphans: OrderedDict[tuple, dict[int, bytes]] = OrderedDict()
         self._quic = quic.Assembler()
+        # the live capture thread feeds while the worker names flows: one lock keeps the tables whole
+        self._lock = threading.Lock()
 
     # -- packets ---------------------------------------------------------------------------------
 
     def feed(self, seg: Segment, at: float) -> Named | NoHello | None:
+        with self._lock:
+            return self._feed(seg, at)
+
+    def _feed(self, seg: Segment, at: float) -> Named | NoHello | None:
         if seg.proto == UDP:
             if seg.sport in DNS_PORTS:
                 self._dns(seg, at)
@@ -200,10 +207,11 @@ class NameExtractor:
 
     def name_flow(self, proto: int, src: str, sport: int, dst: str, dport: int, at: float) -> Name | None:
         s, d = packed(src), packed(dst)
-        hit = self._named.get((proto, s, sport, d, dport))
+        with self._lock:
+            hit = self._named.get((proto, s, sport, d, dport))
+            a = None if hit is not None else self.answers.lookup(self.client_of(s), d, at)
         if hit is not None:
             return Name(hit[0], hit[1])
-        a = self.answers.lookup(self.client_of(s), d, at)
         if a is not None:
             return Name(a.name, "dns", a.chain)
         return None

@@ -102,6 +102,13 @@ class Metrics:
                                            "their sources (the file's `reviewed` date).", ["group"], registry=r)
         self.http_rejected = Counter(f"{NS}_http_connections_rejected", "Metrics connections closed at once "
                                      "because the connection limit was reached.", registry=r)
+        self.capture_packets = Counter(f"{NS}_capture_packets", "Packets the capture source read (after its "
+                                       "kernel filter: DNS answers, TLS and QUIC hello candidates).", registry=r)
+        self._capture_seen = 0
+        self.names = Counter(f"{NS}_flows_named", "Judged flows that carried a host name, by where the name came "
+                             "from (sni, quic-sni, dns).", ["source"], registry=r)
+        self.names_malformed = Counter(f"{NS}_name_packets_malformed", "Malformed DNS, TLS or QUIC packets the "
+                                       "name extractor skipped, by kind.", ["kind"], registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
     # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.
