@@ -150,3 +150,15 @@ def test_public_host_address_is_local_without_local_net(topo, agent):
     finally:
         p.kill()
     assert rec["flow"]["src"] == "198.51.100.10"
+
+
+def test_capture_without_cap_net_raw_is_a_clear_start_up_error(topo, tmp_path):
+    import sys
+
+    from tests.agent_process import REPO
+
+    a = Agent(tmp_path, topo, config={"sources": ["conntrack", "capture"], "attribution": False})
+    r = subprocess.run(["setpriv", "--bounding-set=-net_raw", "--inh-caps=-net_raw", sys.executable, "-m", "agent",
+                        "run", "--config", str(a.config)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "needs CAP_NET_RAW" in r.stderr and "Traceback" not in r.stderr

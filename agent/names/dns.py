@@ -14,6 +14,7 @@ rcode is returned so the caller can ignore NXDOMAIN and friends.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import NamedTuple
 
@@ -70,8 +71,11 @@ class Response(NamedTuple):
         return out
 
 
+_PLAIN = re.compile(rb"[\x21-\x2d\x2f-\x5b\x5d-\x7e]*").fullmatch  # printable ASCII but '.' and '\\'
+
+
 def _label_text(raw: bytes) -> str:
-    if all(0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) for b in raw):
+    if _PLAIN(raw):
         return raw.decode("ascii").lower()
     return "".join(chr(b).lower() if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}" for b in raw)
 

@@ -157,8 +157,11 @@ def crypto_frames(plain: bytes) -> list[tuple[int, bytes]]:
     """CRYPTO frames of an Initial packet's payload; the frames allowed there are walked."""
     out, off, n = [], 0, len(plain)
     while off < n:
+        if plain[off] == 0x00:  # PADDING: a client pads to 1,200 octets, so skip the run in C, not per byte
+            off = n - len(plain[off:].lstrip(b"\x00"))
+            continue
         ftype, off = _varint(plain, off)
-        if ftype == 0x00 or ftype == 0x01:  # PADDING, PING
+        if ftype == 0x01:  # PING
             continue
         if ftype == 0x06:  # CRYPTO
             cofs, off = _varint(plain, off)

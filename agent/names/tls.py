@@ -36,6 +36,8 @@ class Hello(NamedTuple):
 
 
 def _is_ip_literal(name: str) -> bool:
+    if not (name[-1:].isdigit() or ":" in name or name.endswith("]")):
+        return False  # a name ending in letters is never an address: skip the parse
     try:
         ipaddress.ip_address(name.strip("[]"))
     except ValueError:

@@ -74,11 +74,13 @@ def scan(fd: int, fmt: str, path: str, ex: NameExtractor):
             continue
         status, fields, fallback = pcap._decode_chunk(np.frombuffer(mm, dtype=np.uint8), linktype, off, cap,
                                                       wire, w)
-        for i in _candidates(status, fields, fallback).tolist():
-            o, c = int(off[i]), int(cap[i])
-            seg = transport(linktype, mm[o:o + c])
+        rows = _candidates(status, fields, fallback)
+        view = memoryview(mm)  # slices without copying; `transport` copies only what it keeps
+        feed = ex.feed
+        for o, c, t in zip(off[rows].tolist(), cap[rows].tolist(), ts[rows].tolist(), strict=True):
+            seg = transport(linktype, view[o:o + c])
             if seg is not None:
-                ex.feed(seg, float(ts[i]))
+                feed(seg, t)
 
 
 def name_flows(fd: int, fmt: str, stats, flows: list[Flow]) -> list[Flow]:
