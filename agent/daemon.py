@@ -28,7 +28,6 @@ from collections import OrderedDict
 
 from agent import reload_status
 from agent import systemd_notify as sd
-from agent.accounting import LossAccount
 from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
@@ -46,8 +45,6 @@ log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
 _REPORTED = {Outcome(o) for o in EVIDENCE_OUTCOMES}
 MAX_OPEN_FLOWS = 262144
-MAX_KNOWN = 1 << 20  # flows the source remembers, so a resynchronising dump skips flows it has seen
-BATCH = 4096  # events per queue item: one hand-off per netlink read, at most this many
 SOURCE = "conntrack"
 
 
@@ -83,41 +80,12 @@ def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipelin
     return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper)
 
 
-class RateLimit:
-    """Token bucket per destination (bounded LRU of destinations)."""
-
-    def __init__(self, rate: float, size: int = 65536):
-        self.rate, self.size = rate, size
-        self.buckets: OrderedDict[str, list] = OrderedDict()
-
-    def allow(self, dst: str, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        b = self.buckets.get(dst)
-        if b is None:
-            b = self.buckets[dst] = [self.rate, now]
-            if len(self.buckets) > self.size:
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(dst)
-            b[0] = min(self.rate, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-        if b[0] >= 1:
-            b[0] -= 1
-            return True
-        return False
-
-
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None, args=None):
         self.cfg = cfg
         self.config_path = config_path
         self.args = args
         self.metrics = Metrics()
-        self.metrics.source(SOURCE)
-        if "conntrack" not in cfg.sources:
-            raise UserError("sources: the capture source names conntrack's flows; flows from capture alone "
-                            "(hosts without nf_conntrack) are not built yet: run --source conntrack --source capture")
         self.host_addrs: tuple[str, ...] = ()
         if cfg.host_addresses:
             from agent.sources.host_addresses import HostAddresses
@@ -128,7 +96,8 @@ class Daemon:
                 log.warning("cannot read the host's own addresses (%s): flows from a public address of this "
                             "host are not egress unless local_nets lists it", e)
         self.pipeline = build_pipeline(cfg, self.host_addrs)
-        self.names = None  # NameExtractor when the capture source is on
+        self.names = None  # NameExtractor when the capture source is on (it sets this and name_wait)
+        self.name_wait = 0.0
         self._host_packed: frozenset = frozenset()
         self.web = webconfig.load(cfg.web_config)
         self.stop = threading.Event()
@@ -137,8 +106,6 @@ class Daemon:
         self.queue: queue.Queue = queue.Queue()  # bounded by `pending` (events), see _source
         self.pending = 0
         self.pending_flows = 0  # of which flows counted for loss accounting
-        self._socket_drops = 0
-        self._counter_ok = True  # the last reading of the kernel's counter worked
         self.pending_lock = threading.Lock()
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
@@ -223,191 +190,6 @@ class Daemon:
         sd.notify("READY=1", self.status())
 
     # -- source thread ------------------------------------------------------------------------
-    def _open_source(self, m, acct: LossAccount):
-        """Open the conntrack sockets (with the kernel-side filter) and take the counter's baseline."""
-        from agent.sources.conntrack import Conntrack, read_sysctl
-        from agent.sources.ct_filter import program
-
-        src = self.cfg.source
-        netns = src.get("netns")
-        prog = program(self.pipeline.scoper) if src.get("kernel_filter", True) else None
-        ct = Conntrack(netns, prog)
-        if src.get("rcvbuf"):
-            import socket as _s
-            ct.ev.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, int(src["rcvbuf"]))
-        # the baseline: read after the event socket exists, so every flow counted from here on
-        # produces an event we can receive
-        if acct.kernel_base is None:
-            acct.kernel_reading(self.kernel_counter.read())
-        else:
-            ct.dumps = 1  # a reopened socket: what its dump finds was missed, count it as recovered
-        m.loss_accounting.labels(SOURCE).set(0 if acct.kernel_base is None else 1)
-        if acct.kernel_base is None:
-            log.warning("loss accounting is off: %s (set source.enable: true, or load "
-                        "deploy/nftables/egress-agent.nft, so the kernel counts egress flows)",
-                        self.kernel_counter.error)
-        on = read_sysctl("net.netfilter.nf_conntrack_acct", netns) == "1"
-        m.accounting.labels(SOURCE).set(1 if on else 0)
-        if not on:
-            log.warning("conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): flows "
-                        "will have no byte counts; set source.enable: true or the sysctl")
-        m.source_up.labels(SOURCE).set(1)
-        return ct
-
-    def _account(self, m, acct: LossAccount, ct, kernel_now):
-        """One accounting interval: socket drops, kernel growth, booking, the gauges."""
-        drops_now = ct.socket_drops()
-        if drops_now > self._socket_drops:
-            lost = drops_now - self._socket_drops
-            acct.events_lost(lost)
-            m.events_lost.labels(SOURCE).inc(lost)
-            m.source_errors.labels(SOURCE, "overflow").inc()
-            log.warning("the kernel dropped %d conntrack events (socket buffer full); resynchronising with a "
-                        "dump, flows that ended meanwhile are counted as overflow drops", lost)
-            ct.needs_dump = True
-        self._socket_drops = drops_now
-        if kernel_now is not None:
-            if not self._counter_ok:
-                log.info("the kernel's egress flow counter is readable again; loss accounting resumes")
-            self._counter_ok = True
-            m.loss_accounting.labels(SOURCE).set(1)
-            m.kernel_flows.labels(SOURCE).inc(acct.kernel_reading(kernel_now))
-        elif acct.kernel_base is not None and self._counter_ok:
-            # the table was deleted or replaced under us: say so instead of exporting a stale gauge
-            self._counter_ok = False
-            m.loss_accounting.labels(SOURCE).set(0)
-            log.warning("the kernel's egress flow counter can no longer be read (%s); loss accounting is off "
-                        "until it returns", self.kernel_counter.error)
-        booked = acct.settle()
-        if booked:
-            m.drops.labels(SOURCE, "overflow").inc(booked)
-        if acct.kernel_base is not None and self._counter_ok:
-            m.unaccounted.labels(SOURCE).set(acct.unaccounted)
-            if acct.kernel:
-                judged = m.judged_flows.labels(SOURCE)._value.get()
-                m.sampling.labels(SOURCE).set(min(1.0, judged / acct.kernel))
-        elif self.seen_new:
-            m.sampling.labels(SOURCE).set(self.kept_new / self.seen_new)
-        m.queued.labels(SOURCE).set(self.pending_flows)
-
-    def _source(self):
-        from agent.sources.kernel_count import KernelCounter
-
-        src = self.cfg.source
-        netns = src.get("netns")
-        one_in = max(1, int(self.cfg.sampling.get("one_in", 1)))
-        limiter = RateLimit(float(self.cfg.sampling.get("per_destination_per_second", 0)))
-        every = float(src.get("accounting_interval", 1.0))
-        m = self.metrics
-        events = {k: m.source_events.labels(SOURCE, k) for k in m.EVENTS}
-        drops = {k: m.drops.labels(SOURCE, k) for k in m.DROP_REASONS}
-        self.kernel_counter = KernelCounter(netns)
-        acct = self.loss = LossAccount()
-        # Flows are identified by (conntrack id, proto, src, sport, dst, dport), `CtEntry[:6]`: the
-        # 32-bit id alone collides (two live flows share one in ~1 of 10^4 pairs at 10^5 flows,
-        # measured: bench_live lost one flow that way before this key).
-        known: dict[tuple, None] = {}  # egress flows seen and still open; a resync skips them
-        ct = None
-        next_tick = 0.0
-        while not self.stop.is_set():
-            try:
-                if self.rescope.is_set() and ct is not None:
-                    self.rescope.clear()
-                    if src.get("enable"):
-                        from agent.sources.conntrack import enable_tracking
-
-                        enable_tracking(netns, self.pipeline.scoper)
-                    log.info("public/local networks changed: the kernel's event filter and egress counter were "
-                             "rebuilt from the new scope table")
-                    ct.close()
-                    ct = None
-                    acct.kernel_base = None  # a new counter (or new sets): a new baseline, totals kept
-                if ct is None:
-                    ct = self._open_source(m, acct)
-                    self._socket_drops = ct.socket_drops()
-                    dumped = 0
-                    first_dump = True
-                kernel_now = None
-                tick = time.monotonic() >= next_tick
-                if tick:
-                    next_tick = time.monotonic() + every
-                    # read the kernel first, then drain the socket: every flow in this reading has
-                    # its event delivered (or dropped, which the socket's drop counter shows) by then
-                    kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
-                scope = self.pipeline.scoper
-                batch = []
-                for kind, e in ct.events(min(0.5, every)):
-                    if len(batch) >= BATCH:
-                        self._enqueue(batch, drops)
-                        batch = []
-                    if kind == "destroy":
-                        events["destroy"].inc()
-                        if e[:6] in known:
-                            del known[e[:6]]
-                            batch.append((kind, e, False))
-                        continue
-                    events["resync" if kind == "resync" else kind].inc()
-                    if kind == "dump":
-                        dumped += 1
-                    if e[:6] in known or not scope.is_egress(e.src, e.dst):
-                        continue
-                    known[e[:6]] = None
-                    if len(known) > MAX_KNOWN:
-                        del known[next(iter(known))]
-                    counted = kind != "dump" and scope.accountable(e.src) and scope.accountable(e.dst)
-                    if counted:
-                        if kind == "new":
-                            acct.arrived += 1
-                        else:
-                            acct.recovered += 1
-                            m.recovered.labels(SOURCE).inc()
-                    self.seen_new += 1
-                    if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
-                        drops["sampled"].inc(counted)
-                        continue
-                    if not limiter.allow(e.dst, time.monotonic()):
-                        drops["rate_limited"].inc(counted)
-                        continue
-                    self.kept_new += 1
-                    batch.append((kind, e, counted))
-                if batch:
-                    self._enqueue(batch, drops)
-                if ct.needs_dump and ct.overflows:
-                    acct.resync_pending = True  # an ENOBUFS: the dump runs at the next events() call
-                elif not ct.needs_dump:
-                    acct.resync_pending = False
-                if tick:
-                    self._account(m, acct, ct, kernel_now)
-                tracking = dumped > 0 or self.seen_new > 0
-                m.tracking.labels(SOURCE).set(1 if tracking else 0)
-                if first_dump:
-                    first_dump = False
-                    if not tracking:
-                        # An empty table is normal at boot, before any traffic; only say so loudly when
-                        # nothing in the kernel needs conntrack (then no flow will ever show up).
-                        rule = _tracking_rule_present(netns)
-                        (log.info if rule else log.warning)(
-                            "the conntrack table%s is empty%s", f" of netns {netns}" if netns else "",
-                            " (normal before any traffic)" if rule else
-                            ": the kernel may not be tracking connections (no nftables rule needs conntrack). "
-                            "Load deploy/nftables/egress-agent.nft, or set source.enable: true")
-            except UserError as e:
-                m.source_up.labels(SOURCE).set(0)
-                m.source_errors.labels(SOURCE, "setup").inc()
-                log.error("conntrack source: %s", e)
-                self.stop.wait(5)
-            except Exception as e:  # OSError, or a bug: never let the source thread die
-                m.source_up.labels(SOURCE).set(0)
-                m.source_errors.labels(SOURCE, "io").inc()
-                (log.error if isinstance(e, OSError) else log.exception)("conntrack source failed (%s); reopening", e)
-                if ct is not None:
-                    ct.close()
-                ct = None
-                self.stop.wait(1)
-        if ct is not None:
-            ct.close()
-        m.source_up.labels(SOURCE).set(0)
-
     def _enqueue(self, batch: list, drops: dict):
         """Hand a batch to the worker. The bound is in events (`pending`, what the worker has not
         taken). A dump batch waits for room (the table is finite; events meanwhile queue in the
@@ -432,8 +214,9 @@ class Daemon:
     # -- worker -------------------------------------------------------------------------------
     def _worker(self):
         last_geo = time.monotonic()
-        judged = self.metrics.judged_flows.labels(SOURCE)
-        errors = self.metrics.drops.labels(SOURCE, "error")
+        # "seen" items come from a source that only sees flows begin (capture); the rest from conntrack
+        judged = {k: self.metrics.judged_flows.labels(k) for k in (SOURCE, "capture")}
+        errors = {k: self.metrics.drops.labels(k, "error") for k in (SOURCE, "capture")}
         while not (self.stop.is_set() and self.queue.empty()):
             try:
                 batch, now = self.queue.get(timeout=0.25)
@@ -453,16 +236,17 @@ class Daemon:
             flows = 0
             for kind, e, counted in batch:
                 flows += counted
+                label = "capture" if kind == "seen" else SOURCE
                 try:
                     self._handle(kind, e, now)
                 except Exception:  # a bug must not stop judging the other flows
-                    log.exception("could not judge a conntrack event")
-                    self.metrics.source_errors.labels(SOURCE, "judge").inc()
+                    log.exception("could not judge a %s event", label)
+                    self.metrics.source_errors.labels(label, "judge").inc()
                     if counted:
-                        errors.inc()
+                        errors[label].inc()
                 else:
                     if counted:
-                        judged.inc()
+                        judged[label].inc()
             self.metrics.flush()
             with self.pending_lock:
                 self.pending -= len(batch)
@@ -499,7 +283,9 @@ class Daemon:
                 flow = dataclasses.replace(flow, who=who)
             j = pipe.judge(flow)
             self.metrics.judged(j)
-            self._evidence(j, "new" if kind == "new" else "open", e)
+            self._evidence(j, "open" if kind in ("dump", "resync") else "new", e, kind != "seen")
+            if kind == "seen":
+                return  # its source never sees it end: nothing to keep
             self.open[e[:6]] = [j, e.bytes]
             if len(self.open) > MAX_OPEN_FLOWS:
                 self.open.popitem(last=False)
@@ -516,8 +302,8 @@ class Daemon:
             self.metrics.judged(j.with_flow(dataclasses.replace(flow, bytes=delta)), bytes_only=True)
         self._evidence(ended, "end", e)
 
-    def _evidence(self, j, event: str, e):
-        extra = {"conntrack_id": e.ct_id}
+    def _evidence(self, j, event: str, e, tracked: bool = True):
+        extra = {"conntrack_id": e.ct_id} if tracked else {}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         ev = self.evidence
@@ -551,15 +337,13 @@ class Daemon:
         except OSError as e:
             raise UserError(f"listen {self.cfg.listen}: {e.strerror}") from None
         self._warn_exposed()
-        if self.cfg.source.get("enable"):
-            from agent.sources.conntrack import enable_tracking
+        from agent.sources import live
 
-            for done in enable_tracking(self.cfg.source.get("netns"), self.pipeline.scoper):
-                log.info("enabled %s", done)
-        targets = [(self._source, "source"), (self._worker, "worker")]
-        if "capture" in self.cfg.sources:
-            capture = self._open_capture()
-            targets.append((lambda: capture.run(self.stop), "capture"))
+        # open every source first: a set-up error (exit 2) must come before any thread runs
+        self.sources = [live.build(name, self).open() for name in self.cfg.sources]
+        targets = [(self._worker, "worker")]
+        for src in self.sources:
+            targets.append((lambda s=src: s.run(self.stop), f"source-{src.name}"))
         if self.cfg.host_addresses:
             from agent.sources.host_addresses import HostAddresses
 
@@ -571,23 +355,6 @@ class Daemon:
             self.threads.append(t)
         log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
                  len(self.pipeline.policies), self.cfg.listen, self.cfg.evidence_path)
-
-    def _open_capture(self):
-        from agent.names.extract import NameExtractor, packed
-        from agent.sources.capture import CaptureNames
-
-        cap = self.cfg.capture
-        self.name_wait = float(cap.get("name_wait", 0.5))
-        self._host_packed = frozenset(packed(a) for a in self.host_addrs)
-        # every address of this host is one DNS client: a stub resolver on loopback answers for all
-        host_id, loop4, loop6 = b"host", packed("127.0.0.1")[:13], packed("::1")
-        client_of = lambda a: host_id if a in self._host_packed or a[:13] == loop4 or a == loop6 else a  # noqa: E731
-        names = NameExtractor(grace=float(cap.get("dns_grace", 30)), client_of=client_of)
-        self.metrics.source("capture")
-        capture = CaptureNames(names, cap.get("interfaces") or (), cap.get("tls_ports") or (443,),
-                               self.cfg.source.get("netns"), self.metrics).open()
-        self.names = names
-        return capture
 
     def _host_addresses_changed(self, addrs: tuple[str, ...]):
         from agent.names.extract import packed
@@ -607,18 +374,6 @@ class Daemon:
             self.attributor.close()
         if getattr(self, "http", None):
             self.http.stop()
-
-
-def _tracking_rule_present(netns: str | None) -> bool:
-    """True when some nftables rule refers to conntrack state (so the kernel tracks connections)."""
-    import subprocess
-
-    pre = ["ip", "netns", "exec", netns] if netns else []
-    try:
-        r = subprocess.run(pre + ["nft", "list", "ruleset"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and " ct state " in r.stdout
 
 
 def files_signature(*paths) -> tuple:

@@ -74,13 +74,15 @@ class Agent:
             "public_nets": ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
             "evidence": {"path": str(self.evidence), "max_bytes": 64 << 20}, "source": src, **(config or {})}))
         self.proc = None
+        self.sources = (config or {}).get("sources", ["conntrack"])
 
     def start(self):
         self.log = open(self.tmp / "agent.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                                      cwd=REPO, stdout=self.log, stderr=self.log)
         wait_for(lambda: self.scrape(quiet=True) is not None, what="metrics endpoint")
-        wait_for(lambda: self.value("egress_agent_source_up", source="conntrack") == 1, what="source up")
+        for name in self.sources:
+            wait_for(lambda n=name: self.value("egress_agent_source_up", source=n) == 1, what=f"source {name} up")
         return self
 
     def scrape(self, quiet=False):

@@ -87,7 +87,6 @@ def agent(topo, tmp_path_factory):
     (a.policies / "eu-data.yaml").unlink()
     (a.policies / "payroll.yaml").write_text(POLICY)
     a.start()
-    wait_for(lambda: a.value("egress_agent_source_up", source="capture") == 1, what="capture source up")
     yield a
     rc = a.stop()
     assert rc == 0, a.logtext()
@@ -162,3 +161,26 @@ def test_capture_without_cap_net_raw_is_a_clear_start_up_error(topo, tmp_path):
                         "run", "--config", str(a.config)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "needs CAP_NET_RAW" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flows_from_capture_alone(topo, tmp_path):
+    """No conntrack: the capture's first packets are the flows, named by the same extractor."""
+    a = Agent(tmp_path, topo, config={"sources": ["capture"], "attribution": False, "capture": {"name_wait": 0.3}})
+    a.start()
+    try:
+        assert a.value("egress_agent_source_up", source="conntrack") is None  # not a source here: no false alarm
+        p, _ = connect(topo, "203.0.113.140", build.records(build.client_hello("cn.vendor.example")))
+        p.kill()
+        topo.run("python3", "-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                                  "[s.sendto(b'x' * 50, ('203.0.113.200', 5000)) for _ in range(5)]")
+        recs = wait_for(lambda: a.evidence_for("203.0.113.140", verdict="violation"), what="evidence from capture")
+        rec = recs[0]
+        assert rec["flow"]["source"] == "capture" and "conntrack_id" not in rec
+        assert (rec["flow"]["hostname"], rec["flow"]["hostname_source"]) == ("cn.vendor.example", "sni")
+        # five datagrams of one UDP 5-tuple are one flow (203.0.113.200 is registered-only: indeterminate)
+        udp = wait_for(lambda: a.evidence_for("203.0.113.200"), what="udp flow")
+        time.sleep(1)
+        assert len({r["seq"] for r in a.evidence_for("203.0.113.200")}) == len(udp) == 1
+        assert a.value("egress_agent_flows_judged_total", source="capture") >= 2
+    finally:
+        assert a.stop() == 0, a.logtext()

@@ -1,6 +1,7 @@
-"""The packet-capture source (scapy's socket layer): names for the flows conntrack reports.
+"""The packet-capture source (scapy's socket layer): names on flows, and flows where conntrack is not.
 
-    sources: [conntrack, capture]
+    sources: [conntrack, capture]     # names for conntrack's flows (the default way to run it)
+    sources: [capture]                # flows from capture too: hosts or containers without nf_conntrack
     capture:
       interfaces: []        # default: every interface but loopback at start
       tls_ports: [443]      # TCP ports whose client bytes are read for a ClientHello
@@ -14,8 +15,16 @@ scapy dissection) and fed to `agent.names.extract.NameExtractor`, the same extra
 on captures. The kernel's drop count of each socket (PACKET_STATISTICS) is exported, so a name
 lost to a full buffer is counted, not silent.
 
-Contract: `CaptureNames(...).open()` raises UserError naming CAP_NET_RAW when packet sockets are
-refused (the daemon exits 2 at start); `run(stop)` reads until `stop` is set and never raises.
+With conntrack on, capture only names flows. Alone, it is also the flow source: the first packet of
+each connection becomes a flow (a TCP SYN without ACK; the first UDP datagram of a 5-tuple, kept in
+a bounded table of recent 5-tuples, so a datagram after eviction counts again), judged once with
+no end record (the capture sees no connection end). Its losses: kernel drops on the packet
+sockets (`source_events_lost_total{source="capture"}`), and `queue_full` drops; there is no
+kernel flow counter to balance against, so `loss_accounting{source="capture"}` stays 0.
+
+Contract: `CaptureSource(daemon).open()` (the live-source interface, `live.py`) raises UserError
+naming CAP_NET_RAW when packet sockets are refused (the daemon exits 2 at start); `run(stop)`
+reads until `stop` is set and never raises. `CaptureNames` is the reader itself (bench uses it).
 """
 
 from __future__ import annotations
@@ -25,11 +34,14 @@ import select
 import socket
 import struct
 import time
+from collections import OrderedDict
 
 from agent.errors import UserError
+from agent.flow import Flow
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
 from agent.sources import decode as dec
+from agent.sources.conntrack import CtEntry
 from agent.sources.netlink import in_netns
 
 log = logging.getLogger("egress-agent")
@@ -37,17 +49,26 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 SOURCE = "capture"
 
 
-def bpf_filter(tls_ports) -> str:
+def bpf_filter(tls_ports, flows: bool = False) -> str:
     tls = " or ".join(f"tcp dst port {int(p)}" for p in tls_ports) or "tcp dst port 443"
     # frames above 90 octets: a TCP segment with payload (pure ACKs with options are 66-86)
-    return f"udp src port 53 or udp src port 5353 or (udp and greater 1240) or (({tls}) and greater 90)"
+    names = f"udp src port 53 or udp src port 5353 or (udp and greater 1240) or (({tls}) and greater 90)"
+    if not flows:
+        return names
+    # as the flow source: every TCP SYN without ACK (IPv6: flags byte at 40 + 13, no extension
+    # headers), and UDP, whose first datagram per 5-tuple Python picks out
+    syn = "(ip and tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn) or (ip6 and ip6[6] == 6 and ip6[53] & 0x12 == 0x02)"
+    return f"{names} or {syn} or udp"
 
 
 class CaptureNames:
     def __init__(self, names: NameExtractor, interfaces=(), tls_ports=(443,), netns: str | None = None,
-                 metrics=None):
+                 metrics=None, on_segment=None, on_round=None, rcvbuf: int = 8 << 20):
         self.names, self.interfaces, self.tls_ports, self.netns = names, tuple(interfaces), tuple(tls_ports), netns
         self.metrics = metrics
+        self.rcvbuf = rcvbuf
+        # flow-source mode: called with (segment, time) for every segment, and after each read round
+        self.on_segment, self.on_round = on_segment, on_round
         self.sockets: list = []
         self.packets = 0
         self.kernel_drops = 0
@@ -60,7 +81,7 @@ class CaptureNames:
             names = self.interfaces or tuple(n for _i, n in socket.if_nameindex() if n != "lo")
             for iface in names:
                 try:
-                    s = conf.L2listen(iface=iface, filter=bpf_filter(self.tls_ports))
+                    s = conf.L2listen(iface=iface, filter=bpf_filter(self.tls_ports, self.on_segment is not None))
                 except PermissionError:
                     self.close()
                     raise UserError(f"capture source: opening a packet socket on {iface} needs CAP_NET_RAW "
@@ -68,6 +89,10 @@ class CaptureNames:
                 except OSError as e:
                     self.close()
                     raise UserError(f"capture source: interface {iface}: {e.strerror or e}") from None
+                try:  # room for bursts; the kernel's drop counter says when it was not enough
+                    s.ins.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE (root)
+                except OSError:
+                    s.ins.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
                 self.sockets.append((iface, s))
         if not self.sockets:
             raise UserError("capture source: no interface to listen on (capture.interfaces is empty and the "
@@ -123,7 +148,12 @@ class CaptureNames:
                         continue
                     seg = transport(lt, data)
                     if seg is not None:
-                        self.names.feed(seg, ts or time.time())
+                        at = ts or time.time()
+                        self.names.feed(seg, at)
+                        if self.on_segment is not None:
+                            self.on_segment(seg, at)
+                if self.on_round is not None:
+                    self.on_round()
                 if time.monotonic() - last_stats >= 1.0:
                     last_stats = time.monotonic()
                     self._export()
@@ -147,6 +177,7 @@ class CaptureNames:
         m._capture_seen = self.packets
         if lost:
             m.events_lost.labels(SOURCE).inc(lost)
+            m.source_errors.labels(SOURCE, "overflow").inc()
             log.warning("capture source: the kernel dropped %d packet(s) (socket buffer full); flows they "
                         "would have named are judged without a name", lost)
         counts = self.names.stats()
@@ -155,3 +186,86 @@ class CaptureNames:
             child = m.names_malformed.labels(kind)
             if n > child._value.get():
                 child.inc(n - child._value.get())
+
+
+class CaptureEntry(CtEntry):
+    """A flow the capture source saw begin: a CtEntry (ct_id 0) whose flows say source "capture"."""
+
+    __slots__ = ()
+
+    def flow(self, now: float, last: float | None = None) -> Flow:
+        return Flow(proto=self.proto, src=self.src, sport=self.sport, dst=self.dst, dport=self.dport,
+                    packets=1, bytes=self.bytes, first_seen=self.start_ns / 1e9 if self.start_ns else now,
+                    last_seen=last or now, source=SOURCE)
+
+
+class CaptureSource:
+    """The live-source interface (`live.py`) around `CaptureNames`."""
+
+    name = SOURCE
+    MAX_SEEN = 65536  # recent UDP 5-tuples, so only a flow's first datagram becomes a flow
+
+    def __init__(self, daemon):
+        self.d = daemon
+        self.flows = "conntrack" not in daemon.cfg.sources
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self._batch: list = []
+        self.reader: CaptureNames | None = None
+
+    def open(self):
+        from agent.names.extract import packed
+
+        d, cap = self.d, self.d.cfg.capture
+        d.name_wait = float(cap.get("name_wait", 0.5))
+        d._host_packed = frozenset(packed(a) for a in d.host_addrs)
+        # every address of this host is one DNS client: a stub resolver on loopback answers for all
+        host_id, loop4, loop6 = b"host", packed("127.0.0.1")[:13], packed("::1")
+        client_of = lambda a: host_id if a in d._host_packed or a[:13] == loop4 or a == loop6 else a  # noqa: E731
+        names = NameExtractor(grace=float(cap.get("dns_grace", 30)), client_of=client_of)
+        d.metrics.source(SOURCE)
+        self.reader = CaptureNames(names, cap.get("interfaces") or (), cap.get("tls_ports") or (443,),
+                                   d.cfg.source.get("netns"), d.metrics,
+                                   on_segment=self._segment if self.flows else None,
+                                   on_round=self._flush if self.flows else None).open()
+        d.names = names
+        if self.flows:
+            d.metrics.loss_accounting.labels(SOURCE).set(0)
+            log.info("capture source: flows come from capture (no conntrack): first packets of connections")
+        return self
+
+    def run(self, stop):
+        self.reader.run(stop)
+
+    def _segment(self, seg, at: float):
+        key = (seg.proto, seg.src, seg.sport, seg.dst, seg.dport)
+        if seg.proto == 6:
+            if seg.flags & 0x12 != 0x02:
+                return  # not an opening SYN
+        elif key in self._seen:
+            self._seen.move_to_end(key)
+            return
+        else:
+            self._seen[key] = None
+            if len(self._seen) > self.MAX_SEEN:
+                self._seen.popitem(last=False)
+        src, dst = _text(seg.src), _text(seg.dst)
+        d = self.d
+        if not d.pipeline.scoper.is_egress(src, dst):
+            return
+        d.metrics.source_events.labels(SOURCE, "new").inc()
+        d.seen_new += 1
+        d.kept_new += 1
+        iplen = len(seg.payload) + (20 if seg.src[:12] == bytes(12) else 40) + (8 if seg.proto == 17 else 20)
+        self._batch.append(("seen", CaptureEntry(0, seg.proto, src, seg.sport, dst, seg.dport, 1, iplen,
+                                                 int(at * 1e9), None, None), True))
+        if len(self._batch) >= 4096:
+            self._flush()
+
+    def _flush(self):
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.d._enqueue(batch, {"queue_full": self.d.metrics.drops.labels(SOURCE, "queue_full")})
+
+
+def _text(a: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET, a[12:]) if a[:12] == bytes(12) else socket.inet_ntop(socket.AF_INET6, a)
