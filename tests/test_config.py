@@ -43,14 +43,17 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "--no-attribution", "--geoip-check-interval", "2", "--reload-check-interval",
                                       "3", "--evidence-max-bytes", "8192", "--evidence-backups", "2",
                                       "--evidence-fsync", "--sample", "4", "--evidence", str(tmp_path / "e.jsonl"),
-                                      "--web-config", "/etc/w.yml"])
+                                      "--web-config", "/etc/w.yml", "--source", "conntrack", "--source", "capture",
+                                      "--interface", "eth0", "--no-host-addresses"])
     cfg = with_flags(load_config(None), args)
     assert cfg.sampling == {"per_destination_per_second": 5, "one_in": 4} and cfg.queue_size == 32
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
     assert (cfg.geoip_check_interval, cfg.reload_check_interval) == (2, 3)
     assert cfg.evidence == {"path": str(tmp_path / "e.jsonl"), "max_bytes": 8192, "backups": 2, "fsync": True}
+    assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (("conntrack", "capture"), ["eth0"], False)
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
-               "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config"}
+               "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
+               "sources", "capture", "host_addresses"}
     assert set(SCHEMA["properties"]) == covered
     bad = build_parser().parse_args(["run", "--queue-size", "1"])
     with pytest.raises(UserError, match="queue_size"):

@@ -26,7 +26,7 @@ def test_process_details_from_an_injected_proc(tmp_path):
 
 
 def test_rate_limit():
-    from agent.daemon import RateLimit
+    from agent.sources.conntrack_source import RateLimit
 
     r = RateLimit(2)
     assert [r.allow("a", 0.0) for _ in range(3)] == [True, True, False]
