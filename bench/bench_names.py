@@ -15,7 +15,11 @@ then short-header data). Then prints, from one run:
     network namespace (documentation addresses only, nothing leaves it) for --seconds, and the
     packets/s reaching Python through the kernel BPF filter, with the kernel's drop count.
 
-    python bench/bench_names.py [--flows N] [--seconds S] [--workdir DIR]
+With `--captures DIR`, also compares, capture by capture, the SNI each flow gets from `audit` with
+what `tshark -Y tls.handshake.type==1 -e tls.handshake.extensions_server_name` prints (TLS and QUIC),
+keyed by 5-tuple (e.g. the nDPI captures in ../shared/data/captures).
+
+    python bench/bench_names.py [--flows N] [--seconds S] [--workdir DIR] [--captures DIR]
 """
 
 from __future__ import annotations
@@ -188,12 +192,38 @@ def live(path: Path, seconds: float):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def compare_real(folder: Path):
+    import ipaddress
+
+    from agent.sources.pcap import read_capture
+
+    for p in sorted(folder.glob("*.pcap*")):
+        ours = {(f.src, f.sport, f.dst, f.dport): f.hostname for f in read_capture(str(p)).flows
+                if f.hostname_source in ("sni", "quic-sni")}
+        r = subprocess.run(["tshark", "-n", "-r", str(p), "-Y", "tls.handshake.type==1", "-T", "fields",
+                            "-e", "ip.src", "-e", "ipv6.src", "-e", "tcp.srcport", "-e", "udp.srcport", "-e", "ip.dst",
+                            "-e", "ipv6.dst", "-e", "tcp.dstport", "-e", "udp.dstport",
+                            "-e", "tls.handshake.extensions_server_name"], capture_output=True, text=True)
+        theirs = {}
+        for line in r.stdout.splitlines():
+            a = line.split("\t")
+            if len(a) == 9 and a[8]:
+                key = (str(ipaddress.ip_address(a[0] or a[1])), int(a[2] or a[3]),
+                       str(ipaddress.ip_address(a[4] or a[5])), int(a[6] or a[7]))
+                theirs[key] = a[8].split(",")[0].lower()
+        print(f"  {p.name}: {len(ours)} named flows, tshark {len(theirs)}, equal: {ours == theirs}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flows", type=int, default=20000)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--workdir")
+    ap.add_argument("--captures", type=Path, help="compare SNI with tshark on every capture in this folder")
     a = ap.parse_args()
+    if a.captures:
+        print(f"real captures in {a.captures}: SNI per flow, ours against tshark")
+        compare_real(a.captures)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-names-"))
     path = work / "names.pcap"
     packets, want = build_capture(path, a.flows)
@@ -205,8 +235,8 @@ def main():
     if shutil.which("tshark"):
         tdt, tnames, tsnis = tshark(path)
         print(f"tshark  same fields: {tdt:6.2f} s  {packets / tdt:10,.0f} packets/s  {tnames / tdt:9,.0f} names/s")
-        print(f"ratio ours/tshark: {(names / dt) / (tnames / tdt):.2f}x names/s; same SNI names: {snis == tsnis} "
-              f"({len(snis):,} ours, {len(tsnis):,} tshark, {len(want):,} sent)")
+        print(f"ratio ours/tshark: {(names / dt) / (tnames / tdt):.2f}x names/s; SNI names found of "
+              f"{len(want):,} sent: ours {len(snis & want):,}, tshark {len(tsnis & want):,}")
     else:
         print("tshark not installed: no peer measured")
     if os.geteuid() == 0:

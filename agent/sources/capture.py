@@ -211,6 +211,10 @@ class CaptureSource:
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._batch: list = []
         self.reader: CaptureNames | None = None
+        from agent.sources.conntrack_source import RateLimit
+
+        self.one_in = max(1, int(daemon.cfg.sampling.get("one_in", 1)))
+        self.limiter = RateLimit(float(daemon.cfg.sampling.get("per_destination_per_second", 0)))
 
     def open(self):
         from agent.names.extract import packed
@@ -252,8 +256,16 @@ class CaptureSource:
         d = self.d
         if not d.pipeline.scoper.is_egress(src, dst):
             return
-        d.metrics.source_events.labels(SOURCE, "new").inc()
+        m = d.metrics
+        m.source_events.labels(SOURCE, "new").inc()
         d.seen_new += 1
+        # sampling as for conntrack: 1 in N by a hash of the tuple, then a per-destination rate limit
+        if self.one_in > 1 and hash(key) % self.one_in:
+            m.drops.labels(SOURCE, "sampled").inc()
+            return
+        if not self.limiter.allow(dst, time.monotonic()):
+            m.drops.labels(SOURCE, "rate_limited").inc()
+            return
         d.kept_new += 1
         iplen = len(seg.payload) + (20 if seg.src[:12] == bytes(12) else 40) + (8 if seg.proto == 17 else 20)
         self._batch.append(("seen", CaptureEntry(0, seg.proto, src, seg.sport, dst, seg.dport, 1, iplen,
