@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="dry run: judge captures and flow logs against the policies")
     a.add_argument("inputs", nargs="*", metavar="INPUT", help="pcap, pcapng or JSON-lines file, or a folder of them")
     a.add_argument("--policies", metavar="PATH", help="policy file or folder (default ./policies, else shipped)")
+    a.add_argument("--recipients", metavar="PATH",
+                   help="recipient register file or folder (default ./recipients with the default policies)")
     _add_geo(a)
     a.add_argument("--format", choices=FORMATS, default="table")
     a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
@@ -81,13 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pol.add_subparsers(dest="policy_command", required=True)
     pc = psub.add_parser("check", help="validate policies; report every problem (exit 2 on any)")
     pc.add_argument("path", nargs="?")
+    pc.add_argument("--recipients", metavar="PATH", help="check this recipient register against the policies too "
+                    "(default ./recipients when PATH is not given)")
     pt = psub.add_parser("test", help="run the *.test.yaml files beside the policies (exit 1 on failures)")
     pt.add_argument("path", nargs="?")
-    psub.add_parser("schema", help="print the policy JSON Schema")
+    ps = psub.add_parser("schema", help="print the policy JSON Schema")
+    ps.add_argument("--recipients", dest="recipients_schema", action="store_true",
+                    help="print the recipient register's JSON Schema instead")
 
     r = sub.add_parser("run", help="the daemon: watch live flows, export metrics and evidence")
     r.add_argument("--config", metavar="FILE", help="YAML config (flags override it)")
     r.add_argument("--policies", metavar="PATH")
+    r.add_argument("--recipients", metavar="PATH", help="recipient register file or folder")
     _add_geo(r)
     r.add_argument("--listen", metavar="ADDR:PORT", help="metrics endpoint (default 127.0.0.1:9807)")
     r.add_argument("--web-config", metavar="FILE",

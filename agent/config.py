@@ -3,6 +3,7 @@
 Example (every key optional; flags of `egress-agent run` override):
 
     policies: /etc/egress-agent/policies
+    recipients: /etc/egress-agent/recipients   # recipient register (optional)
     geoip_databases: [/var/lib/GeoIP/GeoLite2-City.mmdb, /var/lib/GeoIP/GeoLite2-ASN.mmdb]
     geoip_check_interval: 60        # seconds between checks for a new database file
     local_nets: [10.0.0.0/8]        # this side of the border, besides non-public ranges
@@ -40,6 +41,7 @@ SCHEMA = {
     "additionalProperties": False,
     "properties": {
         "policies": {"type": "string"},
+        "recipients": {"type": ["string", "null"]},
         "geoip_databases": {"type": "array", "items": {"type": "string"}},
         "geoip_check_interval": {"type": "number", "minimum": 0.1},
         "local_nets": {"type": "array", "items": {"type": "string"}},
@@ -75,6 +77,7 @@ DEFAULT_LISTEN = "127.0.0.1:9807"
 @dataclass(frozen=True)
 class Config:
     policies: str | None = None
+    recipients: str | None = None
     geoip_databases: tuple[str, ...] = ()
     geoip_check_interval: float = 60.0
     local_nets: tuple[str, ...] = ()
@@ -129,6 +132,8 @@ def with_flags(cfg: Config, args) -> Config:
     changes = {}
     if getattr(args, "policies", None):
         changes["policies"] = args.policies
+    if getattr(args, "recipients", None):
+        changes["recipients"] = args.recipients
     if getattr(args, "geoip_db", None):
         changes["geoip_databases"] = tuple(args.geoip_db)
     if getattr(args, "local_net", None):

@@ -77,7 +77,16 @@ def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipelin
     jur = Jurisdictions.load()
     policies = load_policies(cfg.policies or shipped_policies(), jur)
     scoper = Scoper(public_nets=cfg.public_nets, local_nets=tuple(cfg.local_nets) + tuple(host_addresses))
-    return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper)
+    register = None
+    if cfg.recipients:
+        from datetime import UTC, datetime
+
+        from agent.policy.recipients import load_recipients
+
+        register, warnings = load_recipients(cfg.recipients, policies, jur, datetime.now(UTC).date())
+        for w in warnings:
+            log.warning("%s", w)
+    return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper, register=register)
 
 
 class Daemon:

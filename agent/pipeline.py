@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Location, Outcome, Verdict, iso_time
 from agent.policy.compiled import destination_networks, location_class, source_networks
-from agent.policy.engine import PEER_NOUN, evaluate, flow_day, peer_prefix
+from agent.policy.engine import PEER_NOUN, _ip, evaluate, flow_day, peer_prefix
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Policy
 
@@ -39,12 +39,14 @@ class Judged:
     """
 
     __slots__ = ("flow", "location", "outcomes", "jurisdictions", "_for", "_fixed", "judged_at", "redated",
-                 "inbound")
+                 "inbound", "recipient")
 
     def __init__(self, flow: Flow, location: Location, verdicts: tuple[Verdict, ...],
                  jurisdictions: tuple[str, ...], written_for: tuple[str, str] | None = None,
-                 judged_at: date | None = None, redated: str | None = None, inbound: bool = False):
+                 judged_at: date | None = None, redated: str | None = None, inbound: bool = False,
+                 recipient=None):
         self.flow, self.location, self.outcomes, self.jurisdictions = flow, location, verdicts, jurisdictions
+        self.recipient = recipient  # the register's Recipient the flow goes to, or None
         self.inbound = inbound  # opened from the remote peer (flow.src); location is the peer's
         # (peer address, description prefix) of the flow whose judgement filled the cache
         self._for = written_for if written_for is not None else (self.peer, self.prefix)
@@ -85,7 +87,7 @@ class Judged:
     def with_flow(self, flow: Flow) -> Judged:
         """The same judgement for an updated flow record (counters at its end); same destination."""
         j = Judged(flow, self.location, self.outcomes, self.jurisdictions, self._for, self.judged_at, self.redated,
-                   self.inbound)
+                   self.inbound, self.recipient)
         j._fixed = self._fixed
         return j
 
@@ -108,8 +110,9 @@ class Pipeline:
     """
 
     def __init__(self, policies: list[Policy], jurisdictions: Jurisdictions, locator, scoper: Scoper,
-                 as_of: date | None = None):
+                 as_of: date | None = None, register=None):
         self.as_of = as_of
+        self.register = register if register else None  # agent.policy.recipients.Register
         self.policies = policies
         self.jurisdictions = jurisdictions
         self.locator = locator
@@ -121,6 +124,8 @@ class Pipeline:
         self._by_port = any(s.ports for s in sel)
         self._by_who = any(s.processes or s.users or s.units or s.containers for s in sel)
         self._by_host = any(d.hostnames for d in dests)
+        if self.register is not None:
+            self._by_host = self._by_host or any(r.match.hostnames for r in self.register.recipients)
         self.inbound = any("inbound" in p.directions for p in policies)
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
 
@@ -165,10 +170,13 @@ class Pipeline:
         view = replace(flow, src=flow.dst, dst=flow.src) if inbound else flow
         loc = self.locator.locate(view.dst)
         day, redated = self.judging_day(flow)
-        key = (inbound, *self._key(view, loc, day))
+        rec = None
+        if self.register is not None and not inbound:
+            rec = self.register.match(flow.hostname, loc.asn, _ip(flow.dst))
+        key = (inbound, rec.id if rec is not None else None, *self._key(view, loc, day))
         hit = self._cache.get(key)
         if hit is None:
-            verdicts = tuple(evaluate(view, loc, p, self.jurisdictions, day, inbound) for p in self.policies)
+            verdicts = tuple(evaluate(view, loc, p, self.jurisdictions, day, inbound, rec) for p in self.policies)
             groups = ()
             if loc.unknown_reason is None and loc.country:
                 groups = tuple(self.jurisdictions.groups_of(loc.country, day))
@@ -176,4 +184,4 @@ class Pipeline:
                                                                                 flow.hostname_source)))
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated, inbound)
+        return Judged(flow, loc, hit[0], hit[1], hit[2], day, redated, inbound, rec)

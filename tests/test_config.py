@@ -44,7 +44,7 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "3", "--evidence-max-bytes", "8192", "--evidence-backups", "2",
                                       "--evidence-fsync", "--sample", "4", "--evidence", str(tmp_path / "e.jsonl"),
                                       "--web-config", "/etc/w.yml", "--source", "conntrack", "--source", "capture",
-                                      "--interface", "eth0", "--no-host-addresses"])
+                                      "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r"])
     cfg = with_flags(load_config(None), args)
     assert cfg.sampling == {"per_destination_per_second": 5, "one_in": 4} and cfg.queue_size == 32
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
@@ -53,7 +53,7 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
     assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (("conntrack", "capture"), ["eth0"], False)
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
                "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
-               "sources", "capture", "host_addresses"}
+               "sources", "capture", "host_addresses", "recipients"}
     assert set(SCHEMA["properties"]) == covered
     bad = build_parser().parse_args(["run", "--queue-size", "1"])
     with pytest.raises(UserError, match="queue_size"):

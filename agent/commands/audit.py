@@ -101,6 +101,7 @@ def run_audit(args) -> int:
             if j is not None:
                 report.add(j)
     report.warnings.extend(pipe.locator.warnings)
+    report.warnings.extend(getattr(pipe, "register_warnings", []))
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output

@@ -20,7 +20,33 @@ def build_pipeline(args) -> Pipeline:
     jur = Jurisdictions.load()
     policies = load_policies(args.policies or shipped_policies(), jur)
     locator = build_locator(args)
-    return Pipeline(policies, jur, locator, locator.scoper, as_of=getattr(args, "as_of", None) or _today())
+    register, warnings = build_register(args, policies, jur)
+    pipe = Pipeline(policies, jur, locator, locator.scoper, as_of=getattr(args, "as_of", None) or _today(),
+                    register=register)
+    pipe.register_warnings = warnings
+    return pipe
+
+
+def register_path(recipients: str | None, policies: str | None):
+    """The register to load: the one named, else ./recipients when the policies are the default ones
+    too (its transfers name those policies), else none."""
+    from pathlib import Path
+
+    if recipients:
+        return recipients
+    if not policies and Path("recipients").is_dir():
+        return "recipients"
+    return None
+
+
+def build_register(args, policies, jur):
+    """(Register or None, warnings) for a front door's --recipients/--policies."""
+    from agent.policy.recipients import load_recipients
+
+    path = register_path(getattr(args, "recipients", None), getattr(args, "policies", None))
+    if path is None:
+        return None, []
+    return load_recipients(path, policies, jur, _today())
 
 
 def _today():

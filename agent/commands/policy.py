@@ -16,7 +16,12 @@ def run_policy(args) -> int:
     from agent.cli import shipped_policies
 
     if args.policy_command == "schema":
-        print(json.dumps(schema(), indent=2))
+        if getattr(args, "recipients_schema", False):
+            from agent.policy.recipients import schema as recipients_schema
+
+            print(json.dumps(recipients_schema(), indent=2))
+        else:
+            print(json.dumps(schema(), indent=2))
         return 0
     path = Path(args.path) if args.path else shipped_policies()
     jur = Jurisdictions.load()
@@ -24,6 +29,16 @@ def run_policy(args) -> int:
         policies = load_policies(path, jur)
         for p in policies:
             print(f"ok  {p.name}  ({p.file}, {len(p.exceptions)} exception(s))")
+        from agent.commands.common import _today, register_path
+        from agent.policy.recipients import load_recipients
+
+        reg_path = register_path(getattr(args, "recipients", None), args.path)
+        if reg_path is not None:
+            register, warnings = load_recipients(reg_path, policies, jur, _today())
+            for r in register.recipients:
+                print(f"ok  recipient {r.id}  ({r.file}, {len(r.transfers)} transfer(s))")
+            for w in warnings:
+                print(f"egress-agent: warning: {w}", file=sys.stderr)
         return 0
     files = test_files(path)
     if not files:

@@ -181,11 +181,28 @@ def _last_day(ex) -> date:
     return ex.expires - timedelta(days=1)
 
 
+def _declared_outside(policy: Policy, rec, jur: Jurisdictions, at: date) -> list[str]:
+    """The recipient's declared processing locations that the policy does not allow (or denies)."""
+    out = []
+    for c in rec.processing_locations:
+        denied = policy.deny is not None and any(
+            (m := jur.membership(j, c, at)) is not None and m.condition is None for j in policy.deny.jurisdictions)
+        allowed = policy.allow is None or any(
+            (m := jur.membership(j, c, at)) is not None and m.condition is None for j in policy.allow.jurisdictions)
+        if denied or not allowed:
+            out.append(c)
+    return out
+
+
 def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: date | None = None,
-             inbound: bool = False) -> Verdict:
+             inbound: bool = False, recipient=None) -> Verdict:
     """The verdict of `policy` on `flow`, judged as of `at` (default: the flow's first-seen UTC day;
     the pipeline passes another day for flows without a plausible time). Every message ends with
     the day it was judged at, since memberships and exceptions depend on it.
+
+    `recipient`: the register's `Recipient` the flow goes to, if any. Its transfers for this policy
+    exempt like exceptions (and are named); with `recipient_location: declared|both` its declared
+    processing locations are judged too.
 
     `inbound`: the connection was opened from the remote peer; `flow` is then given from the local
     side (src the local host, dst the remote peer, dport the local service port), so selectors,
@@ -234,7 +251,21 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
 
     problem: tuple[str, str] | None = None  # (reason, message)
     unknown: str | None = None
-    if policy.deny:
+    declared_problem = None
+    if recipient is not None and policy.recipient_location in ("declared", "both"):
+        outside = _declared_outside(policy, recipient, jur, at)
+        if outside:
+            allowed = ", ".join(policy.allow.jurisdictions) if policy.allow else "the allowed destinations"
+            declared_problem = ("outside-allowed", f"{desc} goes to {recipient.words()}, which declares processing "
+                                f"in {', '.join(outside)}, outside {allowed} required by policy {policy.name}")
+        if policy.recipient_location == "declared":
+            if declared_problem is None:
+                return verdict(Outcome.COMPLIANT, "allowed",
+                               f"{desc} goes to {recipient.words()}, which declares processing in "
+                               f"{', '.join(recipient.processing_locations)}, allowed by policy {policy.name} "
+                               "(judged by declared locations)")
+            problem = declared_problem
+    if problem is None and policy.deny:
         m = _match(policy.deny, flow, loc, country, policy, jur, at, host)
         if m.hit:
             problem = ("denied-destination", f"{desc} is in {m.hit}, denied by policy {policy.name}")
@@ -242,8 +273,10 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
             unknown = m.unknown
     if problem is None and policy.allow:
         m = _match(policy.allow, flow, loc, country, policy, jur, at, host)
-        if m.hit and unknown is None:
+        if m.hit and unknown is None and declared_problem is None:
             return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is in {m.hit}, allowed by policy {policy.name}")
+        if m.hit and unknown is None:
+            problem = declared_problem  # observed inside, declared outside: both must hold
         if not m.hit:
             if m.unknown:
                 unknown = unknown or m.unknown
@@ -253,17 +286,28 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
                 if m.conditional:
                     msg += f" ({m.conditional}: record that as an exception)"
                 problem = ("outside-allowed", msg)
+    if problem is None and unknown is None and declared_problem is not None:
+        problem = declared_problem
     if problem is None and unknown is None:
         return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is not denied by policy {policy.name}")
 
     expired = []
+    what = (PROBLEM_WORDS.get(problem[0], problem[0]) if problem
+            else f"impossible to judge ({_unknown_words(unknown)})")
+    if recipient is not None:
+        for t in recipient.transfers_for(policy.name):
+            if t.in_force(at):
+                return verdict(Outcome.EXEMPT, "exception",
+                               f"{desc} would be {what} under policy {policy.name}; exempt as a transfer to "
+                               f"{recipient.words()} under {t.words()} ({t.reference}; owner {t.owner}; covers until "
+                               f"{t.expires - timedelta(days=1)})", exception=f"{recipient.id}:{t.basis}")
+            expired.append(f"the {t.basis} of recipient {recipient.id} " + (
+                f"expired {t.expires}" if at >= t.expires else f"starts {t.start}"))
     for ex in policy.exceptions:
         em = _match(ex.destinations, flow, loc, country, policy, jur, at, host)
         if not em.hit:
             continue
         if ex.in_force(at):
-            what = (PROBLEM_WORDS.get(problem[0], problem[0]) if problem
-                    else f"impossible to judge ({_unknown_words(unknown)})")
             return verdict(Outcome.EXEMPT, "exception",
                            f"{desc} would be {what} under policy {policy.name}; exempt by exception {ex.id} "
                            f"({ex.basis}: {ex.reference}; owner {ex.owner}; covers until {_last_day(ex)})",
@@ -271,6 +315,8 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         expired.append(f"exception {ex.id} " + (f"expired {ex.expires} (it covered until {_last_day(ex)})"
                                                  if at >= ex.expires else f"starts {ex.start}"))
     tail = "; " + ("; ".join(expired) + " (not in force)" if expired else "no exception applies")
+    if recipient is not None and not any(t.in_force(at) for t in recipient.transfers_for(policy.name)):
+        tail += f"; recipient {recipient.words()} has no basis in force for policy {policy.name}"
     if problem is not None:
         return verdict(Outcome.VIOLATION, problem[0], problem[1] + tail)
     if unknown.startswith("unknown-location"):  # the description already says what is missing

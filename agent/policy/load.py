@@ -224,6 +224,7 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
                   use_represented_country=d.get("location") == "represented",
                   registration_as_location=bool(d.get("registration_as_location", False)),
                   names_override_location=bool(d.get("names_override_location", False)),
+                  recipient_location=d.get("recipient_location", "observed"),
                   directions=tuple(d.get("directions") or ("outbound",)),
                   exceptions=tuple(exceptions), file=file, sha256=sha,
                   effective_from=eff_from, effective_until=eff_until)

@@ -80,6 +80,7 @@ class Policy:
     use_represented_country: bool = False  # judge by GeoIP represented_country where it differs
     registration_as_location: bool = False  # without a GeoIP database, judge by the country of registration
     names_override_location: bool = False  # a name matching allow decides, whatever the address's location
+    recipient_location: str = "observed"  # observed | declared | both: which location of a known recipient counts
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)
 

@@ -50,6 +50,10 @@ def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
         "asn": loc.asn,
         "as_org": loc.as_org,
     }
+    r = getattr(judged, "recipient", None)
+    if r is not None:
+        rec["recipient"] = {"id": r.id, "name": r.name, "role": r.role, "established_in": r.established_in,
+                            "processing_locations": list(r.processing_locations)}
     if extra:
         rec.update(extra)
     return rec

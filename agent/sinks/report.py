@@ -38,6 +38,7 @@ def flow_row(flow, j: Judged | None) -> dict:
             "egress": j is not None and not j.inbound, "direction": ("inbound" if j.inbound else "outbound") if j
             else None, "country": loc.country if loc is not None and loc.unknown_reason is None else None,
             "hostname": flow.hostname, "hostname_source": flow.hostname_source,
+            "recipient": j.recipient.id if j is not None and j.recipient is not None else None,
             "verdicts": {v.policy: v.outcome.value for v in j.outcomes} if j is not None else {}}
 
 
@@ -99,7 +100,8 @@ class AuditReport:
                         "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes,
                         "first_seen": iso_time(f.first_seen), "last_seen": iso_time(f.last_seen),
                         "process": f.to_json().get("process") if f.who is not None else None,
-                        "hostname": f.hostname, "hostname_source": f.hostname_source}
+                        "hostname": f.hostname, "hostname_source": f.hostname_source,
+                        "recipient": j.recipient.id if j.recipient is not None else None}
             records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
                             "message": j.message(v), "exception": v.exception, **base})
 
