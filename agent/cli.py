@@ -1,4 +1,4 @@
-"""Command line: audit | lookup | jurisdictions | policy check | policy test | policy schema | run.
+"""Command line: audit | inventory | lookup | jurisdictions | policy check | policy test | policy schema | run.
 
 Exit codes are the contract: 0 clean, 1 violations (audit) or failed policy tests, 2 usage or input
 errors (a message naming file, line/offset and field; never a traceback), 70 an internal error (a
@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge flows without a plausible time (none, before 1995, or more than a day after "
                         "DATE) as of DATE (default: today, UTC); the report lists them")
     a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
+
+    inv = sub.add_parser("inventory", help="observed transfers (exporter -> recipient -> countries) against the "
+                                           "recipient register: undeclared, unseen, outside declared locations")
+    inv.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="pcap, pcapng, JSON-lines flow log or evidence log, or a folder of them")
+    inv.add_argument("--policies", metavar="PATH", help="policy file or folder (default ./policies, else shipped)")
+    inv.add_argument("--recipients", metavar="PATH",
+                     help="recipient register file or folder (default ./recipients with the default policies)")
+    _add_geo(inv)
+    inv.add_argument("--format", choices=(*FORMATS, "csv"), default="table")
+    inv.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    inv.add_argument("--as-of", type=_as_of, metavar="DATE", help="as for audit")
 
     lk = sub.add_parser("lookup", help="where addresses are, and how we know")
     lk.add_argument("addresses", nargs="+", metavar="ADDRESS")
@@ -150,6 +162,9 @@ def main(argv=None) -> int:
         if args.command == "audit":
             from agent.commands.audit import run_audit
             return run_audit(args)
+        if args.command == "inventory":
+            from agent.commands.inventory import run_inventory
+            return run_inventory(args)
         if args.command == "lookup":
             from agent.commands.lookup import run_lookup
             return run_lookup(args)

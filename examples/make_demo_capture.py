@@ -22,6 +22,17 @@ FLOWS = [
 ]
 
 
+# (resolver, client, name, address, TTL): a DNS answer the client received before connecting, so the
+# audit and the inventory name the flow (`hostname_source: dns`)
+DNS_ANSWERS = [("10.0.0.1", "10.0.0.5", "www.heise.de", "193.99.144.80", 300)]
+
+
+def dns_answer(name: str, addr: str, ttl: int) -> bytes:
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return (struct.pack("!HHHHHH", 1, 0x8180, 1, 1, 0, 0) + qname + struct.pack("!HH", 1, 1)
+            + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, ttl, 4) + ip4(addr))
+
+
 def checksum(hdr: bytes) -> int:
     s = sum(struct.unpack("!10H", hdr))
     s = (s & 0xFFFF) + (s >> 16)
@@ -33,9 +44,10 @@ def ip4(a: str) -> bytes:
 
 
 def frame(src, dst, proto, sport, dport, payload):
+    data = payload if isinstance(payload, bytes) else b"\x00" * payload
     l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x18, 65535, 0, 0) if proto == 6 else \
-        struct.pack("!HHHH", sport, dport, 8 + payload, 0)
-    body = l4 + b"\x00" * payload
+        struct.pack("!HHHH", sport, dport, 8 + len(data), 0)
+    body = l4 + data
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, proto, 0, ip4(src), ip4(dst))
     hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
     return b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00" + hdr + body
@@ -44,6 +56,9 @@ def frame(src, dst, proto, sport, dport, payload):
 def main(out="examples/demo.pcap"):
     with open(out, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for resolver, client, name, addr, ttl in DNS_ANSWERS:
+            pkt = frame(resolver, client, 17, 53, 40100, dns_answer(name, addr, ttl))
+            f.write(struct.pack("<IIII", T0 - 1, 0, len(pkt), len(pkt)) + pkt)
         t = T0
         for src, dst, proto, sport, dport, packets, payload in FLOWS:
             for i in range(packets):

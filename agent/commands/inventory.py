@@ -1,0 +1,194 @@
+"""`egress-agent inventory`: the observed transfer inventory, compared with the recipient register.
+
+Reads what `audit` reads (captures, flow logs, the daemon's evidence log), judges every flow through
+the same pipeline, and aggregates egress into exporter -> recipient -> destination countries:
+
+- exporter: the systemd unit, container or command of the sending process when the source knows it
+  (live evidence), else the source network (/24 for IPv4, /64 for IPv6);
+- recipient: the register's recipient the flow matched, else what is known of who received it:
+  the host name's registrable part (`host:payroll.example`, the last two labels), else the
+  network operator (`AS64500 Example Org`), else `unknown`.
+
+Then the difference with the register, the three lists a data-protection officer needs:
+`undeclared` (recipients nobody declared), `unseen` (declared, never seen in these inputs), and
+`outside_declared_locations` (declared recipients seen in countries they did not declare).
+Output: table (default), JSON, or CSV (one row per exporter, recipient and country, for a records
+tool). Exit 0 when everything seen is declared and inside its declared locations, 1 otherwise,
+2 for bad input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import sys
+from collections import Counter, defaultdict
+
+from agent.commands.audit import expand_inputs, read_input
+from agent.commands.common import build_pipeline
+from agent.errors import UserError
+from agent.flow import iso_time
+
+
+def exporter_of(flow) -> str:
+    w = flow.who
+    if w is not None:
+        if w.unit:
+            return f"unit:{w.unit}"
+        if w.container:
+            return f"container:{w.container[:12]}"
+        name = (w.exe or "").rsplit("/", 1)[-1] or w.comm
+        if name:
+            return f"process:{name}"
+    a = ipaddress.ip_address(flow.src)
+    return f"net:{ipaddress.ip_network(f'{a}/{24 if a.version == 4 else 64}', strict=False)}"
+
+
+def fallback_recipient(flow, loc) -> str:
+    if flow.hostname and not flow.hostname[-1:].isdigit():
+        return "host:" + ".".join(flow.hostname.split(".")[-2:])
+    if loc.asn is not None:
+        return f"AS{loc.asn}" + (f" {loc.as_org}" if loc.as_org else "")
+    return "unknown"
+
+
+class Inventory:
+    def __init__(self, register):
+        self.register = register
+        self.rows: dict[tuple, dict] = {}
+
+    def add(self, j):
+        f, loc = j.flow, j.location
+        rec = j.recipient
+        key_r = rec.id if rec is not None else fallback_recipient(f, loc)
+        # without a location database only the country of registration is known: shown, marked, and
+        # never compared with declared locations
+        country = loc.country if loc.unknown_reason is None and loc.country else (
+            f"registered:{loc.registered_country}" if loc.registered_country else "unknown")
+        key = (exporter_of(f), key_r)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = {"exporter": key[0], "recipient": key_r, "declared": rec is not None,
+                                    "recipient_name": rec.name if rec is not None else None,
+                                    "countries": Counter(), "flows": 0, "bytes": 0, "first_seen": None,
+                                    "last_seen": None, "verdicts": Counter(), "bases": set(), "hostnames": set()}
+        row["countries"][country] += f.bytes or 0
+        row["countries"].setdefault(country, 0)
+        row["flows"] += 1
+        row["bytes"] += f.bytes
+        first, last = iso_time(f.first_seen) if f.first_seen else None, iso_time(f.last_seen) if f.last_seen else None
+        if first and (row["first_seen"] is None or first < row["first_seen"]):
+            row["first_seen"] = first
+        if last and (row["last_seen"] is None or last > row["last_seen"]):
+            row["last_seen"] = last
+        for v in j.outcomes:
+            row["verdicts"][v.outcome.value] += 1
+            if v.exception:
+                row["bases"].add(v.exception)
+        if f.hostname and len(row["hostnames"]) < 20:
+            row["hostnames"].add(f.hostname)
+
+    def to_json(self) -> dict:
+        rows = [{**r, "countries": dict(sorted(r["countries"].items())), "verdicts": dict(r["verdicts"]),
+                 "bases": sorted(r["bases"]), "hostnames": sorted(r["hostnames"])}
+                for r in sorted(self.rows.values(), key=lambda r: (-r["bytes"], r["exporter"], r["recipient"]))]
+        by_recipient: dict[str, dict] = defaultdict(lambda: {"flows": 0, "bytes": 0, "countries": set(),
+                                                             "exporters": set(), "hostnames": set()})
+        for r in rows:
+            g = by_recipient[r["recipient"]]
+            g["flows"] += r["flows"]
+            g["bytes"] += r["bytes"]
+            g["countries"] |= set(r["countries"])
+            g["exporters"].add(r["exporter"])
+            g["hostnames"] |= set(r["hostnames"])
+        declared = self.register.by_id if self.register is not None else {}
+        undeclared = [{"recipient": k, "flows": g["flows"], "bytes": g["bytes"], "countries": sorted(g["countries"]),
+                       "exporters": sorted(g["exporters"]), "hostnames": sorted(g["hostnames"])}
+                      for k, g in sorted(by_recipient.items(), key=lambda kv: -kv[1]["bytes"]) if k not in declared]
+        unseen = [{"recipient": rid, "name": r.name, "processing_locations": list(r.processing_locations)}
+                  for rid, r in declared.items() if rid not in by_recipient]
+        outside = []
+        for rid, r in declared.items():
+            g = by_recipient.get(rid)
+            if g is None:
+                continue
+            out = sorted(c for c in g["countries"] if len(c) == 2 and c not in r.processing_locations)
+            if out:
+                outside.append({"recipient": rid, "name": r.name, "declared": list(r.processing_locations),
+                                "observed_outside": out, "flows": g["flows"], "bytes": g["bytes"]})
+        return {"inventory": rows, "undeclared": undeclared, "unseen": unseen, "outside_declared_locations": outside,
+                "register": None if self.register is None else sorted(declared)}
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["exporter", "recipient", "recipient_name", "declared", "country", "bytes", "flows", "first_seen",
+                    "last_seen", "bases", "verdicts", "hostnames"])
+        for r in self.to_json()["inventory"]:
+            for country, by in r["countries"].items():
+                w.writerow([r["exporter"], r["recipient"], r["recipient_name"] or "", "yes" if r["declared"] else "no",
+                            country, by, r["flows"], r["first_seen"] or "", r["last_seen"] or "",
+                            " ".join(r["bases"]), " ".join(f"{k}={v}" for k, v in sorted(r["verdicts"].items())),
+                            " ".join(r["hostnames"])])
+        return buf.getvalue()
+
+    def render(self, console):
+        from rich.table import Table
+
+        data = self.to_json()
+        t = Table(title="Observed transfers: exporter -> recipient -> countries", title_justify="left")
+        for col in ("exporter", "recipient", "declared", "countries (bytes)", "flows", "bytes", "basis"):
+            t.add_column(col, justify="right" if col in ("flows", "bytes") else "left")
+        for r in data["inventory"][:200]:
+            name = f"{r['recipient']} ({r['recipient_name']})" if r["recipient_name"] else r["recipient"]
+            t.add_row(r["exporter"], name, "yes" if r["declared"] else "[yellow]no[/]",
+                      ", ".join(f"{c} {b}" for c, b in r["countries"].items()), str(r["flows"]), str(r["bytes"]),
+                      ", ".join(r["bases"]) or "-")
+        console.print(t)
+        if data["register"] is None:
+            console.print("[yellow]No recipient register loaded (--recipients): every recipient is undeclared.[/]")
+        for key, title in (("undeclared", "Seen but undeclared"), ("unseen", "Declared but never seen"),
+                           ("outside_declared_locations", "Seen outside the declared locations")):
+            items = data[key]
+            console.print(f"[bold]{title}: {len(items)}[/]")
+            for i in items[:100]:
+                if key == "undeclared":
+                    console.print(f"  {i['recipient']}: {i['flows']} flow(s), {i['bytes']} bytes to "
+                                  f"{', '.join(i['countries'])} from {', '.join(i['exporters'][:3])}", highlight=False)
+                elif key == "unseen":
+                    console.print(f"  {i['recipient']} ({i['name']})", highlight=False)
+                else:
+                    console.print(f"  {i['recipient']} ({i['name']}): declared {', '.join(i['declared'])}, seen in "
+                                  f"{', '.join(i['observed_outside'])}", highlight=False)
+
+
+def run_inventory(args) -> int:
+    if not args.inputs:
+        raise UserError("inventory: name at least one INPUT (capture, flow log, evidence log or folder)")
+    pipe = build_pipeline(args)
+    inv = Inventory(pipe.register)
+    for path in expand_inputs(args.inputs):
+        flows, _stats, _packets = read_input(path)
+        for flow in flows:
+            if pipe.is_egress(flow):
+                inv.add(pipe.judge(flow))
+    for w in getattr(pipe, "register_warnings", []) + pipe.locator.warnings:
+        print(f"egress-agent: warning: {w}", file=sys.stderr)
+    from agent.cli import dumps, write_output
+
+    data = inv.to_json()
+    if args.format == "json":
+        write_output(dumps(data, pretty=not args.output and sys.stdout.isatty()), args.output)
+    elif args.format == "csv":
+        write_output(inv.to_csv(), args.output)
+    else:
+        from rich.console import Console
+
+        if args.output:
+            buf = io.StringIO()
+            inv.render(Console(file=buf, width=160, force_terminal=False))
+            write_output(buf.getvalue(), args.output)
+        else:  # a pipe or file gets a wide table, not rich's 80 columns
+            inv.render(Console() if sys.stdout.isatty() else Console(width=160))
+    return 1 if data["undeclared"] or data["outside_declared_locations"] else 0

@@ -1,0 +1,96 @@
+"""`egress-agent inventory`: exporter -> recipient -> countries, and the diff with the register."""
+
+import csv
+import io
+import json
+
+from agent.flow import Who
+from tests.helpers import write_pcap
+from tests.names import build
+from tests.names.build import CLIENT
+
+T = 1750000000.0
+DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24"]
+POLICY = "version: 1\nname: eu\nhome: [EU]\nallow: {jurisdictions: [EEA]}\n"
+REGISTER = """\
+version: 1
+recipients:
+  - id: payroll
+    name: Example Payroll Inc.
+    role: processor
+    established_in: US
+    processing_locations: [US]
+    match: {hostnames: ["*.payroll.example"]}
+    transfers:
+      - {policy: eu, basis: scc, module: 2, reference: "SCC-7", owner: dpo@example.com, expires: 2099-01-01}
+  - id: analytics
+    name: Example Analytics SAS
+    role: sub-processor
+    established_in: FR
+    processing_locations: [FR]
+    match: {hostnames: ["*.analytics.example"]}
+  - id: never
+    name: Never Seen Ltd
+    role: processor
+    established_in: IE
+    processing_locations: [IE]
+    match: {networks: [198.51.100.200/32]}
+"""
+
+
+def _setup(tmp_path):
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "eu.yaml").write_text(POLICY)
+    (tmp_path / "reg.yaml").write_text(REGISTER)
+    hello = lambda n: build.records(build.client_hello(n))  # noqa: E731
+    dns = build.dns_response("cdn.analytics.example", [("cdn.analytics.example", "A", 300, "198.51.100.7")])
+    return write_pcap(tmp_path / "c.pcap", [
+        (T, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, hello("api.payroll.example"))),  # US, as declared
+        (T + 1, dns),
+        (T + 2, build.tcp(CLIENT, 50001, "198.51.100.7", 443, 1, flags="S")),  # DE: analytics declared FR only
+        (T + 3, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, hello("eu.tracker.example"))),  # undeclared
+        (T + 4, build.tcp(CLIENT, 50003, "198.51.100.130", 443, 1, flags="S")),  # JP, no name, no ASN
+    ])
+
+
+def test_inventory_json_diff_and_exit(cli, tmp_path, city_db, asn_db):
+    cap = _setup(tmp_path)
+    args = ("inventory", *DOC_PUBLIC, "--geoip-db", city_db, "--geoip-db", asn_db, "--policies", tmp_path / "pol",
+            "--recipients", tmp_path / "reg.yaml", cap)
+    r = cli(*args, "--format", "json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    rep = json.loads(r.stdout)
+    rows = {row["recipient"]: row for row in rep["inventory"]}
+    assert rows["payroll"]["declared"] and rows["payroll"]["bases"] == ["payroll:scc"]
+    assert rows["payroll"]["exporter"] == "net:192.0.2.0/24" and list(rows["payroll"]["countries"]) == ["US"]
+    assert rows["analytics"]["hostnames"] == ["cdn.analytics.example"]
+    assert {u["recipient"] for u in rep["undeclared"]} == {"host:tracker.example", "unknown"}
+    assert [u["recipient"] for u in rep["unseen"]] == ["never"]
+    (out,) = rep["outside_declared_locations"]
+    assert (out["recipient"], out["declared"], out["observed_outside"]) == ("analytics", ["FR"], ["DE"])
+    r = cli(*args, "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert {(t["recipient"], t["country"], t["declared"]) for t in table} >= {("payroll", "US", "yes"),
+                                                                              ("analytics", "DE", "yes")}
+    r = cli(*args)
+    assert "Seen but undeclared: 2" in r.stdout and "Declared but never seen: 1" in r.stdout
+
+
+def test_exporter_is_the_process_when_known():
+    from agent.commands.inventory import exporter_of
+    from agent.flow import Flow
+
+    f = Flow(6, "192.0.2.1", 1, "203.0.113.9", 443)
+    assert exporter_of(f) == "net:192.0.2.0/24"
+    assert exporter_of(Flow(6, "2001:db8:1::5", 1, "203.0.113.9", 443)) == "net:2001:db8:1::/64"
+    assert exporter_of(f.__class__(6, "192.0.2.1", 1, "203.0.113.9", 443, who=Who(comm="curl", unit="api.service"))) \
+        == "unit:api.service"
+    assert exporter_of(Flow(6, "192.0.2.1", 1, "203.0.113.9", 443, who=Who(exe="/usr/bin/python3.11"))) == \
+        "process:python3.11"
+
+
+def test_demo_capture_shows_an_undeclared_recipient(cli):
+    r = cli("inventory", "--format", "json", "examples/demo.pcap")
+    rep = json.loads(r.stdout)
+    assert r.returncode == 1
+    assert "host:heise.de" in {u["recipient"] for u in rep["undeclared"]}
