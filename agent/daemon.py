@@ -46,6 +46,7 @@ EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
 _REPORTED = {Outcome(o) for o in EVIDENCE_OUTCOMES}
 MAX_OPEN_FLOWS = 262144
 SOURCE = "conntrack"
+MAX_UNDECLARED = 10000  # distinct undeclared recipients remembered (and logged once each)
 
 
 class _JournalFormatter(logging.Formatter):
@@ -105,6 +106,7 @@ class Daemon:
                 log.warning("cannot read the host's own addresses (%s): flows from a public address of this "
                             "host are not egress unless local_nets lists it", e)
         self.pipeline = build_pipeline(cfg, self.host_addrs)
+        self._undeclared: set[str] = set()
         self.names = None  # NameExtractor when the capture source is on (it sets this and name_wait)
         self.name_wait = 0.0
         self._host_packed: frozenset = frozenset()
@@ -292,6 +294,8 @@ class Daemon:
                 flow = dataclasses.replace(flow, who=who)
             j = pipe.judge(flow)
             self.metrics.judged(j)
+            if pipe.register is not None:
+                self._recipient(j)
             self._evidence(j, "open" if kind in ("dump", "resync") else "new", e, kind != "seen")
             if kind == "seen":
                 return  # its source never sees it end: nothing to keep
@@ -310,6 +314,23 @@ class Daemon:
         if delta:
             self.metrics.judged(j.with_flow(dataclasses.replace(flow, bytes=delta)), bytes_only=True)
         self._evidence(ended, "end", e)
+
+    def _recipient(self, j):
+        """Count the flow under its recipient; name each undeclared recipient once (in the log)."""
+        if j.recipient is not None:
+            self.metrics.recipient_flows.labels(j.recipient.id).inc()
+            return
+        self.metrics.recipient_flows.labels("undeclared").inc()
+        from agent.policy.recipients import fallback_recipient
+
+        key = fallback_recipient(j.flow, j.location)
+        if key not in self._undeclared:
+            if len(self._undeclared) >= MAX_UNDECLARED:
+                return  # memory stays bounded; recipient_flows{undeclared} still counts every flow
+            self._undeclared.add(key)
+            self.metrics.undeclared_recipients.inc()
+            log.warning("undeclared recipient %s: flow to %s (%s) matches no recipient of the register",
+                        key, j.flow.dst, j.flow.hostname or "no name")
 
     def _evidence(self, j, event: str, e, tracked: bool = True):
         extra = {"conntrack_id": e.ct_id} if tracked else {}

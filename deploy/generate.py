@@ -39,6 +39,8 @@ GRAFANA = {
          "B": "sum by (instance, policy) (increase(egress_agent_indeterminate_total[15m]))"
               " / clamp_min(sum by (instance, policy) (increase(egress_agent_flows_total[15m])), 1)"},
         "$A > 20 && $B > 0.1"),
+    "EgressUndeclaredRecipient": (
+        {"A": "sum by (instance) (increase(egress_agent_undeclared_recipients_total[15m]))"}, "$A > 0"),
     "EgressAgentDown": ({"A": 'up{job="egress-agent"}'}, "$A < 1"),
     "EgressSourceDown": ({"A": "egress_agent_source_up"}, "$A < 1"),
     "EgressSourceErrors": (

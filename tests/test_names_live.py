@@ -184,3 +184,38 @@ def test_flows_from_capture_alone(topo, tmp_path):
         assert a.value("egress_agent_flows_judged_total", source="capture") >= 2
     finally:
         assert a.stop() == 0, a.logtext()
+
+
+REGISTER = """\
+version: 1
+recipients:
+  - id: payroll
+    name: Example Payroll Inc.
+    role: processor
+    established_in: US
+    processing_locations: [US]
+    match: {hostnames: ["*.payroll.example"]}
+"""
+
+
+def test_daemon_counts_recipients_and_names_undeclared_ones(topo, tmp_path):
+    (tmp_path / "reg.yaml").write_text(REGISTER)
+    a = Agent(tmp_path, topo, config={"sources": ["conntrack", "capture"], "attribution": False,
+                                      "recipients": str(tmp_path / "reg.yaml"), "capture": {"name_wait": 0.3}})
+    (a.policies / "eu-data.yaml").unlink()
+    (a.policies / "payroll.yaml").write_text(POLICY.replace("hostnames: [\"*.payroll.example\"]", "networks: []"))
+    a.start()
+    try:
+        for name in ("api.payroll.example", "files.tracker.example", "cdn.tracker.example"):
+            p, _ = connect(topo, "203.0.113.9", build.records(build.client_hello(name)))
+            p.kill()
+        wait_for(lambda: (a.value("egress_agent_recipient_flows_total", recipient="undeclared") or 0) >= 2,
+                 what="undeclared flows counted")
+        assert a.value("egress_agent_recipient_flows_total", recipient="payroll") >= 1
+        assert a.value("egress_agent_undeclared_recipients_total") == 1  # tracker.example, once
+        assert a.logtext().count("undeclared recipient host:tracker.example") == 1
+        rec = wait_for(lambda: [r for r in a.evidence_for("203.0.113.9") if r.get("recipient")],
+                       what="evidence naming the recipient")[0]
+        assert rec["recipient"]["id"] == "payroll" and rec["flow"]["hostname"] == "api.payroll.example"
+    finally:
+        assert a.stop() == 0, a.logtext()

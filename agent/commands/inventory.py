@@ -29,6 +29,7 @@ from agent.commands.audit import expand_inputs, read_input
 from agent.commands.common import build_pipeline
 from agent.errors import UserError
 from agent.flow import iso_time
+from agent.policy.recipients import fallback_recipient
 
 
 def exporter_of(flow) -> str:
@@ -43,14 +44,6 @@ def exporter_of(flow) -> str:
             return f"process:{name}"
     a = ipaddress.ip_address(flow.src)
     return f"net:{ipaddress.ip_network(f'{a}/{24 if a.version == 4 else 64}', strict=False)}"
-
-
-def fallback_recipient(flow, loc) -> str:
-    if flow.hostname and not flow.hostname[-1:].isdigit():
-        return "host:" + ".".join(flow.hostname.split(".")[-2:])
-    if loc.asn is not None:
-        return f"AS{loc.asn}" + (f" {loc.as_org}" if loc.as_org else "")
-    return "unknown"
 
 
 class Inventory:

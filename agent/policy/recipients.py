@@ -245,3 +245,14 @@ def _lint(d: dict, t: Transfer, policy) -> list[str]:
     if t.basis == "derogation" and not t.derogation:
         out.append("derogation needs the art. 49(1) point relied on (derogation: consent, contract, ...)")
     return out
+
+
+def fallback_recipient(flow, loc) -> str:
+    """Who received a flow that no recipient of the register matched, as far as we know: the host
+    name's registrable part (`host:payroll.example`: the last two labels), else the network operator
+    (`AS64500 Example Org`), else `unknown`. A key for inventories and logs, never a metric label."""
+    if flow.hostname and not flow.hostname[-1:].isdigit():
+        return "host:" + ".".join(flow.hostname.split(".")[-2:])
+    if loc.asn is not None:
+        return f"AS{loc.asn}" + (f" {loc.as_org}" if loc.as_org else "")
+    return "unknown"

@@ -109,6 +109,12 @@ class Metrics:
                              "from (sni, quic-sni, dns).", ["source"], registry=r)
         self.names_malformed = Counter(f"{NS}_name_packets_malformed", "Malformed DNS, TLS or QUIC packets the "
                                        "name extractor skipped, by kind.", ["kind"], registry=r)
+        self.recipient_flows = Counter(f"{NS}_recipient_flows", "Judged flows by recipient of the register "
+                                       "(its ids), or undeclared when none matched (only with a register loaded).",
+                                       ["recipient"], registry=r)
+        self.undeclared_recipients = Counter(f"{NS}_undeclared_recipients", "Distinct undeclared recipients (host "
+                                             "name's registrable part, else network operator) first seen since the "
+                                             "agent started; each is logged by name.", registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
     # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.
