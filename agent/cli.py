@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("inputs", nargs="*", metavar="INPUT", help="pcap, pcapng or JSON-lines file, or a folder of them")
     a.add_argument("--policies", metavar="PATH", help="policy file or folder (default ./policies, else shipped)")
     a.add_argument("--recipients", metavar="PATH",
-                   help="recipient register file or folder (default ./recipients with the default policies)")
+                   help="recipient register file or folder (e.g. recipients/, the example)")
     _add_geo(a)
     a.add_argument("--format", choices=FORMATS, default="table")
     a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pcap, pcapng, JSON-lines flow log or evidence log, or a folder of them")
     inv.add_argument("--policies", metavar="PATH", help="policy file or folder (default ./policies, else shipped)")
     inv.add_argument("--recipients", metavar="PATH",
-                     help="recipient register file or folder (default ./recipients with the default policies)")
+                     help="recipient register file or folder (e.g. recipients/, the example)")
     _add_geo(inv)
     inv.add_argument("--format", choices=(*FORMATS, "csv"), default="table")
     inv.add_argument("--output", metavar="FILE", help="write here instead of standard output")
@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pol.add_subparsers(dest="policy_command", required=True)
     pc = psub.add_parser("check", help="validate policies; report every problem (exit 2 on any)")
     pc.add_argument("path", nargs="?")
-    pc.add_argument("--recipients", metavar="PATH", help="check this recipient register against the policies too "
-                    "(default ./recipients when PATH is not given)")
+    pc.add_argument("--recipients", metavar="PATH", help="check this recipient register against the policies too")
     pt = psub.add_parser("test", help="run the *.test.yaml files beside the policies (exit 1 on failures)")
     pt.add_argument("path", nargs="?")
     ps = psub.add_parser("schema", help="print the policy JSON Schema")

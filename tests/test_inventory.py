@@ -90,7 +90,21 @@ def test_exporter_is_the_process_when_known():
 
 
 def test_demo_capture_shows_an_undeclared_recipient(cli):
-    r = cli("inventory", "--format", "json", "examples/demo.pcap")
+    r = cli("inventory", "--format", "json", "--recipients", "recipients", "examples/demo.pcap")
     rep = json.loads(r.stdout)
     assert r.returncode == 1
     assert "host:heise.de" in {u["recipient"] for u in rep["undeclared"]}
+    assert {u["recipient"] for u in rep["unseen"]} == {"example-payroll", "example-analytics-eu",
+                                                       "example-logistics-de"}
+
+
+def test_capture_evidence_lines_of_one_flow_count_once(tmp_path):
+    from agent.sources.jsonl import read_jsonl
+
+    flow = {"proto": "tcp", "src": "192.0.2.1", "sport": 5, "dst": "203.0.113.9", "dport": 443,
+            "first_seen": "2025-06-15T00:00:00Z", "source": "capture"}
+    lines = [{"event": "new", "policy": p, "verdict": "violation", "flow": flow} for p in ("a", "b")]
+    lines.append({"event": "new", "policy": "a", "verdict": "violation", "flow": {**flow, "sport": 6}})
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    flows, _ = read_jsonl(str(tmp_path / "e.jsonl"))
+    assert sorted(f.sport for f in flows) == [5, 6]

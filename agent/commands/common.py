@@ -27,23 +27,17 @@ def build_pipeline(args) -> Pipeline:
     return pipe
 
 
-def register_path(recipients: str | None, policies: str | None):
-    """The register to load: the one named, else ./recipients when the policies are the default ones
-    too (its transfers name those policies), else none."""
-    from pathlib import Path
-
-    if recipients:
-        return recipients
-    if not policies and Path("recipients").is_dir():
-        return "recipients"
-    return None
+def register_path(recipients: str | None):
+    """The register to load: only the one named (--recipients). Never found implicitly: a register
+    exempts flows, so which one is in force must be said."""
+    return recipients or None
 
 
 def build_register(args, policies, jur):
     """(Register or None, warnings) for a front door's --recipients/--policies."""
     from agent.policy.recipients import load_recipients
 
-    path = register_path(getattr(args, "recipients", None), getattr(args, "policies", None))
+    path = register_path(getattr(args, "recipients", None))
     if path is None:
         return None, []
     return load_recipients(path, policies, jur, _today())

@@ -32,7 +32,7 @@ def run_policy(args) -> int:
         from agent.commands.common import _today, register_path
         from agent.policy.recipients import load_recipients
 
-        reg_path = register_path(getattr(args, "recipients", None), args.path)
+        reg_path = register_path(getattr(args, "recipients", None))
         if reg_path is not None:
             register, warnings = load_recipients(reg_path, policies, jur, _today())
             for r in register.recipients:

@@ -8,7 +8,8 @@ hostname_source, hostname_chain.
 
 Evidence records name the same flow several times (one line per verdict, and `new`/`open` then
 `end` events with final counters): lines with a `conntrack_id` are merged per (id, tuple), the
-last line winning, so a replayed evidence log counts each flow once.
+last line winning, and evidence lines without one (the capture source) per (tuple, first seen), so
+a replayed evidence log counts each flow once.
 
 Contract: `read_jsonl(path)` -> (flows, stats). A bad line is a UserError naming file:line and
 field. A last line cut off without its newline (a writer killed mid-line) is reported as
@@ -275,10 +276,16 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                 continue
             flow = parse_flow(obj, f"{path}:{lineno}")
             ct_id = obj.get("conntrack_id") if isinstance(obj, dict) else None
+            key = None
             if ct_id is not None:
                 if not isinstance(ct_id, int) or isinstance(ct_id, bool) or not 0 <= ct_id <= 0xFFFFFFFF:
                     raise UserError(f"{path}:{lineno}: conntrack_id: {_show(ct_id)} is not an integer in 0-4294967295")
                 key = (ct_id, flow.proto, flow.src, flow.sport, flow.dst, flow.dport)
+            elif isinstance(obj, dict) and "event" in obj and isinstance(obj.get("flow"), dict):
+                # an evidence record of a source without conntrack ids (capture): one line per verdict
+                # of one flow, which its tuple and first packet time identify
+                key = (None, flow.proto, flow.src, flow.sport, flow.dst, flow.dport, flow.first_seen)
+            if key is not None:
                 if key in merged:
                     old = flows[merged[key]]
                     flows[merged[key]] = flow if flow.bytes >= old.bytes else old
