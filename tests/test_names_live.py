@@ -124,6 +124,18 @@ def test_sni_wins_over_dns_and_names_the_evidence(topo, agent):
     assert rec["message"].startswith(f"destination {addr} (files.vendor.example, from TLS SNI; US")
 
 
+def test_quic_initial_names_a_udp_flow(topo, agent):
+    from agent.names import quic
+
+    initial = build.seal_initial(b"\x05" * 8, build.crypto_frame(0, build.client_hello("video.vendor.example")),
+                                 version=quic.V2)
+    topo.run("python3", "-c", "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             f"s.sendto(bytes.fromhex('{initial.hex()}'), ('203.0.113.250', 443))")
+    rec = wait_for(lambda: agent.evidence_for("203.0.113.250"), what="evidence for the QUIC flow")[0]
+    assert (rec["flow"]["proto"], rec["flow"]["hostname"], rec["flow"]["hostname_source"]) == \
+        ("udp", "video.vendor.example", "quic-sni")
+
+
 def test_expired_answer_no_longer_names_a_new_flow(topo, agent):
     p, addr = connect(topo, "short.payroll.example")  # TTL 1 s, grace 0: named now ...
     p.kill()
