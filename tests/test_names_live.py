@@ -221,11 +221,14 @@ def test_daemon_counts_recipients_and_names_undeclared_ones(topo, tmp_path):
         for name in ("api.payroll.example", "files.tracker.example", "cdn.tracker.example"):
             p, _ = connect(topo, "203.0.113.9", build.records(build.client_hello(name)))
             p.kill()
-        wait_for(lambda: (a.value("egress_agent_recipient_flows_total", recipient="undeclared") or 0) >= 2,
-                 what="undeclared flows counted")
+        wait_for(lambda: len([r for r in a.evidence_for("203.0.113.9") if r["flow"].get("hostname")]) >= 3,
+                 what="the three named flows judged")
         assert a.value("egress_agent_recipient_flows_total", recipient="payroll") >= 1
-        assert a.value("egress_agent_undeclared_recipients_total") == 1  # tracker.example, once
+        assert a.value("egress_agent_recipient_flows_total", recipient="undeclared") >= 2
+        # two tracker.example names are one recipient, counted and logged once; flows of earlier tests
+        # still in the namespace's conntrack table may add their own (the start-up dump judges them)
         assert a.logtext().count("undeclared recipient host:tracker.example") == 1
+        assert a.value("egress_agent_undeclared_recipients_total") == a.logtext().count("undeclared recipient ")
         rec = wait_for(lambda: [r for r in a.evidence_for("203.0.113.9") if r.get("recipient")],
                        what="evidence naming the recipient")[0]
         assert rec["recipient"]["id"] == "payroll" and rec["flow"]["hostname"] == "api.payroll.example"
