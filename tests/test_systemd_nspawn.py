@@ -36,7 +36,8 @@ from tests.netns import Topology
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EGRESS_AGENT_TEST_CACHE", "/var/cache/egress-agent-tests"))
-PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,iproute2,conntrack,nftables,curl,procps"
+# tcpdump brings libpcap, which scapy compiles the capture source's kernel filter with
+PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,iproute2,conntrack,nftables,curl,procps,tcpdump"
 REPORT: list[str] = []
 
 
@@ -341,3 +342,34 @@ def test_exposure_scores_and_attribution_dropin(box):
     _note("exposure", f"egress-agent.service: {default} (default), {with_attr} (with attribution.conf); "
                       f"egress-agent-audit.service: {audit_score}")
     print("\n".join(REPORT))
+
+
+def test_capture_dropin_names_flows_under_systemd(box):
+    """capture.conf (CAP_NET_RAW, AF_PACKET) lets the hardened unit run the capture source: the unit
+    starts, the capture source is up, and a TLS flow's evidence carries its SNI."""
+    from tests.names import build
+
+    dropin = box.root / "etc/systemd/system/egress-agent.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "systemd/egress-agent.service.d/capture.conf", dropin / "capture.conf")
+    cfg = box.root / "etc/egress-agent/agent.yaml"
+    original = cfg.read_text()
+    cfg.write_text(original.replace("sources: [conntrack]", "sources: [conntrack, capture]"))
+    try:
+        box.sh("systemctl daemon-reload && systemctl restart egress-agent")
+        up = box.wait(lambda: _metric(box.metrics(), "egress_agent_source_up", source="capture") == 1, timeout=20)
+        assert up, box.journal("egress-agent")
+        hello = build.records(build.client_hello("files.vendor.example")).hex()
+        box.sh(f"python3 -c \"import socket,time; s=socket.create_connection(('203.0.113.11',443),timeout=5); "
+               f"s.send(bytes.fromhex('{hello}')); time.sleep(2)\" &  sleep 3")
+        evidence = box.root / "var/lib/private/egress-agent/evidence.jsonl"
+        rec = box.wait(lambda: [json.loads(x) for x in evidence.read_text().splitlines() if "203.0.113.11" in x],
+                       timeout=20)
+        assert rec and rec[0]["flow"]["hostname"] == "files.vendor.example", rec
+        out = box.sh("systemd-analyze security egress-agent.service --no-pager", check=False).stdout
+        score = re.search(r"Overall exposure level for egress-agent.service: ([0-9.]+)", out).group(1)
+        _note("exposure with capture.conf", f"egress-agent.service: {score} (attribution.conf and capture.conf)")
+    finally:
+        cfg.write_text(original)
+        (dropin / "capture.conf").unlink()
+        box.sh("systemctl daemon-reload && systemctl restart egress-agent", check=False)

@@ -89,6 +89,11 @@ class CaptureNames:
                 except OSError as e:
                     self.close()
                     raise UserError(f"capture source: interface {iface}: {e.strerror or e}") from None
+                except ImportError:  # scapy compiles the filter with libpcap through ctypes
+                    self.close()
+                    raise UserError("capture source: compiling the kernel packet filter needs libpcap, which is not "
+                                    "installed (Debian: apt-get install libpcap0.8, or tcpdump, which brings it)") \
+                        from None
                 try:  # room for bursts; the kernel's drop counter says when it was not enough
                     s.ins.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE (root)
                 except OSError:
