@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=FORMATS, default="table")
     a.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
     a.add_argument("--conntrack", action="store_true", help="audit one snapshot of the live conntrack table")
+    a.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (map, flows diagram, "
+                   "violations over time, sortable tables; opens without network)")
     a.add_argument("--flows", action="store_true",
                    help="list every flow (addresses, counters, egress, country, host name and its source, "
                         "verdict per policy) under \"flows\" in the JSON report, and as a table")
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--format", choices=(*FORMATS, "csv"), default="table")
     inv.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     inv.add_argument("--as-of", type=_as_of, metavar="DATE", help="as for audit")
+    inv.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
 
     lk = sub.add_parser("lookup", help="where addresses are, and how we know")
     lk.add_argument("addresses", nargs="+", metavar="ADDRESS")

@@ -84,6 +84,11 @@ def run_audit(args) -> int:
         raise UserError("audit: --netns goes with --conntrack")
     pipe = build_pipeline(args)
     report = AuditReport(pipe.policies, pipe.locator.provenance(), with_flows=getattr(args, "flows", False))
+    inv = None
+    if getattr(args, "html", None):
+        from agent.commands.inventory import Inventory
+
+        inv = Inventory(pipe.register)
     sources = []
     if args.conntrack:
         from agent.sources.conntrack import snapshot
@@ -100,12 +105,16 @@ def run_audit(args) -> int:
             report.add_flow(flow, count_packets=packets is None, judged=j)
             if j is not None:
                 report.add(j)
+                if inv is not None and not j.inbound:
+                    inv.add(j)
     report.warnings.extend(pipe.locator.warnings)
     report.warnings.extend(getattr(pipe, "register_warnings", []))
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output
 
+    if inv is not None:
+        write_report_html(args.html, "egress-agent audit", report, inv)
     if args.format == "json":
         write_output(dumps(report.to_json(), pretty=not args.output and sys.stdout.isatty()), args.output)
     else:
@@ -120,3 +129,13 @@ def run_audit(args) -> int:
         else:
             report.render(Console())
     return 1 if report.verdicts["violation"] else 0
+
+
+def write_report_html(path: str, title: str, report, inv):
+    """The self-contained HTML report (`--html`) from an audit report and an inventory of the same flows."""
+    from agent.sinks.html import write_html
+
+    full = report.to_json()
+    write_html(path, title, {"by_country": full["destinations_by_country"], "inventory": inv.to_json(),
+                             "violations": full["violations"], "inputs": full["inputs"],
+                             "generated_at": full["generated_at"]})

@@ -161,11 +161,25 @@ def run_inventory(args) -> int:
         raise UserError("inventory: name at least one INPUT (capture, flow log, evidence log or folder)")
     pipe = build_pipeline(args)
     inv = Inventory(pipe.register)
+    report = None
+    if getattr(args, "html", None):
+        from agent.sinks.report import AuditReport
+
+        report = AuditReport(pipe.policies, pipe.locator.provenance())
     for path in expand_inputs(args.inputs):
-        flows, _stats, _packets = read_input(path)
+        flows, stats, _packets = read_input(path)
+        if report is not None:
+            report.add_input(stats)
         for flow in flows:
             if pipe.is_egress(flow):
-                inv.add(pipe.judge(flow))
+                j = pipe.judge(flow)
+                inv.add(j)
+                if report is not None:
+                    report.add(j)
+    if report is not None:
+        from agent.commands.audit import write_report_html
+
+        write_report_html(args.html, "egress-agent inventory", report, inv)
     for w in getattr(pipe, "register_warnings", []) + pipe.locator.warnings:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output
