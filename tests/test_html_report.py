@@ -1,0 +1,145 @@
+"""The HTML report as a person sees it: opened in a real headless Chromium (Debian's `chromium`), with
+every network request refused. No console error; the three charts rendered (the map's country
+shapes, the Sankey's nodes, the violation bars); the tables are there and sortable; the screenshot
+is not blank. Skipped where Chromium is not installed (.ci/run installs it)."""
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+
+import pytest
+
+from tests.helpers import write_pcap
+from tests.names import build
+from tests.names.build import CLIENT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: chromium)")
+T = 1750000000.0
+DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24"]
+POLICY = "version: 1\nname: eu\nhome: [EU]\nallow: {jurisdictions: [EEA]}\n"
+REGISTER = """\
+version: 1
+recipients:
+  - {id: payroll, name: Example Payroll Inc., role: processor, established_in: US, processing_locations: [US],
+     match: {hostnames: ["*.payroll.example"]}}
+"""
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,2400",
+                "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0",
+                "--host-resolver-rules=MAP * ~NOTFOUND"]  # any request to the network fails, loudly
+
+
+def chromium(*args, timeout=120):
+    return subprocess.run([CHROMIUM, *CHROME_FLAGS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def png_colours(path) -> int:
+    """Distinct pixel values in an 8-bit RGB(A) PNG (filters undone), to tell a drawn page from a blank one."""
+    data = open(path, "rb").read()
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    width, height, depth, ctype = ihdr[:4]
+    assert depth == 8 and ctype in (2, 6)
+    bpp = 3 if ctype == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    prev, seen = bytearray(stride), set()
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 0xFF
+            elif f == 2:
+                line[i] = (line[i] + b) & 0xFF
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 0xFF
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        if y % 8 == 0:
+            seen.update(bytes(line[k:k + bpp]) for k in range(0, stride, bpp * 4))
+        prev = line
+    return len(seen)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, city_db):
+    import sys
+
+    from tests.conftest import REPO
+
+    tmp = tmp_path_factory.mktemp("html")
+    (tmp / "pol").mkdir()
+    (tmp / "pol" / "eu.yaml").write_text(POLICY)
+    (tmp / "reg.yaml").write_text(REGISTER)
+    hello = lambda n: build.records(build.client_hello(n))  # noqa: E731
+    cap = write_pcap(tmp / "c.pcap", [
+        (T, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, hello("api.payroll.example"))),  # US, declared
+        (T + 60, build.tcp(CLIENT, 50001, "203.0.113.140", 443, 1, hello("cn.tracker.example"))),  # CN
+        (T + 3600, build.tcp(CLIENT, 50002, "198.51.100.7", 443, 1, hello("eu.tracker.example"))),  # DE
+        (T + 7200, build.tcp(CLIENT, 50003, "203.0.113.10", 443, 1, hello("<script>alert(1)</script>.example"))),
+    ])
+    out = {}
+    for cmd in ("audit", "inventory"):
+        path = tmp / f"{cmd}.html"
+        r = subprocess.run([sys.executable, "-m", "agent", cmd, *DOC_PUBLIC, "--geoip-db", city_db, "--policies",
+                            str(tmp / "pol"), "--recipients", str(tmp / "reg.yaml"), "--html", str(path),
+                            "--format", "json", str(cap)], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        out[cmd] = (path, json.loads(r.stdout))
+    return out
+
+
+@pytest.mark.parametrize("cmd", ["audit", "inventory"])
+def test_report_renders_in_chromium_without_network_or_errors(reports, cmd, tmp_path):
+    path, _rep = reports[cmd]
+    text = path.read_text()
+    markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
+    assert not re.search(r"""(src|href)=["']https?://""", markup)  # nothing to load from elsewhere
+    assert "<script>alert(1)" not in text  # a hostile host name is text, in the tables and in the chart data
+    r = chromium("--dump-dom", path.as_uri())
+    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, "\n".join(console)
+    dom = r.stdout
+    assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) == 3
+    assert len(re.findall(r'class="choroplethlocation', dom)) > 177  # every country, then the ones with traffic
+    assert len(re.findall(r'class="sankey-node', dom)) >= 6  # an exporter, recipients and countries
+    assert re.search(r'class="point', dom)  # the violation bars
+    assert dom.count('class="sortable"') == 5 and "data-dir" not in dom
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", path.as_uri())
+    assert png_colours(shot) > 40, "the screenshot is (nearly) blank"
+
+
+def test_tables_sort_when_a_header_is_clicked(reports, tmp_path):
+    """The report's own sort script, clicked from a page that loads it in a frame."""
+    path, _rep = reports["audit"]
+    probe = tmp_path / "probe.html"
+    probe.write_text(f"""<!DOCTYPE html><html><body><iframe id="f" src="{path.as_uri()}" width="1200" height="900">
+</iframe><script>
+document.getElementById('f').onload = function () {{
+  var d = this.contentDocument, t = d.querySelectorAll('table.sortable')[2];  // violations
+  var before = Array.from(t.tBodies[0].rows).map(function (r) {{ return r.cells[3].textContent; }});
+  t.tHead.rows[0].cells[3].click(); t.tHead.rows[0].cells[3].click();
+  var after = Array.from(t.tBodies[0].rows).map(function (r) {{ return r.cells[3].textContent; }});
+  var out = document.createElement('pre'); out.id = 'result';
+  out.textContent = JSON.stringify({{before: before, after: after}}); document.body.appendChild(out);
+}};
+</script></body></html>""")
+    r = chromium("--allow-file-access-from-files", "--dump-dom", probe.as_uri())
+    m = re.search(r'<pre id="result">(.*?)</pre>', r.stdout)
+    assert m, r.stdout[-500:]
+    got = json.loads(m.group(1).replace("&quot;", '"'))
+    assert len(got["after"]) >= 2 and got["after"] == sorted(got["before"], reverse=True)
