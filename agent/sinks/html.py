@@ -129,7 +129,7 @@ def _figures(data: dict) -> list[tuple[str, object]]:
     for p, t in parsed:
         per[p][t.strftime(fmt)] += 1
     fig = go.Figure([go.Bar(name=p, x=sorted(c), y=[c[k] for k in sorted(c)]) for p, c in sorted(per.items())])
-    fig.update_layout(barmode="stack", margin=dict(l=40, r=10, t=10, b=40), height=320,
+    fig.update_layout(barmode="stack", bargap=0.5, margin=dict(l=40, r=10, t=10, b=40), height=320,
                       yaxis_title="violations", xaxis_title="day" if span > 3 else "hour (UTC)")
     fig.update_xaxes(type="category")  # one bar per bucket, not a time axis stretched over seconds
     figs.append(("Violations over time, by policy", fig))
