@@ -15,18 +15,10 @@ import pytest
 from tests.helpers import write_pcap
 from tests.names import build
 from tests.names.build import CLIENT
+from tests.register_fixtures import DOC_PUBLIC, T, payroll, write_setup
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: chromium)")
-T = 1750000000.0
-DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24"]
-POLICY = "version: 1\nname: eu\nhome: [EU]\nallow: {jurisdictions: [EEA]}\n"
-REGISTER = """\
-version: 1
-recipients:
-  - {id: payroll, name: Example Payroll Inc., role: processor, established_in: US, processing_locations: [US],
-     match: {hostnames: ["*.payroll.example"]}}
-"""
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,2400",
                 "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0",
                 "--host-resolver-rules=MAP * ~NOTFOUND"]  # any request to the network fails, loudly
@@ -81,9 +73,7 @@ def reports(tmp_path_factory, city_db):
     from tests.conftest import REPO
 
     tmp = tmp_path_factory.mktemp("html")
-    (tmp / "pol").mkdir()
-    (tmp / "pol" / "eu.yaml").write_text(POLICY)
-    (tmp / "reg.yaml").write_text(REGISTER)
+    write_setup(tmp, payroll(transfer_policy=None))
     hello = lambda n: build.records(build.client_hello(n))  # noqa: E731
     cap = write_pcap(tmp / "c.pcap", [
         (T, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, hello("api.payroll.example"))),  # US, declared

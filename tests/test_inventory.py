@@ -8,21 +8,9 @@ from agent.flow import Who
 from tests.helpers import write_pcap
 from tests.names import build
 from tests.names.build import CLIENT
+from tests.register_fixtures import DOC_PUBLIC, T, payroll, write_setup
 
-T = 1750000000.0
-DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24"]
-POLICY = "version: 1\nname: eu\nhome: [EU]\nallow: {jurisdictions: [EEA]}\n"
-REGISTER = """\
-version: 1
-recipients:
-  - id: payroll
-    name: Example Payroll Inc.
-    role: processor
-    established_in: US
-    processing_locations: [US]
-    match: {hostnames: ["*.payroll.example"]}
-    transfers:
-      - {policy: eu, basis: scc, module: 2, reference: "SCC-7", owner: dpo@example.com, expires: 2099-01-01}
+REGISTER = payroll() + """\
   - id: analytics
     name: Example Analytics SAS
     role: sub-processor
@@ -39,9 +27,7 @@ recipients:
 
 
 def _setup(tmp_path):
-    (tmp_path / "pol").mkdir()
-    (tmp_path / "pol" / "eu.yaml").write_text(POLICY)
-    (tmp_path / "reg.yaml").write_text(REGISTER)
+    write_setup(tmp_path, REGISTER)
     hello = lambda n: build.records(build.client_hello(n))  # noqa: E731
     dns = build.dns_response("cdn.analytics.example", [("cdn.analytics.example", "A", 300, "198.51.100.7")])
     return write_pcap(tmp_path / "c.pcap", [

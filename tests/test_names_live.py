@@ -13,6 +13,7 @@ import pytest
 from tests.agent_process import Agent, wait_for
 from tests.names import build
 from tests.netns import Topology
+from tests.register_fixtures import payroll
 
 WHY = Topology.available()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")]
@@ -198,20 +199,8 @@ def test_flows_from_capture_alone(topo, tmp_path):
         assert a.stop() == 0, a.logtext()
 
 
-REGISTER = """\
-version: 1
-recipients:
-  - id: payroll
-    name: Example Payroll Inc.
-    role: processor
-    established_in: US
-    processing_locations: [US]
-    match: {hostnames: ["*.payroll.example"]}
-"""
-
-
 def test_daemon_counts_recipients_and_names_undeclared_ones(topo, tmp_path):
-    (tmp_path / "reg.yaml").write_text(REGISTER)
+    (tmp_path / "reg.yaml").write_text(payroll(transfer_policy=None))
     a = Agent(tmp_path, topo, config={"sources": ["conntrack", "capture"], "attribution": False,
                                       "recipients": str(tmp_path / "reg.yaml"), "capture": {"name_wait": 0.3}})
     (a.policies / "eu-data.yaml").unlink()

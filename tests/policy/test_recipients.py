@@ -124,21 +124,25 @@ BASES = [
 ]
 
 
-@pytest.mark.parametrize("policy,basis,extra,words", BASES)
-def test_each_basis_exempts_in_its_own_words(tmp_path, policy, basis, extra, words):
-    text = f"""\
+def one_recipient(policy: str, basis: str, extra: str, country: str) -> str:
+    """A register of one recipient `r` (R Inc, in `country`) with one transfer."""
+    return f"""\
         version: 1
         recipients:
           - id: r
             name: R Inc
             role: processor
-            established_in: US
-            processing_locations: [US]
+            established_in: {country}
+            processing_locations: [{country}]
             match: {{networks: [203.0.113.0/24]}}
             transfers:
               - {{policy: {policy}, basis: {basis}, {extra}reference: ref, owner: o, expires: 2030-01-01}}
         """
-    _, v = judge(pipe(tmp_path, text, loc={"country": "US"}))
+
+
+@pytest.mark.parametrize("policy,basis,extra,words", BASES)
+def test_each_basis_exempts_in_its_own_words(tmp_path, policy, basis, extra, words):
+    _, v = judge(pipe(tmp_path, one_recipient(policy, basis, extra, "US"), loc={"country": "US"}))
     assert (v[policy].outcome, v[policy].exception) == (Outcome.EXEMPT, f"r:{basis}")
     assert f"under {words} (ref;" in v[policy].message
 
@@ -164,20 +168,8 @@ LINTS = [
 
 @pytest.mark.parametrize("policy,basis,extra,message", LINTS)
 def test_each_lint(tmp_path, policy, basis, extra, message):
-    text = f"""\
-        version: 1
-        recipients:
-          - id: r
-            name: R Inc
-            role: processor
-            established_in: DE
-            processing_locations: [DE]
-            match: {{networks: [203.0.113.0/24]}}
-            transfers:
-              - {{policy: {policy}, basis: {basis}, {extra}reference: ref, owner: o, expires: 2030-01-01}}
-        """
     with pytest.raises(UserError) as e:
-        load_recipients(register(tmp_path, text), policies(tmp_path), J, TODAY)
+        load_recipients(register(tmp_path, one_recipient(policy, basis, extra, "DE")), policies(tmp_path), J, TODAY)
     (problem,) = e.value.problems
     assert "reg.yaml:10: recipients[0].transfers[0].basis:" in problem and message in problem
 
