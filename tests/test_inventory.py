@@ -94,3 +94,15 @@ def test_capture_evidence_lines_of_one_flow_count_once(tmp_path):
     (tmp_path / "e.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     flows, _ = read_jsonl(str(tmp_path / "e.jsonl"))
     assert sorted(f.sport for f in flows) == [5, 6]
+
+
+def test_undeclared_recipient_is_the_registrable_domain():
+    from agent.flow import Flow, Location
+    from agent.policy.recipients import fallback_recipient
+
+    loc = Location(ip="203.0.113.9", scope="public", asn=64500, as_org="Example Org")
+    name = lambda h: fallback_recipient(Flow(6, "192.0.2.1", 1, "203.0.113.9", 443, hostname=h), loc)  # noqa: E731
+    assert name("www.bbc.co.uk") == "host:bbc.co.uk"
+    assert name("s3.eu-central-1.amazonaws.com") == "host:amazonaws.com"
+    assert name("files.tracker.example") == "host:tracker.example"
+    assert name(None) == "AS64500 Example Org"

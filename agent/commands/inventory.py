@@ -6,7 +6,8 @@ the same pipeline, and aggregates egress into exporter -> recipient -> destinati
 - exporter: the systemd unit, container or command of the sending process when the source knows it
   (live evidence), else the source network (/24 for IPv4, /64 for IPv6);
 - recipient: the register's recipient the flow matched, else what is known of who received it:
-  the host name's registrable part (`host:payroll.example`, the last two labels), else the
+  the host name's registrable domain by the Public Suffix List (`host:payroll.example`,
+  `host:bbc.co.uk`), else the
   network operator (`AS64500 Example Org`), else `unknown`.
 
 Then the difference with the register, the three lists a data-protection officer needs:

@@ -247,12 +247,28 @@ def _lint(d: dict, t: Transfer, policy) -> list[str]:
     return out
 
 
+@lru_cache(maxsize=1)
+def _psl():
+    from publicsuffixlist import PublicSuffixList
+
+    # ICANN section only: `s3.eu-central-1.amazonaws.com` belongs to amazonaws.com (the operator), not
+    # to a private suffix of its own
+    return PublicSuffixList(only_icann=True)
+
+
+@lru_cache(maxsize=65536)
+def registrable(name: str) -> str:
+    """The registrable domain of a host name (`www.bbc.co.uk` -> `bbc.co.uk`), by the Public Suffix
+    List the `publicsuffixlist` package ships; the name itself when it has none (`localhost`)."""
+    return _psl().privatesuffix(name, accept_unknown=True) or name
+
+
 def fallback_recipient(flow, loc) -> str:
     """Who received a flow that no recipient of the register matched, as far as we know: the host
-    name's registrable part (`host:payroll.example`: the last two labels), else the network operator
+    name's registrable domain (`host:payroll.example`, `host:bbc.co.uk`), else the network operator
     (`AS64500 Example Org`), else `unknown`. A key for inventories and logs, never a metric label."""
     if flow.hostname and not flow.hostname[-1:].isdigit():
-        return "host:" + ".".join(flow.hostname.split(".")[-2:])
+        return "host:" + registrable(flow.hostname)
     if loc.asn is not None:
         return f"AS{loc.asn}" + (f" {loc.as_org}" if loc.as_org else "")
     return "unknown"
