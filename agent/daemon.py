@@ -1,17 +1,17 @@
 """`egress-agent run`: the live daemon. Sources -> bounded queue -> the shared pipeline -> sinks.
 
-Threads: one source thread (conntrack dump + events), one worker (attribution, judging, metrics,
-evidence), the metrics HTTP server; the main thread owns signals: SIGHUP reloads config and
+Threads: one per live source (`sources:`, plugins found by `agent.sources.live`: conntrack's dump
+and events, the packet-capture source), one worker (names, attribution, judging, metrics,
+evidence), one following the host's own addresses, the metrics HTTP server; the main thread owns
+signals: SIGHUP reloads config and
 policies (a broken reload keeps the old set and flips `config_last_reload_successful` to 0),
 SIGTERM/SIGINT flush and exit 0. Under systemd it sends READY, RELOADING, STOPPING and watchdog
 pings. Logs go to stderr; with $JOURNAL_STREAM set each line carries a syslog priority prefix.
 
-Sampling: 1-in-N new flows (by conntrack id, so a flow's NEW and DESTROY are kept together) and an
-optional per-destination rate limit. Loss accounting (`agent.accounting`): the kernel's own count
-of new egress connections (`agent.sources.kernel_count`) against what was judged, what was dropped
-by reason (sampled, rate_limited, queue_full, overflow, error) and what is queued; the remainder
-is `flows_unaccounted`. `sampling_ratio` is judged / kernel flows when the counter is readable.
-Only egress events reach Python: a socket filter (`agent.sources.ct_filter`) drops the rest.
+Sampling, loss accounting and kernel-side filtering belong to each source (see
+`agent.sources.conntrack_source` and `agent.sources.capture`); the daemon owns the bounded queue
+between sources and worker, whose overflow each source counts as queue_full drops. With a
+recipient register loaded, flows are counted per recipient and each undeclared one is logged once.
 """
 
 from __future__ import annotations
