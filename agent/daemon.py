@@ -17,6 +17,7 @@ recipient register loaded, flows are counted per recipient and each undeclared o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -106,7 +107,10 @@ class Daemon:
                 log.warning("cannot read the host's own addresses (%s): flows from a public address of this "
                             "host are not egress unless local_nets lists it", e)
         self.pipeline = build_pipeline(cfg, self.host_addrs)
-        self._undeclared: set[str] = set()
+        # undeclared recipients already named, kept beside the evidence so a restart does not name
+        # (and alert on) them again
+        self._undeclared_path = os.path.join(os.path.dirname(cfg.evidence_path) or ".", "undeclared-recipients.json")
+        self._undeclared: set[str] = self._load_undeclared()
         self.names = None  # NameExtractor when the capture source is on (it sets this and name_wait)
         self.name_wait = 0.0
         self._host_packed: frozenset = frozenset()
@@ -331,6 +335,32 @@ class Daemon:
             self.metrics.undeclared_recipients.inc()
             log.warning("undeclared recipient %s: flow to %s (%s) matches no recipient of the register",
                         key, j.flow.dst, j.flow.hostname or "no name")
+            self._save_undeclared()
+
+    def _load_undeclared(self) -> set[str]:
+        try:
+            with open(self._undeclared_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): undeclared recipients seen before this start will be named again",
+                        self._undeclared_path, e)
+            return set()
+        if not isinstance(data, list):
+            return set()
+        return {k for k in data[:MAX_UNDECLARED] if isinstance(k, str)}
+
+    def _save_undeclared(self):
+        """Atomic replace (temporary file, rename); a failure is logged, never fatal."""
+        tmp = f"{self._undeclared_path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(sorted(self._undeclared), f)
+            os.replace(tmp, self._undeclared_path)
+        except OSError as e:
+            log.warning("cannot write %s (%s): undeclared recipients will be named again after a restart",
+                        self._undeclared_path, e)
 
     def _evidence(self, j, event: str, e, tracked: bool = True):
         extra = {"conntrack_id": e.ct_id} if tracked else {}

@@ -221,5 +221,14 @@ def test_daemon_counts_recipients_and_names_undeclared_ones(topo, tmp_path):
         rec = wait_for(lambda: [r for r in a.evidence_for("203.0.113.9") if r.get("recipient")],
                        what="evidence naming the recipient")[0]
         assert rec["recipient"]["id"] == "payroll" and rec["flow"]["hostname"] == "api.payroll.example"
+        # after a restart, a recipient already named is not named (nor counted for the alert) again
+        assert a.stop() == 0, a.logtext()
+        a.start()
+        p, _ = connect(topo, "203.0.113.9", build.records(build.client_hello("www.tracker.example")))
+        p.kill()
+        wait_for(lambda: len([r for r in a.evidence_for("203.0.113.9")
+                              if r["flow"].get("hostname") == "www.tracker.example"]) >= 1, what="judged again")
+        assert a.logtext().count("undeclared recipient host:tracker.example") == 1
+        assert a.value("egress_agent_undeclared_recipients_total") == 0
     finally:
         assert a.stop() == 0, a.logtext()

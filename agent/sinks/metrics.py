@@ -112,9 +112,10 @@ class Metrics:
         self.recipient_flows = Counter(f"{NS}_recipient_flows", "Judged flows by recipient of the register "
                                        "(its ids), or undeclared when none matched (only with a register loaded).",
                                        ["recipient"], registry=r)
-        self.undeclared_recipients = Counter(f"{NS}_undeclared_recipients", "Distinct undeclared recipients (host "
-                                             "name's registrable part, else network operator) first seen since the "
-                                             "agent started; each is logged by name.", registry=r)
+        self.undeclared_recipients = Counter(f"{NS}_undeclared_recipients", "Undeclared recipients (host name's "
+                                             "registrable domain, else network operator) seen for the first time; "
+                                             "each is logged by name once and remembered across restarts "
+                                             "(undeclared-recipients.json beside the evidence log).", registry=r)
         Info(f"{NS}_build", "Version of egress-agent.", registry=r).info({"version": __version__})
 
     # Reasons a flow the kernel saw was not judged; with judged and queued they add up to kernel flows.
