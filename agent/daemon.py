@@ -37,6 +37,7 @@ from agent.flow import Outcome
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
+from agent.policy.recipients import fallback_recipient
 from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, record
 from agent.sinks.eventlog import Options as EvidenceOptions
@@ -325,8 +326,6 @@ class Daemon:
             self.metrics.recipient_flows.labels(j.recipient.id).inc()
             return
         self.metrics.recipient_flows.labels("undeclared").inc()
-        from agent.policy.recipients import fallback_recipient
-
         key = fallback_recipient(j.flow, j.location)
         if key not in self._undeclared:
             if len(self._undeclared) >= MAX_UNDECLARED:

@@ -106,3 +106,25 @@ def test_undeclared_recipient_is_the_registrable_domain():
     assert name("s3.eu-central-1.amazonaws.com") == "host:amazonaws.com"
     assert name("files.tracker.example") == "host:tracker.example"
     assert name(None) == "AS64500 Example Org"
+
+
+def test_bad_html_path_keeps_the_report_and_exits_2(cli, tmp_path):
+    r = cli("audit", "--format", "json", "--html", tmp_path / "no" / "such" / "r.html", "examples/demo.pcap")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot write report" in r.stderr
+    assert json.loads(r.stdout)["verdicts"]["violation"] == 2  # the report itself was written first
+
+
+def test_remembered_undeclared_recipients_survive_corrupt_or_hostile_files(tmp_path):
+    from types import SimpleNamespace
+
+    from agent.daemon import MAX_UNDECLARED, Daemon
+
+    path = tmp_path / "undeclared-recipients.json"
+    load = lambda: Daemon._load_undeclared(SimpleNamespace(_undeclared_path=str(path)))  # noqa: E731
+    assert load() == set()  # no file yet
+    for text in ("{not json", '{"a": 1}', "", "\x00" * 10):
+        path.write_text(text)
+        assert load() == set()  # a warning, never an exception: names are logged again, nothing is lost
+    path.write_text(json.dumps(["host:a.example", 5, None] + [f"k{i}" for i in range(MAX_UNDECLARED + 50)]))
+    got = load()
+    assert "host:a.example" in got and len(got) <= MAX_UNDECLARED

@@ -113,8 +113,6 @@ def run_audit(args) -> int:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output
 
-    if inv is not None:
-        write_report_html(args.html, "egress-agent audit", report, inv)
     if args.format == "json":
         write_output(dumps(report.to_json(), pretty=not args.output and sys.stdout.isatty()), args.output)
     else:
@@ -128,6 +126,8 @@ def run_audit(args) -> int:
             write_output(buf.getvalue(), args.output)
         else:
             report.render(Console())
+    if inv is not None:  # after the main report: a bad --html path must not cost the report itself
+        write_report_html(args.html, "egress-agent audit", report, inv)
     return 1 if report.verdicts["violation"] else 0
 
 

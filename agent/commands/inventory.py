@@ -68,7 +68,6 @@ class Inventory:
                                     "countries": Counter(), "flows": 0, "bytes": 0, "first_seen": None,
                                     "last_seen": None, "verdicts": Counter(), "bases": set(), "hostnames": set()}
         row["countries"][country] += f.bytes or 0
-        row["countries"].setdefault(country, 0)
         row["flows"] += 1
         row["bytes"] += f.bytes
         first, last = iso_time(f.first_seen) if f.first_seen else None, iso_time(f.last_seen) if f.last_seen else None
@@ -177,10 +176,6 @@ def run_inventory(args) -> int:
                 inv.add(j)
                 if report is not None:
                     report.add(j)
-    if report is not None:
-        from agent.commands.audit import write_report_html
-
-        write_report_html(args.html, "egress-agent inventory", report, inv)
     for w in getattr(pipe, "register_warnings", []) + pipe.locator.warnings:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
     from agent.cli import dumps, write_output
@@ -199,4 +194,8 @@ def run_inventory(args) -> int:
             write_output(buf.getvalue(), args.output)
         else:  # a pipe or file gets a wide table, not rich's 80 columns
             inv.render(Console() if sys.stdout.isatty() else Console(width=160))
+    if report is not None:  # after the main output, as in audit
+        from agent.commands.audit import write_report_html
+
+        write_report_html(args.html, "egress-agent inventory", report, inv)
     return 1 if data["undeclared"] or data["outside_declared_locations"] else 0

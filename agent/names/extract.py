@@ -6,8 +6,9 @@ Contract:
   first TCP bytes are reassembled until a ClientHello is complete (it may span segments and
   records); client QUIC Initials (UDP datagrams from 1,200 octets, the minimum RFC 9000 pads client
   Initials to) are opened and their CRYPTO frames joined. It returns the flow key a TLS or QUIC
-  hello just named, or a key whose first client bytes showed it is not TLS (`Named`/`NoHello`,
-  which the live source uses to release a flow waiting for its name), else None.
+  hello just named (`Named`), or a key whose first client bytes showed it carries no name
+  (`NoHello`), else None. (The live daemon does not act on these yet: new flows wait a fixed
+  `name_wait`; releasing a flow early on `Named`/`NoHello` is what they are for.)
 - `name_flow(proto, src, sport, dst, dport, at)` -> `Name` or None: the server name of that
   5-tuple's hello (`sni` for TCP, `quic-sni` for UDP) wins over a DNS answer (`dns`, see
   `answers.py`); an IP literal in SNI is not a name.
@@ -60,10 +61,20 @@ def packed(text: str) -> bytes:
 class _Stream:
     __slots__ = ("next_seq", "buf", "held")
 
-    def __init__(self, seq: int, data: bytes):
-        self.next_seq = (seq + len(data)) & 0xFFFFFFFF
-        self.buf = bytearray(data)
-        self.held: dict[int, bytes] = {}
+    def __init__(self, seq: int, data: bytes, held: dict[int, bytes] | None = None):
+        self.next_seq = seq
+        self.buf = bytearray()
+        self.held: dict[int, bytes] = held or {}
+        self.append(data)
+
+    def append(self, data: bytes):
+        """Add in-order bytes, then every held segment that now fits."""
+        while True:
+            self.buf += data
+            self.next_seq = (self.next_seq + len(data)) & 0xFFFFFFFF
+            data = self.held.pop(self.next_seq, None)
+            if data is None:
+                return
 
 
 class NameExtractor:
@@ -130,19 +141,9 @@ class NameExtractor:
                 if len(held) < ORPHAN_SEGMENTS:
                     held[seg.seq] = p
                 return None
-            st = _Stream(seg.seq, p)
-            st.held = self._orphans.pop(key, None) or {}
-            while st.next_seq in st.held:
-                data = st.held.pop(st.next_seq)
-                st.buf += data
-                st.next_seq = (st.next_seq + len(data)) & 0xFFFFFFFF
+            st = _Stream(seg.seq, p, self._orphans.pop(key, None))
         elif seg.seq == st.next_seq:
-            st.buf += seg.payload
-            st.next_seq = (st.next_seq + len(seg.payload)) & 0xFFFFFFFF
-            while st.next_seq in st.held:  # segments that arrived early now fit
-                data = st.held.pop(st.next_seq)
-                st.buf += data
-                st.next_seq = (st.next_seq + len(data)) & 0xFFFFFFFF
+            st.append(seg.payload)
         elif (seg.seq - st.next_seq) & 0xFFFFFFFF < 1 << 31:  # ahead: hold it
             if len(st.held) < MAX_SEGMENTS:
                 st.held[seg.seq] = seg.payload

@@ -104,7 +104,6 @@ class Metrics:
                                      "because the connection limit was reached.", registry=r)
         self.capture_packets = Counter(f"{NS}_capture_packets", "Packets the capture source read (after its "
                                        "kernel filter: DNS answers, TLS and QUIC hello candidates).", registry=r)
-        self._capture_seen = 0
         self.names = Counter(f"{NS}_flows_named", "Judged flows that carried a host name, by where the name came "
                              "from (sni, quic-sni, dns).", ["source"], registry=r)
         self.names_malformed = Counter(f"{NS}_name_packets_malformed", "Malformed DNS, TLS or QUIC packets the "

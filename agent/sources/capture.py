@@ -74,6 +74,7 @@ class CaptureNames:
         self.packets = 0
         self.kernel_drops = 0
         self.unsupported = 0
+        self._exported = {"packets": 0, "dns": 0, "tls": 0, "quic": 0}  # what _export has counted so far
 
     def open(self) -> CaptureNames:
         from scapy.all import conf
@@ -187,8 +188,8 @@ class CaptureNames:
         m = self.metrics
         if m is None:
             return
-        m.capture_packets.inc(self.packets - m._capture_seen)
-        m._capture_seen = self.packets
+        m.capture_packets.inc(self.packets - self._exported["packets"])
+        self._exported["packets"] = self.packets
         if lost:
             m.events_lost.labels(SOURCE).inc(lost)
             m.source_errors.labels(SOURCE, "overflow").inc()
@@ -197,9 +198,9 @@ class CaptureNames:
         counts = self.names.stats()
         for kind in ("dns", "tls", "quic"):
             n = counts.get(f"{kind}_malformed", 0)
-            child = m.names_malformed.labels(kind)
-            if n > child._value.get():
-                child.inc(n - child._value.get())
+            if n > self._exported[kind]:
+                m.names_malformed.labels(kind).inc(n - self._exported[kind])
+                self._exported[kind] = n
 
 
 class CaptureEntry(CtEntry):

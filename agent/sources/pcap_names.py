@@ -25,8 +25,6 @@ from agent.sources import decode as dec
 from agent.sources import pcap
 
 FIRST_SEGMENTS = 6  # TCP payload segments per direction per chunk handed to the TLS reader
-_K = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-               0xFF51AFD7ED558CCD], dtype=np.uint64)
 
 
 def _first_per_key(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -34,7 +32,7 @@ def _first_per_key(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     if len(rows) == 0:
         return rows
     with np.errstate(over="ignore"):
-        h = (words[rows] * _K).sum(axis=1, dtype=np.uint64)
+        h = (words[rows] * pcap._K).sum(axis=1, dtype=np.uint64)  # the flow table's key hash
     order = np.argsort(h, kind="stable")
     hs = h[order]
     start = np.r_[0, np.flatnonzero(hs[1:] != hs[:-1]) + 1]
