@@ -74,15 +74,7 @@ class Judged:
 
     def message(self, v: Verdict) -> str:
         """The message of one of `outcomes`, naming this flow's remote address and host name."""
-        old_peer, old_prefix = self._for
-        prefix = self.prefix
-        if old_prefix == prefix:
-            return v.message
-        if v.message.startswith(old_prefix):
-            return prefix + v.message[len(old_prefix):]
-        noun = PEER_NOUN[self.inbound]
-        old = f"{noun} {old_peer} "  # messages without a location description ("... is loopback")
-        return f"{noun} {self.peer} " + v.message[len(old):] if v.message.startswith(old) else v.message
+        return rewrite_message(v.message, self._for, self.peer, self.prefix, self.inbound)
 
     def with_flow(self, flow: Flow) -> Judged:
         """The same judgement for an updated flow record (counters at its end); same destination."""
@@ -96,6 +88,19 @@ class Judged:
         order = [Outcome.VIOLATION, Outcome.INDETERMINATE, Outcome.EXEMPT, Outcome.COMPLIANT]
         outs = {v.outcome for v in self.outcomes}
         return next((o for o in order if o in outs), Outcome.NOT_APPLICABLE)
+
+
+def rewrite_message(message: str, written_for: tuple[str, str], peer: str, prefix: str, inbound: bool) -> str:
+    """A cached verdict's message, written for the flow `written_for` = (peer, description prefix),
+    rewritten to name another flow's remote address `peer` and its prefix."""
+    old_peer, old_prefix = written_for
+    if old_prefix == prefix:
+        return message
+    if message.startswith(old_prefix):
+        return prefix + message[len(old_prefix):]
+    noun = PEER_NOUN[inbound]
+    old = f"{noun} {old_peer} "  # messages without a location description ("... is loopback")
+    return f"{noun} {peer} " + message[len(old):] if message.startswith(old) else message
 
 
 CACHE_SIZE = 65536

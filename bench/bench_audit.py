@@ -36,6 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def _l4(proto: int, sport: int, dport: int) -> bytes:
+    """A TCP header as a stack writes it (data offset 5, ACK) or a UDP header."""
+    if proto == 6:
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 0x50, 0x10, 65535, 0, 0)
+    return struct.pack("!HHHH", sport, dport, 108, 0)
+
+
 def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) -> list[str]:
     rnd = random.Random(seed)
     dsts = [f"{rnd.randint(11, 222)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}"
@@ -49,11 +56,11 @@ def build_capture(path: Path, packets: int, flows: int = 4000, seed: int = 7) ->
         if i % 5 == 0:  # IPv6
             src6 = bytes.fromhex("fd000000000000000000000000000005")
             dst6 = bytes.fromhex(f"2a00{i % 0xFFFF:04x}0000000000000000000000{i % 256:02x}")
-            l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
+            l4 = _l4(proto, sport, dport)
             ip = struct.pack("!IHBB", 0x60000000, len(l4) + 100, proto, 64) + src6 + dst6
             frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x86\xdd" + ip + l4 + bytes(100)
         else:
-            l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == 6 else 4)
+            l4 = _l4(proto, sport, dport)
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + 100, 0, 0, 64, proto, 0,
                              src4, bytes(int(x) for x in dst.split(".")))
             frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + l4 + bytes(100)

@@ -11,12 +11,17 @@ import os
 import sys
 from pathlib import Path
 
+from agent.bulk import judge_table
 from agent.commands.common import build_pipeline
 from agent.errors import UserError
+from agent.flowtable import FlowTable
 from agent.sinks.report import AuditReport
 from agent.sources.pcap import read_capture, sniff_format
 
 PROGRESS_MIN_BYTES = 32 << 20
+# Judge in bulk (agent.bulk) unless the report lists every flow or an inventory is built from the
+# judgements: those need one Judged per flow. Tests turn it off to compare the two paths.
+BULK = True
 
 
 def expand_inputs(inputs) -> list[str]:
@@ -51,7 +56,7 @@ def _progress(path: str):
 
 
 def read_input(path: str):
-    """(flows, stats dict, packets or None) for one input file."""
+    """(flows, stats dict, packets or None) for one input file; a capture's flows come as a FlowTable."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -74,7 +79,7 @@ def read_input(path: str):
     finally:
         if bar:
             bar.stop()
-    return cap.flows, cap.stats.to_json(), cap.stats.packets
+    return cap.table, cap.stats.to_json(), cap.stats.packets
 
 
 def run_audit(args) -> int:
@@ -97,8 +102,15 @@ def run_audit(args) -> int:
         sources.append((flows, stats, None))
     for path in expand_inputs(args.inputs):
         sources.append(read_input(path))
+    bulk = BULK and report.flows is None and inv is None
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
+        if bulk:
+            table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
+            report.add_table(table, judge_table(pipe, table), count_packets=packets is None)
+            continue
+        if isinstance(flows, FlowTable):
+            flows = flows.flows()
         for flow in flows:
             direction = pipe.judged_direction(flow)
             j = pipe.judge(flow, inbound=direction == "inbound") if direction is not None else None

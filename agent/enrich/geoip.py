@@ -288,6 +288,58 @@ class Locator:
             self._merged[ident] = kw
         return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, **kw)
 
+    def locate_many(self, ints: list[int], v4: list[bool], texts: list[str]) -> tuple[list[int], list[Location]]:
+        """`locate` for many public addresses sorted by (version, value): (class per address,
+        Locations). Every address of a class has the Location of the class, field for field, apart
+        from `ip` (the class's Location is `locate` of its first address).
+
+        Why: a database answers with the network that holds an address, and the next sorted addresses
+        inside that network have the same record, so they need no lookup of their own. Addresses the
+        bulk form cannot share (embedded IPv4, a corrupt record, no database) get `locate` each."""
+        n = len(ints)
+        alone = [False] * n
+        for i in range(n):
+            if not v4[i] and embedded_int(ints[i]) is not None:
+                alone[i] = True
+        per_db: list[list] = []
+        for db in self.dbs if self.dbs else ():
+            keys: list = [None] * n
+            i = 0
+            while i < n:
+                if alone[i]:
+                    i += 1
+                    continue
+                version = 4 if v4[i] else 6
+                try:
+                    key, _ = db.fields(version, ints[i], texts[i])
+                except CorruptRecord:
+                    alone[i] = True
+                    i += 1
+                    continue
+                j = i + 1
+                if key:
+                    span = (32 if version == 4 else 128) - key[1]
+                    end = ((ints[i] >> span) + 1) << span
+                    while j < n and v4[j] == v4[i] and ints[j] < end:
+                        j += 1
+                for k in range(i, j):
+                    keys[k] = key
+                i = j
+            per_db.append(keys)
+        classes: dict = {}
+        locs: list[Location] = []
+        out = [0] * n
+        for i in range(n):
+            ident = None if alone[i] or not self.dbs else tuple(keys[i] for keys in per_db)
+            c = classes.get(ident) if ident is not None else None
+            if c is None:
+                c = len(locs)
+                locs.append(self.locate(texts[i]))
+                if ident is not None:
+                    classes[ident] = c
+            out[i] = c
+        return out, locs
+
     def _merge(self, found: list[dict | None]) -> dict:
         """Location fields from each database's record: the first with a place wins, ASN from the
         first that has one."""

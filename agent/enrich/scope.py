@@ -239,6 +239,7 @@ class Scoper:
         self._starts = {v: [s for s, _, _ in t] for v, t in self.tables.items()}
         self._scopes = {v: [x for _, _, x in t] for v, t in self.tables.items()}
         self.scope = lru_cache(maxsize=65536)(self._scope)
+        self._index = None  # scope_many's numpy form of the tables, built on first use
 
     def ranges(self, version: int) -> list[tuple[int, int, str]]:
         return self.tables[version]
@@ -253,6 +254,24 @@ class Scoper:
 
     def _scope(self, ip: str) -> str:
         return self.scope_int(*ip_int(ip))
+
+    def scope_many(self, v4, hi, lo) -> list[str]:
+        """`scope_int` of many addresses (numpy columns: is IPv4, high and low 64 bits), in bulk."""
+        import numpy as np
+
+        from agent.enrich.intervals import IntervalIndex
+
+        if self._index is None:
+            self._index = IntervalIndex(self._starts[4], self._starts[6])
+            self._scope_arr = {v: np.array(x, dtype=object) for v, x in self._scopes.items()}
+        idx = self._index.index(v4, hi, lo)
+        out = np.where(v4, self._scope_arr[4][np.where(v4, idx, 0)], self._scope_arr[6][np.where(v4, 0, idx)])
+        for marker, embedded in ((TEREDO, ~lo), (LOCAL64, lo)):
+            rows = np.flatnonzero(out == marker)
+            if len(rows):  # the IPv4 address these carry decides
+                n4 = embedded[rows] & np.uint64(0xFFFFFFFF)
+                out[rows] = self._scope_arr[4][np.searchsorted(self._index.starts4, n4, side="right") - 1]
+        return out.tolist()
 
     def accountable(self, ip: str) -> bool:
         """False for Teredo and local-use NAT64 addresses: the kernel's egress counter cannot classify them (see

@@ -50,6 +50,24 @@ class NetMask:
         return self._masks[version][bisect_right(self._starts[version], n) - 1]
 
 
+    def ids_many(self, v4, hi, lo):
+        """For many addresses (numpy columns), an id per address such that equal ids mean equal
+        `mask`: the index of a distinct mask value."""
+        import numpy as np
+
+        from agent.enrich.intervals import IntervalIndex
+
+        if not self.networks:
+            return np.zeros(len(v4), dtype=np.int64)
+        if getattr(self, "_index", None) is None:
+            self._index = IntervalIndex(self._starts[4], self._starts[6])
+            ids: dict[int, int] = {}
+            self._ids = {v: np.array([ids.setdefault(m, len(ids)) for m in self._masks[v]], dtype=np.int64)
+                         for v in (4, 6)}
+        idx = self._index.index(v4, hi, lo)
+        return np.where(v4, self._ids[4][np.where(v4, idx, 0)], self._ids[6][np.where(v4, 0, idx)])
+
+
 def destination_networks(policies) -> NetMask:
     nets = []
     for p in policies:

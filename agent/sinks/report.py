@@ -105,6 +105,85 @@ class AuditReport:
             records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
                             "message": j.message(v), "exception": v.exception, **base})
 
+    def add_table(self, t, res, count_packets: bool):
+        """Count every row of a FlowTable and add its judgements (`agent.bulk.judge_table`): the
+        same report as `add_flow` and `add` per row, in row order, without a Python object per
+        flow. Rows judged one by one (`res.scalar`) go through `add` itself."""
+        import numpy as np
+
+        from agent.flow import iso_times
+        from agent.pipeline import rewrite_message
+        from agent.policy.engine import peer_prefix
+
+        n = len(t)
+        self.totals["flows"] += n
+        self.totals["bytes"] += int(t.bytes.sum())
+        if count_packets:
+            self.totals["packets"] += int(t.packets.sum())
+        bulk = np.flatnonzero(res.key >= 0)
+        key = res.key[bulk]
+        k = len(res.reps)
+        flows_k = np.bincount(key, minlength=k)
+        bytes_k = np.bincount(key, weights=t.bytes[bulk], minlength=k).astype(np.int64).tolist()
+        packets_k = np.bincount(key, weights=t.packets[bulk], minlength=k).astype(np.int64).tolist()
+        self.totals["egress_flows"] += len(bulk)
+        country_k = [rep.location.country if rep.location.unknown_reason is None else None for rep in res.reps]
+        for g, rep in enumerate(res.reps):
+            c = self.by_country[country_k[g]]
+            c["flows"] += int(flows_k[g])
+            c["packets"] += packets_k[g]
+            c["bytes"] += bytes_k[g]
+            for v in rep.outcomes:
+                self.verdicts[_VALUE[v.outcome]] += int(flows_k[g])
+        dst_text = t.dst.text
+        di = t.dst.inverse
+        nd = len(dst_text)
+        for p in np.unique(key * nd + di[bulk]).tolist():
+            self.by_country[country_k[p // nd]]["dst"].add(dst_text[p % nd])
+        # Rows in the order the per-row path meets them: jurisdictions (first row of each group, for
+        # the order of equal byte counts), records of reported verdicts, and rows judged one by one.
+        reported = [g for g, rep in enumerate(res.reps) if any(_VALUE[v.outcome] in self.records for v in rep.outcomes)]
+        report_rows = bulk[np.isin(key, reported)] if reported else np.zeros(0, dtype=np.int64)
+        first_of = {r: g for g, r in enumerate(res.rep_rows)}
+        rows = np.union1d(np.union1d(report_rows, np.array(res.rep_rows, dtype=np.int64)),
+                          np.array(sorted(res.scalar), dtype=np.int64)).tolist()
+        rr = np.array(rows, dtype=np.int64)
+        first_iso = dict(zip(rows, iso_times(t.first[rr]), strict=True)) if rows else {}
+        last_iso = dict(zip(rows, iso_times(t.last[rr]), strict=True)) if rows else {}
+        src_text, si = t.src.text, t.src.inverse
+        is_reported = set(report_rows.tolist())
+        host, host_src = t.hostname, t.hostname_source
+        for r in rows:
+            j = res.scalar.get(r)
+            if j is not None:
+                self.add(j)
+                continue
+            g = res.key[r]
+            rep = res.reps[g]
+            if r in first_of:
+                for grp in rep.jurisdictions:
+                    self.by_jurisdiction[grp] += bytes_k[g]
+            if r not in is_reported:
+                continue
+            loc = rep.location
+            hostname = host[r] if host is not None else None
+            hsrc = host_src[r] if host_src is not None else None
+            dst = dst_text[di[r]]
+            base = {"src": src_text[si[r]], "sport": int(t.sport[r]), "dst": dst, "dst_port": int(t.dport[r]),
+                    "proto": proto_name(int(t.proto[r])), "direction": "outbound",
+                    "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
+                    "as_org": loc.as_org, "packets": int(t.packets[r]), "bytes": int(t.bytes[r]),
+                    "first_seen": first_iso[r], "last_seen": last_iso[r],
+                    "process": t.flow(r).to_json().get("process") if t.who is not None and t.who[r] is not None
+                    else None, "hostname": hostname, "hostname_source": hsrc, "recipient": None}
+            prefix = peer_prefix(dst, False, hostname, hsrc)
+            for v in rep.outcomes:
+                records = self.records.get(_VALUE[v.outcome])
+                if records is not None:
+                    records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
+                                    "message": rewrite_message(v.message, rep._for, dst, prefix, False),
+                                    "exception": v.exception, **base})
+
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],
                  "bytes": v["bytes"]} for cc, v in self.by_country.items()]

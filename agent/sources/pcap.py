@@ -20,26 +20,24 @@ Raises UserError for files that are not captures.
 from __future__ import annotations
 
 import array
-import ipaddress
 import os
 import struct
 import sys
 from dataclasses import dataclass, field
-from socket import AF_INET as _AF4
-from socket import AF_INET6 as _AF6
-from socket import inet_ntop as _ntop
 
 import numpy as np
 
 from agent.errors import UserError
 from agent.fileio import open_regular
 from agent.flow import Flow
+from agent.flowtable import FlowTable, concat
 from agent.sources import decode as dec
 
 try:  # optional C walk of record boundaries (see _walk.c); the Python loop below is equivalent
+    from agent.sources._walk import pcap_offsets as _c_offsets
     from agent.sources._walk import walk_pcap as _c_walk
 except ImportError:  # pragma: no cover - depends on the build
-    _c_walk = None
+    _c_walk = _c_offsets = None
 
 CHUNK = 1 << 18  # records per vectorised batch: bounded memory, amortised numpy overhead
 MAX_RECORD = 1 << 24  # a record header claiming more than 16 MiB is corruption, not a packet
@@ -102,12 +100,6 @@ class CaptureStats:
                 "packets": self.packets, "malformed": self.malformed, "non_ip": self.non_ip,
                 "unsupported_link": self.unsupported, "truncated": self.truncated,
                 "truncated_offset": self.truncated_offset, "names": self.names, "warnings": self.warnings}
-
-
-@dataclass
-class Capture:
-    stats: CaptureStats
-    flows: list[Flow]
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -210,7 +202,11 @@ def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, d
                 if n < CHUNK:
                     return off
                 continue
-            offs, off, n = _py_walk(mm, views, rec, off, end)
+            if _c_offsets is not None and WALK["c"]:  # a second pass (names, tunnels): boundaries from C
+                offs, off, _stop = _c_offsets(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD)
+                n = len(offs) // 8
+            else:
+                offs, off, n = _py_walk(mm, views, rec, off, end)
             if n:
                 o = np.frombuffer(offs, dtype=np.int64)
                 # One copy per record: its 16-byte header and the first WINDOW bytes of the packet.
@@ -418,11 +414,12 @@ def _u16(a, b):
     return (a.astype(np.int64) << 8) | b
 
 
-def _decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None):
+def _decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None, l4_out: list | None = None):
     """Vectorised decode of one link type. Returns (status, fields, fallback mask).
 
     status: 0 ok, 1 non-ip, 2 malformed. `fields` = (good mask, key words (N, 5) uint64, IP length).
-    Rows in `fallback` must be decoded by `decode.decode` (the reference decoder).
+    Rows in `fallback` must be decoded by `decode.decode` (the reference decoder). `l4_out`, if
+    given, receives each row's transport-header offset in the packet (meaningful for good rows).
     """
     n = len(off)
     status = np.zeros(n, dtype=np.int8)
@@ -489,6 +486,8 @@ def _decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None):
     proto = np.where(v4, col(l3, 9), col(l3, 6)).astype(np.int64)
     ext6 = v6 & (np.isin(proto, dec.IPV6_EXT) | (proto == dec.IPV6_FRAG))
     l4 = np.where(v4, l3 + ihl, l3 + 40)
+    if l4_out is not None:
+        l4_out.append(l4)
     deep = (v4 | v6) & (l4 + 4 > WINDOW)  # IPv4 options beyond the window: scalar path
     fallback |= ext6 | deep
     v6 &= ~(ext6 | deep)
@@ -539,7 +538,7 @@ class _Flows:
     MERGE_ROWS = 1 << 21  # pending chunk groups merged (vectorised) past this many rows
 
     def __init__(self):
-        self.table: dict[tuple, list] = {}  # the scalar path (add_one)
+        self.table_: dict[tuple, list] = {}  # the scalar path (add_one)
         self._pending: list[tuple] = []
         self._rows = 0
 
@@ -596,9 +595,9 @@ class _Flows:
         s, t = int.from_bytes(d.src, "big"), int.from_bytes(d.dst, "big")
         key = ((d.version << 40) | (d.proto << 32) | (d.sport << 16) | d.dport,
                s >> 64, s & 0xFFFFFFFFFFFFFFFF, t >> 64, t & 0xFFFFFFFFFFFFFFFF)
-        row = self.table.get(key)
+        row = self.table_.get(key)
         if row is None:
-            self.table[key] = [1, d.iplen, ts, ts]
+            self.table_[key] = [1, d.iplen, ts, ts]
         else:
             row[0] += 1
             row[1] += d.iplen
@@ -606,39 +605,40 @@ class _Flows:
             row[3] = max(row[3], ts)
 
     def flows(self, source: str) -> list[Flow]:
-        names: dict[tuple, str] = {}
+        return self.table(source).flows()
 
-        def name(v4: bool, hi: int, lo: int) -> str:
-            s = names.get((v4, hi, lo))
-            if s is None:
-                if v4:
-                    s = _ntop(_AF4, lo.to_bytes(4, "big"))
-                elif hi == 0 and lo >> 32 in (0, 0xFFFF):  # ::a.b.c.d forms: keep ipaddress's spelling
-                    s = str(ipaddress.IPv6Address(lo))
-                else:  # inet_ntop follows RFC 5952 as ipaddress does, ~20x faster
-                    s = _ntop(_AF6, ((hi << 64) | lo).to_bytes(16, "big"))
-                names[(v4, hi, lo)] = s
-            return s
-
-        if self.table:  # scalar-path flows join the bulk ones
-            keys = np.array(list(self.table), dtype=np.uint64).reshape(-1, 5)
-            vals = list(self.table.values())
+    def table(self, source: str) -> FlowTable:
+        """The flows as columns, in the order of the merged groups."""
+        if self.table_:  # scalar-path flows join the bulk ones
+            keys = np.array(list(self.table_), dtype=np.uint64).reshape(-1, 5)
+            vals = list(self.table_.values())
             self.add_groups(keys, [v[0] for v in vals], [v[1] for v in vals], [v[2] for v in vals],
                             [v[3] for v in vals])
-            self.table = {}
+            self.table_ = {}
         self._merge()
-        out = []
         if not self._pending:
-            return out
+            z = np.zeros(0)
+            return FlowTable(z, z, z, z, z, z, z, z, z, z, z, z, z, source)
         reps, pk, by, first, last = self._pending[0]
-        for (w0, shi, slo, dhi, dlo), p, b, f, la in zip(reps.tolist(), pk.astype(np.int64).tolist(),
-                                                         by.astype(np.int64).tolist(), first.tolist(), last.tolist(),
-                                                         strict=True):
-            v4 = (w0 >> 40) == 4
-            out.append(Flow(proto=(w0 >> 32) & 0xFF, src=name(v4, shi, slo), sport=(w0 >> 16) & 0xFFFF,
-                            dst=name(v4, dhi, dlo), dport=w0 & 0xFFFF, packets=p, bytes=b,
-                            first_seen=f, last_seen=la, source=source))
-        return out
+        w0 = reps[:, 0]
+        v4 = (w0 >> np.uint64(40)) == 4
+        return FlowTable((w0 >> np.uint64(32)) & np.uint64(0xFF), (w0 >> np.uint64(16)) & np.uint64(0xFFFF),
+                         w0 & np.uint64(0xFFFF), v4, reps[:, 1], reps[:, 2], v4, reps[:, 3], reps[:, 4],
+                         pk.astype(np.int64), by.astype(np.int64), first, last, source)
+
+
+class Capture:
+    """What a capture holds: its stats and its flows, as columns (`table`) or records (`flows`)."""
+
+    def __init__(self, stats: CaptureStats, table: FlowTable):
+        self.stats, self.table = stats, table
+        self._flows: list[Flow] | None = None
+
+    @property
+    def flows(self) -> list[Flow]:
+        if self._flows is None:
+            self._flows = self.table.flows()
+        return self._flows
 
 
 def read_capture(path: str, progress=None, names: bool = True) -> Capture:
@@ -668,20 +668,21 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             stats.truncated_offset = read if stats.truncated_offset is None else stats.truncated_offset
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
-        outer = flows.flows(fmt)
-        if any(f.proto == dec.GRE or (f.proto == 17 and dec.GTPU_PORT in (f.sport, f.dport)) for f in outer):
-            outer += _tunnel_pass(fd, fmt, stats)
+        outer = flows.table(fmt)
+        if len(outer) and ((outer.proto == dec.GRE) | ((outer.proto == 17) & ((outer.sport == dec.GTPU_PORT) |
+                                                                              (outer.dport == dec.GTPU_PORT)))).any():
+            outer = concat([outer, *_tunnel_pass(fd, fmt, stats)])
         if names:
             from agent.sources.pcap_names import name_flows
 
-            outer = name_flows(fd, fmt, stats, outer)
+            name_flows(fd, fmt, stats, outer)
         stats.finish()
         return Capture(stats, outer)
     finally:
         os.close(fd)
 
 
-def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[Flow]:
+def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[FlowTable]:
     """A second walk, only for captures with GRE or GTP-U flows: the flows their packets carry.
 
     Each tunnel's outer endpoint is already a flow; the inner destination is a transfer too (the
@@ -714,7 +715,7 @@ def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[Flow]:
     if carried:
         stats.note("tunnels", "{n} packet(s) in GRE or GTP-U tunnels: the flows they carry are judged too "
                               "(source " + fmt + ":gre / " + fmt + ":gtp-u)", count=carried)
-    return [f for kind, t in inner.items() for f in t.flows(f"{fmt}:{kind}")]
+    return [t.table(f"{fmt}:{kind}") for kind, t in inner.items()]
 
 
 def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):

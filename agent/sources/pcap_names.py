@@ -14,11 +14,10 @@ what it read in `stats.names` (DNS responses, hellos, malformed packets by kind)
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import numpy as np
 
-from agent.flow import Flow
+from agent.flowtable import FlowTable, object_column
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
 from agent.sources import decode as dec
@@ -40,24 +39,62 @@ def _first_per_key(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return np.sort(rows[order[rank < k]])
 
 
-def _candidates(status, fields, fallback) -> np.ndarray:
-    rows = fallback.copy()
-    if fields is None:
-        return np.flatnonzero(rows)
-    good, words, iplen = fields
-    good = good & (status == 0) & ~fallback
-    k = words[:, 0]
-    proto = (k >> np.uint64(32)) & np.uint64(0xFF)
-    sport = (k >> np.uint64(16)) & np.uint64(0xFFFF)
-    v4 = (k >> np.uint64(40)) == 4
-    ip_hdr = np.where(v4, 20, 40)
-    udp = good & (proto == 17)
-    dns_resp = udp & ((sport == 53) | (sport == 5353))
-    quic_initial = udp & (iplen >= ip_hdr + 8 + 1200)
-    tcp_payload = np.flatnonzero(good & (proto == 6) & (iplen > ip_hdr + 20))
-    picked = np.flatnonzero(rows | dns_resp | quic_initial)
-    tcp_first = _first_per_key(words, tcp_payload, FIRST_SEGMENTS)
-    return np.union1d(picked, tcp_first)
+def _byte_at(buf: np.ndarray, off, cap, pos) -> np.ndarray:
+    """The packet byte at per-row position `pos`, or -1 where the record does not hold it."""
+    out = np.full(len(pos), -1, dtype=np.int64)
+    ok = (pos >= 0) & (pos < cap)
+    out[ok] = buf[off[ok] + pos[ok]]
+    return out
+
+
+class _Candidates:
+    """Which packets of a chunk can carry a name, chosen with numpy.
+
+    DNS responses, UDP datagrams of client-Initial size whose first byte has the QUIC long-header
+    bit, and the first FIRST_SEGMENTS TCP payload segments of each direction of a flow when one of
+    them starts a TLS handshake record (0x16), or when an earlier chunk did (a ClientHello split
+    across chunks). A stream whose first segments hold no handshake record carries no ClientHello,
+    so skipping it loses no name, and a bulk transfer costs no Python per packet.
+    """
+
+    SEEN_MAX = 1 << 20
+
+    def __init__(self):
+        self.tls_keys = np.zeros(0, dtype=np.uint64)  # key hashes of directions that started a handshake
+
+    def __call__(self, buf, off, cap, status, fields, fallback, l4) -> np.ndarray:
+        rows = fallback.copy()
+        if fields is None:
+            return np.flatnonzero(rows)
+        good, words, iplen = fields
+        good = good & (status == 0) & ~fallback
+        k = words[:, 0]
+        proto = (k >> np.uint64(32)) & np.uint64(0xFF)
+        sport = (k >> np.uint64(16)) & np.uint64(0xFFFF)
+        v4 = (k >> np.uint64(40)) == 4
+        ip_hdr = np.where(v4, 20, 40)
+        udp = good & (proto == 17)
+        dns_resp = udp & ((sport == 53) | (sport == 5353))
+        quic = udp & (iplen >= ip_hdr + 8 + 1200)
+        if quic.any():
+            quic &= (_byte_at(buf, off, cap, l4 + 8) & 0x80) != 0
+        tcp = good & (proto == 6)
+        thl = (_byte_at(buf, off, cap, l4 + 12) >> 4) * 4
+        tcp_payload = np.flatnonzero(tcp & (thl >= 20) & (iplen > ip_hdr + thl))  # the reader drops thl < 20
+        picked = np.flatnonzero(rows | dns_resp | quic)
+        first = _first_per_key(words, tcp_payload, FIRST_SEGMENTS)
+        if len(first):
+            with np.errstate(over="ignore"):
+                h = (words[first] * pcap._K).sum(axis=1, dtype=np.uint64)
+            b0 = _byte_at(buf, off[first], cap[first], l4[first] + thl[first])
+            # -1: the payload is not captured; kept, the reader decides
+            starts = np.unique(h[(b0 == 0x16) | (b0 < 0)])
+            if len(starts):
+                self.tls_keys = np.union1d(self.tls_keys, starts)
+                if len(self.tls_keys) > self.SEEN_MAX:
+                    self.tls_keys = starts
+            first = first[np.isin(h, self.tls_keys)]
+        return np.union1d(picked, first)
 
 
 def scan(fd: int, fmt: str, path: str, ex: NameExtractor):
@@ -67,12 +104,14 @@ def scan(fd: int, fmt: str, path: str, ex: NameExtractor):
     win = pcap._Window(fd, path)
     walker = pcap._walk_pcap(win, scratch, None, use_c=False) if fmt == "pcap" else \
         pcap._walk_pcapng(win, scratch, None)
+    pick = _Candidates()
     for mm, linktype, off, cap, wire, ts, w in walker:
         if linktype not in dec.SUPPORTED_LINKS or off is None:
             continue
-        status, fields, fallback = pcap._decode_chunk(np.frombuffer(mm, dtype=np.uint8), linktype, off, cap,
-                                                      wire, w)
-        rows = _candidates(status, fields, fallback)
+        buf = np.frombuffer(mm, dtype=np.uint8)
+        l4: list = []
+        status, fields, fallback = pcap._decode_chunk(buf, linktype, off, cap, wire, w, l4_out=l4)
+        rows = pick(buf, off, cap, status, fields, fallback, l4[0] if l4 else None)
         view = memoryview(mm)  # slices without copying; `transport` copies only what it keeps
         feed = ex.feed
         for o, c, t in zip(off[rows].tolist(), cap[rows].tolist(), ts[rows].tolist(), strict=True):
@@ -81,9 +120,11 @@ def scan(fd: int, fmt: str, path: str, ex: NameExtractor):
                 feed(seg, t)
 
 
-def name_flows(fd: int, fmt: str, stats, flows: list[Flow]) -> list[Flow]:
-    if not any(f.proto in (6, 17) for f in flows):
-        return flows
+def name_flows(fd: int, fmt: str, stats, table: FlowTable) -> None:
+    """Set the host-name columns of `table` (a capture's flows) from the names the capture shows."""
+    tcp_udp = np.flatnonzero((table.proto == 6) | (table.proto == 17))
+    if not len(tcp_udp):
+        return
     ex = NameExtractor(dns_size=1 << 22)
     scan(fd, fmt, stats.path, ex)
     counts = ex.stats()
@@ -95,10 +136,18 @@ def name_flows(fd: int, fmt: str, stats, flows: list[Flow]) -> list[Flow]:
             stats.note(kind, "{n} " + what + " skipped; the flows they belong to are judged without that name",
                        count=counts[kind])
     if not (counts.get("dns_responses") or counts.get("tls_hellos") or counts.get("quic_initials")):
-        return flows
-    out = []
-    for f in flows:
-        n = ex.name_flow(f.proto, f.src, f.sport, f.dst, f.dport, f.first_seen) if f.proto in (6, 17) else None
-        out.append(f if n is None else replace(f, hostname=n.hostname, hostname_source=n.source,
-                                               hostname_chain=n.chain))
-    return out
+        return
+    src, dst = table.src, table.dst
+    names = [None] * len(table)
+    found = False
+    for i, proto, sport, dport, first in zip(tcp_udp.tolist(), table.proto[tcp_udp].tolist(),
+                                             table.sport[tcp_udp].tolist(), table.dport[tcp_udp].tolist(),
+                                             table.first[tcp_udp].tolist(), strict=True):
+        n = ex.name_flow(proto, src.text[src.inverse[i]], sport, dst.text[dst.inverse[i]], dport, first)
+        if n is not None:
+            names[i] = n
+            found = True
+    if found:
+        table.hostname = object_column([n.hostname if n else None for n in names])
+        table.hostname_source = object_column([n.source if n else None for n in names])
+        table.hostname_chain = object_column([n.chain if n else () for n in names])

@@ -1,0 +1,122 @@
+"""Judging a FlowTable in bulk: the audit's path for flow-heavy inputs.
+
+Contract: `judge_table(pipe, table)` gives, for every row, the same verdicts `pipe.judge` gives for
+that row's flow (tests compare whole audit reports made both ways). It does not judge anything
+itself: rows are grouped by the facts the verdict cache keys on (`Pipeline._key`: the location's
+fields, which policy networks hold the destination and the source, day, protocol, and the port,
+process and host name where policies select on them), and `pipe.judge` is called once per group,
+on its first row. The facts are found in bulk: scope and policy networks by `searchsorted` over the
+same interval tables the scalar path bisects, the location by one database lookup per network the
+destinations fall in (`Locator.locate_many`). Rows the bulk form does not cover go through
+`pipe.judge` one by one: inbound connections, flows without a plausible time (judged at the as-of
+date), and every row when a recipient register is loaded.
+
+Why: per flow, `pipe.judge` costs ~25 us of Python; a capture with 200,000 flows then spends
+seconds judging what a few hundred groups decide.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import numpy as np
+
+from agent.flowtable import FlowTable
+from agent.pipeline import PLAUSIBLE_FROM, Judged, Pipeline
+from agent.policy.compiled import location_class
+
+OUTBOUND, INBOUND = 1, 2
+_EPOCH = date(1970, 1, 1)
+
+
+class TableJudgement:
+    """Per row: `direction` (0 not judged, OUTBOUND, INBOUND) and `key` (index into `reps`, the
+    judgement of the group's first row; -1 for rows in `scalar`, judged one by one)."""
+
+    def __init__(self, n: int):
+        self.direction = np.zeros(n, dtype=np.int8)
+        self.key = np.full(n, -1, dtype=np.int64)
+        self.reps: list[Judged] = []
+        self.rep_rows: list[int] = []
+        self.scalar: dict[int, Judged] = {}
+
+
+def _dense(col) -> np.ndarray:
+    """Ids 0..k-1 for the distinct values of a column (numbers or hashable objects)."""
+    if col.dtype == object:
+        ids: dict = {}
+        return np.fromiter((ids.setdefault(v, len(ids)) for v in col.tolist()), dtype=np.int64, count=len(col))
+    return np.unique(col, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def _combine(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(group per row, first row of each group), groups numbered in order of first appearance."""
+    dense = [_dense(c) for c in cols]
+    key = np.zeros(len(cols[0]), dtype=np.int64)
+    radix = 1
+    for d in dense:
+        k = int(d.max()) + 1 if len(d) else 1
+        radix *= k
+        if radix >= 1 << 62:  # too many distinct combinations for one integer: group the rows as such
+            _, first, inv = np.unique(np.stack(dense, axis=1), axis=0, return_index=True, return_inverse=True)
+            break
+        key = key * k + d
+    else:
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(first, kind="stable")  # renumber by first appearance
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[inv], first[order]
+
+
+def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
+    n = len(t)
+    res = TableJudgement(n)
+    if n == 0:
+        return res
+    src, dst = t.src, t.dst
+    s_pub = (np.array(pipe.scoper.scope_many(src.v4, src.hi, src.lo), dtype=object) == "public")[src.inverse]
+    d_pub = (np.array(pipe.scoper.scope_many(dst.v4, dst.hi, dst.lo), dtype=object) == "public")[dst.inverse]
+    out = d_pub & ~s_pub
+    inb = (s_pub & ~d_pub) if pipe.inbound else np.zeros(n, dtype=bool)
+    res.direction[out] = OUTBOUND
+    res.direction[inb] = INBOUND
+    # The judging day, as Pipeline.judging_day: rows without a plausible time go one by one.
+    as_of = pipe.as_of or datetime.now(UTC).date()
+    day = np.floor(t.first / 86400).astype(np.int64)
+    plausible = (t.first != 0) & (t.first >= PLAUSIBLE_FROM) & (day - (as_of - _EPOCH).days <= 1)
+    one_by_one = inb | (out & ~plausible)
+    if pipe.register is not None:
+        one_by_one |= out
+    for i in np.flatnonzero(one_by_one).tolist():
+        res.scalar[i] = pipe.judge(t.flow(i), inbound=bool(inb[i]))
+    rows = np.flatnonzero(out & ~one_by_one)
+    if not len(rows):
+        return res
+    used = np.unique(dst.inverse[rows])
+    ints = dst.ints()
+    text = dst.text
+    cls, locs = pipe.locator.locate_many([ints[i] for i in used.tolist()], dst.v4[used].tolist(),
+                                         [text[i] for i in used.tolist()])
+    # Locations that differ only in the address are one class for the verdict.
+    class_ids: dict = {}
+    loc_class = np.array([class_ids.setdefault(location_class(loc), len(class_ids)) for loc in locs],
+                         dtype=np.int64)
+    dst_class = np.full(len(dst), -1, dtype=np.int64)
+    dst_class[used] = loc_class[np.asarray(cls, dtype=np.int64)]
+    di, si = dst.inverse[rows], src.inverse[rows]
+    cols = [dst_class[di], pipe._dst_nets.ids_many(dst.v4, dst.hi, dst.lo)[di],
+            pipe._src_nets.ids_many(src.v4, src.hi, src.lo)[si], day[rows], t.proto[rows]]
+    if pipe._by_port:
+        cols.append(t.dport[rows])
+    if pipe._by_who and t.who is not None:
+        cols.append(t.who[rows])
+    if pipe._by_host and t.hostname is not None:
+        cols.append(t.hostname[rows])
+    group, first = _combine(cols)
+    res.key[rows] = group
+    for r in rows[first].tolist():
+        res.reps.append(pipe.judge(t.flow(r)))
+        res.rep_rows.append(r)
+    return res
