@@ -30,6 +30,7 @@ from agent.commands.audit import expand_inputs, read_input
 from agent.commands.common import build_pipeline
 from agent.errors import UserError
 from agent.flow import iso_time
+from agent.flowtable import FlowTable
 from agent.policy.recipients import fallback_recipient
 
 
@@ -168,6 +169,8 @@ def run_inventory(args) -> int:
         report = AuditReport(pipe.policies, pipe.locator.provenance())
     for path in expand_inputs(args.inputs):
         flows, stats, _packets = read_input(path)
+        if isinstance(flows, FlowTable):
+            flows = flows.flows()
         if report is not None:
             report.add_input(stats)
         for flow in flows:

@@ -296,41 +296,40 @@ class Locator:
         Why: a database answers with the network that holds an address, and the next sorted addresses
         inside that network have the same record, so they need no lookup of their own. Addresses the
         bulk form cannot share (embedded IPv4, a corrupt record, no database) get `locate` each."""
+        from bisect import bisect_left
+
         n = len(ints)
-        alone = [False] * n
-        for i in range(n):
-            if not v4[i] and embedded_int(ints[i]) is not None:
-                alone[i] = True
+        alone = [not is4 and embedded_int(x) is not None for x, is4 in zip(ints, v4, strict=True)]
+        n4 = sum(v4)  # IPv4 addresses come first, each version sorted by value
         per_db: list[list] = []
-        for db in self.dbs if self.dbs else ():
+        for db in self.dbs:
             keys: list = [None] * n
             i = 0
             while i < n:
                 if alone[i]:
                     i += 1
                     continue
-                version = 4 if v4[i] else 6
+                version, block_end = (4, n4) if i < n4 else (6, n)
                 try:
                     key, _ = db.fields(version, ints[i], texts[i])
                 except CorruptRecord:
                     alone[i] = True
                     i += 1
                     continue
-                j = i + 1
                 if key:
                     span = (32 if version == 4 else 128) - key[1]
-                    end = ((ints[i] >> span) + 1) << span
-                    while j < n and v4[j] == v4[i] and ints[j] < end:
-                        j += 1
-                for k in range(i, j):
-                    keys[k] = key
+                    j = bisect_left(ints, ((ints[i] >> span) + 1) << span, i + 1, block_end)
+                else:  # no answer for this version (an IPv4-only database): the same for all of them
+                    j = block_end
+                keys[i:j] = [key] * (j - i)
                 i = j
             per_db.append(keys)
         classes: dict = {}
         locs: list[Location] = []
         out = [0] * n
+        idents = list(zip(*per_db, strict=True)) if per_db else [None] * n
         for i in range(n):
-            ident = None if alone[i] or not self.dbs else tuple(keys[i] for keys in per_db)
+            ident = None if alone[i] or not self.dbs else idents[i]
             c = classes.get(ident) if ident is not None else None
             if c is None:
                 c = len(locs)

@@ -113,7 +113,7 @@ class AuditReport:
 
         from agent.flow import iso_times
         from agent.pipeline import rewrite_message
-        from agent.policy.engine import peer_prefix
+        from agent.policy.engine import PEER_NOUN, peer_prefix
 
         n = len(t)
         self.totals["flows"] += n
@@ -152,37 +152,38 @@ class AuditReport:
         last_iso = dict(zip(rows, iso_times(t.last[rr]), strict=True)) if rows else {}
         src_text, si = t.src.text, t.src.inverse
         is_reported = set(report_rows.tolist())
-        host, host_src = t.hostname, t.hostname_source
-        for r in rows:
-            j = res.scalar.get(r)
-            if j is not None:
-                self.add(j)
+        host, host_src, who = t.hostname, t.hostname_source, t.who
+        keys = res.key[rr].tolist()
+        cols = zip(rows, keys, (si[rr]).tolist(), (di[rr]).tolist(), t.sport[rr].tolist(), t.dport[rr].tolist(),
+                   t.proto[rr].tolist(), t.packets[rr].tolist(), t.bytes[rr].tolist(), strict=True)
+        # per group: the location fields of a record, and the reported verdicts
+        loc_fields = [{"country": rep.location.country, "registered_country": rep.location.registered_country,
+                       "asn": rep.location.asn, "as_org": rep.location.as_org} for rep in res.reps]
+        reported_v = [[(self.records[_VALUE[v.outcome]], v) for v in rep.outcomes if _VALUE[v.outcome] in self.records]
+                      for rep in res.reps]
+        for r, g, s_i, d_i, sport, dport, proto, packets, nbytes in cols:
+            if g < 0:
+                self.add(res.scalar[r])
                 continue
-            g = res.key[r]
             rep = res.reps[g]
             if r in first_of:
                 for grp in rep.jurisdictions:
                     self.by_jurisdiction[grp] += bytes_k[g]
             if r not in is_reported:
                 continue
-            loc = rep.location
             hostname = host[r] if host is not None else None
             hsrc = host_src[r] if host_src is not None else None
-            dst = dst_text[di[r]]
-            base = {"src": src_text[si[r]], "sport": int(t.sport[r]), "dst": dst, "dst_port": int(t.dport[r]),
-                    "proto": proto_name(int(t.proto[r])), "direction": "outbound",
-                    "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
-                    "as_org": loc.as_org, "packets": int(t.packets[r]), "bytes": int(t.bytes[r]),
+            dst = dst_text[d_i]
+            base = {"src": src_text[s_i], "sport": sport, "dst": dst, "dst_port": dport, "proto": proto_name(proto),
+                    "direction": "outbound", **loc_fields[g], "packets": packets, "bytes": nbytes,
                     "first_seen": first_iso[r], "last_seen": last_iso[r],
-                    "process": t.flow(r).to_json().get("process") if t.who is not None and t.who[r] is not None
+                    "process": t.flow(r).to_json().get("process") if who is not None and who[r] is not None
                     else None, "hostname": hostname, "hostname_source": hsrc, "recipient": None}
-            prefix = peer_prefix(dst, False, hostname, hsrc)
-            for v in rep.outcomes:
-                records = self.records.get(_VALUE[v.outcome])
-                if records is not None:
-                    records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
-                                    "message": rewrite_message(v.message, rep._for, dst, prefix, False),
-                                    "exception": v.exception, **base})
+            prefix = peer_prefix(dst, False, hostname, hsrc) if hostname else f"{PEER_NOUN[False]} {dst} ("
+            for records, v in reported_v[g]:
+                records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
+                                "message": rewrite_message(v.message, rep._for, dst, prefix, False),
+                                "exception": v.exception, **base})
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],

@@ -33,8 +33,19 @@ static inline uint32_t be32(const uint8_t *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-/* Decode one packet; mirrors decode.decode(). Returns status. */
-static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint64_t *w, int64_t *iplen) {
+/* What a packet can hold beyond its flow key, for the passes that read payloads (pcap_names, the
+ * tunnel pass): a host name (a DNS response from port 53 or 5353, a UDP datagram of QUIC-Initial
+ * size with the long-header bit), TCP payload (which starts a TLS handshake record, or is not
+ * captured), or a GRE / GTP-U tunnel. */
+#define CAND_NAME 1
+#define CAND_TUNNEL 2
+#define CAND_TLS_START 4
+#define CAND_TCP_DATA 8
+#define FIRST_SEGMENTS 6 /* TCP payload segments per direction per chunk offered to the TLS reader */
+
+/* Decode one packet; mirrors decode.decode(). Returns status; *named gets the CAND_ bits. */
+static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint64_t *w, int64_t *iplen,
+                  int *named) {
     Py_ssize_t off;
     int hint;
     uint32_t et;
@@ -128,6 +139,19 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
         dport = be16(d + l4 + 2);
     }
     w[0] = ((uint64_t)ver << 40) | ((uint64_t)proto << 32) | ((uint64_t)sport << 16) | dport;
+    *named = 0;
+    if (proto == 47 || (proto == 17 && first && (sport == 2152 || dport == 2152))) *named |= CAND_TUNNEL;
+    if (first && proto == 17) {
+        Py_ssize_t payload = (Py_ssize_t)*iplen - (l4 - off) - 8;
+        if (sport == 53 || sport == 5353) *named |= CAND_NAME;
+        else if (payload >= 1200 && (n <= l4 + 8 || (d[l4 + 8] & 0x80))) *named |= CAND_NAME;
+    } else if (first && proto == 6) {
+        if (n > l4 + 12) {
+            Py_ssize_t thl = (d[l4 + 12] >> 4) * 4;
+            if (thl >= 20 && (Py_ssize_t)*iplen - (l4 - off) - thl > 0)
+                *named |= (n <= l4 + thl || d[l4 + thl] == 0x16) ? CAND_TLS_START | CAND_TCP_DATA : CAND_TCP_DATA;
+        }
+    }
     return 0;
 }
 
@@ -136,7 +160,7 @@ typedef struct {
     uint64_t k[5];
     int64_t packets, bytes;
     double first, last;
-    int used;
+    int used, segs; /* segs: TCP payload segments seen in this chunk (FIRST_SEGMENTS are offered) */
 } slot_t;
 
 typedef struct {
@@ -170,22 +194,62 @@ static int grow(table_t *t) {
     return 0;
 }
 
-/* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit)
+/* Candidate packets for the payload passes, in capture order. */
+typedef struct { int64_t off, caplen, wire; double ts; int64_t kind; uint64_t h; } cand_t;
+typedef struct { cand_t *v; size_t n, cap; } cands_t;
+
+static int push(cands_t *c, cand_t x) {
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 1024;
+        cand_t *v = realloc(c->v, cap * sizeof(cand_t));
+        if (!v) return -1;
+        c->v = v; c->cap = cap;
+    }
+    c->v[c->n++] = x;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int has_u64(const uint64_t *v, size_t n, uint64_t x) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (v[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    return lo < n && v[lo] == x;
+}
+
+/* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit, tls_before)
  *   -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g],
- *       (records, ip_packets, ip_bytes, non_ip, malformed, unsupported), next_offset, stop) */
+ *       (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), next_offset, stop,
+ *       candidates, tls_started)
+ * candidates: rows of (packet offset, caplen, wire length, ts as f64 bits, CAND_ bits) i64[c*5], in
+ * capture order: UDP name carriers, tunnels, and the first FIRST_SEGMENTS TCP payload segments of
+ * each flow direction that starts a TLS record in this chunk or whose key hash is in tls_before
+ * (sorted u64: directions that started one in an earlier chunk). tls_started: sorted u64 key
+ * hashes of the directions that started one in this chunk. */
 static PyObject *walk_pcap(PyObject *self, PyObject *args) {
-    Py_buffer view;
+    Py_buffer view, before;
     Py_ssize_t off, max_records, max_record;
     int swapped, lt;
     double unit;
-    if (!PyArg_ParseTuple(args, "y*nnpnid", &view, &off, &max_records, &swapped, &max_record, &lt, &unit))
+    if (!PyArg_ParseTuple(args, "y*nnpnidy*", &view, &off, &max_records, &swapped, &max_record, &lt, &unit, &before))
         return NULL;
     const uint8_t *p = (const uint8_t *)view.buf;
+    const uint64_t *prior = (const uint64_t *)before.buf;
+    size_t n_prior = (size_t)before.len / 8;
     Py_ssize_t end = view.len, n = 0;
     int stop = 1, oom = 0;
-    long long counts[6] = {0, 0, 0, 0, 0, 0};
+    long long counts[7] = {0, 0, 0, 0, 0, 0, 0};
     table_t t = {calloc(4096, sizeof(slot_t)), 4096, 0};
-    if (!t.slots) { PyBuffer_Release(&view); return PyErr_NoMemory(); }
+    cands_t c = {NULL, 0, 0};
+    uint64_t *tls = NULL;
+    size_t n_tls = 0, cap_tls = 0, kept = 0;
+    if (!t.slots) { PyBuffer_Release(&view); PyBuffer_Release(&before); return PyErr_NoMemory(); }
     Py_BEGIN_ALLOW_THREADS
     while (off < end) {
         if (n >= max_records) { stop = 0; break; }
@@ -194,9 +258,12 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         if ((Py_ssize_t)caplen > max_record) { stop = 4; break; }
         if (off + 16 + (Py_ssize_t)caplen > end) { stop = 3; break; }
         double ts = (double)rd32(p + off, swapped) + (double)rd32(p + off + 4, swapped) * unit;
+        uint32_t wire = rd32(p + off + 12, swapped);
         uint64_t k[5] = {0, 0, 0, 0, 0};
         int64_t len = 0;
-        int st = decode(lt, p + off + 16, caplen, rd32(p + off + 12, swapped), k, &len);
+        int named = 0;
+        int st = decode(lt, p + off + 16, caplen, wire, k, &len, &named);
+        Py_ssize_t at = off + 16;
         n++;
         off += 16 + caplen;
         if (st) { counts[2 + st]++; continue; }
@@ -205,7 +272,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         slot_t *s = find(&t, k);
         if (!s->used) {
             memcpy(s->k, k, 40);
-            s->used = 1; s->packets = 0; s->bytes = 0; s->first = ts; s->last = ts;
+            s->used = 1; s->packets = 0; s->bytes = 0; s->first = ts; s->last = ts; s->segs = 0;
             if (++t.count * 2 > t.cap) {
                 if (grow(&t) < 0) { oom = 1; break; }
                 s = find(&t, k);
@@ -215,19 +282,58 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         s->bytes += len;
         if (ts < s->first) s->first = ts;
         if (ts > s->last) s->last = ts;
+        if (named & CAND_TCP_DATA) {
+            if (s->segs >= FIRST_SEGMENTS) named &= ~(CAND_TCP_DATA | CAND_TLS_START);
+            else s->segs++;
+        }
+        if (named & (CAND_NAME | CAND_TUNNEL)) counts[6] += (named & CAND_NAME) != 0;
+        if (named & CAND_TLS_START) {
+            counts[6]++;
+            if (n_tls == cap_tls) {
+                size_t cap = cap_tls ? cap_tls * 2 : 256;
+                uint64_t *v = realloc(tls, cap * 8);
+                if (!v) { oom = 1; break; }
+                tls = v; cap_tls = cap;
+            }
+            tls[n_tls++] = (uint64_t)hash5(k);
+        }
+        if (named) {
+            cand_t x = {at, caplen, wire, ts, named, (uint64_t)hash5(k)};
+            if (push(&c, x) < 0) { oom = 1; break; }
+        }
+    }
+    if (!oom && n_tls) {
+        qsort(tls, n_tls, 8, cmp_u64);
+        size_t u = 0;
+        for (size_t i = 0; i < n_tls; i++)
+            if (u == 0 || tls[u - 1] != tls[i]) tls[u++] = tls[i];
+        n_tls = u;
+    }
+    /* keep TCP payload segments only of directions that started a TLS record (here or before) */
+    if (!oom) {
+        for (size_t i = 0; i < c.n; i++) {
+            cand_t x = c.v[i];
+            if ((x.kind & CAND_TCP_DATA) && !has_u64(tls, n_tls, x.h) && !has_u64(prior, n_prior, x.h)) continue;
+            c.v[kept++] = x;
+        }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    if (oom) { free(t.slots); return PyErr_NoMemory(); }
+    PyBuffer_Release(&before);
+    if (oom) { free(t.slots); free(c.v); free(tls); return PyErr_NoMemory(); }
     counts[0] = n;
-    /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3) */
+    /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3),
+     * packets that can carry a name */
     Py_ssize_t g = (Py_ssize_t)t.count;
     PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
              *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_l = PyBytes_FromStringAndSize(NULL, g * 8);
-    if (!o_w || !o_p || !o_b || !o_f || !o_l) {
-        free(t.slots);
+             *o_l = PyBytes_FromStringAndSize(NULL, g * 8),
+             *o_c = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)kept * 40),
+             *o_t = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_tls * 8);
+    if (!o_w || !o_p || !o_b || !o_f || !o_l || !o_c || !o_t) {
+        free(t.slots); free(c.v); free(tls);
         Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
+        Py_XDECREF(o_c); Py_XDECREF(o_t);
         return NULL;
     }
     uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
@@ -241,9 +347,16 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
         j++;
     }
-    free(t.slots);
-    return Py_BuildValue("NNNNN(LLLLLL)ni", o_w, o_p, o_b, o_f, o_l, counts[0], counts[1], counts[2],
-                         counts[3], counts[4], counts[5], off, stop);
+    int64_t *co = (int64_t *)PyBytes_AS_STRING(o_c);
+    for (size_t i = 0; i < kept; i++) {
+        co[i * 5] = c.v[i].off; co[i * 5 + 1] = c.v[i].caplen; co[i * 5 + 2] = c.v[i].wire;
+        memcpy(co + i * 5 + 3, &c.v[i].ts, 8);
+        co[i * 5 + 4] = c.v[i].kind;
+    }
+    if (n_tls) memcpy(PyBytes_AS_STRING(o_t), tls, n_tls * 8);
+    free(t.slots); free(c.v); free(tls);
+    return Py_BuildValue("NNNNN(LLLLLLL)niNN", o_w, o_p, o_b, o_f, o_l, counts[0], counts[1], counts[2],
+                         counts[3], counts[4], counts[5], counts[6], off, stop, o_c, o_t);
 }
 
 /* pcap_offsets(buffer, offset, max_records, swapped, max_record) -> (offsets i64[n], next_offset, stop)

@@ -69,6 +69,8 @@ class CaptureStats:
     warnings: list = field(default_factory=list)
     notes: dict = field(default_factory=dict)  # kind -> [count, first offsets, message]
     names: dict = field(default_factory=dict)  # what the names pass read: DNS responses, hellos, malformed
+    # packets that can carry a name, as the C walk counts them (None: not counted, so look)
+    name_candidates: int | None = 0
 
     def note(self, kind: str, message: str, offset: int | None = None, count: int = 1):
         """Aggregate a warning by kind: one line per kind with its count and first offsets.
@@ -154,7 +156,7 @@ class _Window:
         return bool(parts)
 
 
-def _walk_pcap(win: _Window, stats: CaptureStats, progress, use_c: bool = True):
+def _walk_pcap(win: _Window, stats: CaptureStats, progress, use_c: bool = True, payload=None):
     win.advance(0)
     endian, unit = PCAP_MAGIC[win.data[:4]]
     if len(win.data) < 24:
@@ -170,7 +172,7 @@ def _walk_pcap(win: _Window, stats: CaptureStats, progress, use_c: bool = True):
         mm = win.data
         end = len(mm)
         off = yield from _walk_pcap_window(mm, win.base, off, end, endian, unit, linktype, native, rec, dt,
-                                           progress, use_c)
+                                           progress, use_c, payload)
         # The window ends here: inside a record (read on), at a corrupt header, or at the end of the file.
         if off + 16 <= end and rec(mm, off + 8)[0] > MAX_RECORD:
             _truncate_cause(stats, mm, rec, off, end, win.base)
@@ -183,7 +185,8 @@ def _walk_pcap(win: _Window, stats: CaptureStats, progress, use_c: bool = True):
         return
 
 
-def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, dt, progress, use_c=True):
+def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, dt, progress, use_c=True,
+                      payload=None):
     """Walk whole records of one window; returns the local offset of the first one that does not fit."""
     buf = np.frombuffer(mm, dtype=np.uint8)
     # Native-order files: read captured lengths through four 4-byte-aligned memoryview casts, one
@@ -193,8 +196,12 @@ def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, d
     try:
         while off < end:
             if _c_walk is not None and WALK["c"] and use_c:
-                *groups, counts, off, _stop = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD, linktype, unit)
+                prior = payload.tls.tobytes() if payload is not None else b""
+                *groups, counts, off, _stop, cands, tls = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD,
+                                                                  linktype, unit, prior)
                 n = counts[0]
+                if payload is not None and cands:
+                    payload.feed(mm, linktype, cands, tls)
                 if n:
                     yield mm, linktype, None, None, None, None, (groups, counts, off)
                     if progress:
@@ -657,9 +664,15 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             raise UserError(f"{path}: byte offset 8: bad pcapng byte-order magic")
         stats = CaptureStats(path=path, format=fmt)
         win = _Window(fd, path)
-        walker = _walk_pcap if fmt == "pcap" else _walk_pcapng
+        payload = None
+        if fmt == "pcap" and _c_walk is not None and WALK["c"]:
+            from agent.sources.pcap_payload import PayloadPass
+
+            payload = PayloadPass(names)
+        walker = _walk_pcap(win, stats, progress, payload=payload) if fmt == "pcap" else \
+            _walk_pcapng(win, stats, progress)
         flows = _Flows()
-        for mm, linktype, off, cap, wire, ts, w in walker(win, stats, progress):
+        for mm, linktype, off, cap, wire, ts, w in walker:
             _consume(np.frombuffer(mm, dtype=np.uint8), mm, stats, flows, linktype, off, cap, wire, ts, w)
         read = win.base + len(win.data)
         if read < st.st_size:
@@ -669,13 +682,21 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
         outer = flows.table(fmt)
-        if len(outer) and ((outer.proto == dec.GRE) | ((outer.proto == 17) & ((outer.sport == dec.GTPU_PORT) |
-                                                                              (outer.dport == dec.GTPU_PORT)))).any():
-            outer = concat([outer, *_tunnel_pass(fd, fmt, stats)])
-        if names:
-            from agent.sources.pcap_names import name_flows
+        if payload is not None and stats.name_candidates is not None:
+            # the C walk handed over every packet the payload passes read: no second walk
+            outer = concat([outer, *payload.tunnels(fmt, stats)])
+            if names:
+                from agent.sources.pcap_names import apply_names
 
-            name_flows(fd, fmt, stats, outer)
+                apply_names(payload.ex, stats, outer)
+        else:
+            if len(outer) and ((outer.proto == dec.GRE) | ((outer.proto == 17) & ((outer.sport == dec.GTPU_PORT) | (
+                    outer.dport == dec.GTPU_PORT)))).any():
+                outer = concat([outer, *_tunnel_pass(fd, fmt, stats)])
+            if names:
+                from agent.sources.pcap_names import name_flows
+
+                name_flows(fd, fmt, stats, outer)
         stats.finish()
         return Capture(stats, outer)
     finally:
@@ -712,6 +733,10 @@ def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[FlowTable]:
             if got is not None:
                 inner[got[0]].add_one(got[1], float(ts[i]))
                 carried += 1
+    return tunnel_tables(inner, carried, fmt, stats)
+
+
+def tunnel_tables(inner: dict, carried: int, fmt: str, stats: CaptureStats) -> list[FlowTable]:
     if carried:
         stats.note("tunnels", "{n} packet(s) in GRE or GTP-U tunnels: the flows they carry are judged too "
                               "(source " + fmt + ":gre / " + fmt + ":gtp-u)", count=carried)
@@ -720,7 +745,9 @@ def _tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[FlowTable]:
 
 def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
     if isinstance(win, tuple):  # walked, decoded and grouped by the C accelerator
-        (words, pk, by, first, last), (records, ip_packets, ip_bytes, non_ip, malformed, unsupported), _ = win
+        (words, pk, by, first, last), (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), _ = win
+        if stats.name_candidates is not None:
+            stats.name_candidates += named
         stats.packets += records
         flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5), np.frombuffer(pk, dtype=np.int64),
                          np.frombuffer(by, dtype=np.int64), np.frombuffer(first), np.frombuffer(last))
@@ -735,6 +762,7 @@ def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
         return
     n = len(off)
     stats.packets += n
+    stats.name_candidates = None  # only the C walk counts them
     if linktype not in dec.SUPPORTED_LINKS:
         stats.unsupported += n
         stats.note(f"link-{linktype}", f"link type {linktype} is not supported; {{n}} packet(s) skipped", count=n)

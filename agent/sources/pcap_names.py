@@ -23,7 +23,8 @@ from agent.names.packet import transport
 from agent.sources import decode as dec
 from agent.sources import pcap
 
-FIRST_SEGMENTS = 6  # TCP payload segments per direction per chunk handed to the TLS reader
+FIRST_SEGMENTS = 6  # TCP payload segments per direction per chunk handed to the TLS reader (as _walk.c)
+DNS_SIZE = 1 << 22  # answers the capture's cache keeps
 
 
 def _first_per_key(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -125,8 +126,14 @@ def name_flows(fd: int, fmt: str, stats, table: FlowTable) -> None:
     tcp_udp = np.flatnonzero((table.proto == 6) | (table.proto == 17))
     if not len(tcp_udp):
         return
-    ex = NameExtractor(dns_size=1 << 22)
+    ex = NameExtractor(dns_size=DNS_SIZE)
     scan(fd, fmt, stats.path, ex)
+    apply_names(ex, stats, table)
+
+
+def apply_names(ex: NameExtractor, stats, table: FlowTable) -> None:
+    """Set the host-name columns of `table` from what `ex` has read of the capture."""
+    tcp_udp = np.flatnonzero((table.proto == 6) | (table.proto == 17))
     counts = ex.stats()
     stats.names = {k: v for k, v in sorted(counts.items()) if v}
     for kind, what in (("dns_malformed", "malformed DNS response(s)"),

@@ -2,13 +2,28 @@
 
 import json
 
+import pytest
+
 from agent.names import quic
+from agent.sources import pcap
 from agent.sources.pcap import read_capture
 from tests.helpers import write_pcap
 from tests.names import build
 from tests.names.build import CLIENT
 
 T = 1750000000.0
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def walk(request, monkeypatch):
+    """Every capture here is read both ways: names from the candidates the C walk hands over during the
+    walk, and from the Python second walk (pcapng and builds without the C module)."""
+    if request.param == "c" and pcap._c_walk is None:
+        pytest.skip("C accelerator not built")
+    monkeypatch.setitem(pcap.WALK, "c", request.param == "c")
+    return request.param
+
+
 DOC_PUBLIC = ["--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32"]
 
 

@@ -1,0 +1,57 @@
+"""The payload passes of a pcap walked in C, done during the walk: no second read of the file.
+
+The C walk (`_walk.c`) hands over, per chunk, the packets these passes read and nothing else: DNS
+responses, QUIC-sized UDP with the long-header bit, the first TCP payload segments of directions
+that start a TLS record, and GRE / GTP-U packets. They are fed to the same readers the second walks
+use (`pcap_names.scan`, `pcap._tunnel_pass`): `NameExtractor.feed` and `decode.tunnel_inner`. Tests
+compare both ways on every capture the names and tunnel tests use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.names.extract import NameExtractor
+from agent.names.packet import transport
+from agent.sources import decode as dec
+
+CAND_NAME, CAND_TUNNEL, CAND_TLS_START, CAND_TCP_DATA = 1, 2, 4, 8  # as _walk.c
+TLS_KEYS_MAX = 1 << 20
+
+
+class PayloadPass:
+    def __init__(self, names: bool):
+        from agent.sources.pcap import _Flows
+        from agent.sources.pcap_names import DNS_SIZE
+
+        self.ex = NameExtractor(dns_size=DNS_SIZE) if names else None
+        self.inner = {"gre": _Flows(), "gtp-u": _Flows()}
+        self.carried = 0
+        self.tls = np.zeros(0, dtype=np.uint64)  # key hashes of directions that started a TLS record
+
+    def feed(self, mm, linktype: int, cands: bytes, tls: bytes):
+        rows = np.frombuffer(cands, dtype=np.int64).reshape(-1, 5)
+        if len(tls):
+            self.tls = np.union1d(self.tls, np.frombuffer(tls, dtype=np.uint64))
+            if len(self.tls) > TLS_KEYS_MAX:
+                self.tls = np.frombuffer(tls, dtype=np.uint64).copy()
+        if linktype not in dec.SUPPORTED_LINKS:
+            return
+        view = memoryview(mm)
+        ex = self.ex
+        for o, c, w, t, k in zip(rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist(),
+                                 rows[:, 3].view(np.float64).tolist(), rows[:, 4].tolist(), strict=True):
+            if k & CAND_TUNNEL:
+                got = dec.tunnel_inner(linktype, bytes(view[o:o + c]), w)
+                if got is not None:
+                    self.inner[got[0]].add_one(got[1], t)
+                    self.carried += 1
+            if ex is not None and k & (CAND_NAME | CAND_TCP_DATA):
+                seg = transport(linktype, view[o:o + c])
+                if seg is not None:
+                    ex.feed(seg, t)
+
+    def tunnels(self, fmt: str, stats) -> list:
+        from agent.sources.pcap import tunnel_tables
+
+        return tunnel_tables(self.inner, self.carried, fmt, stats)
