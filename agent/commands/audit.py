@@ -67,8 +67,10 @@ def read_input(path: str):
     fmt = sniff_format(head)
     if fmt == "jsonl":
         from agent.sources.jsonl import read_jsonl
+        from agent.sources.jsonl_table import read_jsonl_table
 
-        flows, stats = read_jsonl(path)
+        got = read_jsonl_table(path)  # the plain log in bulk; None: read it line by line
+        flows, stats = got if got is not None else read_jsonl(path)
         return flows, stats.to_json(), None
     if fmt is None:
         raise UserError(f"{path}: unknown file format (first bytes {head[:8].hex()}); "
