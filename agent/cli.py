@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def write_output(text: str, path: str | None):
+def write_output(text: str | bytes, path: str | None):
     """Write a report: standard output (no path, or `-`), or FILE.
 
     A regular file (or a new one) is written whole, so a reader never sees half: a fresh temporary
@@ -212,11 +212,16 @@ def write_output(text: str, path: str | None):
     /dev/null, a FIFO, /dev/stdout — is opened and written in place and never replaced or removed:
     renaming over /dev/null as root would break every program on the host.
     """
+    data = text if isinstance(text, bytes) else text.encode()
     if not path or path == "-":
-        sys.stdout.write(text)
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:  # a text-only stream (a test's StringIO)
+            sys.stdout.write(data.decode())
+            return
         sys.stdout.flush()
+        out.write(data)
+        out.flush()
         return
-    data = text.encode()
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -259,13 +264,13 @@ def _write_all(fd: int, data: bytes):
         view = view[os.write(fd, view):]
 
 
-def dumps(obj, pretty: bool) -> str:
-    """Indented for a person at a terminal; compact otherwise. orjson (~10x json's encoder on a
-    report listing every violation; UTF-8 rather than \\u escapes); json where orjson refuses a
-    value (an integer beyond 64 bits)."""
+def dumps(obj, pretty: bool) -> bytes:
+    """UTF-8 JSON, indented for a person at a terminal, compact otherwise. orjson (~10x json's
+    encoder on a report listing every violation; UTF-8 rather than \\u escapes); json where orjson
+    refuses a value (an integer beyond 64 bits)."""
     try:
         import orjson
 
-        return orjson.dumps(obj, option=orjson.OPT_INDENT_2 if pretty else 0).decode() + "\n"
+        return orjson.dumps(obj, option=(orjson.OPT_INDENT_2 if pretty else 0) | orjson.OPT_APPEND_NEWLINE)
     except (ImportError, TypeError):
-        return json.dumps(obj, indent=2 if pretty else None, ensure_ascii=False) + "\n"
+        return (json.dumps(obj, indent=2 if pretty else None, ensure_ascii=False) + "\n").encode()

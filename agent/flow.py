@@ -19,11 +19,20 @@ def proto_name(num: int) -> str:
     return PROTO_NAMES.get(num, str(num))
 
 
+_last_iso: tuple = (None, None)  # the last (time, text): a live batch's flows share their first and last time
+
+
 def iso_time(ts: float | None) -> str | None:
     """POSIX seconds -> RFC 3339 UTC with microseconds, or None."""
+    global _last_iso
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+    last = _last_iso  # one tuple, replaced whole: threads see an old pair or a new one, never a mix
+    if ts == last[0]:
+        return last[1]
+    text = datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+    _last_iso = (ts, text)
+    return text
 
 
 def iso_times(ts) -> list[str]:

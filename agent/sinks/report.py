@@ -148,20 +148,25 @@ class AuditReport:
         rows = np.union1d(np.union1d(report_rows, np.array(res.rep_rows, dtype=np.int64)),
                           np.array(sorted(res.scalar), dtype=np.int64)).tolist()
         rr = np.array(rows, dtype=np.int64)
-        first_iso = dict(zip(rows, iso_times(t.first[rr]), strict=True)) if rows else {}
-        last_iso = dict(zip(rows, iso_times(t.last[rr]), strict=True)) if rows else {}
+        first_iso = iso_times(t.first[rr]) if rows else []
+        last_iso = iso_times(t.last[rr]) if rows else []
         src_text, si = t.src.text, t.src.inverse
         is_reported = set(report_rows.tolist())
         host, host_src, who = t.hostname, t.hostname_source, t.who
-        keys = res.key[rr].tolist()
-        cols = zip(rows, keys, (si[rr]).tolist(), (di[rr]).tolist(), t.sport[rr].tolist(), t.dport[rr].tolist(),
-                   t.proto[rr].tolist(), t.packets[rr].tolist(), t.bytes[rr].tolist(), strict=True)
-        # per group: the location fields of a record, and the reported verdicts
-        loc_fields = [{"country": rep.location.country, "registered_country": rep.location.registered_country,
-                       "asn": rep.location.asn, "as_org": rep.location.as_org} for rep in res.reps]
-        reported_v = [[(self.records[_VALUE[v.outcome]], v) for v in rep.outcomes if _VALUE[v.outcome] in self.records]
+        cols = zip(rows, res.key[rr].tolist(), si[rr].tolist(), di[rr].tolist(), t.sport[rr].tolist(),
+                   t.dport[rr].tolist(), t.proto[rr].tolist(), t.packets[rr].tolist(), t.bytes[rr].tolist(),
+                   first_iso, last_iso, strict=True)
+        # per group: its location fields, and per reported verdict the parts every record shares and
+        # the message after the description prefix (the prefix names each flow's destination)
+        loc_fields = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org)
                       for rep in res.reps]
-        for r, g, s_i, d_i, sport, dport, proto, packets, nbytes in cols:
+        reported_v = []
+        for rep in res.reps:
+            old_prefix = rep._for[1]
+            reported_v.append([(self.records[_VALUE[v.outcome]], v, v.message[len(old_prefix):]
+                                if v.message.startswith(old_prefix) else None)
+                               for v in rep.outcomes if _VALUE[v.outcome] in self.records])
+        for r, g, s_i, d_i, sport, dport, proto, packets, nbytes, first_seen, last_seen in cols:
             if g < 0:
                 self.add(res.scalar[r])
                 continue
@@ -174,16 +179,19 @@ class AuditReport:
             hostname = host[r] if host is not None else None
             hsrc = host_src[r] if host_src is not None else None
             dst = dst_text[d_i]
-            base = {"src": src_text[s_i], "sport": sport, "dst": dst, "dst_port": dport, "proto": proto_name(proto),
-                    "direction": "outbound", **loc_fields[g], "packets": packets, "bytes": nbytes,
-                    "first_seen": first_iso[r], "last_seen": last_iso[r],
-                    "process": t.flow(r).to_json().get("process") if who is not None and who[r] is not None
-                    else None, "hostname": hostname, "hostname_source": hsrc, "recipient": None}
+            country, registered, asn, as_org = loc_fields[g]
+            process = t.flow(r).to_json().get("process") if who is not None and who[r] is not None else None
             prefix = peer_prefix(dst, False, hostname, hsrc) if hostname else f"{PEER_NOUN[False]} {dst} ("
-            for records, v in reported_v[g]:
+            src, pname = src_text[s_i], proto_name(proto)
+            for records, v, tail in reported_v[g]:
                 records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
-                                "message": rewrite_message(v.message, rep._for, dst, prefix, False),
-                                "exception": v.exception, **base})
+                                "message": prefix + tail if tail is not None else
+                                rewrite_message(v.message, rep._for, dst, prefix, False),
+                                "exception": v.exception, "src": src, "sport": sport, "dst": dst, "dst_port": dport,
+                                "proto": pname, "direction": "outbound", "country": country,
+                                "registered_country": registered, "asn": asn, "as_org": as_org, "packets": packets,
+                                "bytes": nbytes, "first_seen": first_seen, "last_seen": last_seen, "process": process,
+                                "hostname": hostname, "hostname_source": hsrc, "recipient": None})
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],

@@ -48,3 +48,57 @@ def test_loads_equals_strict_loads(raw):
 
     a, b = outcome(loads), outcome(strict_loads)
     assert a[0] == b[0] and (a[0] != "ok" or a[1] == b[1]), (a, b)
+
+
+# -- the bulk reader (sources/jsonl_table.py) against the line reader ------------------------------
+
+def _write(tmp_path, lines, name="f.jsonl"):
+    p = tmp_path / name
+    p.write_bytes(b"".join(lines))
+    return str(p)
+
+
+def test_bulk_reader_equals_line_reader_on_random_logs(tmp_path):
+    import json as _json
+
+    from agent.sources.jsonl import read_jsonl
+    from agent.sources.jsonl_table import read_jsonl_table
+    from tests.test_bulk import random_flows
+
+    flows = [f for f in random_flows(2000, 21) if f.who is None]
+    lines = [(_json.dumps(f.to_json()) + "\n").encode() for f in flows]
+    rnd = random.Random(5)
+    for i in rnd.sample(range(len(lines)), 200):  # other spellings both readers accept
+        d = _json.loads(lines[i])
+        d["proto"] = d["proto"].upper() if rnd.random() < 0.5 else {"tcp": 6, "udp": 17}.get(d["proto"], 1)
+        d["first_seen"] = flows[i].first_seen
+        d.pop("last_seen")
+        d.pop("sport", None)
+        d["src"] = ipaddress.ip_address(d["src"]).exploded
+        lines[i] = (_json.dumps(d) + "\n").encode()
+    path = _write(tmp_path, lines)
+    got = read_jsonl_table(path)
+    assert got is not None
+    assert got[0].flows() == read_jsonl(path)[0]
+    assert got[1].to_json() == read_jsonl(path)[1].to_json()
+
+
+@pytest.mark.parametrize("line", [
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "flow": {}}\n',  # evidence record
+    b'{"event": "gap", "reason": "write-failed"}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "process": {"pid": 1}}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "first_seen": "2025-02-30T00:00:00Z"}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "first_seen": "2025-06-01T00:00:00+02:00"}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "bytes": 1e3}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "x": 123456789012345678901234}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "not-an-address"}\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1", "sport": true}\n',
+    b'\n',
+    b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1"}',  # no final newline: truncation
+])
+def test_bulk_reader_leaves_anything_else_to_the_line_reader(tmp_path, line):
+    from agent.sources.jsonl_table import read_jsonl_table
+
+    ok = b'{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.5", "first_seen": "2025-06-01T00:00:00Z"}\n'
+    assert read_jsonl_table(_write(tmp_path, [ok, line])) is None
+    assert read_jsonl_table(_write(tmp_path, [ok, ok], "good.jsonl")) is not None
