@@ -161,12 +161,33 @@ typedef struct {
     int64_t packets, bytes;
     double first, last;
     int used, segs; /* segs: TCP payload segments seen in this chunk (FIRST_SEGMENTS are offered) */
+    long epoch;     /* the chunk `segs` counts for (a table kept across chunks) */
 } slot_t;
 
 typedef struct {
     slot_t *slots;
     size_t cap, count;
+    long epoch;
 } table_t;
+
+/* A flow table kept across walk_pcap calls (a capsule from table_new): every chunk's flows land in
+ * one table, so Python has no per-chunk groups to merge; table_dump hands them over at the end. */
+static void table_free(PyObject *cap) {
+    table_t *t = (table_t *)PyCapsule_GetPointer(cap, "egress_agent.flow_table");
+    if (t) { free(t->slots); free(t); }
+}
+
+static PyObject *table_new(PyObject *self, PyObject *args) {
+    (void)self; (void)args;
+    table_t *t = calloc(1, sizeof(table_t));
+    if (!t) return PyErr_NoMemory();
+    t->slots = calloc(4096, sizeof(slot_t));
+    if (!t->slots) { free(t); return PyErr_NoMemory(); }
+    t->cap = 4096;
+    PyObject *cap = PyCapsule_New(t, "egress_agent.flow_table", table_free);
+    if (!cap) { free(t->slots); free(t); }
+    return cap;
+}
 
 static inline size_t hash5(const uint64_t *k) {
     uint64_t h = k[0] * 0x9E3779B97F4A7C15ULL ^ k[1] * 0xC2B2AE3D27D4EB4FULL ^ k[2] * 0x165667B19E3779F9ULL ^
@@ -185,7 +206,7 @@ static slot_t *find(table_t *t, const uint64_t *k) {
 }
 
 static int grow(table_t *t) {
-    table_t n = {calloc(t->cap * 2, sizeof(slot_t)), t->cap * 2, t->count};
+    table_t n = {calloc(t->cap * 2, sizeof(slot_t)), t->cap * 2, t->count, t->epoch};
     if (!n.slots) return -1;
     for (size_t i = 0; i < t->cap; i++)
         if (t->slots[i].used) *find(&n, t->slots[i].k) = t->slots[i];
@@ -237,15 +258,29 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     Py_ssize_t off, max_records, max_record;
     int swapped, lt;
     double unit;
-    if (!PyArg_ParseTuple(args, "y*nnpnidy*", &view, &off, &max_records, &swapped, &max_record, &lt, &unit, &before))
+    PyObject *keep = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnpnidy*|O", &view, &off, &max_records, &swapped, &max_record, &lt, &unit, &before,
+                          &keep))
         return NULL;
+    table_t *kept_t = NULL;
+    if (keep && keep != Py_None) {
+        kept_t = (table_t *)PyCapsule_GetPointer(keep, "egress_agent.flow_table");
+        if (!kept_t) { PyBuffer_Release(&view); PyBuffer_Release(&before); return NULL; }
+    }
     const uint8_t *p = (const uint8_t *)view.buf;
     const uint64_t *prior = (const uint64_t *)before.buf;
     size_t n_prior = (size_t)before.len / 8;
     Py_ssize_t end = view.len, n = 0;
     int stop = 1, oom = 0;
     long long counts[7] = {0, 0, 0, 0, 0, 0, 0};
-    table_t t = {calloc(4096, sizeof(slot_t)), 4096, 0};
+    table_t t = {NULL, 0, 0, 0};
+    if (kept_t) {
+        t = *kept_t;
+        t.epoch++;
+    } else {
+        t.slots = calloc(4096, sizeof(slot_t));
+        t.cap = 4096;
+    }
     cands_t c = {NULL, 0, 0};
     uint64_t *tls = NULL;
     size_t n_tls = 0, cap_tls = 0, kept = 0;
@@ -272,7 +307,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         slot_t *s = find(&t, k);
         if (!s->used) {
             memcpy(s->k, k, 40);
-            s->used = 1; s->packets = 0; s->bytes = 0; s->first = ts; s->last = ts; s->segs = 0;
+            s->used = 1; s->packets = 0; s->bytes = 0; s->first = ts; s->last = ts; s->segs = 0; s->epoch = t.epoch;
             if (++t.count * 2 > t.cap) {
                 if (grow(&t) < 0) { oom = 1; break; }
                 s = find(&t, k);
@@ -283,6 +318,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         if (ts < s->first) s->first = ts;
         if (ts > s->last) s->last = ts;
         if (named & CAND_TCP_DATA) {
+            if (s->epoch != t.epoch) { s->epoch = t.epoch; s->segs = 0; } /* a new chunk: count again */
             if (s->segs >= FIRST_SEGMENTS) named &= ~(CAND_TCP_DATA | CAND_TLS_START);
             else s->segs++;
         }
@@ -320,6 +356,12 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     PyBuffer_Release(&before);
+    if (kept_t) { /* the table lives on (grown or not); this call hands over no groups */
+        *kept_t = t;
+        t.slots = NULL;
+        t.count = 0;
+        t.cap = 0;
+    }
     if (oom) { free(t.slots); free(c.v); free(tls); return PyErr_NoMemory(); }
     counts[0] = n;
     /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3),
@@ -389,8 +431,39 @@ static PyObject *pcap_offsets(PyObject *self, PyObject *args) {
     return Py_BuildValue("Nni", out, off, stop);
 }
 
+/* table_dump(table) -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g]) */
+static PyObject *table_dump(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *keep;
+    if (!PyArg_ParseTuple(args, "O", &keep)) return NULL;
+    table_t *t = (table_t *)PyCapsule_GetPointer(keep, "egress_agent.flow_table");
+    if (!t) return NULL;
+    Py_ssize_t g = (Py_ssize_t)t->count;
+    PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
+             *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
+             *o_l = PyBytes_FromStringAndSize(NULL, g * 8);
+    if (!o_w || !o_p || !o_b || !o_f || !o_l) {
+        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
+        return NULL;
+    }
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
+    int64_t *pk = (int64_t *)PyBytes_AS_STRING(o_p), *by = (int64_t *)PyBytes_AS_STRING(o_b);
+    double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
+    Py_ssize_t j = 0;
+    for (size_t i = 0; i < t->cap; i++) {
+        slot_t *s = &t->slots[i];
+        if (!s->used) continue;
+        memcpy(w + j * 5, s->k, 40);
+        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
+        j++;
+    }
+    return Py_BuildValue("NNNNN", o_w, o_p, o_b, o_f, o_l);
+}
+
 static PyMethodDef methods[] = {
     {"walk_pcap", walk_pcap, METH_VARARGS, "Walk pcap records, decode and group flows (see module comment)."},
+    {"table_new", table_new, METH_NOARGS, "A flow table kept across walk_pcap calls."},
+    {"table_dump", table_dump, METH_VARARGS, "The flows of a kept table."},
     {"pcap_offsets", pcap_offsets, METH_VARARGS, "Record offsets of a pcap window (see pcap_offsets above)."},
     {NULL, NULL, 0, NULL}};
 

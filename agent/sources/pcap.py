@@ -35,9 +35,10 @@ from agent.sources import decode as dec
 
 try:  # optional C walk of record boundaries (see _walk.c); the Python loop below is equivalent
     from agent.sources._walk import pcap_offsets as _c_offsets
+    from agent.sources._walk import table_dump as _c_table_dump
     from agent.sources._walk import walk_pcap as _c_walk
 except ImportError:  # pragma: no cover - depends on the build
-    _c_walk = _c_offsets = None
+    _c_walk = _c_offsets = _c_table_dump = None
 
 CHUNK = 1 << 18  # records per vectorised batch: bounded memory, amortised numpy overhead
 MAX_RECORD = 1 << 24  # a record header claiming more than 16 MiB is corruption, not a packet
@@ -197,8 +198,9 @@ def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, d
         while off < end:
             if _c_walk is not None and WALK["c"] and use_c:
                 prior = payload.tls.tobytes() if payload is not None else b""
+                kept = payload.flow_table if payload is not None else None
                 *groups, counts, off, _stop, cands, tls = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD,
-                                                                  linktype, unit, prior)
+                                                                  linktype, unit, prior, kept)
                 n = counts[0]
                 if payload is not None and cands:
                     payload.feed(mm, linktype, cands, tls)
@@ -681,6 +683,12 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             stats.truncated_offset = read if stats.truncated_offset is None else stats.truncated_offset
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
+        if payload is not None:
+            words, pk, by, first, last = _c_table_dump(payload.flow_table)
+            if words:
+                flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5),
+                                 np.frombuffer(pk, dtype=np.int64), np.frombuffer(by, dtype=np.int64),
+                                 np.frombuffer(first), np.frombuffer(last))
         outer = flows.table(fmt)
         if payload is not None and stats.name_candidates is not None:
             # the C walk handed over every packet the payload passes read: no second walk
@@ -749,8 +757,9 @@ def _consume(buf, mm, stats, flows: _Flows, linktype, off, cap, wire, ts, win):
         if stats.name_candidates is not None:
             stats.name_candidates += named
         stats.packets += records
-        flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5), np.frombuffer(pk, dtype=np.int64),
-                         np.frombuffer(by, dtype=np.int64), np.frombuffer(first), np.frombuffer(last))
+        if words:  # nothing when the walk keeps its flow table across chunks (PayloadPass.flow_table)
+            flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5), np.frombuffer(pk, dtype=np.int64),
+                             np.frombuffer(by, dtype=np.int64), np.frombuffer(first), np.frombuffer(last))
         stats.ip_packets += ip_packets
         stats.bytes += ip_bytes
         stats.non_ip += non_ip

@@ -1,4 +1,4 @@
-"""The payload passes of a pcap walked in C, done during the walk: no second read of the file.
+"""The C walk's state across chunks: its flow table, and the payload passes done during the walk.
 
 The C walk (`_walk.c`) hands over, per chunk, the packets these passes read and nothing else: DNS
 responses, QUIC-sized UDP with the long-header bit, the first TCP payload segments of directions
@@ -28,6 +28,9 @@ class PayloadPass:
         self.inner = {"gre": _Flows(), "gtp-u": _Flows()}
         self.carried = 0
         self.tls = np.zeros(0, dtype=np.uint64)  # key hashes of directions that started a TLS record
+        from agent.sources._walk import table_new
+
+        self.flow_table = table_new()  # the walk's flows, kept in C across chunks (no merging per chunk)
 
     def feed(self, mm, linktype: int, cands: bytes, tls: bytes):
         rows = np.frombuffer(cands, dtype=np.int64).reshape(-1, 5)
