@@ -137,61 +137,63 @@ class AuditReport:
                 self.verdicts[_VALUE[v.outcome]] += int(flows_k[g])
         dst_text = t.dst.text
         di = t.dst.inverse
-        nd = len(dst_text)
-        for p in np.unique(key * nd + di[bulk]).tolist():
-            self.by_country[country_k[p // nd]]["dst"].add(dst_text[p % nd])
-        # Rows in the order the per-row path meets them: jurisdictions (first row of each group, for
-        # the order of equal byte counts), records of reported verdicts, and rows judged one by one.
-        reported = [g for g, rep in enumerate(res.reps) if any(_VALUE[v.outcome] in self.records for v in rep.outcomes)]
-        report_rows = bulk[np.isin(key, reported)] if reported else np.zeros(0, dtype=np.int64)
+        # distinct destinations per country: (group, destination) pairs, then one set update per country
+        pairs = np.unique(key * len(dst_text) + di[bulk]) if len(bulk) else np.zeros(0, dtype=np.int64)
+        country_id = {c: i for i, c in enumerate(dict.fromkeys(country_k))}
+        pair_country = np.array([country_id[c] for c in country_k], dtype=np.int64)[pairs // max(len(dst_text), 1)]
+        for c, i in country_id.items():
+            in_c = (pairs[pair_country == i] % len(dst_text)).tolist()
+            self.by_country[c]["dst"].update(map(dst_text.__getitem__, in_c))
+        # Jurisdictions in the order the per-row path meets them (equal byte counts keep that order):
+        # the first row of each group, and the rows judged one by one, which `add` takes whole.
         first_of = {r: g for g, r in enumerate(res.rep_rows)}
-        rows = np.union1d(np.union1d(report_rows, np.array(res.rep_rows, dtype=np.int64)),
-                          np.array(sorted(res.scalar), dtype=np.int64)).tolist()
-        rr = np.array(rows, dtype=np.int64)
-        first_iso = iso_times(t.first[rr]) if rows else []
-        last_iso = iso_times(t.last[rr]) if rows else []
-        src_text, si = t.src.text, t.src.inverse
-        is_reported = set(report_rows.tolist())
-        host, host_src, who = t.hostname, t.hostname_source, t.who
-        cols = zip(rows, res.key[rr].tolist(), si[rr].tolist(), di[rr].tolist(), t.sport[rr].tolist(),
-                   t.dport[rr].tolist(), t.proto[rr].tolist(), t.packets[rr].tolist(), t.bytes[rr].tolist(),
-                   first_iso, last_iso, strict=True)
-        # per group: its location fields, and per reported verdict the parts every record shares and
-        # the message after the description prefix (the prefix names each flow's destination)
-        loc_fields = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org)
-                      for rep in res.reps]
-        reported_v = []
-        for rep in res.reps:
-            old_prefix = rep._for[1]
-            reported_v.append([(self.records[_VALUE[v.outcome]], v, v.message[len(old_prefix):]
-                                if v.message.startswith(old_prefix) else None)
-                               for v in rep.outcomes if _VALUE[v.outcome] in self.records])
-        for r, g, s_i, d_i, sport, dport, proto, packets, nbytes, first_seen, last_seen in cols:
-            if g < 0:
-                self.add(res.scalar[r])
+        for r in sorted(set(first_of) | set(res.scalar)):
+            j = res.scalar.get(r)
+            if j is not None:
+                self.add(j)
                 continue
-            rep = res.reps[g]
-            if r in first_of:
-                for grp in rep.jurisdictions:
-                    self.by_jurisdiction[grp] += bytes_k[g]
-            if r not in is_reported:
-                continue
-            hostname = host[r] if host is not None else None
-            hsrc = host_src[r] if host_src is not None else None
-            dst = dst_text[d_i]
-            country, registered, asn, as_org = loc_fields[g]
-            process = t.flow(r).to_json().get("process") if who is not None and who[r] is not None else None
-            prefix = peer_prefix(dst, False, hostname, hsrc) if hostname else f"{PEER_NOUN[False]} {dst} ("
-            src, pname = src_text[s_i], proto_name(proto)
-            for records, v, tail in reported_v[g]:
-                records.append({"policy": v.policy, "severity": v.severity, "reason": v.reason,
-                                "message": prefix + tail if tail is not None else
-                                rewrite_message(v.message, rep._for, dst, prefix, False),
-                                "exception": v.exception, "src": src, "sport": sport, "dst": dst, "dst_port": dport,
-                                "proto": pname, "direction": "outbound", "country": country,
-                                "registered_country": registered, "asn": asn, "as_org": as_org, "packets": packets,
-                                "bytes": nbytes, "first_seen": first_seen, "last_seen": last_seen, "process": process,
-                                "hostname": hostname, "hostname_source": hsrc, "recipient": None})
+            g = first_of[r]
+            for grp in res.reps[g].jurisdictions:
+                self.by_jurisdiction[grp] += bytes_k[g]
+        # Records of the reported verdicts, in row order per kind. (Rows judged one by one are inbound,
+        # redated or register rows: their sort keys never equal a bulk row's, so appending them
+        # separately leaves the sorted lists as the per-row path makes them.)
+        reported = [g for g, rep in enumerate(res.reps) if any(_VALUE[v.outcome] in self.records for v in rep.outcomes)]
+        rr = bulk[np.isin(key, reported)] if reported else np.zeros(0, dtype=np.int64)
+        if not len(rr):
+            return
+        groups = res.key[rr].tolist()
+        rows = rr.tolist()
+        host = t.hostname[rr].tolist() if t.hostname is not None else [None] * len(rows)
+        hsrc = t.hostname_source[rr].tolist() if t.hostname_source is not None else [None] * len(rows)
+        process = [t.flow(r).to_json().get("process") if t.who[r] is not None else None for r in rows] \
+            if t.who is not None else [None] * len(rows)
+        src = [t.src.text[i] for i in t.src.inverse[rr].tolist()]
+        dst = [dst_text[i] for i in di[rr].tolist()]
+        names = {p: proto_name(p) for p in np.unique(t.proto[rr]).tolist()}
+        proto = [names[p] for p in t.proto[rr].tolist()]
+        prefix = [f"{PEER_NOUN[False]} {d} (" if h is None else peer_prefix(d, False, h, hs)
+                  for d, h, hs in zip(dst, host, hsrc, strict=True)]
+        cols = list(zip(groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
+                        t.bytes[rr].tolist(), iso_times(t.first[rr]), iso_times(t.last[rr]), process, host, hsrc,
+                        prefix, strict=True))
+        loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org)
+               for rep in res.reps]
+        for kind, records in self.records.items():
+            # per group: this kind's verdicts, each with its message after the description prefix
+            per_group = []
+            for rep in res.reps:
+                old_prefix = rep._for[1]
+                per_group.append([(v, rep._for, v.message[len(old_prefix):] if v.message.startswith(old_prefix)
+                                   else None) for v in rep.outcomes if _VALUE[v.outcome] == kind])
+            records.extend(
+                {"policy": v.policy, "severity": v.severity, "reason": v.reason,
+                 "message": pre + tail if tail is not None else rewrite_message(v.message, wf, d, pre, False),
+                 "exception": v.exception, "src": s_, "sport": sp, "dst": d, "dst_port": dp, "proto": pn,
+                 "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1], "asn": loc[g][2],
+                 "as_org": loc[g][3], "packets": pk, "bytes": by, "first_seen": fs, "last_seen": ls,
+                 "process": pr, "hostname": h, "hostname_source": hs, "recipient": None}
+                for g, s_, sp, d, dp, pn, pk, by, fs, ls, pr, h, hs, pre in cols for v, wf, tail in per_group[g])
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],
