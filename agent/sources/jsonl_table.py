@@ -148,18 +148,19 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
 
 
 class _Columns:
-    """Columns of the objects by key; one transpose in C when every line has the same keys in the same
-    order (one writer's log), `dict.get` per line otherwise."""
+    """Columns of the objects by key: `dict[key]` per line when every line has the same keys (one
+    writer's log), `dict.get` per line otherwise."""
 
     def __init__(self, objs: list[dict]):
         self.objs = objs
-        shapes = set(map(tuple, objs))
-        if any(k in shape for shape in shapes for k in _SPECIAL):
-            raise _NotPlain  # evidence records, processes, gap markers: line by line
+        first = objs[0].keys()
         self.cols = None
-        if len(shapes) == 1:
-            keys = shapes.pop()
-            self.cols = dict(zip(keys, map(list, zip(*map(dict.values, objs), strict=True)), strict=True))
+        if all(o.keys() == first for o in objs):  # one writer's log: the same keys on every line
+            if any(k in first for k in _SPECIAL):
+                raise _NotPlain  # evidence records, processes, gap markers: line by line
+            self.cols = {k: [o[k] for o in objs] for k in first}
+        elif any(k in o for o in objs for k in _SPECIAL):
+            raise _NotPlain
 
     def __call__(self, key: str) -> list:
         if self.cols is not None:
