@@ -215,6 +215,42 @@ static int grow(table_t *t) {
     return 0;
 }
 
+/* The record at `off`, if whole: its captured length in *caplen and -1; else the stop code (see
+ * the module comment). Shared by walk_pcap and pcap_offsets, so both stop at the same place. */
+static inline int record_at(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, Py_ssize_t n, Py_ssize_t max_records,
+                            int swapped, Py_ssize_t max_record, uint32_t *caplen) {
+    if (n >= max_records) return 0;
+    if (off + 16 > end) return 2;
+    *caplen = rd32(p + off + 8, swapped);
+    if ((Py_ssize_t)*caplen > max_record) return 4;
+    if (off + 16 + (Py_ssize_t)*caplen > end) return 3;
+    return -1;
+}
+
+/* The flows of a table as (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g]). */
+static PyObject *groups_of(const table_t *t) {
+    Py_ssize_t g = (Py_ssize_t)t->count;
+    PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
+             *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
+             *o_l = PyBytes_FromStringAndSize(NULL, g * 8);
+    if (!o_w || !o_p || !o_b || !o_f || !o_l) {
+        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
+        return NULL;
+    }
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
+    int64_t *pk = (int64_t *)PyBytes_AS_STRING(o_p), *by = (int64_t *)PyBytes_AS_STRING(o_b);
+    double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
+    Py_ssize_t j = 0;
+    for (size_t i = 0; i < t->cap; i++) {
+        const slot_t *s = &t->slots[i];
+        if (!s->used) continue;
+        memcpy(w + j * 5, s->k, 40);
+        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
+        j++;
+    }
+    return Py_BuildValue("NNNNN", o_w, o_p, o_b, o_f, o_l);
+}
+
 /* Candidate packets for the payload passes, in capture order. */
 typedef struct { int64_t off, caplen, wire; double ts; int64_t kind; uint64_t h; } cand_t;
 typedef struct { cand_t *v; size_t n, cap; } cands_t;
@@ -244,7 +280,7 @@ static int has_u64(const uint64_t *v, size_t n, uint64_t x) {
     return lo < n && v[lo] == x;
 }
 
-/* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit, tls_before)
+/* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit, tls_before[, table])
  *   -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g],
  *       (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), next_offset, stop,
  *       candidates, tls_started)
@@ -252,7 +288,8 @@ static int has_u64(const uint64_t *v, size_t n, uint64_t x) {
  * capture order: UDP name carriers, tunnels, and the first FIRST_SEGMENTS TCP payload segments of
  * each flow direction that starts a TLS record in this chunk or whose key hash is in tls_before
  * (sorted u64: directions that started one in an earlier chunk). tls_started: sorted u64 key
- * hashes of the directions that started one in this chunk. */
+ * hashes of the directions that started one in this chunk. With `table` (from table_new) the
+ * flows go into it and the group arrays are empty. */
 static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     Py_buffer view, before;
     Py_ssize_t off, max_records, max_record;
@@ -287,11 +324,9 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     if (!t.slots) { PyBuffer_Release(&view); PyBuffer_Release(&before); return PyErr_NoMemory(); }
     Py_BEGIN_ALLOW_THREADS
     while (off < end) {
-        if (n >= max_records) { stop = 0; break; }
-        if (off + 16 > end) { stop = 2; break; }
-        uint32_t caplen = rd32(p + off + 8, swapped);
-        if ((Py_ssize_t)caplen > max_record) { stop = 4; break; }
-        if (off + 16 + (Py_ssize_t)caplen > end) { stop = 3; break; }
+        uint32_t caplen;
+        int why = record_at(p, off, end, n, max_records, swapped, max_record, &caplen);
+        if (why >= 0) { stop = why; break; }
         double ts = (double)rd32(p + off, swapped) + (double)rd32(p + off + 4, swapped) * unit;
         uint32_t wire = rd32(p + off + 12, swapped);
         uint64_t k[5] = {0, 0, 0, 0, 0};
@@ -366,28 +401,14 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     counts[0] = n;
     /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3),
      * packets that can carry a name */
-    Py_ssize_t g = (Py_ssize_t)t.count;
-    PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_l = PyBytes_FromStringAndSize(NULL, g * 8),
+    PyObject *groups = groups_of(&t),
              *o_c = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)kept * 40),
              *o_t = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_tls * 8);
-    if (!o_w || !o_p || !o_b || !o_f || !o_l || !o_c || !o_t) {
-        free(t.slots); free(c.v); free(tls);
-        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
-        Py_XDECREF(o_c); Py_XDECREF(o_t);
+    free(t.slots);
+    if (!groups || !o_c || !o_t) {
+        free(c.v); free(tls);
+        Py_XDECREF(groups); Py_XDECREF(o_c); Py_XDECREF(o_t);
         return NULL;
-    }
-    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
-    int64_t *pk = (int64_t *)PyBytes_AS_STRING(o_p), *by = (int64_t *)PyBytes_AS_STRING(o_b);
-    double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
-    Py_ssize_t j = 0;
-    for (size_t i = 0; i < t.cap; i++) {
-        slot_t *s = &t.slots[i];
-        if (!s->used) continue;
-        memcpy(w + j * 5, s->k, 40);
-        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
-        j++;
     }
     int64_t *co = (int64_t *)PyBytes_AS_STRING(o_c);
     for (size_t i = 0; i < kept; i++) {
@@ -396,9 +417,13 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         co[i * 5 + 4] = c.v[i].kind;
     }
     if (n_tls) memcpy(PyBytes_AS_STRING(o_t), tls, n_tls * 8);
-    free(t.slots); free(c.v); free(tls);
-    return Py_BuildValue("NNNNN(LLLLLLL)niNN", o_w, o_p, o_b, o_f, o_l, counts[0], counts[1], counts[2],
-                         counts[3], counts[4], counts[5], counts[6], off, stop, o_c, o_t);
+    free(c.v); free(tls);
+    PyObject *out = Py_BuildValue("OOOOO(LLLLLLL)niNN", PyTuple_GET_ITEM(groups, 0), PyTuple_GET_ITEM(groups, 1),
+                                  PyTuple_GET_ITEM(groups, 2), PyTuple_GET_ITEM(groups, 3), PyTuple_GET_ITEM(groups, 4),
+                                  counts[0], counts[1], counts[2], counts[3], counts[4], counts[5], counts[6], off, stop,
+                                  o_c, o_t);
+    Py_DECREF(groups);
+    return out;
 }
 
 /* pcap_offsets(buffer, offset, max_records, swapped, max_record) -> (offsets i64[n], next_offset, stop)
@@ -417,11 +442,9 @@ static PyObject *pcap_offsets(PyObject *self, PyObject *args) {
     int64_t *o = (int64_t *)PyBytes_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
     while (off < end) {
-        if (n >= max_records) { stop = 0; break; }
-        if (off + 16 > end) { stop = 2; break; }
-        uint32_t caplen = rd32(p + off + 8, swapped);
-        if ((Py_ssize_t)caplen > max_record) { stop = 4; break; }
-        if (off + 16 + (Py_ssize_t)caplen > end) { stop = 3; break; }
+        uint32_t caplen;
+        int why = record_at(p, off, end, n, max_records, swapped, max_record, &caplen);
+        if (why >= 0) { stop = why; break; }
         o[n++] = off;
         off += 16 + caplen;
     }
@@ -438,26 +461,7 @@ static PyObject *table_dump(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O", &keep)) return NULL;
     table_t *t = (table_t *)PyCapsule_GetPointer(keep, "egress_agent.flow_table");
     if (!t) return NULL;
-    Py_ssize_t g = (Py_ssize_t)t->count;
-    PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_l = PyBytes_FromStringAndSize(NULL, g * 8);
-    if (!o_w || !o_p || !o_b || !o_f || !o_l) {
-        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
-        return NULL;
-    }
-    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
-    int64_t *pk = (int64_t *)PyBytes_AS_STRING(o_p), *by = (int64_t *)PyBytes_AS_STRING(o_b);
-    double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
-    Py_ssize_t j = 0;
-    for (size_t i = 0; i < t->cap; i++) {
-        slot_t *s = &t->slots[i];
-        if (!s->used) continue;
-        memcpy(w + j * 5, s->k, 40);
-        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
-        j++;
-    }
-    return Py_BuildValue("NNNNN", o_w, o_p, o_b, o_f, o_l);
+    return groups_of(t);
 }
 
 static PyMethodDef methods[] = {
