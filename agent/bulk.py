@@ -49,7 +49,7 @@ def _dense(col) -> np.ndarray:
     return np.unique(col, return_inverse=True)[1].ravel().astype(np.int64)
 
 
-def _combine(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def group_rows(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(group per row, first row of each group), groups numbered in order of first appearance."""
     dense = [_dense(c) for c in cols]
     key = np.zeros(len(cols[0]), dtype=np.int64)
@@ -114,7 +114,7 @@ def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
         cols.append(t.who[rows])
     if pipe._by_host and t.hostname is not None:
         cols.append(t.hostname[rows])
-    group, first = _combine(cols)
+    group, first = group_rows(cols)
     res.key[rows] = group
     for r in rows[first].tolist():
         res.reps.append(pipe.judge(t.flow(r)))

@@ -134,6 +134,17 @@ class FlowTable:
     def flows(self) -> list[Flow]:
         return [self.flow(i) for i in range(len(self))]
 
+    def take(self, rows: np.ndarray) -> FlowTable:
+        """The table of these rows, in this order."""
+        obj = {n: getattr(self, n)[rows] if getattr(self, n) is not None else None
+               for n in ("hostname", "hostname_source", "hostname_chain", "who")}
+        source = self.source if isinstance(self.source, str) else [self.source[i] for i in rows.tolist()]
+        t = FlowTable(self.proto[rows], self.sport[rows], self.dport[rows], self.src_v4[rows], self.src_hi[rows],
+                      self.src_lo[rows], self.dst_v4[rows], self.dst_hi[rows], self.dst_lo[rows], self.packets[rows],
+                      self.bytes[rows], self.first[rows], self.last[rows], source, **obj)
+        t._names = self._names
+        return t
+
     @classmethod
     def from_flows(cls, flows: list[Flow]) -> FlowTable:
         n = len(flows)
@@ -162,7 +173,7 @@ class FlowTable:
 
 
 def concat(parts: list[FlowTable]) -> FlowTable:
-    """The rows of several tables, in order (tables whose addresses are spelled by `addr_text`)."""
+    """The rows of several tables, in order."""
     parts = [p for p in parts if len(p)] or parts[:1]
     if len(parts) == 1:
         return parts[0]
@@ -173,9 +184,13 @@ def concat(parts: list[FlowTable]) -> FlowTable:
         if any(getattr(p, name) is not None for p in parts):
             obj[name] = np.concatenate([getattr(p, name) if getattr(p, name) is not None
                                         else np.full(len(p), None, dtype=object) for p in parts])
-    return FlowTable(cat("proto"), cat("sport"), cat("dport"), cat("src_v4"), cat("src_hi"), cat("src_lo"),
-                     cat("dst_v4"), cat("dst_hi"), cat("dst_lo"), cat("packets"), cat("bytes"), cat("first"),
-                     cat("last"), sources, **obj)
+    t = FlowTable(cat("proto"), cat("sport"), cat("dport"), cat("src_v4"), cat("src_hi"), cat("src_lo"),
+                  cat("dst_v4"), cat("dst_hi"), cat("dst_lo"), cat("packets"), cat("bytes"), cat("first"),
+                  cat("last"), sources, **obj)
+    if all(p._names is not None for p in parts):  # tables read from text keep their spelling
+        shared = all(p._names is parts[0]._names for p in parts)  # chunks of one file share one memo
+        t._names = parts[0]._names if shared else {k: v for p in parts for k, v in p._names.items()}
+    return t
 
 
 def object_column(values: list) -> np.ndarray:

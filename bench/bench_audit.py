@@ -10,7 +10,8 @@ matching MMDB, then prints packets/s for:
 and the ratios (target of issue 7: >= 0.1 of tcpdump on this flow-heavy input), plus peak RSS of the
 audit on the full capture and on half of it. Then the same flows as JSON lines (one per flow), and
 flows/s for `jq -c . > /dev/null` (the peer: parse and print each line, in C) and for
-`egress-agent audit` on that file (target >= 100,000 flows/s).
+`egress-agent audit` on that file (target >= 100,000 flows/s), and on the same flows as an evidence
+log (two or three records per flow, merged back by conntrack id).
 
     python bench/bench_audit.py [--packets N] [--tshark-packets N] [--workdir DIR]
 
@@ -192,6 +193,20 @@ def jsonl_replay(work: Path, cap: Path, agent: list[str]):
     print(f"{'egress-agent':14s} {n:>10,} flows    {best:7.2f} s  {n / best:>12,.0f} flows/s  (target >= 100,000)")
     if jq:
         print(f"JSON-lines ratio to jq:  {n / best / jq:.2f}")
+    # The same flows as the daemon's evidence log would hold them: a record per reported verdict
+    # (one or two) and an `end` record, merged back to one flow each by conntrack id.
+    ev = work / "evidence.jsonl"
+    rnd = random.Random(3)
+    lines = 0
+    with open(ev, "w") as f:
+        for i, fl in enumerate(flows):
+            body = fl.to_json()
+            for event in ["new"] * rnd.choice((1, 2)) + ["end"]:
+                f.write(json.dumps({"time": body["first_seen"], "event": event, "policy": "gdpr-personal-data",
+                                    "verdict": "violation", "flow": body, "conntrack_id": i, "seq": lines}) + "\n")
+                lines += 1
+    best = min(timed(agent + [str(ev)], env)[0] for _ in range(2))
+    print(f"{'evidence log':14s} {n:>10,} flows    {best:7.2f} s  {n / best:>12,.0f} flows/s  ({lines:,} records)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from agent.bulk import judge_table
-from agent.commands.common import build_pipeline
+from agent.commands.common import build_pipeline, without_cyclic_gc
 from agent.errors import UserError
 from agent.flowtable import FlowTable
 from agent.sinks.report import AuditReport
@@ -85,6 +85,11 @@ def read_input(path: str):
 
 
 def run_audit(args) -> int:
+    with without_cyclic_gc():
+        return _run_audit(args)
+
+
+def _run_audit(args) -> int:
     if not args.inputs and not args.conntrack:
         raise UserError("audit: name at least one INPUT (capture, flow log or folder), or --conntrack")
     if args.netns and not args.conntrack:

@@ -27,7 +27,7 @@ import sys
 from collections import Counter, defaultdict
 
 from agent.commands.audit import expand_inputs, read_input
-from agent.commands.common import build_pipeline
+from agent.commands.common import build_pipeline, without_cyclic_gc
 from agent.errors import UserError
 from agent.flow import iso_time
 from agent.flowtable import FlowTable
@@ -158,6 +158,11 @@ class Inventory:
 
 
 def run_inventory(args) -> int:
+    with without_cyclic_gc():
+        return _run_inventory(args)
+
+
+def _run_inventory(args) -> int:
     if not args.inputs:
         raise UserError("inventory: name at least one INPUT (capture, flow log, evidence log or folder)")
     pipe = build_pipeline(args)

@@ -16,6 +16,7 @@ distinct value), so a replay of 200,000 flows spends its time judging, not parsi
 
 from __future__ import annotations
 
+import gc
 import os
 from socket import AF_INET as _AF4
 from socket import AF_INET6 as _AF6
@@ -26,11 +27,12 @@ import numpy as np
 
 from agent.enrich.scope import ip_int
 from agent.flow import PROTO_NUMBERS
-from agent.flowtable import FlowTable, object_column
+from agent.flowtable import FlowTable, concat, object_column
 from agent.names.hostnames import canonical
 from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip
 
-MAX_BULK_BYTES = 1 << 28  # bigger logs are read line by line (bounded memory)
+MAX_BULK_BYTES = 1 << 28  # bigger logs are read line by line
+CHUNK_LINES = 1 << 16  # lines parsed at a time: only one chunk's dicts are alive
 _SPECIAL = ("flow", "event", "conntrack_id", "process")
 _PROTO = {**{k: v for k, v in PROTO_NUMBERS.items()}, **{k.upper(): v for k, v in PROTO_NUMBERS.items()}}
 _M64 = (1 << 64) - 1
@@ -136,35 +138,113 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
         return None
     lines = data.split(b"\n")
     lines.pop()
+    del data
+    was_enabled = gc.isenabled()
+    gc.disable()  # millions of small dicts: the cyclic collector would walk them again and again
     try:
         if max(map(len, lines)) > MAX_LINE:
             return None
-        objs = list(map(orjson.loads, lines))
-        if set(map(type, objs)) != {dict}:
+        evidence = None
+        parts, ct_ids, warnings = [], [], []
+        memo: tuple[dict, dict] = ({}, {})  # addresses parsed once for the whole file
+        for start in range(0, len(lines), CHUNK_LINES):  # bounded: one chunk's objects at a time
+            objs = list(map(orjson.loads, lines[start:start + CHUNK_LINES]))
+            if set(map(type, objs)) != {dict}:
+                return None
+            kind = "flow" in objs[0] or "event" in objs[0]
+            if evidence is not None and kind != evidence:
+                return None  # flow objects and evidence records in one file: line by line
+            evidence = kind
+            if evidence:
+                got = _evidence_rows(path, objs, start, warnings, memo)
+                if got is not None:
+                    parts.append(got[0])
+                    ct_ids.append(got[1])
+            else:
+                parts.append(_table(objs, *memo))
+        if not parts:
             return None
-        return _table(objs), JsonlStats(path, lines=len(objs), flows=len(objs))
-    except (orjson.JSONDecodeError, _NotPlain, TypeError):
+        table = concat(parts)
+        stats = JsonlStats(path, lines=len(lines), warnings=warnings)
+        if evidence:
+            table = _merged(table, np.concatenate(ct_ids))
+        stats.flows = len(table)
+        return table, stats
+    except (orjson.JSONDecodeError, _NotPlain, TypeError, ValueError, OverflowError):
         return None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _evidence_rows(path: str, objs: list[dict], start: int, warnings: list,
+                   memo: tuple[dict, dict]) -> tuple[FlowTable, np.ndarray] | None:
+    """The flows of a chunk of an evidence log (`egress-agent run` writes one record per reported
+    verdict, and `end` records), one row per record, with each record's conntrack id (-1: none);
+    None when the chunk holds only gap and stop markers (gaps become warnings, as `read_jsonl` words them)."""
+    inner = [o.get("flow") for o in objs]
+    if None in inner:  # gap and stop markers
+        for i in [i for i, x in enumerate(inner) if x is None]:
+            o = objs[i]
+            if o.get("event") not in ("gap", "stop"):
+                raise _NotPlain  # a flow object among evidence records: line by line
+            if o["event"] == "gap":
+                warnings.append(f"{path}:{start + i + 1}: evidence gap ({o.get('reason')}, from {o.get('from')} "
+                                f"until {o.get('until')}): {o.get('message')}")
+        objs = [o for o, x in zip(objs, inner, strict=True) if x is not None]
+        inner = [x for x in inner if x is not None]
+        if not inner:
+            return None
+    if set(map(type, inner)) != {dict} or not all("event" in o for o in objs):
+        raise _NotPlain  # a record without its flow, or a flow without its event
+    ct_ids = [o.get("conntrack_id") for o in objs]
+    if not set(map(type, ct_ids)) <= {int, type(None)}:
+        raise _NotPlain  # the line reader names the field
+    given = [c for c in ct_ids if c is not None]
+    if given and (min(given) < 0 or max(given) > 0xFFFFFFFF):
+        raise _NotPlain
+    return _table(inner, *memo), np.array([-1 if c is None else c for c in ct_ids], dtype=np.int64)
+
+
+def _merged(t: FlowTable, ct: np.ndarray) -> FlowTable:
+    """An evidence log's flows merged as `read_jsonl` merges them: one flow per (id, tuple), or per
+    (tuple, first seen) for records without an id (the capture source); its row is the record
+    with the most bytes (the later one on a tie), its place its first record's."""
+    from agent.bulk import group_rows
+
+    untracked = ct < 0
+    first_key = np.where(untracked, t.first, 0.0).view(np.int64)
+    group, _ = group_rows([untracked.astype(np.int64), ct, t.proto, t.src.inverse, t.sport, t.dst.inverse, t.dport,
+                           first_key])
+    order = np.lexsort((np.arange(len(group)), t.bytes, group))
+    g = group[order]
+    return t.take(order[np.r_[g[1:] != g[:-1], True]])  # the last row of each group in that order
 
 
 class _Columns:
-    """Columns of the objects by key: `dict[key]` per line when every line has the same keys (one
-    writer's log), `dict.get` per line otherwise."""
+    """Columns of the objects by key. When every line has as many keys as the first and each of the
+    first's keys (one writer's log), the key sets are equal: one `dict[key]` pass per key. Otherwise
+    `dict.get` per line. Either way a line with a key that needs the line reader is refused."""
 
     def __init__(self, objs: list[dict]):
         self.objs = objs
-        first = objs[0].keys()
         self.cols = None
-        if all(o.keys() == first for o in objs):  # one writer's log: the same keys on every line
-            if any(k in first for k in _SPECIAL):
+        first = list(objs[0])
+        if set(map(len, objs)) == {len(first)}:
+            try:
+                self.cols = {k: [o[k] for o in objs] for k in first}
+            except KeyError:
+                self.cols = None
+        if self.cols is not None:
+            if any(k in self.cols for k in _SPECIAL):
                 raise _NotPlain  # evidence records, processes, gap markers: line by line
-            self.cols = {k: [o[k] for o in objs] for k in first}
         elif any(k in o for o in objs for k in _SPECIAL):
             raise _NotPlain
 
     def __call__(self, key: str) -> list:
         if self.cols is not None:
-            return self.cols.get(key) or [None] * len(self.objs)
+            col = self.cols.get(key)
+            return col if col is not None else [None] * len(self.objs)
         return [o.get(key) for o in self.objs]
 
 
@@ -186,13 +266,14 @@ def _words(v: str) -> tuple[str, tuple[bool, int, int]]:
     return c, (version == 4, n >> 64, n & _M64)
 
 
-def _table(objs: list[dict]) -> FlowTable:
+def _table(objs: list[dict], addr: dict | None = None, text: dict | None = None) -> FlowTable:
+    """A table of plain flow objects. `addr` and `text`: the address memo of earlier chunks."""
     col = _Columns(objs)
     proto = [_PROTO.get(p) if type(p) is str else p for p in col("proto")]
     if not all(type(p) is int and 0 <= p < 256 for p in proto):
         raise _NotPlain
-    addr: dict[str, tuple[bool, int, int]] = {}
-    text: dict[str, str] = {}
+    addr = {} if addr is None else addr  # address text -> key words
+    text = {} if text is None else text  # key words -> canonical text
     cols = {}
     for side in ("src", "dst"):
         vals = col(side)

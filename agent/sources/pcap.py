@@ -547,7 +547,7 @@ class _Flows:
     MERGE_ROWS = 1 << 21  # pending chunk groups merged (vectorised) past this many rows
 
     def __init__(self):
-        self.table_: dict[tuple, list] = {}  # the scalar path (add_one)
+        self.by_key: dict[tuple, list] = {}  # the scalar path (add_one)
         self._pending: list[tuple] = []
         self._rows = 0
 
@@ -604,9 +604,9 @@ class _Flows:
         s, t = int.from_bytes(d.src, "big"), int.from_bytes(d.dst, "big")
         key = ((d.version << 40) | (d.proto << 32) | (d.sport << 16) | d.dport,
                s >> 64, s & 0xFFFFFFFFFFFFFFFF, t >> 64, t & 0xFFFFFFFFFFFFFFFF)
-        row = self.table_.get(key)
+        row = self.by_key.get(key)
         if row is None:
-            self.table_[key] = [1, d.iplen, ts, ts]
+            self.by_key[key] = [1, d.iplen, ts, ts]
         else:
             row[0] += 1
             row[1] += d.iplen
@@ -618,12 +618,12 @@ class _Flows:
 
     def table(self, source: str) -> FlowTable:
         """The flows as columns, in the order of the merged groups."""
-        if self.table_:  # scalar-path flows join the bulk ones
-            keys = np.array(list(self.table_), dtype=np.uint64).reshape(-1, 5)
-            vals = list(self.table_.values())
+        if self.by_key:  # scalar-path flows join the bulk ones
+            keys = np.array(list(self.by_key), dtype=np.uint64).reshape(-1, 5)
+            vals = list(self.by_key.values())
             self.add_groups(keys, [v[0] for v in vals], [v[1] for v in vals], [v[2] for v in vals],
                             [v[3] for v in vals])
-            self.table_ = {}
+            self.by_key = {}
         self._merge()
         if not self._pending:
             z = np.zeros(0)

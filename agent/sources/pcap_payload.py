@@ -20,7 +20,11 @@ TLS_KEYS_MAX = 1 << 20
 
 
 class PayloadPass:
+    """One pcap walked in C: `walk_pcap` gets `flow_table` and `tls` on every call and hands its
+    candidate packets to `feed`; after the walk, `tunnels()` and `ex` hold what the passes found."""
+
     def __init__(self, names: bool):
+        from agent.sources._walk import table_new
         from agent.sources.pcap import _Flows
         from agent.sources.pcap_names import DNS_SIZE
 
@@ -28,8 +32,6 @@ class PayloadPass:
         self.inner = {"gre": _Flows(), "gtp-u": _Flows()}
         self.carried = 0
         self.tls = np.zeros(0, dtype=np.uint64)  # key hashes of directions that started a TLS record
-        from agent.sources._walk import table_new
-
         self.flow_table = table_new()  # the walk's flows, kept in C across chunks (no merging per chunk)
 
     def feed(self, mm, linktype: int, cands: bytes, tls: bytes):

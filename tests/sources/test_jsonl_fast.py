@@ -58,7 +58,15 @@ def _write(tmp_path, lines, name="f.jsonl"):
     return str(p)
 
 
-def test_bulk_reader_equals_line_reader_on_random_logs(tmp_path):
+@pytest.fixture(params=[1 << 16, 37], ids=["one-chunk", "small-chunks"])
+def chunk(request, monkeypatch):
+    from agent.sources import jsonl_table
+
+    monkeypatch.setattr(jsonl_table, "CHUNK_LINES", request.param)
+    return request.param
+
+
+def test_bulk_reader_equals_line_reader_on_random_logs(tmp_path, chunk):
     import json as _json
 
     from agent.sources.jsonl import read_jsonl
@@ -102,3 +110,48 @@ def test_bulk_reader_leaves_anything_else_to_the_line_reader(tmp_path, line):
     ok = b'{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.5", "first_seen": "2025-06-01T00:00:00Z"}\n'
     assert read_jsonl_table(_write(tmp_path, [ok, line])) is None
     assert read_jsonl_table(_write(tmp_path, [ok, ok], "good.jsonl")) is not None
+
+
+def test_bulk_reader_merges_an_evidence_log_as_the_line_reader_does(tmp_path, chunk):
+    import dataclasses
+    import json as _json
+
+    from agent.sources.jsonl import read_jsonl
+    from agent.sources.jsonl_table import read_jsonl_table
+    from tests.test_bulk import random_flows
+
+    rnd = random.Random(8)
+    flows = [f for f in random_flows(600, 31) if f.who is None]
+    lines = []
+    for i, f in enumerate(flows):
+        ct = i % 400 if i % 3 else None  # ids repeat (32-bit ids collide): the tuple tells them apart
+        for event in ("new", "new", "end"):  # one line per reported verdict, then the end with counters
+            g = dataclasses.replace(f, bytes=f.bytes + (rnd.randrange(2) * 1000 if event == "end" else 0))
+            rec = {"time": "2025-06-15T12:00:00Z", "event": event, "policy": "p", "flow": g.to_json(), "seq": i}
+            if ct is not None:
+                rec["conntrack_id"] = ct
+            lines.append(rec)
+        if i == 100:
+            lines.append({"time": "2025-06-15T12:00:01Z", "event": "gap", "reason": "write-failed", "lost_lines": 3,
+                          "from": "a", "until": "b", "message": "3 evidence record(s) could not be written"})
+    rnd.shuffle(lines)  # which line wins depends on the order: both readers must agree on any order
+    lines.append({"time": "2025-06-15T13:00:00Z", "event": "stop", "seq": 9999})
+    path = _write(tmp_path, [(_json.dumps(r) + "\n").encode() for r in lines])
+    got = read_jsonl_table(path)
+    assert got is not None
+    want = read_jsonl(path)
+    assert got[0].flows() == want[0]
+    assert got[1].to_json() == want[1].to_json()
+    assert len(want[0]) < len(flows) * 3 and want[1].warnings
+
+
+@pytest.mark.parametrize("extra", [', "conntrack_id": -1', ', "conntrack_id": 4294967296', ', "conntrack_id": true',
+                                   ', "conntrack_id": "7"'])
+def test_bulk_reader_leaves_bad_conntrack_ids_to_the_line_reader(tmp_path, extra):
+    from agent.sources.jsonl_table import read_jsonl_table
+
+    flow = '{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.5", "first_seen": "2025-06-01T00:00:00Z"}'
+    good = f'{{"event": "new", "flow": {flow}, "conntrack_id": 5}}\n'.encode()
+    bad = f'{{"event": "new", "flow": {flow}{extra}}}\n'.encode()
+    assert read_jsonl_table(_write(tmp_path, [good, good], "ok.jsonl")) is not None
+    assert read_jsonl_table(_write(tmp_path, [good, bad])) is None
