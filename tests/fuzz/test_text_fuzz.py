@@ -122,3 +122,54 @@ def test_config_never_crashes(tmp_path_factory, data):
         load_config(str(p))
     except UserError as e:
         assert str(p) in str(e) or "config" in str(e)
+
+
+PLAUSIBLE = {  # values near the plain log's shape, a few of each field not acceptable
+    "proto": ["tcp", "udp", "TCP", "Udp", "6", 6, 17, 300, True, None],
+    "src": ["10.0.0.5", "10.0.0.6", "fd00::5", "::ffff:10.0.0.5", "0:0::1", "1.2.3", 5],
+    "dst": ["203.0.113.9", "2001:db8::1", "2001:DB8:0::1", "198.51.100.7", "::1", "x"],
+    "sport": [0, 443, 65535, 65536, -1, True, None, "80", 1.5],
+    "dport": [443, 53, 8443, None],
+    "packets": [None, 0, 1, 2**63 - 1, 2**63, -5, 1.0],
+    "bytes": [None, 0, 1500, 2**63 - 1, -1],
+    "first_seen": ["2025-06-15T12:00:00Z", "2025-06-15T12:00:00.123456Z", "2025-06-15T12:00:00.5Z",
+                   "2025-02-30T00:00:00Z", "2025-06-15T12:00:00+02:00", "2025-06-15 12:00:00", 1750000000,
+                   1750000000.25, -1, 1e20, None, True, "9999-12-31T23:59:59Z", "1970-01-01T00:00:00Z"],
+    "last_seen": ["2025-06-15T12:00:01Z", 1750000001, None, "x"],
+    "hostname": [None, "a.example", "Bücher.example", "xn--bcher-kva.example", "", 5, "a..b", "*.x"],
+    "hostname_source": [None, "sni", 5],
+    "hostname_chain": [None, ["a.example", "b.example"], "a", [1]],
+    "source": [None, "pcap", 5],
+}
+
+
+@st.composite
+def plain_lines(draw):
+    keys = ["proto", "src", "dst"] + draw(st.lists(st.sampled_from(sorted(set(PLAUSIBLE) - {"proto", "src", "dst"})),
+                                                   max_size=8, unique=True))
+    obj = {k: draw(st.sampled_from(PLAUSIBLE[k][:3] if draw(st.integers(0, 9)) else PLAUSIBLE[k])) for k in keys}
+    return _raw_json(obj)
+
+
+@SETTINGS
+@given(lines=st.lists(st.one_of(plain_lines(), plain_lines(), jsonl_lines()), min_size=1, max_size=6),
+       newline=st.booleans(), evidence=st.booleans())
+def test_bulk_jsonl_reader_agrees_with_the_line_reader(tmp_path_factory, lines, newline, evidence):
+    """The bulk reader never accepts a file the line reader refuses, and when it reads one, it reads
+    what the line reader reads (flows, counts, warnings)."""
+    from agent.sources.jsonl_table import read_jsonl_table
+
+    if evidence:  # the same lines as evidence records (bodies that are not objects stay as they are)
+        lines = [f'{{"event": "new", "conntrack_id": {i % 3}, "flow": {x}}}' for i, x in enumerate(lines)]
+    p = tmp_path_factory.mktemp("jb") / "f.jsonl"
+    p.write_bytes(("\n".join(lines) + ("\n" if newline else "")).encode("utf-8", "surrogatepass"))
+    try:
+        want = read_jsonl(str(p))
+    except UserError:
+        want = None
+    got = read_jsonl_table(str(p))
+    if got is None:
+        return
+    assert want is not None, "the bulk reader accepted what the line reader refuses"
+    assert got[0].flows() == want[0]
+    assert got[1].to_json() == want[1].to_json()
