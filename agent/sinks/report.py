@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
+from operator import itemgetter
 
 from agent import __version__
 from agent.flow import Outcome, iso_time, proto_name
@@ -40,6 +41,18 @@ def flow_row(flow, j: Judged | None) -> dict:
             "hostname": flow.hostname, "hostname_source": flow.hostname_source,
             "recipient": j.recipient.id if j is not None and j.recipient is not None else None,
             "verdicts": {v.policy: v.outcome.value for v in j.outcomes} if j is not None else {}}
+
+
+_ORDER = itemgetter("policy", "first_seen", "dst", "dst_port")
+
+
+def _sorted_records(records: list[dict]) -> list[dict]:
+    """By policy, first seen, destination and port (stable). The C key getter serves when every
+    record has a time (always, for flows read by this tool); a record without one sorts first."""
+    try:
+        return sorted(records, key=_ORDER)
+    except TypeError:  # None among the times
+        return sorted(records, key=lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"]))
 
 
 class AuditReport:
@@ -201,7 +214,6 @@ class AuditReport:
         return sorted(rows, key=lambda r: (-r["bytes"], r["country"] or "~"))
 
     def to_json(self) -> dict:
-        order = lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"])  # noqa: E731
         out = {
             "tool": {"name": "egress-agent", "version": __version__},
             "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
@@ -212,9 +224,9 @@ class AuditReport:
             "destinations_by_country": self.destinations_by_country(),
             "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
             "verdicts": dict(self.verdicts),
-            "violations": sorted(self.records["violation"], key=order),
-            "indeterminate": sorted(self.records["indeterminate"], key=order),
-            "exempt": sorted(self.records["exempt"], key=order),
+            "violations": _sorted_records(self.records["violation"]),
+            "indeterminate": _sorted_records(self.records["indeterminate"]),
+            "exempt": _sorted_records(self.records["exempt"]),
             "redated": self.redated,
             "warnings": self.warnings + self._redated_warning(),
         }
