@@ -35,20 +35,49 @@ class Options:
     fsync: bool = False
 
 
+_PARTS: dict = {}  # the parts of records many flows share (see record); cleared when it grows
+_PARTS_MAX = 4096
+
+
+def _shared(judged, verdict) -> tuple[dict, dict]:
+    """(the verdict's fields, where the destination is): the same for every flow with this verdict
+    and this location apart from its address, so they are made once per such pair."""
+    loc = judged.location
+    vkey = ("v", verdict)
+    vpart = _PARTS.get(vkey)
+    if vpart is None:
+        vpart = _PARTS[vkey] = verdict.to_json()
+    wkey = ("w", loc.scope, loc.lookup_ip, loc.country, loc.registered_country, loc.represented_country,
+            loc.continent, loc.in_eu, loc.anycast, loc.asn, loc.as_org, loc.source, loc.provenance, loc.unknown_reason,
+            judged.jurisdictions)
+    where = _PARTS.get(wkey)
+    if where is None:
+        where = _PARTS[wkey] = {
+            "country": loc.country if loc.unknown_reason is None else None,
+            "jurisdictions": list(judged.jurisdictions),
+            "location": {k: v for k, v in loc.to_json().items() if k not in ("ip",)},
+            "asn": loc.asn,
+            "as_org": loc.as_org,
+        }
+    if len(_PARTS) > _PARTS_MAX:
+        _PARTS.clear()
+    return vpart, where
+
+
 def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
-    """The evidence record for one verdict: everything an auditor needs, nothing to look up."""
-    f, loc = judged.flow, judged.location
+    """The evidence record for one verdict: everything an auditor needs, nothing to look up.
+
+    The verdict's fields and the location (without its address) are shared by many flows and made
+    once (`_shared`); the message, the flow and the time are this flow's. Records are serialised at
+    once and never changed, so sharing the nested parts is safe."""
+    vpart, where = _shared(judged, verdict)
     rec = {
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "event": event,
-        **verdict.to_json(),
+        **vpart,
         "message": judged.message(verdict),  # the cached verdict's text, naming this flow's destination
-        "flow": f.to_json(),
-        "country": loc.country if loc.unknown_reason is None else None,
-        "jurisdictions": list(judged.jurisdictions),
-        "location": {k: v for k, v in loc.to_json().items() if k not in ("ip",)},
-        "asn": loc.asn,
-        "as_org": loc.as_org,
+        "flow": judged.flow.to_json(),
+        **where,
     }
     r = getattr(judged, "recipient", None)
     if r is not None:

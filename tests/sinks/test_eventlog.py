@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 from agent.sinks.eventlog import EvidenceLog, Options
 
@@ -173,3 +174,50 @@ def test_disk_full_writes_no_partial_line_counts_and_marks_the_gap(tmp_path):
     assert gap["lost_lines"] == out["lost"] == 100 - len(written)
     assert recs[-2]["i"] == "after" and recs.index(gap) == len(recs) - 3
     assert [r["seq"] for r in recs] == sorted(r["seq"] for r in recs)
+
+
+def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
+    """record() makes the verdict and location parts once per (verdict, location without address);
+    every record must still be exactly the one made from scratch, for locations that differ only in
+    fields outside the verdict's key too (anycast, EU flag, embedded IPv4)."""
+    from datetime import date
+
+    from agent.enrich.geoip import Locator
+    from agent.enrich.scope import Scoper
+    from agent.pipeline import Pipeline
+    from agent.policy.jurisdictions import Jurisdictions
+    from agent.policy.load import load_policies
+    from agent.sinks import eventlog
+    from tests.helpers import build_asn_mmdb, build_city_mmdb
+    from tests.test_bulk import LOCATIONS, random_flows
+
+    def whole(judged, verdict, event, extra):  # the record as made before parts were shared
+        f, loc = judged.flow, judged.location
+        rec = {"time": "T", "event": event, **verdict.to_json(), "message": judged.message(verdict),
+               "flow": f.to_json(), "country": loc.country if loc.unknown_reason is None else None,
+               "jurisdictions": list(judged.jurisdictions),
+               "location": {k: v for k, v in loc.to_json().items() if k not in ("ip",)},
+               "asn": loc.asn, "as_org": loc.as_org}
+        rec.update(extra)
+        return rec
+
+    locations = dict(LOCATIONS, **{"198.51.100.192/27": {"country": "DE", "anycast": True}})
+    dbs = [build_city_mmdb(tmp_path / "c.mmdb", locations), build_asn_mmdb(tmp_path / "a.mmdb", locations)]
+    repo = Path(__file__).resolve().parents[2]
+    jur = Jurisdictions.load()
+    scoper = Scoper(public_nets=["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"])
+    pipe = Pipeline(load_policies(repo / "policies", jur), jur, Locator(dbs, scoper), scoper, as_of=date(2025, 7, 1))
+    eventlog._PARTS.clear()
+    checked = 0
+    for f in random_flows(1500, 44):
+        if not pipe.is_egress(f):
+            continue
+        j = pipe.judge(f)
+        for v in j.outcomes:
+            for _ in range(2):  # made, then taken from the shared parts
+                got = eventlog.record(j, v, "new", {"conntrack_id": 7})
+                got["time"] = "T"
+                assert got == whole(j, v, "new", {"conntrack_id": 7})
+                assert list(got) == list(whole(j, v, "new", {"conntrack_id": 7}))  # and the same key order
+                checked += 1
+    assert checked > 1000
