@@ -183,42 +183,47 @@ class ConntrackSource:
                     kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
                 scope = self.d.pipeline.scoper
                 batch = []
-                for kind, e in ct.events(min(0.5, every)):
-                    if len(batch) >= BATCH:
+                seen = dict.fromkeys(events, 0)  # events by kind, added to the counters once per drain
+                try:
+                    for kind, e in ct.events(min(0.5, every)):
+                        if len(batch) >= BATCH:
+                            self.d._enqueue(batch, drops)
+                            batch = []
+                        seen[kind] += 1
+                        if kind == "destroy":
+                            if e[:6] in known:
+                                del known[e[:6]]
+                                batch.append((kind, e, False))
+                            continue
+                        if kind == "dump":
+                            dumped += 1
+                        if e[:6] in known or not scope.is_egress(e.src, e.dst):
+                            continue
+                        known[e[:6]] = None
+                        if len(known) > MAX_KNOWN:
+                            del known[next(iter(known))]
+                        counted = kind != "dump" and scope.accountable(e.src) and scope.accountable(e.dst)
+                        if counted:
+                            if kind == "new":
+                                acct.arrived += 1
+                            else:
+                                acct.recovered += 1
+                                m.recovered.labels(SOURCE).inc()
+                        self.d.seen_new += 1
+                        if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
+                            drops["sampled"].inc(counted)
+                            continue
+                        if limiter.rate > 0 and not limiter.allow(e.dst, time.monotonic()):
+                            drops["rate_limited"].inc(counted)
+                            continue
+                        self.d.kept_new += 1
+                        batch.append((kind, e, counted))
+                    if batch:
                         self.d._enqueue(batch, drops)
-                        batch = []
-                    if kind == "destroy":
-                        events["destroy"].inc()
-                        if e[:6] in known:
-                            del known[e[:6]]
-                            batch.append((kind, e, False))
-                        continue
-                    events["resync" if kind == "resync" else kind].inc()
-                    if kind == "dump":
-                        dumped += 1
-                    if e[:6] in known or not scope.is_egress(e.src, e.dst):
-                        continue
-                    known[e[:6]] = None
-                    if len(known) > MAX_KNOWN:
-                        del known[next(iter(known))]
-                    counted = kind != "dump" and scope.accountable(e.src) and scope.accountable(e.dst)
-                    if counted:
-                        if kind == "new":
-                            acct.arrived += 1
-                        else:
-                            acct.recovered += 1
-                            m.recovered.labels(SOURCE).inc()
-                    self.d.seen_new += 1
-                    if one_in > 1 and (e.ct_id * 2654435761) % 4294967296 % one_in:
-                        drops["sampled"].inc(counted)
-                        continue
-                    if not limiter.allow(e.dst, time.monotonic()):
-                        drops["rate_limited"].inc(counted)
-                        continue
-                    self.d.kept_new += 1
-                    batch.append((kind, e, counted))
-                if batch:
-                    self.d._enqueue(batch, drops)
+                finally:  # counted even when a read fails mid-drain
+                    for kind, n in seen.items():
+                        if n:
+                            events[kind].inc(n)
                 if ct.needs_dump and ct.overflows:
                     acct.resync_pending = True  # an ENOBUFS: the dump runs at the next events() call
                 elif not ct.needs_dump:
