@@ -33,7 +33,7 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
-from agent.flow import Outcome
+from agent.flow import Flow, Outcome
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
@@ -314,10 +314,11 @@ class Daemon:
             return  # sampled out, or forgotten (state_evicted)
         j, counted = st
         delta = max(0, e.bytes - counted)
-        flow = dataclasses.replace(j.flow, packets=e.packets, bytes=e.bytes, last_seen=now)
-        ended = j.with_flow(flow)
         if delta:
-            self.metrics.judged(j.with_flow(dataclasses.replace(flow, bytes=delta)), bytes_only=True)
+            self.metrics.judged(j, bytes_only=True, nbytes=delta)
+        f = j.flow  # the flow at its end: final counters (a Flow built directly: replace() costs ~3x)
+        ended = j.with_flow(Flow(f.proto, f.src, f.sport, f.dst, f.dport, e.packets, e.bytes, f.first_seen, now,
+                                 f.source, f.who, f.hostname, f.hostname_source, f.hostname_chain))
         self._evidence(ended, "end", e)
 
     def _recipient(self, j):

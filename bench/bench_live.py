@@ -10,7 +10,8 @@ runs, two consumers read the same conntrack event stream:
   * conntrack -E -e NEW   (the peer: libnetfilter_conntrack in C, printing each event)
 
 and the bench prints, per rate: flows the kernel counted, flows judged, drops by reason,
-unaccounted, each consumer's CPU (% of one core), CPU per 1,000 new flows/s, the agent's
+unaccounted, each consumer's CPU (% of one core), CPU per 1,000 new flows/s, the share of the
+agent's CPU spent in the kernel (system time: its recv, write and netlink work), the agent's
 capacity (flows judged per CPU-second) and the CPU ratio agent / conntrack -E.
 
     sudo .venv/bin/python bench/bench_live.py [--rates 2000,10000,30000] [--seconds 8]
@@ -59,9 +60,10 @@ print(n)
 """
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
+    """User + system CPU seconds of a process (system only with kernel_only)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
 
 
 def metrics(port: int) -> dict:
@@ -115,6 +117,7 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
         time.sleep(1.0)
         m0 = metrics(port)
         a0, p0, t0 = cpu_seconds(agent.pid), cpu_seconds(peer.pid), time.monotonic()
+        k0 = cpu_seconds(agent.pid, kernel_only=True)
         spy = None
         if PROFILE:  # sample the agent's threads while the sender runs (py-spy, collapsed stacks)
             spy = subprocess.Popen(["py-spy", "record", "-p", str(agent.pid), "-d", str(int(seconds)), "-r", "200",
@@ -131,6 +134,7 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
             if m1.get("egress_agent_flows_queued", 0) == 0 and m1.get("egress_agent_flows_unaccounted", 1) == 0:
                 break
         a1, p1 = cpu_seconds(agent.pid), cpu_seconds(peer.pid)
+        k1 = cpu_seconds(agent.pid, kernel_only=True)
         m1 = metrics(port)
     finally:
         if peer is not None:
@@ -147,7 +151,8 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
             "drops": {r: d(f"egress_agent_source_drops_total{{{r}}}")
                       for r in ("sampled", "rate_limited", "queue_full", "overflow", "error")},
             "lost_events": d("egress_agent_source_events_lost_total"),
-            "unaccounted": m1.get("egress_agent_flows_unaccounted"), "agent_cpu": a1 - a0, "peer_cpu": p1 - p0}
+            "unaccounted": m1.get("egress_agent_flows_unaccounted"), "agent_cpu": a1 - a0, "agent_kernel_cpu": k1 - k0,
+            "peer_cpu": p1 - p0}
 
 
 def main():
@@ -172,7 +177,8 @@ def main():
         for attribution in passes:
             print(f"\n--- attribution {'on' if attribution else 'off'} ---")
             print(f"{'offered/s':>10} {'kernel':>8} {'judged':>8} {'drops':>24} {'unacct':>6} "
-                  f"{'agent %':>8} {'%/1k/s':>7} {'flows/cpu-s':>11} {'ct -E %':>8} {'%/1k/s':>7} {'ratio':>6}")
+                  f"{'agent %':>8} {'%/1k/s':>7} {'kernel %':>8} {'flows/cpu-s':>11} {'ct -E %':>8} {'%/1k/s':>7} "
+                  f"{'ratio':>6}")
             for i, rate in enumerate(rates):
                 r = run_rate(topo, work, rate, a.seconds, attribution, seed=i)
                 per_s = r["kernel"] / r["wall"]
@@ -182,7 +188,7 @@ def main():
                 cap = r["judged"] / r["agent_cpu"] if r["agent_cpu"] else float("inf")
                 print(f"{per_s:>10,.0f} {r['kernel']:>8,.0f} {r['judged']:>8,.0f} {drops:>24} "
                       f"{r['unaccounted']:>6,.0f} {a_util:>7.1f}% {a_util / (per_s / 1000):>6.1f}% "
-                      f"{cap:>11,.0f} {p_util:>7.1f}% {p_util / (per_s / 1000):>6.1f}% "
+                      f"{r['agent_kernel_cpu'] / max(r['agent_cpu'], 1e-9) * 100:>7.0f}% {cap:>11,.0f} {p_util:>7.1f}% {p_util / (per_s / 1000):>6.1f}% "
                       f"{r['agent_cpu'] / max(r['peer_cpu'], 1e-9):>5.1f}x", flush=True)
     print(f"\nwork files (agent log, evidence) in {work}")
 

@@ -145,15 +145,16 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
-    def judged(self, j, bytes_only: bool = False):
+    def judged(self, j, bytes_only: bool = False, nbytes: int | None = None):
         """Count one judged flow: flows + bytes per verdict, violations, indeterminate reasons.
+        `bytes_only` with `nbytes`: only bytes the flow carried since it was last counted.
 
         Counts gather in a plain dict and reach the Prometheus counters in `flush()` (the worker
         calls it after every batch): one locked increment per label set per batch, instead of
         four to eight per flow.
         """
         cc = country_label(j.location)
-        n = j.flow.bytes
+        n = j.flow.bytes if nbytes is None else nbytes
         pend = self._pending
         for v in j.outcomes:
             outcome = _VALUE[v.outcome]
