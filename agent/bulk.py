@@ -7,9 +7,9 @@ fields, which policy networks hold the destination and the source, day, protocol
 process and host name where policies select on them), and `pipe.judge` is called once per group,
 on its first row. The facts are found in bulk: scope and policy networks by `searchsorted` over the
 same interval tables the scalar path bisects, the location by one database lookup per network the
-destinations fall in (`Locator.locate_many`). Rows the bulk form does not cover go through
-`pipe.judge` one by one: inbound connections, flows without a plausible time (judged at the as-of
-date), and every row when a recipient register is loaded.
+destinations fall in (`Locator.locate_many`), and with a recipient register, the recipient (once
+per destination and host name). Rows the bulk form does not cover go through `pipe.judge` one by
+one: inbound connections, and flows without a plausible time (judged at the as-of date).
 
 Why: per flow, `pipe.judge` costs ~25 us of Python; a capture with 200,000 flows then spends
 seconds judging what a few hundred groups decide.
@@ -70,6 +70,25 @@ def group_rows(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return rank[inv], first[order]
 
 
+def _recipients(pipe: Pipeline, t: FlowTable, rows, di, used_locs: list, used, text: list) -> np.ndarray:
+    """Per row, an id of the register's recipient the flow goes to, found as `Pipeline.judge` finds
+    it (name, then the destination's ASN, then its networks), once per (destination, host name)."""
+    from agent.policy.engine import _ip
+
+    asn = dict(zip(used.tolist(), (loc.asn for loc in used_locs), strict=True))
+    hosts = t.hostname[rows].tolist() if t.hostname is not None else [None] * len(rows)
+    found: dict[tuple, int] = {}
+    ids: dict = {}
+    out = np.empty(len(rows), dtype=np.int64)
+    for i, (d, h) in enumerate(zip(di.tolist(), hosts, strict=True)):
+        k = found.get((d, h))
+        if k is None:
+            rec = pipe.register.match(h, asn[d], _ip(text[d]))
+            k = found[(d, h)] = ids.setdefault(rec.id if rec is not None else None, len(ids))
+        out[i] = k
+    return out
+
+
 def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
     n = len(t)
     res = TableJudgement(n)
@@ -87,8 +106,6 @@ def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
     day = np.floor(t.first / 86400).astype(np.int64)
     plausible = (t.first != 0) & (t.first >= PLAUSIBLE_FROM) & (day - (as_of - _EPOCH).days <= 1)
     one_by_one = inb | (out & ~plausible)
-    if pipe.register is not None:
-        one_by_one |= out
     for i in np.flatnonzero(one_by_one).tolist():
         res.scalar[i] = pipe.judge(t.flow(i), inbound=bool(inb[i]))
     rows = np.flatnonzero(out & ~one_by_one)
@@ -114,9 +131,26 @@ def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
         cols.append(t.who[rows])
     if pipe._by_host and t.hostname is not None:
         cols.append(t.hostname[rows])
+    if pipe.register is not None:
+        cols.append(_recipients(pipe, t, rows, di, [locs[c] for c in cls], used, text))
     group, first = group_rows(cols)
     res.key[rows] = group
     for r in rows[first].tolist():
         res.reps.append(pipe.judge(t.flow(r)))
         res.rep_rows.append(r)
     return res
+
+
+def judged_rows(t: FlowTable, res: TableJudgement, direction: int = OUTBOUND):
+    """(row, Judged) for every row judged in `direction`, in row order, for consumers that need one
+    per flow (inventories): rows judged one by one as they were judged, the others from their
+    group's judgement with the row's own flow. Their `location` is the group's Location, whose `ip`
+    is the group's first destination; the flow names its own (no consumer reads `location.ip`)."""
+    keys = res.key.tolist()
+    for i in np.flatnonzero(res.direction == direction).tolist():
+        j = res.scalar.get(i)
+        if j is None:
+            rep = res.reps[keys[i]]
+            j = Judged(t.flow(i), rep.location, rep.outcomes, rep.jurisdictions, rep._for, rep.judged_at,
+                       recipient=rep.recipient)
+        yield i, j

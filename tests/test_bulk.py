@@ -148,7 +148,16 @@ def test_register_rows_go_one_by_one_and_agree(tmp_path, monkeypatch, dbs):
     flows = random_flows(800, 5)
     log = tmp_path / "flows.jsonl"
     log.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows))
-    pol, reg = write_setup(tmp_path, payroll())
+    # a second recipient by network: half of one location's addresses, so the recipient (not the
+    # location) must split a group of equal facts
+    dns = """  - id: resolver
+    name: Example Resolver
+    role: processor
+    established_in: US
+    processing_locations: [US]
+    match: {networks: ["8.8.8.0/25"]}
+"""
+    pol, reg = write_setup(tmp_path, payroll() + dns)
     argv = ["audit", "--policies", str(pol), "--geoip-db", dbs[0], "--as-of", "2025-07-01", "--recipients", str(reg),
             "--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32",
             str(log)]
@@ -250,3 +259,25 @@ def test_table_rows_are_the_flows_they_came_from():
     flows = random_flows(500, 11)
     t = FlowTable.from_flows(flows)
     assert t.flows() == flows
+
+
+def test_inventory_is_the_same_both_ways(tmp_path, monkeypatch, dbs):
+    flows = random_flows(1500, 12)
+    log = tmp_path / "flows.jsonl"
+    log.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows))
+    pol, reg = write_setup(tmp_path, payroll())
+    argv = ["inventory", "--policies", str(pol), "--geoip-db", dbs[0], "--geoip-db", dbs[1], "--recipients", str(reg),
+            "--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32",
+            str(log)]
+    got = {}
+    for bulk in (True, False):
+        monkeypatch.setattr(audit_mod, "BULK", bulk)
+        out = tmp_path / f"inv-{bulk}.json"
+        try:
+            main([*argv, "--format", "json", "--output", str(out)])
+        except SystemExit:
+            pass
+        got[bulk] = json.loads(out.read_text())
+        got[bulk].pop("generated_at", None)
+    assert got[True] == got[False]
+    assert got[True]["undeclared"] and any(r["declared"] for r in got[True]["inventory"])

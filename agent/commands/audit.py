@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from agent.bulk import judge_table
+from agent.bulk import judge_table, judged_rows
 from agent.commands.common import build_pipeline, without_cyclic_gc
 from agent.errors import UserError
 from agent.flowtable import FlowTable
@@ -19,8 +19,8 @@ from agent.sinks.report import AuditReport
 from agent.sources.pcap import read_capture, sniff_format
 
 PROGRESS_MIN_BYTES = 32 << 20
-# Judge in bulk (agent.bulk) unless the report lists every flow or an inventory is built from the
-# judgements: those need one Judged per flow. Tests turn it off to compare the two paths.
+# Judge in bulk (agent.bulk) unless the report lists every flow (`--flows` rows are built per flow).
+# Tests turn it off to compare the two paths; `inventory` follows it too.
 BULK = True
 
 
@@ -109,12 +109,16 @@ def _run_audit(args) -> int:
         sources.append((flows, stats, None))
     for path in expand_inputs(args.inputs):
         sources.append(read_input(path))
-    bulk = BULK and report.flows is None and inv is None
+    bulk = BULK and report.flows is None
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
         if bulk:
             table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
-            report.add_table(table, judge_table(pipe, table), count_packets=packets is None)
+            res = judge_table(pipe, table)
+            report.add_table(table, res, count_packets=packets is None)
+            if inv is not None:
+                for _i, j in judged_rows(table, res):
+                    inv.add(j)
             continue
         if isinstance(flows, FlowTable):
             flows = flows.flows()

@@ -26,6 +26,7 @@ import ipaddress
 import sys
 from collections import Counter, defaultdict
 
+from agent.bulk import judge_table, judged_rows
 from agent.commands.audit import expand_inputs, read_input
 from agent.commands.common import build_pipeline, without_cyclic_gc
 from agent.errors import UserError
@@ -172,12 +173,21 @@ def _run_inventory(args) -> int:
         from agent.sinks.report import AuditReport
 
         report = AuditReport(pipe.policies, pipe.locator.provenance())
+    from agent.commands import audit
+
     for path in expand_inputs(args.inputs):
         flows, stats, _packets = read_input(path)
-        if isinstance(flows, FlowTable):
-            flows = flows.flows()
         if report is not None:
             report.add_input(stats)
+        if audit.BULK:  # judged in bulk, then one Judged per egress flow (agent.bulk.judged_rows)
+            table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
+            for _i, j in judged_rows(table, judge_table(pipe, table)):
+                inv.add(j)
+                if report is not None:
+                    report.add(j)
+            continue
+        if isinstance(flows, FlowTable):
+            flows = flows.flows()
         for flow in flows:
             if pipe.is_egress(flow):
                 j = pipe.judge(flow)

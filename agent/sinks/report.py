@@ -190,8 +190,8 @@ class AuditReport:
         cols = list(zip(groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
                         t.bytes[rr].tolist(), iso_times(t.first[rr]), iso_times(t.last[rr]), process, host, hsrc,
                         prefix, strict=True))
-        loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org)
-               for rep in res.reps]
+        loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
+                rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
         for kind, records in self.records.items():
             # per group: this kind's verdicts, each with its message after the description prefix
             per_group = []
@@ -205,7 +205,7 @@ class AuditReport:
                  "exception": v.exception, "src": s_, "sport": sp, "dst": d, "dst_port": dp, "proto": pn,
                  "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1], "asn": loc[g][2],
                  "as_org": loc[g][3], "packets": pk, "bytes": by, "first_seen": fs, "last_seen": ls,
-                 "process": pr, "hostname": h, "hostname_source": hs, "recipient": None}
+                 "process": pr, "hostname": h, "hostname_source": hs, "recipient": loc[g][4]}
                 for g, s_, sp, d, dp, pn, pk, by, fs, ls, pr, h, hs, pre in cols for v, wf, tail in per_group[g])
 
     def destinations_by_country(self) -> list[dict]:
