@@ -70,20 +70,22 @@ def group_rows(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return rank[inv], first[order]
 
 
-def _recipients(pipe: Pipeline, t: FlowTable, rows, di, used_locs: list, used, text: list) -> np.ndarray:
+def _recipients(pipe: Pipeline, t: FlowTable, rows, di, used_locs: list, used, ints: list) -> np.ndarray:
     """Per row, an id of the register's recipient the flow goes to, found as `Pipeline.judge` finds
     it (name, then the destination's ASN, then its networks), once per (destination, host name)."""
-    from agent.policy.engine import _ip
+    import ipaddress
 
     asn = dict(zip(used.tolist(), (loc.asn for loc in used_locs), strict=True))
     hosts = t.hostname[rows].tolist() if t.hostname is not None else [None] * len(rows)
+    v4 = t.dst.v4.tolist()
     found: dict[tuple, int] = {}
     ids: dict = {}
     out = np.empty(len(rows), dtype=np.int64)
     for i, (d, h) in enumerate(zip(di.tolist(), hosts, strict=True)):
         k = found.get((d, h))
-        if k is None:
-            rec = pipe.register.match(h, asn[d], _ip(text[d]))
+        if k is None:  # the address object from its integer: ~5x cheaper than parsing its text
+            address = ipaddress.IPv4Address(ints[d]) if v4[d] else ipaddress.IPv6Address(ints[d])
+            rec = pipe.register.match(h, asn[d], address)
             k = found[(d, h)] = ids.setdefault(rec.id if rec is not None else None, len(ids))
         out[i] = k
     return out
@@ -132,7 +134,7 @@ def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
     if pipe._by_host and t.hostname is not None:
         cols.append(t.hostname[rows])
     if pipe.register is not None:
-        cols.append(_recipients(pipe, t, rows, di, [locs[c] for c in cls], used, text))
+        cols.append(_recipients(pipe, t, rows, di, [locs[c] for c in cls], used, ints))
     group, first = group_rows(cols)
     res.key[rows] = group
     for r in rows[first].tolist():
