@@ -186,9 +186,10 @@ def main():
                 p_util = r["peer_cpu"] / r["wall"] * 100
                 drops = ",".join(f"{k}={int(v)}" for k, v in r["drops"].items() if v) or "0"
                 cap = r["judged"] / r["agent_cpu"] if r["agent_cpu"] else float("inf")
+                k_share = r["agent_kernel_cpu"] / max(r["agent_cpu"], 1e-9) * 100
                 print(f"{per_s:>10,.0f} {r['kernel']:>8,.0f} {r['judged']:>8,.0f} {drops:>24} "
                       f"{r['unaccounted']:>6,.0f} {a_util:>7.1f}% {a_util / (per_s / 1000):>6.1f}% "
-                      f"{r['agent_kernel_cpu'] / max(r['agent_cpu'], 1e-9) * 100:>7.0f}% {cap:>11,.0f} {p_util:>7.1f}% {p_util / (per_s / 1000):>6.1f}% "
+                      f"{k_share:>7.0f}% {cap:>11,.0f} {p_util:>7.1f}% {p_util / (per_s / 1000):>6.1f}% "
                       f"{r['agent_cpu'] / max(r['peer_cpu'], 1e-9):>5.1f}x", flush=True)
     print(f"\nwork files (agent log, evidence) in {work}")
 
