@@ -32,27 +32,38 @@ def addr_text(v4: bool, hi: int, lo: int) -> str:
     return _ntop(_AF6, ((hi << 64) | lo).to_bytes(16, "big"))
 
 
+# One multiplier per key word (flow keys have five; address keys three): the hash that groups rows.
+KEY_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                     0xFF51AFD7ED558CCD], dtype=np.uint64)
+
+
+def group_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each group, group of each row) for the identical rows of a uint64 matrix.
+
+    Groups on one 64-bit hash per row (np.unique of rows sorts ~20x slower), then checks every row
+    against its group's first row: a hash collision can never merge two keys, it falls back to
+    grouping the rows themselves."""
+    with np.errstate(over="ignore"):
+        h = (words * KEY_HASH[:words.shape[1]]).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    if not (words == words[first][inv]).all():
+        _, first, inv = np.unique(words, axis=0, return_index=True, return_inverse=True)
+        inv = inv.ravel()
+    return first, inv
+
+
 class Addresses:
     """The distinct addresses of a column: sorted (IPv4 first, then by value), with the index of each
     row's address in them (`inverse`) and their text, made once per distinct address."""
 
     def __init__(self, v4: np.ndarray, hi: np.ndarray, lo: np.ndarray, names: dict | None = None):
         self._names = names  # (is IPv4, high, low) -> text, when the rows came with text of their own
-        # Group on a 64-bit hash of the three words (np.unique of structured rows sorts ~20x slower),
-        # check every row against its group's first row, then sort the groups by (version, value).
         v6 = (~v4).astype(np.uint64)
-        with np.errstate(over="ignore"):
-            h = v6 * np.uint64(0x9E3779B97F4A7C15) + hi * np.uint64(0xC2B2AE3D27D4EB4F) + \
-                lo * np.uint64(0x165667B19E3779F9)
-            h ^= h >> np.uint64(31)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(29)
-        _, first, inv = np.unique(h, return_index=True, return_inverse=True)
-        inv = inv.ravel()
-        if not ((v6 == v6[first][inv]) & (hi == hi[first][inv]) & (lo == lo[first][inv])).all():
-            rec = np.stack([v6, hi, lo], axis=1)  # a hash collision: group on the words themselves
-            _, first, inv = np.unique(rec, axis=0, return_index=True, return_inverse=True)
-            inv = inv.ravel()
+        first, inv = group_words(np.stack([v6, hi, lo], axis=1))
         order = np.lexsort((lo[first], hi[first], v6[first]))
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))

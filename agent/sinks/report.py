@@ -193,20 +193,15 @@ class AuditReport:
         loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
                 rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
         for kind, records in self.records.items():
-            # per group: this kind's verdicts, each with its message after the description prefix
-            per_group = []
-            for rep in res.reps:
-                old_prefix = rep._for[1]
-                per_group.append([(v, rep._for, v.message[len(old_prefix):] if v.message.startswith(old_prefix)
-                                   else None) for v in rep.outcomes if _VALUE[v.outcome] == kind])
+            per_group = [[(v, rep._for) for v in rep.outcomes if _VALUE[v.outcome] == kind] for rep in res.reps]
             records.extend(
                 {"policy": v.policy, "severity": v.severity, "reason": v.reason,
-                 "message": pre + tail if tail is not None else rewrite_message(v.message, wf, d, pre, False),
+                 "message": rewrite_message(v.message, wf, d, pre, False),
                  "exception": v.exception, "src": s_, "sport": sp, "dst": d, "dst_port": dp, "proto": pn,
                  "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1], "asn": loc[g][2],
                  "as_org": loc[g][3], "packets": pk, "bytes": by, "first_seen": fs, "last_seen": ls,
                  "process": pr, "hostname": h, "hostname_source": hs, "recipient": loc[g][4]}
-                for g, s_, sp, d, dp, pn, pk, by, fs, ls, pr, h, hs, pre in cols for v, wf, tail in per_group[g])
+                for g, s_, sp, d, dp, pn, pk, by, fs, ls, pr, h, hs, pre in cols for v, wf in per_group[g])
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],

@@ -230,6 +230,12 @@ def parse_flow(d, where: str) -> Flow:
                 hostname=host, hostname_source=host_src if host else None, hostname_chain=chain)
 
 
+def gap_warning(path: str, lineno: int, gap: dict) -> str:
+    """How a report words an evidence log's gap record."""
+    return (f"{path}:{lineno}: evidence gap ({gap.get('reason')}, from {gap.get('from')} until {gap.get('until')}): "
+            f"{gap.get('message')}")
+
+
 def _lines(f, path: str, stats: JsonlStats):
     """(line number, byte offset, raw line) with each line bounded by MAX_LINE."""
     offset, lineno = 0, 0
@@ -271,8 +277,7 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
             if isinstance(obj, dict) and obj.get("event") in ("gap", "stop") and "flow" not in obj:
                 if obj["event"] == "gap":  # the agent's own marker: evidence is missing here
-                    stats.warnings.append(f"{path}:{lineno}: evidence gap ({obj.get('reason')}, from "
-                                          f"{obj.get('from')} until {obj.get('until')}): {obj.get('message')}")
+                    stats.warnings.append(gap_warning(path, lineno, obj))
                 continue
             flow = parse_flow(obj, f"{path}:{lineno}")
             ct_id = obj.get("conntrack_id") if isinstance(obj, dict) else None

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-from socket import AF_INET as _AF4
-from socket import AF_INET6 as _AF6
-from socket import inet_ntop as _ntop
-from socket import inet_pton as _pton
 
 import numpy as np
 
@@ -29,7 +25,7 @@ from agent.enrich.scope import ip_int
 from agent.flow import PROTO_NUMBERS
 from agent.flowtable import FlowTable, concat, object_column
 from agent.names.hostnames import canonical
-from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip
+from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip, gap_warning
 
 MAX_BULK_BYTES = 1 << 28  # bigger logs are read line by line
 CHUNK_LINES = 1 << 16  # lines parsed at a time: only one chunk's dicts are alive
@@ -189,8 +185,7 @@ def _evidence_rows(path: str, objs: list[dict], start: int, warnings: list,
             if o.get("event") not in ("gap", "stop"):
                 raise _NotPlain  # a flow object among evidence records: line by line
             if o["event"] == "gap":
-                warnings.append(f"{path}:{start + i + 1}: evidence gap ({o.get('reason')}, from {o.get('from')} "
-                                f"until {o.get('until')}): {o.get('message')}")
+                warnings.append(gap_warning(path, start + i + 1, o))
         objs = [o for o, x in zip(objs, inner, strict=True) if x is not None]
         inner = [x for x in inner if x is not None]
         if not inner:
@@ -249,19 +244,8 @@ class _Columns:
 
 
 def _words(v: str) -> tuple[str, tuple[bool, int, int]]:
-    """(canonical text, key words) of an address, as canonical_ip and ip_int give them."""
-    try:
-        if ":" in v:
-            packed = _pton(_AF6, v)
-            if packed[:10] != bytes(10):  # not a ::a.b.c.d form: inet_ntop spells it as ipaddress does
-                n = int.from_bytes(packed, "big")
-                return _ntop(_AF6, packed), (False, n >> 64, n & _M64)
-        else:
-            packed = _pton(_AF4, v)
-            return _ntop(_AF4, packed), (True, 0, int.from_bytes(packed, "big"))
-    except OSError:
-        pass
-    c = canonical_ip(v)  # the rare forms; ValueError if not an address
+    """(canonical text, key words) of an address, as the line reader spells it; ValueError if not one."""
+    c = canonical_ip(v)
     version, n = ip_int(c)
     return c, (version == 4, n >> 64, n & _M64)
 

@@ -30,7 +30,7 @@ import numpy as np
 from agent.errors import UserError
 from agent.fileio import open_regular
 from agent.flow import Flow
-from agent.flowtable import FlowTable, concat
+from agent.flowtable import KEY_HASH, FlowTable, concat, group_words
 from agent.sources import decode as dec
 
 try:  # optional C walk of record boundaries (see _walk.c); the Python loop below is equivalent
@@ -415,8 +415,7 @@ def _flush(b: _Batch, mm):
 
 
 WINDOW = 96  # link header + 2 VLAN tags + IPv4 with options or IPv6 + 4 bytes of ports
-_K = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-               0xFF51AFD7ED558CCD], dtype=np.uint64)
+_K = KEY_HASH  # the flow key's hash multipliers (pcap_names picks rows by the same hash)
 
 
 def _u16(a, b):
@@ -554,18 +553,8 @@ class _Flows:
     @staticmethod
     def _group(words: np.ndarray):
         """(representative rows, inverse index) of identical key rows."""
-        with np.errstate(over="ignore"):
-            h = (words * _K).sum(axis=1, dtype=np.uint64)
-            h ^= h >> np.uint64(29)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(32)
-        _, first_idx, inv = np.unique(h, return_index=True, return_inverse=True)
-        inv = inv.ravel()
-        reps = words[first_idx]
-        if not (words == reps[inv]).all():  # a collision: group on the exact words instead
-            reps, inv = np.unique(words, axis=0, return_inverse=True)
-            inv = inv.ravel()
-        return reps, inv
+        first, inv = group_words(words)
+        return words[first], inv
 
     @classmethod
     def _reduce(cls, words, pk, by, first, last):
