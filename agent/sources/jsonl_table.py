@@ -30,7 +30,7 @@ from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, 
 MAX_BULK_BYTES = 1 << 28  # bigger logs are read line by line
 CHUNK_LINES = 1 << 16  # lines parsed at a time: only one chunk's dicts are alive
 _SPECIAL = ("flow", "event", "conntrack_id", "process")
-_PROTO = {**{k: v for k, v in PROTO_NUMBERS.items()}, **{k.upper(): v for k, v in PROTO_NUMBERS.items()}}
+_PROTO = {**PROTO_NUMBERS, **{k.upper(): v for k, v in PROTO_NUMBERS.items()}}
 _M64 = (1 << 64) - 1
 _U16_MAX, _I64_MAX = 65535, 2**63 - 1
 
@@ -40,9 +40,9 @@ class _NotPlain(Exception):
 
 
 def _ints(col: list, default: int, hi: int) -> list[int]:
-    types = set(map(type, col))
-    out = col if types == {int} else [default if v is None else v for v in col]
-    if (types != {int} and set(map(type, out)) != {int}) or (out and (min(out) < 0 or max(out) > hi)):
+    """A column of integers in 0..hi (None: the default), as `jsonl._int` accepts them (no bools)."""
+    out = [default if v is None else v for v in col] if None in col else col
+    if set(map(type, out)) != {int} or min(out) < 0 or max(out) > hi:
         raise _NotPlain
     return out
 
