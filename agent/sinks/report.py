@@ -126,7 +126,7 @@ class AuditReport:
 
         from agent.flow import iso_times
         from agent.pipeline import rewrite_message
-        from agent.policy.engine import PEER_NOUN, peer_prefix
+        from agent.policy.engine import peer_prefix
 
         n = len(t)
         self.totals["flows"] += n
@@ -168,9 +168,9 @@ class AuditReport:
             g = first_of[r]
             for grp in res.reps[g].jurisdictions:
                 self.by_jurisdiction[grp] += bytes_k[g]
-        # Records of the reported verdicts, in row order per kind. (Rows judged one by one are inbound,
-        # redated or register rows: their sort keys never equal a bulk row's, so appending them
-        # separately leaves the sorted lists as the per-row path makes them.)
+        # Records of the reported verdicts, in row order per kind. (Rows judged one by one are inbound
+        # or redated: their sort keys never equal a bulk row's, so appending them separately leaves
+        # the sorted lists as the per-row path makes them.)
         reported = [g for g, rep in enumerate(res.reps) if any(_VALUE[v.outcome] in self.records for v in rep.outcomes)]
         rr = bulk[np.isin(key, reported)] if reported else np.zeros(0, dtype=np.int64)
         if not len(rr):
@@ -185,8 +185,7 @@ class AuditReport:
         dst = [dst_text[i] for i in di[rr].tolist()]
         names = {p: proto_name(p) for p in np.unique(t.proto[rr]).tolist()}
         proto = [names[p] for p in t.proto[rr].tolist()]
-        prefix = [f"{PEER_NOUN[False]} {d} (" if h is None else peer_prefix(d, False, h, hs)
-                  for d, h, hs in zip(dst, host, hsrc, strict=True)]
+        prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
         cols = list(zip(groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
                         t.bytes[rr].tolist(), iso_times(t.first[rr]), iso_times(t.last[rr]), process, host, hsrc,
                         prefix, strict=True))
