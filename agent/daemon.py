@@ -42,6 +42,7 @@ from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, record
 from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
+from agent.threadname import named
 
 log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
@@ -410,7 +411,7 @@ class Daemon:
             hosts = HostAddresses(self.cfg.source.get("netns"))
             targets.append((lambda: hosts.watch(self._host_addresses_changed, self.stop), "host-addresses"))
         for target, name in targets:
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = threading.Thread(target=named(target, f"ea-{name}"), name=name, daemon=True)
             t.start()
             self.threads.append(t)
         log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
@@ -492,7 +493,7 @@ def run_daemon(args) -> int:
             reloader = None
         if d.reload_requested.is_set() and reloader is None:
             d.reload_requested.clear()  # a SIGHUP during this reload is served by the next one
-            reloader = threading.Thread(target=d.reload, name="reload", daemon=True)
+            reloader = threading.Thread(target=named(d.reload, "ea-reload"), name="reload", daemon=True)
             reloader.start()
         if not all(t.is_alive() for t in d.threads) and not d.stop.is_set():
             log.error("a worker thread died; exiting so the service manager restarts us")

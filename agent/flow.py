@@ -8,11 +8,40 @@ Times are POSIX seconds (float, UTC). Addresses are canonical text (`ipaddress` 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 47: "gre", 50: "esp", 51: "ah"}
 PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()} | {"icmpv6": 58}
+
+
+def fast_init(cls):
+    """Give a frozen, slotted dataclass an `__init__` ~3x cheaper than the generated one, same
+    signature, same defaults, same frozen instances afterwards.
+
+    Why: the generated `__init__` of a frozen class sets each field through `object.__setattr__`
+    (~0.15 us a field: 2-3 us per Flow or Location, several per live flow). This one gives the
+    instance a mutable twin class with the same slots for the duration of `__init__` (one
+    `object.__setattr__`), assigns the fields plainly, and gives the class back. Field defaults must
+    be plain values (no `default_factory`)."""
+    names = [f.name for f in fields(cls)]
+    twin = type(f"_Mutable{cls.__name__}", (), {"__slots__": tuple(names)})
+    params, ns = [], {"_set": object.__setattr__, "_twin": twin, "_cls": cls}
+    for f in fields(cls):
+        if f.default_factory is not MISSING:
+            raise TypeError(f"fast_init: {cls.__name__}.{f.name} has a default_factory")
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            ns[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+    body = "".join(f"    self.{n} = {n}\n" for n in names)
+    exec(f"def __init__(self, {', '.join(params)}):\n    _set(self, '__class__', _twin)\n{body}"  # noqa: S102
+         f"    self.__class__ = _cls\n", ns)
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
+    return cls
 
 
 def proto_name(num: int) -> str:
@@ -52,6 +81,7 @@ def iso_times(ts) -> list[str]:
     return [t[:-7] + "Z" if u == 0 else t + "Z" for t, u in zip(text, us.tolist(), strict=True)]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Who:
     """The local process behind a flow, when a live source could attribute it."""
@@ -66,6 +96,7 @@ class Who:
     unattributed: str | None = None  # reason, when attribution failed
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Flow:
     """One aggregated flow: distinct (proto, src, sport, dst, dport) over a time span.
@@ -117,6 +148,7 @@ class Flow:
         return d
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where an address is, and how we know. Unknown is an answer: `unknown_reason` says why."""
@@ -154,6 +186,7 @@ class Outcome(enum.StrEnum):
     NOT_APPLICABLE = "not_applicable"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The judgement of one policy on one flow, with a sentence a person can act on."""

@@ -66,6 +66,19 @@ def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
     return (int(fields[12]) + (0 if kernel_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict:
+    """CPU seconds (user + system) per thread name (the daemon names its threads `ea-...`)."""
+    out: dict = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def metrics(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,6 +131,7 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
         m0 = metrics(port)
         a0, p0, t0 = cpu_seconds(agent.pid), cpu_seconds(peer.pid), time.monotonic()
         k0 = cpu_seconds(agent.pid, kernel_only=True)
+        th0 = thread_cpu(agent.pid)
         spy = None
         if PROFILE:  # sample the agent's threads while the sender runs (py-spy, collapsed stacks)
             spy = subprocess.Popen(["py-spy", "record", "-p", str(agent.pid), "-d", str(int(seconds)), "-r", "200",
@@ -135,6 +149,7 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
                 break
         a1, p1 = cpu_seconds(agent.pid), cpu_seconds(peer.pid)
         k1 = cpu_seconds(agent.pid, kernel_only=True)
+        th1 = thread_cpu(agent.pid)
         m1 = metrics(port)
     finally:
         if peer is not None:
@@ -152,7 +167,7 @@ def run_rate(topo, work: Path, rate: int, seconds: float, attribution: bool, see
                       for r in ("sampled", "rate_limited", "queue_full", "overflow", "error")},
             "lost_events": d("egress_agent_source_events_lost_total"),
             "unaccounted": m1.get("egress_agent_flows_unaccounted"), "agent_cpu": a1 - a0, "agent_kernel_cpu": k1 - k0,
-            "peer_cpu": p1 - p0}
+            "peer_cpu": p1 - p0, "threads": {k: v - th0.get(k, 0.0) for k, v in th1.items()}}
 
 
 def main():
@@ -191,6 +206,10 @@ def main():
                       f"{r['unaccounted']:>6,.0f} {a_util:>7.1f}% {a_util / (per_s / 1000):>6.1f}% "
                       f"{k_share:>7.0f}% {cap:>11,.0f} {p_util:>7.1f}% {p_util / (per_s / 1000):>6.1f}% "
                       f"{r['agent_cpu'] / max(r['peer_cpu'], 1e-9):>5.1f}x", flush=True)
+                busy = sorted(((v, k) for k, v in r["threads"].items() if v > 0), reverse=True)
+                print("           agent CPU by thread: " + ", ".join(
+                    f"{k} {v / max(r['agent_cpu'], 1e-9) * 100:.0f}% ({v / max(r['judged'], 1) * 1e6:.0f} us/flow)"
+                    for v, k in busy), flush=True)
     print(f"\nwork files (agent log, evidence) in {work}")
 
 

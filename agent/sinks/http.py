@@ -30,6 +30,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.sinks.webconfig import WebConfig
+from agent.threadname import named
 
 MAX_HEAD = 16384
 
@@ -52,7 +53,8 @@ class MetricsServer:
         self._sock = socket.create_server((self.host, self.port), family=fam, backlog=1024, reuse_port=False)
         self.port = self._sock.getsockname()[1]
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="metrics-http", daemon=True)
+        self._thread = threading.Thread(target=named(self._run, "ea-metrics-http"), args=(ready,),
+                                        name="metrics-http", daemon=True)
         self._thread.start()
         ready.wait(10)
         return self
