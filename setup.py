@@ -1,9 +1,11 @@
 """Only for the optional C accelerator; all metadata lives in pyproject.toml.
 
 `optional=True`: where no compiler or Python headers exist the install still succeeds and the
-capture reader uses its pure-Python walk (same results, slower on big captures).
+capture reader uses its pure-Python walk and the conntrack source its Python decoder (same results,
+slower).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("agent.sources._walk", ["agent/sources/_walk.c"], optional=True)])
+setup(ext_modules=[Extension("agent.sources._walk", ["agent/sources/_walk.c"], optional=True),
+                   Extension("agent.sources._ctnl", ["agent/sources/_ctnl.c"], optional=True)])

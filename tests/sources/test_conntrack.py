@@ -101,6 +101,8 @@ def test_decoder_equals_pyroute2_on_real_messages():
             ref["id"], ref["packets"], ref["bytes"], ref["start"])
         r = ref["reply"]
         assert ours.nat_dst == (canon(r[0]) if canon(r[0]) != ours.dst else None)
+        if C._ctnl is not None:  # the C event reader decodes the kernel's messages alike
+            assert C._ctnl.decode(msg, C.CtEntry) == ours
         protos.add(ours.proto)
     assert {6, 17, 1, 58} <= protos
     # The learned-layout fast path gives the same entries as the generic decoder: every message is
