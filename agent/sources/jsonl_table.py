@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import gc
 import os
+from socket import AF_INET as _AF4
+from socket import AF_INET6 as _AF6
+from socket import inet_ntop as _ntop
+from socket import inet_pton as _pton
 
 import numpy as np
 
@@ -32,6 +36,7 @@ CHUNK_LINES = 1 << 16  # lines parsed at a time: only one chunk's dicts are aliv
 _SPECIAL = ("flow", "event", "conntrack_id", "process")
 _PROTO = {**PROTO_NUMBERS, **{k.upper(): v for k, v in PROTO_NUMBERS.items()}}
 _M64 = (1 << 64) - 1
+_ZERO10 = bytes(10)
 _U16_MAX, _I64_MAX = 65535, 2**63 - 1
 
 
@@ -244,7 +249,22 @@ class _Columns:
 
 
 def _words(v: str) -> tuple[str, tuple[bool, int, int]]:
-    """(canonical text, key words) of an address, as the line reader spells it; ValueError if not one."""
+    """(canonical text, key words) of an address, as the line reader spells it; ValueError if not one.
+
+    One inet_pton per address where its spelling is `canonical_ip`'s (~1 us, against ~3 us through
+    `canonical_ip` and `ip_int`, whose memos a log of 100,000 distinct addresses only churns);
+    the forms it hands to `ipaddress` (::a.b.c.d, scoped) and every error take that path itself."""
+    try:
+        if ":" in v:
+            packed = _pton(_AF6, v)
+            if packed[:10] != _ZERO10:
+                n = int.from_bytes(packed, "big")
+                return _ntop(_AF6, packed), (False, n >> 64, n & _M64)
+        else:
+            packed = _pton(_AF4, v)
+            return _ntop(_AF4, packed), (True, 0, int.from_bytes(packed, "big"))
+    except OSError:
+        pass
     c = canonical_ip(v)
     version, n = ip_int(c)
     return c, (version == 4, n >> 64, n & _M64)

@@ -32,6 +32,29 @@ def test_canonical_ip_equals_ipaddress():
             assert canonical_ip(v) == want, v
 
 
+def test_address_words_equal_canonical_ip_and_ip_int():
+    from agent.enrich.scope import ip_int
+    from agent.sources.jsonl_table import _words
+
+    rnd = random.Random(4)
+    cases = ["01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "::1.2.3.4", "::", "::1", "fe80::1%eth0", "FE80::A",
+             "1:0:0:2::", "2001:db8::1.2.3.4", " 1.2.3.4", "1.2.3.256", "", "x", "1::2::3", "0.0.0.0",
+             "255.255.255.255", "::ffff:0:0", "0:0:0:0:0:1:0:0"]
+    for _ in range(3000):
+        n = rnd.getrandbits(128) >> rnd.choice((0, 16, 48, 80, 96, 112))
+        cases += [str(ipaddress.IPv6Address(n)), ipaddress.IPv6Address(n).exploded.upper(),
+                  str(ipaddress.IPv4Address(n & 0xFFFFFFFF))]
+    for v in cases:
+        try:
+            c = canonical_ip(v)
+        except ValueError:
+            with pytest.raises(ValueError):
+                _words(v)
+            continue
+        version, n = ip_int(c)
+        assert _words(v) == (c, (version == 4, n >> 64, n & (2**64 - 1))), v
+
+
 @pytest.mark.parametrize("raw", [
     b'{"a": 1, "b": [1.5, -2, "x\\u00e9"], "c": null, "d": true}', b'{"a": 1, "a": 2}', b'[18446744073709551615]',
     b'{"n": 123456789012345678901}', b'[1e999]', b'{"t": NaN}', b'[Infinity]', b'"\\ud800"', b'[' * 3000 + b']' * 3000,
