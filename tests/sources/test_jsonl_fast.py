@@ -45,13 +45,13 @@ def test_address_words_equal_canonical_ip_and_ip_int():
         cases += [str(ipaddress.IPv6Address(n)), ipaddress.IPv6Address(n).exploded.upper(),
                   str(ipaddress.IPv4Address(n & 0xFFFFFFFF))]
     for v in cases:
-        try:
+        try:  # what _words did before its fast path
             c = canonical_ip(v)
+            version, n = ip_int(c)
         except ValueError:
             with pytest.raises(ValueError):
                 _words(v)
             continue
-        version, n = ip_int(c)
         assert _words(v) == (c, (version == 4, n >> 64, n & (2**64 - 1))), v
 
 
