@@ -136,7 +136,7 @@ class Pipeline:
 
     def clear(self):
         self._cache.clear()
-        self.locator._cache.clear()
+        self.locator.clear()
 
     def is_egress(self, flow: Flow) -> bool:
         return self.scoper.is_egress(flow.src, flow.dst)

@@ -1,7 +1,8 @@
 """Where a public address is: MaxMind-format databases, or the embedded RIR data.
 
-Contract: `Locator(paths, scoper).locate(ip) -> Location`, pure apart from a bounded per-address
-cache that is dropped when any database file changes (`refresh()` checks inode/mtime/size).
+Contract: `Locator(paths, scoper).locate(ip) -> Location`, pure apart from bounded caches (per
+address, and per database network: an address inside a network looked up before needs no read)
+that are dropped when any database file changes (`refresh()` checks inode/mtime/size).
 
 Records are read through `maxminddb` (the reader under `geoip2`) as plain dicts rather than
 geoip2's typed models, because one code path then serves every vendor's layout: MaxMind GeoIP2 /
@@ -17,7 +18,9 @@ Unknown is an answer, never a silent pass: `unknown_reason` is one of
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections import OrderedDict
+from dataclasses import fields
 from datetime import UTC, datetime
 from importlib import metadata
 from socket import AF_INET as _AF4
@@ -29,6 +32,8 @@ from agent.fileio import open_regular
 from agent.flow import Location
 
 CACHE_SIZE = 65536
+NETWORK_CACHE = 65536  # database networks remembered per IP version (see Locator._remember_network)
+_LOCATED_FIELDS = tuple(f.name for f in fields(Location))[3:]  # after ip, scope, lookup_ip
 # RIR pseudo-codes that name a region, not a country.
 _REGION_CODES = {"EU", "AP"}
 _MISSING = object()
@@ -192,14 +197,19 @@ class Locator:
         self._cache: OrderedDict[str, Location] = OrderedDict()
         self.errors = 0  # corrupt records met; each address stays an explicit unknown
         self.warnings: list[str] = []
-        self._merged: dict[tuple, dict] = {}
+        self._merged: dict[tuple, tuple] = {}  # database networks -> the Location fields after `lookup_ip`
         self._open()
 
     def _open(self):
         self.dbs = [_Db(p) for p in self.paths]
+        self.clear()
+        self.refresh_error: str | None = None
+
+    def clear(self):
+        """Forget every cached answer (per address, per network, per record)."""
         self._cache.clear()
         self._merged.clear()
-        self.refresh_error: str | None = None
+        self._nets: dict[int, tuple[list, list, list]] = {4: ([], [], []), 6: ([], [], [])}
 
     def provenance(self) -> list[dict]:
         if not self.dbs:
@@ -229,8 +239,7 @@ class Locator:
             self.refresh_error = str(e)
             return False
         self.dbs = dbs
-        self._cache.clear()
-        self._merged.clear()
+        self.clear()
         self.refresh_error = None
         return True
 
@@ -267,6 +276,9 @@ class Locator:
                             source=REGISTRATION_SOURCE,
                             provenance=(("iptocc " + _iptocc_version(), ""),),
                             unknown_reason=unknown_reason(f))
+        hit = self._network_hit(lv, ln)
+        if hit is not None:  # in a network looked up before: no database read
+            return Location(ip, scope, lookup_ip, *hit)
         keys = []
         for db in self.dbs:
             # The embedded IPv4 address itself, never the database's IPv6 alias: for Teredo,
@@ -280,13 +292,36 @@ class Locator:
                 return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, source=db.database_type,
                                 provenance=((db.database_type, db.build_date),), unknown_reason="database-error")
         ident = tuple(k for k, _ in keys)
-        kw = self._merged.get(ident)
-        if kw is None:
+        vals = self._merged.get(ident)
+        if vals is None:
             kw = self._merge([f for _, f in keys])
+            vals = tuple(kw[f] for f in _LOCATED_FIELDS)
             if len(self._merged) >= 262144:
                 self._merged.clear()
-            self._merged[ident] = kw
-        return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, **kw)
+            self._merged[ident] = vals
+        self._remember_network(lv, ln, ident, vals)
+        return Location(ip, scope, lookup_ip, *vals)
+
+    def _network_hit(self, version: int, n: int) -> tuple | None:
+        """The located fields of a network already looked up that holds address `n`, or None."""
+        starts, ends, vals = self._nets[version]
+        i = bisect_right(starts, n) - 1
+        return vals[i] if i >= 0 and n <= ends[i] else None
+
+    def _remember_network(self, version: int, n: int, ident: tuple, vals: tuple):
+        """Remember the range every database answers alike for `n`: the narrowest of the networks
+        they returned (prefixes that hold one address nest, so that is their intersection). Ranges
+        never overlap: each is the narrowest answer for an address no remembered range held, and
+        two answers of one database never nest."""
+        span = (32 if version == 4 else 128) - max((k[1] for k in ident if k), default=0)
+        start = n >> span << span
+        starts, ends, cached = self._nets[version]
+        if len(starts) >= NETWORK_CACHE:
+            starts.clear(), ends.clear(), cached.clear()
+        i = bisect_right(starts, start)
+        starts.insert(i, start)
+        ends.insert(i, start | ((1 << span) - 1))
+        cached.insert(i, vals)
 
     def locate_many(self, ints: list[int], v4: list[bool], texts: list[str]) -> tuple[list[int], list[Location]]:
         """`locate` for many public addresses sorted by (version, value): (class per address,
@@ -387,3 +422,6 @@ class FixtureLocator:
 
     def provenance(self) -> list[dict]:
         return [{"path": None, "database_type": "fixture", "build_date": None}]
+
+    def clear(self):
+        """Nothing is cached."""

@@ -155,3 +155,39 @@ def test_startup_with_a_broken_database_is_a_user_error(tmp_path):
     p.write_bytes(b"\xab\xcd\xefMaxMind.com" + b"\x00" * 50)
     with pytest.raises(UserError, match="not a readable MaxMind-format database"):
         Locator([str(p)])
+
+
+def test_network_cache_answers_as_a_fresh_lookup(tmp_path, monkeypatch):
+    """Addresses in a network looked up before are answered from the remembered network; with two
+    databases of different granularity that must be their narrowest network, else a neighbour's
+    country or ASN leaks in. Every answer equals a lookup with the cache off."""
+    import ipaddress
+    import random
+
+    from tests.helpers import build_asn_mmdb
+
+    rnd = random.Random(12)
+    countries = ["DE", "FR", "US", "CN", "JP", "BR"]
+    city, asn = {}, {}
+    for base, bits in (("198.51.100.0", 32), ("203.0.113.0", 32), ("2001:db8::", 128)):
+        top = int(ipaddress.ip_address(base))
+        host_bits = 8 if bits == 32 else 96  # inside the documentation block
+        for _ in range(40):  # nested and neighbouring networks; later ones split earlier ones
+            plen = rnd.randint(bits - host_bits, bits - 1)
+            net = ipaddress.ip_network((top + (rnd.getrandbits(host_bits) >> (bits - plen) << (bits - plen)), plen))
+            city[str(net)] = {"country": rnd.choice(countries)}
+            plen = rnd.randint(bits - host_bits, bits - 1)
+            net = ipaddress.ip_network((top + (rnd.getrandbits(host_bits) >> (bits - plen) << (bits - plen)), plen))
+            asn[str(net)] = {"asn": rnd.randint(1, 65000), "org": "AS test"}
+    dbs = [build_city_mmdb(tmp_path / "city.mmdb", city), build_asn_mmdb(tmp_path / "asn.mmdb", asn)]
+    cached, fresh = Locator(dbs, DOC), Locator(dbs, DOC)
+    monkeypatch.setattr(fresh, "_network_hit", lambda version, n: None)
+    addrs = [str(ipaddress.ip_address(int(ipaddress.ip_address(b)) + rnd.getrandbits(h)))
+             for _ in range(3000) for b, h in (("198.51.100.0", 8), ("203.0.113.0", 8), ("2001:db8::", 96))]
+    addrs += [f"64:ff9b::{a}" for a in addrs[:300:3]]  # NAT64: the embedded IPv4 address is looked up
+    rnd.shuffle(addrs)
+    for a in addrs:
+        assert cached.locate(a) == fresh.locate(a), a
+    assert sum(len(s) for s, _, _ in cached._nets.values()) < len(set(addrs)) / 2  # the cache did answer
+    cached.clear()
+    assert cached._nets[4] == ([], [], []) and not cached._cache
