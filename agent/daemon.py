@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from datetime import UTC, datetime
 
 from agent import reload_status
 from agent import systemd_notify as sd
@@ -127,6 +128,7 @@ class Daemon:
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
         self._evidence_logged = -1e9
+        self._records: list[dict] = []  # evidence records of the batch being judged (see _write_evidence)
         self.metrics.evidence_gaps.inc(self.evidence.gaps)
         if self.evidence.gaps:
             log.warning("the previous run did not stop cleanly: wrote a gap record to %s", cfg.evidence_path)
@@ -264,6 +266,7 @@ class Daemon:
                 else:
                     if counted:
                         judged[label].inc()
+            self._write_evidence()
             self.metrics.flush()
             with self.pending_lock:
                 self.pending -= len(batch)
@@ -364,28 +367,42 @@ class Daemon:
                         self._undeclared_path, e)
 
     def _evidence(self, j, event: str, e, tracked: bool = True):
+        """Make the records of a flow's reported verdicts; they are written with the rest of the
+        batch by `_write_evidence`."""
+        reported = [v for v in j.outcomes if v.outcome in _REPORTED]
+        if not reported:
+            return
         extra = {"conntrack_id": e.ct_id} if tracked else {}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
+        flow = j.flow.to_json()
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        for v in reported:  # record() names this flow's destination
+            self._records.append(record(j, v, event, extra, flow, now))
+
+    def _write_evidence(self):
+        """Write the batch's evidence records (one system call when all is well); count what was
+        lost, per line."""
+        recs, self._records = self._records, []
+        if not recs:
+            return
         ev = self.evidence
-        for v in j.outcomes:
-            if v.outcome in _REPORTED:
-                gaps = ev.gaps
-                try:
-                    ev.write(record(j, v, event, extra))  # record() names this flow's destination
-                    self.metrics.evidence_lines.inc()
-                except OSError as err:
-                    # counted per line; logged once a minute, not per line (a full disk would flood the journal)
-                    self.metrics.evidence_errors.inc()
-                    now = time.monotonic()
-                    if now - self._evidence_logged >= 60:
-                        self._evidence_logged = now
-                        log.error("evidence log %s: %s; %d line(s) lost so far (counted in "
-                                  "egress_agent_evidence_errors_total; a gap record follows when writing works "
-                                  "again)", self.cfg.evidence_path, err.strerror or err, ev.lost_lines)
-                if ev.gaps != gaps:
-                    self.metrics.evidence_gaps.inc(ev.gaps - gaps)
-                    log.warning("evidence log writable again; wrote a gap record")
+        gaps = ev.gaps
+        written, lost = ev.write_many(recs)
+        self.metrics.evidence_lines.inc(written)
+        if lost:
+            # counted per line; logged once a minute, not per line (a full disk would flood the journal)
+            self.metrics.evidence_errors.inc(len(lost))
+            now = time.monotonic()
+            if now - self._evidence_logged >= 60:
+                self._evidence_logged = now
+                err = lost[-1]
+                log.error("evidence log %s: %s; %d line(s) lost so far (counted in "
+                          "egress_agent_evidence_errors_total; a gap record follows when writing works "
+                          "again)", self.cfg.evidence_path, err.strerror or err, ev.lost_lines)
+        if ev.gaps != gaps:
+            self.metrics.evidence_gaps.inc(ev.gaps - gaps)
+            log.warning("evidence log writable again; wrote a gap record")
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self):

@@ -6,9 +6,11 @@
       backups: 10
       fsync: false           # true: fsync after every line (power-loss safe, slower)
 
-Why lines cannot tear: each record is one `os.write` on an O_APPEND descriptor; a process killed
-with SIGKILL dies between system calls, so a line is in the file whole or not at all, and nothing
-waits in a user-space buffer. A restart appends to the same file. The records are readable by
+Why lines cannot tear: each record, or each batch of whole records (`write_many`), is one
+`os.write` on an O_APPEND descriptor; a process killed with SIGKILL dies between system calls, so a
+line is in the file whole or not at all. The daemon writes each batch of events it judged at once,
+so records wait in memory only while their batch is judged (milliseconds). A restart appends to the
+same file. The records are readable by
 `egress-agent audit` (the JSON-lines source takes the flow under "flow", and reports `gap` records
 as warnings). Every record has `seq`; the agent's own records are `gap` (evidence is missing
 here: lost lines, or an unclean stop) and `stop` (a clean shutdown). See `EvidenceLog`.
@@ -64,19 +66,21 @@ def _shared(judged, verdict) -> tuple[dict, dict]:
     return vpart, where
 
 
-def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
+def record(judged, verdict, event: str, extra: dict | None = None, flow: dict | None = None,
+           time: str | None = None) -> dict:
     """The evidence record for one verdict: everything an auditor needs, nothing to look up.
 
     The verdict's fields and the location (without its address) are shared by many flows and made
-    once (`_shared`); the message, the flow and the time are this flow's. Records are serialised at
-    once and never changed, so sharing the nested parts is safe."""
+    once (`_shared`); the message, the flow and the time are this flow's (`flow` and `time` may be
+    given: `judged.flow.to_json()` and now, made once for all of a flow's records). Records are
+    serialised soon after and never changed, so sharing the nested parts is safe."""
     vpart, where = _shared(judged, verdict)
     rec = {
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": time or datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "event": event,
         **vpart,
         "message": judged.message(verdict),  # the cached verdict's text, naming this flow's destination
-        "flow": judged.flow.to_json(),
+        "flow": flow if flow is not None else judged.flow.to_json(),
         **where,
     }
     r = getattr(judged, "recipient", None)
@@ -262,6 +266,31 @@ class EvidenceLog:
                 self._lost_since = self._lost_since or now
                 self._last_error = e.strerror or str(e)
                 raise
+
+    def write_many(self, recs: list[dict]) -> tuple[int, list[OSError]]:
+        """Write records in order with one `write` where it can: (lines written, the error of each
+        record lost). Whole lines only, as `write`: a batch that fails, or that would cross the
+        rotation size or follow lost lines (a gap record comes first), is written record by record
+        through `write`, which cuts back, counts and retries as it does for one."""
+        if not recs:
+            return 0, []
+        with self._lock:
+            seq = self.seq
+            lines = b"".join(self._stamp(dict(r)) for r in recs)
+            if not self._unwritten and self._size + len(lines) + 256 <= self.options.max_bytes:
+                try:
+                    self._write_now(lines)
+                    return len(recs), []
+                except OSError:
+                    pass  # a short write was cut back: find out which lines fit, one by one
+            self.seq = seq
+        lost = []
+        for r in recs:
+            try:
+                self.write(r)
+            except OSError as e:
+                lost.append(e)
+        return len(recs) - len(lost), lost
 
     def flush(self):
         with self._lock:

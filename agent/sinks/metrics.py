@@ -30,6 +30,7 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self._children: dict = {}
         self._pending: dict = {}
+        self._plans: dict = {}  # see judged()
         self.flows = Counter(f"{NS}_flows", "Egress flows judged, by policy, verdict and destination country.",
                              ["policy", "verdict", "country"], registry=r)
         self.bytes = Counter(f"{NS}_bytes", "IP-layer bytes sent on judged egress flows (original direction).",
@@ -155,27 +156,38 @@ class Metrics:
         """
         cc = country_label(j.location)
         n = j.flow.bytes if nbytes is None else nbytes
+        # the outcomes and jurisdictions tuples are the verdict cache's, shared by every flow of a
+        # cache key: the label sets they count under are worked out once per (tuples, country)
+        pk = (id(j.outcomes), id(j.jurisdictions), cc)
+        plan = self._plans.get(pk)
+        if plan is None:
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            plan = self._plans[pk] = self._plan(j.outcomes, j.jurisdictions, cc)
         pend = self._pending
-        for v in j.outcomes:
+        if not bytes_only:
+            for k in plan[0]:
+                pend[k] = pend.get(k, 0) + 1
+        if n:
+            for k in plan[1]:
+                pend[k] = pend.get(k, 0) + n
+
+    def _plan(self, outcomes, jurisdictions, cc) -> tuple:
+        """(label sets counted once per flow, label sets that count its bytes, and the two tuples,
+        kept so their ids stay theirs while the plan is cached)."""
+        counts, nbytes = [], []
+        for v in outcomes:
             outcome = _VALUE[v.outcome]
             if outcome == "not_applicable":
                 continue
-            if not bytes_only:
-                k = (self.flows, v.policy, outcome, cc)
-                pend[k] = pend.get(k, 0) + 1
-                if outcome == "violation":
-                    k = (self.violations, v.policy, v.severity, cc)
-                    pend[k] = pend.get(k, 0) + 1
-                elif outcome == "indeterminate":
-                    k = (self.indeterminate, v.policy, v.reason)
-                    pend[k] = pend.get(k, 0) + 1
-            if n:
-                k = (self.bytes, v.policy, outcome, cc)
-                pend[k] = pend.get(k, 0) + n
-        if n:
-            for g in j.jurisdictions:
-                k = (self.jurisdiction_bytes, g)
-                pend[k] = pend.get(k, 0) + n
+            counts.append((self.flows, v.policy, outcome, cc))
+            if outcome == "violation":
+                counts.append((self.violations, v.policy, v.severity, cc))
+            elif outcome == "indeterminate":
+                counts.append((self.indeterminate, v.policy, v.reason))
+            nbytes.append((self.bytes, v.policy, outcome, cc))
+        nbytes += [(self.jurisdiction_bytes, g) for g in jurisdictions]
+        return tuple(counts), tuple(nbytes), outcomes, jurisdictions
 
     def flush(self):
         """Apply the counts gathered by `judged` to the exported counters."""

@@ -2,6 +2,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from agent.sinks.eventlog import EvidenceLog, Options
 
 
@@ -143,11 +145,16 @@ path = sys.argv[1]
 log = EvidenceLog(Options(path))
 lost = 0
 resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
-for i in range(100):
-    try:
-        log.write({"i": i, "pad": "x" * 40})
-    except OSError:
-        lost += 1
+if sys.argv[2] == "one":
+    for i in range(100):
+        try:
+            log.write({"i": i, "pad": "x" * 40})
+        except OSError:
+            lost += 1
+else:  # batches of 7 records, as the daemon writes them
+    for start in range(0, 100, 7):
+        written, errors = log.write_many([{"i": i, "pad": "x" * 40} for i in range(start, min(100, start + 7))])
+        lost += len(errors)
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 log.write({"i": "after"})
 log.close()
@@ -155,15 +162,17 @@ print(json.dumps({"lost": lost, "counted": log.lost_lines}))
 """
 
 
-def test_disk_full_writes_no_partial_line_counts_and_marks_the_gap(tmp_path):
-    """A file-size limit stands in for a full disk: the write past it is short, then fails."""
+@pytest.mark.parametrize("mode", ["one", "many"])
+def test_disk_full_writes_no_partial_line_counts_and_marks_the_gap(tmp_path, mode):
+    """A file-size limit stands in for a full disk: the write past it is short, then fails. Records
+    written one by one or in batches (one write each) leave the same whole lines."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
     path = tmp_path / "ev.jsonl"
-    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(path)], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(path), mode], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["lost"] > 0 and out["lost"] == out["counted"]
@@ -173,7 +182,8 @@ def test_disk_full_writes_no_partial_line_counts_and_marks_the_gap(tmp_path):
     gap = next(r for r in recs if r.get("event") == "gap")
     assert gap["lost_lines"] == out["lost"] == 100 - len(written)
     assert recs[-2]["i"] == "after" and recs.index(gap) == len(recs) - 3
-    assert [r["seq"] for r in recs] == sorted(r["seq"] for r in recs)
+    assert [r["seq"] for r in recs] == sorted({r["seq"] for r in recs})
+    assert written == list(range(len(written))) and len(written) == 29  # as many as fit in 3,000 bytes
 
 
 def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
