@@ -253,6 +253,7 @@ class Daemon:
                 if delay > 0:
                     self.stop.wait(delay)
             flows = 0
+            done = dict.fromkeys(judged, 0)  # judged flows by source, added to the counters once per batch
             for kind, e, counted in batch:
                 flows += counted
                 label = "capture" if kind == "seen" else SOURCE
@@ -264,8 +265,10 @@ class Daemon:
                     if counted:
                         errors[label].inc()
                 else:
-                    if counted:
-                        judged[label].inc()
+                    done[label] += counted
+            for label, n in done.items():
+                if n:
+                    judged[label].inc(n)
             self._write_evidence()
             self.metrics.flush()
             with self.pending_lock:

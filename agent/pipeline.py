@@ -15,14 +15,15 @@ call `judge`, so a verdict in a report and a verdict in a metric cannot disagree
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import date
 
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Location, Outcome, Verdict, iso_time
 from agent.policy.compiled import destination_networks, location_class, source_networks
-from agent.policy.engine import PEER_NOUN, _ip, evaluate, flow_day, peer_prefix
+from agent.policy.engine import PEER_NOUN, _day, _ip, evaluate, flow_day, peer_prefix
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Policy
 
@@ -153,7 +154,7 @@ class Pipeline:
     def judging_day(self, flow: Flow) -> tuple[date, str | None]:
         """The day a flow is judged at, and why it is not its own first-seen day (or None)."""
         t = flow.first_seen
-        as_of = self.as_of or datetime.now(UTC).date()
+        as_of = self.as_of or _day(int(time.time() // 86400))  # today (UTC), from the memoised days
         if not t:
             return as_of, "no timestamp"
         if t < PLAUSIBLE_FROM:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from collections import OrderedDict
 from dataclasses import fields
 from datetime import UTC, datetime
 from importlib import metadata
@@ -194,7 +193,7 @@ class Locator:
         self.paths = list(paths)
         self.scoper = scoper or Scoper()
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, Location] = OrderedDict()
+        self._cache: dict[str, Location] = {}
         self.errors = 0  # corrupt records met; each address stays an explicit unknown
         self.warnings: list[str] = []
         self._merged: dict[tuple, tuple] = {}  # database networks -> the Location fields after `lookup_ip`
@@ -246,12 +245,13 @@ class Locator:
     def locate(self, ip: str) -> Location:
         hit = self._cache.get(ip)
         if hit is not None:
-            self._cache.move_to_end(ip)
             return hit
         loc = self._locate(ip)
+        if len(self._cache) >= self.cache_size:
+            # emptied, not evicted one by one: with the network cache behind it a miss is cheap,
+            # and LRU bookkeeping on every lookup cost more than the misses after a reset
+            self._cache.clear()
         self._cache[ip] = loc
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
         return loc
 
     def _locate(self, ip: str) -> Location:

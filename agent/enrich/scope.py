@@ -239,6 +239,7 @@ class Scoper:
         self._starts = {v: [s for s, _, _ in t] for v, t in self.tables.items()}
         self._scopes = {v: [x for _, _, x in t] for v, t in self.tables.items()}
         self.scope = lru_cache(maxsize=65536)(self._scope)
+        self.classify = lru_cache(maxsize=65536)(self._classify)
         self._index = None  # scope_many's numpy form of the tables, built on first use
 
     def ranges(self, version: int) -> list[tuple[int, int, str]]:
@@ -272,6 +273,14 @@ class Scoper:
                 n4 = embedded[rows] & np.uint64(0xFFFFFFFF)
                 out[rows] = self._scope_arr[4][np.searchsorted(self._index.starts4, n4, side="right") - 1]
         return out.tolist()
+
+    def _classify(self, ip: str) -> tuple[str, bool]:
+        """(`scope`, `accountable`) of an address from one parse: what the live source asks of
+        every event's two addresses (memoised as `classify`)."""
+        version, n = ip_int(ip)
+        if version == 4:
+            return self.scope_int(4, n), True
+        return self.scope_int(6, n), self._scopes[6][bisect_right(self._starts[6], n) - 1] not in EMBEDDED_MARKERS
 
     def accountable(self, ip: str) -> bool:
         """False for Teredo and local-use NAT64 addresses: the kernel's egress counter cannot classify them (see

@@ -181,7 +181,7 @@ class ConntrackSource:
                     # read the kernel first, then drain the socket: every flow in this reading has
                     # its event delivered (or dropped, which the socket's drop counter shows) by then
                     kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
-                scope = self.d.pipeline.scoper
+                classify = self.d.pipeline.scoper.classify
                 batch = []
                 seen = dict.fromkeys(events, 0)  # events by kind, added to the counters once per drain
                 try:
@@ -190,19 +190,26 @@ class ConntrackSource:
                             self.d._enqueue(batch, drops)
                             batch = []
                         seen[kind] += 1
+                        key = e[:6]
                         if kind == "destroy":
-                            if e[:6] in known:
-                                del known[e[:6]]
+                            if key in known:
+                                del known[key]
                                 batch.append((kind, e, False))
                             continue
                         if kind == "dump":
                             dumped += 1
-                        if e[:6] in known or not scope.is_egress(e.src, e.dst):
+                        if key in known:
                             continue
-                        known[e[:6]] = None
+                        d_scope, d_acct = classify(e.dst)  # is_egress and accountable, one parse each
+                        if d_scope != "public":
+                            continue
+                        s_scope, s_acct = classify(e.src)
+                        if s_scope == "public":
+                            continue
+                        known[key] = None
                         if len(known) > MAX_KNOWN:
                             del known[next(iter(known))]
-                        counted = kind != "dump" and scope.accountable(e.src) and scope.accountable(e.dst)
+                        counted = kind != "dump" and s_acct and d_acct
                         if counted:
                             if kind == "new":
                                 acct.arrived += 1

@@ -72,7 +72,7 @@ def test_cache_is_bounded_and_dropped_when_the_file_changes(tmp_path):
     assert loc.locate("203.0.113.1").country == "US"
     for i in range(10):
         loc.locate(f"203.0.113.{i}")
-    assert len(loc._cache) == 4
+    assert 0 < len(loc._cache) <= 4
     new = build_city_mmdb(tmp_path / "new.mmdb", {"203.0.113.0/24": {"country": "DE"}})
     os.replace(new, path)  # what geoipupdate does: a new inode
     assert loc.refresh() is True

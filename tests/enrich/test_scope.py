@@ -127,3 +127,17 @@ def test_embedded_int_equals_embedded_ipv4():
         if a.version == 6:
             e = embedded_ipv4(a)
             assert embedded_int(int(a)) == (int(e[1]) if e else None), ip
+
+
+def test_classify_is_scope_and_accountable_in_one():
+    import random
+
+    s = Scoper(public_nets=["198.51.100.0/24", "2001:db8::/32"], local_nets=["192.0.2.0/24", "2001:db8:1::/64"])
+    rnd = random.Random(2)
+    addrs = ["64:ff9b:1::c000:201", "64:ff9b::c633:6407", "2001::1", "2002:c633:6407::1", "::ffff:198.51.100.7",
+             "fe80::1", "127.0.0.1", "8.8.8.8", "2001:db8:1::5", "192.0.2.9", "2001:db8:77::1"]
+    addrs += [str(ipaddress.ip_address(rnd.getrandbits(32))) for _ in range(500)]
+    addrs += [str(ipaddress.ip_address(rnd.getrandbits(128) >> rnd.choice((0, 64, 96)))) for _ in range(500)]
+    for a in addrs:
+        assert s.classify(a) == (s.scope(a), s.accountable(a)), a
+    assert {s.classify(a)[1] for a in addrs} == {True, False}
