@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from datetime import UTC, datetime
 
 from agent import reload_status
 from agent import systemd_notify as sd
@@ -35,7 +34,7 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
-from agent.flow import Flow, Outcome
+from agent.flow import Flow, Outcome, iso_time
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
@@ -129,6 +128,7 @@ class Daemon:
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
         self._evidence_logged = -1e9
+        self._stamp = (0.0, "")  # (time, its RFC 3339 text) of the last evidence records made
         self._records: list[dict] = []  # evidence records of the batch being judged (see _write_evidence)
         self.metrics.evidence_gaps.inc(self.evidence.gaps)
         if self.evidence.gaps:
@@ -380,7 +380,10 @@ class Daemon:
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         flow = j.flow.to_json()
-        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        t = time.time()
+        if t - self._stamp[0] >= 0.001:  # records made within a millisecond share their time's text
+            self._stamp = (t, iso_time(t))
+        now = self._stamp[1]
         for v in reported:  # record() names this flow's destination
             self._records.append(record(j, v, event, extra, flow, now))
 

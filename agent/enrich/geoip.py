@@ -256,7 +256,7 @@ class Locator:
 
     def _locate(self, ip: str) -> Location:
         version, n = ip_int(ip)
-        scope = self.scoper.scope(ip)
+        scope = self.scoper.scope_int(version, n)
         lv, ln, lookup_ip, lookup = version, n, None, ip
         if version == 6:
             emb = embedded_int(n)

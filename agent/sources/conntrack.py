@@ -91,9 +91,8 @@ class CtEntry(NamedTuple):
 
     def flow(self, now: float, last: float | None = None) -> Flow:
         first = self.start_ns / 1e9 if self.start_ns else now
-        return Flow(proto=self.proto, src=self.src, sport=self.sport, dst=self.dst, dport=self.dport,
-                    packets=self.packets, bytes=self.bytes, first_seen=first, last_seen=last or now,
-                    source="conntrack")
+        return Flow(self.proto, self.src, self.sport, self.dst, self.dport, self.packets, self.bytes, first,
+                    last or now, "conntrack")
 
 
 # Fixed layouts the kernel emits for TCP/UDP/SCTP tuples: every attribute header is checked
