@@ -45,10 +45,11 @@ def _shared(judged, verdict) -> tuple[dict, dict]:
     """(the verdict's fields, where the destination is): the same for every flow with this verdict
     and this location apart from its address, so they are made once per such pair."""
     loc = judged.location
-    vkey = ("v", verdict)
-    vpart = _PARTS.get(vkey)
-    if vpart is None:
-        vpart = _PARTS[vkey] = verdict.to_json()
+    vkey = ("v", id(verdict))  # by identity: verdicts are the verdict cache's, and hashing one hashes every field
+    got = _PARTS.get(vkey)
+    if got is None:
+        got = _PARTS[vkey] = (verdict.to_json(), verdict)  # the verdict kept, so its id stays its own
+    vpart = got[0]
     wkey = ("w", loc.scope, loc.lookup_ip, loc.country, loc.registered_country, loc.represented_country,
             loc.continent, loc.in_eu, loc.anycast, loc.asn, loc.as_org, loc.source, loc.provenance, loc.unknown_reason,
             judged.jurisdictions)
