@@ -148,6 +148,7 @@ class ConntrackSource:
         m = self.d.metrics
         events = {k: m.source_events.labels(SOURCE, k) for k in m.EVENTS}
         drops = {k: m.drops.labels(SOURCE, k) for k in m.DROP_REASONS}
+        tracking_gauge = m.tracking.labels(SOURCE)  # set on every pass: the label lookup made once
         self.kernel_counter = KernelCounter(netns)
         acct = self.loss = LossAccount()
         # Flows are identified by (conntrack id, proto, src, sport, dst, dport), `CtEntry[:6]`: the
@@ -238,7 +239,7 @@ class ConntrackSource:
                 if tick:
                     self._account(m, acct, ct, kernel_now)
                 tracking = dumped > 0 or self.d.seen_new > 0
-                m.tracking.labels(SOURCE).set(1 if tracking else 0)
+                tracking_gauge.set(1 if tracking else 0)
                 if first_dump:
                     first_dump = False
                     if not tracking:
