@@ -492,7 +492,8 @@ def run_daemon(args) -> int:
     # triggers a full walk every ~70,000 allocations by default. perf showed 25-30% of the agent's
     # CPU in the collector at 20,000 flows/s; bench_live: ~20k -> ~25k flows per CPU-second with
     # full collections 100x rarer. The young generations keep their defaults, so short-lived cycles
-    # (exception tracebacks) are still collected at once; an old cycle lives at most a few seconds.
+    # (exception tracebacks) are still collected at once; an old one waits for the next full walk,
+    # every ~7 million allocations (seconds under load; an idle agent makes few of either).
     gc.set_threshold(700, 10, 1000)
     cfg = with_flags(load_config(args.config), args)
     d = Daemon(cfg, args.config, args)
