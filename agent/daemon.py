@@ -309,10 +309,10 @@ class Daemon:
             self.metrics.judged(j)
             if pipe.register is not None:
                 self._recipient(j)
-            self._evidence(j, "open" if kind in ("dump", "resync") else "new", e, kind != "seen")
+            reported = self._evidence(j, "open" if kind in ("dump", "resync") else "new", e, kind != "seen")
             if kind == "seen":
                 return  # its source never sees it end: nothing to keep
-            self.open[e[:6]] = [j, e.bytes]
+            self.open[e[:6]] = [j, e.bytes, reported]
             if len(self.open) > MAX_OPEN_FLOWS:
                 self.open.popitem(last=False)
                 self.metrics.state_evicted.labels(SOURCE).inc()
@@ -320,10 +320,12 @@ class Daemon:
         st = self.open.pop(e[:6], None)
         if st is None:
             return  # sampled out, or forgotten (state_evicted)
-        j, counted = st
+        j, counted, reported = st
         delta = max(0, e.bytes - counted)
         if delta:
             self.metrics.judged(j, bytes_only=True, nbytes=delta)
+        if not reported:
+            return  # no verdict of this flow is recorded: no `end` record either
         f = j.flow  # the flow at its end: final counters (a Flow built directly: replace() costs ~3x)
         ended = j.with_flow(Flow(f.proto, f.src, f.sport, f.dst, f.dport, e.packets, e.bytes, f.first_seen, now,
                                  f.source, f.who, f.hostname, f.hostname_source, f.hostname_chain))
@@ -370,12 +372,12 @@ class Daemon:
             log.warning("cannot write %s (%s): undeclared recipients will be named again after a restart",
                         self._undeclared_path, e)
 
-    def _evidence(self, j, event: str, e, tracked: bool = True):
+    def _evidence(self, j, event: str, e, tracked: bool = True) -> bool:
         """Make the records of a flow's reported verdicts; they are written with the rest of the
-        batch by `_write_evidence`."""
+        batch by `_write_evidence`. False when it has none."""
         reported = [v for v in j.outcomes if v.outcome in _REPORTED]
         if not reported:
-            return
+            return False
         extra = {"conntrack_id": e.ct_id} if tracked else {}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
@@ -386,6 +388,7 @@ class Daemon:
         now = self._stamp[1]
         for v in reported:  # record() names this flow's destination
             self._records.append(record(j, v, event, extra, flow, now))
+        return True
 
     def _write_evidence(self):
         """Write the batch's evidence records (one system call when all is well); count what was
