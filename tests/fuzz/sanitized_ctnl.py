@@ -7,19 +7,15 @@ datagrams of several, through a socket with `drain`; each must equal the Python 
 when all agree, 1 on a disagreement; the sanitizers abort on their own.
 """
 
-import importlib.machinery
-import importlib.util
 import random
 import socket
 import sys
 
+from tests.fuzz.sanitized_run import load_as
+
 
 def main(so: str, cases: int, seed: int) -> int:
-    loader = importlib.machinery.ExtensionFileLoader("agent.sources._ctnl", so)
-    spec = importlib.util.spec_from_loader("agent.sources._ctnl", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    sys.modules["agent.sources._ctnl"] = mod
+    mod = load_as("agent.sources._ctnl", so)
     from agent.sources import conntrack as C
     from tests.ctnl_messages import damage, random_entry
 

@@ -14,12 +14,18 @@ import tempfile
 from pathlib import Path
 
 
-def main(so: str, cases: int, seed: int) -> int:
-    loader = importlib.machinery.ExtensionFileLoader("agent.sources._walk", so)
-    spec = importlib.util.spec_from_loader("agent.sources._walk", loader)
+def load_as(name: str, so: str):
+    """Load the extension module at `so` as module `name`, before anything imports the built one."""
+    loader = importlib.machinery.ExtensionFileLoader(name, so)
+    spec = importlib.util.spec_from_loader(name, loader)
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
-    sys.modules["agent.sources._walk"] = mod
+    sys.modules[name] = mod
+    return mod
+
+
+def main(so: str, cases: int, seed: int) -> int:
+    mod = load_as("agent.sources._walk", so)
     from agent.sources import pcap as pcap_mod
     from tests.fuzz.corpus import mutate, records, seeds
     from tests.fuzz.test_capture_fuzz import all_paths

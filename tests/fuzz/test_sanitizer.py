@@ -25,44 +25,36 @@ def _runtime(name: str) -> str | None:
     return p if os.path.isabs(p) and os.path.exists(p) else None
 
 
-@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
-def test_c_walk_under_asan_and_ubsan(tmp_path):
+def _sanitized_run(tmp_path, source: str, runner: str, cases: int, seed: int) -> str:
+    """Build `source` with ASan + UBSan, run `python -m RUNNER SO CASES SEED` with the runtime
+    preloaded, and return its output; the sanitizers abort the run on any error they see."""
     asan = _runtime("libasan.so")
     if not asan or not _runtime("libubsan.so"):
         pytest.skip("gcc's AddressSanitizer/UBSan runtimes (libasan, libubsan) are not installed")
-    so = tmp_path / "_walk_sanitized.so"
+    so = tmp_path / (Path(source).stem + "_sanitized.so")
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-I", sysconfig.get_paths()["include"], str(REPO / "agent/sources/_walk.c"), "-o", str(so)],
+                    "-I", sysconfig.get_paths()["include"], str(REPO / source), "-o", str(so)],
                    check=True, capture_output=True)
     env = dict(os.environ, LD_PRELOAD=asan, PYTHONPATH=str(REPO),
                PYTHONMALLOC="malloc",  # every allocation through malloc, so ASan puts redzones around buffers
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99:verify_asan_link_order=0",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=98")
-    r = subprocess.run([sys.executable, "-m", "tests.fuzz.sanitized_run", str(so), str(EXAMPLES), "7"],
+    r = subprocess.run([sys.executable, "-m", runner, str(so), str(cases), str(seed)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     report = r.stderr[-4000:]
     assert r.returncode == 0, report
     assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, report
-    assert "all paths agree" in r.stdout
+    return r.stdout
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
+def test_c_walk_under_asan_and_ubsan(tmp_path):
+    out = _sanitized_run(tmp_path, "agent/sources/_walk.c", "tests.fuzz.sanitized_run", EXAMPLES, 7)
+    assert "all paths agree" in out
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
 def test_c_conntrack_reader_under_asan_and_ubsan(tmp_path):
-    asan = _runtime("libasan.so")
-    if not asan or not _runtime("libubsan.so"):
-        pytest.skip("gcc's AddressSanitizer/UBSan runtimes (libasan, libubsan) are not installed")
-    so = tmp_path / "_ctnl_sanitized.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-I", sysconfig.get_paths()["include"], str(REPO / "agent/sources/_ctnl.c"), "-o", str(so)],
-                   check=True, capture_output=True)
-    env = dict(os.environ, LD_PRELOAD=asan, PYTHONPATH=str(REPO), PYTHONMALLOC="malloc",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99:verify_asan_link_order=0",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=98")
-    r = subprocess.run([sys.executable, "-m", "tests.fuzz.sanitized_ctnl", str(so), str(EXAMPLES * 20), "11"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    report = r.stderr[-4000:]
-    assert r.returncode == 0, report
-    assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, report
-    assert "all messages agree" in r.stdout
+    out = _sanitized_run(tmp_path, "agent/sources/_ctnl.c", "tests.fuzz.sanitized_ctnl", EXAMPLES * 20, 11)
+    assert "all messages agree" in out
