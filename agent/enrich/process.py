@@ -113,12 +113,18 @@ class Attributor:
         fam2, dst = _pack_addr(flow.dst)
         if fam != fam2:
             return None
-        req = _REQ.pack(fam, flow.proto, 0, 0, 0xFFFFFFFF, socket.htons(flow.sport), socket.htons(flow.dport),
-                        src, dst, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        if flow.proto == 6:
+            req = _REQ.pack(fam, 6, 0, 0, 0xFFFFFFFF, socket.htons(flow.sport), socket.htons(flow.dport),
+                            src, dst, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        else:
+            # The kernel looks a UDP socket up as it would for an arriving datagram, whose source is
+            # the remote end (udp_dump_one): remote first. That also finds unconnected sockets.
+            req = _REQ.pack(fam, 17, 0, 0, 0xFFFFFFFF, socket.htons(flow.dport), socket.htons(flow.sport),
+                            dst, src, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
         found = self._ask(req, nl.NLM_F_REQUEST)
         if found is None and flow.proto == 17:
-            # Unconnected UDP sockets have no remote address: find the local port in a table of
-            # UDP sockets, dumped at most every 200 ms (not once per flow: start-up dumps are big).
+            # The socket closed before we asked: a table of UDP sockets by local port, dumped at most
+            # every 200 ms (not once per flow: start-up dumps are big), may still hold it.
             found = self._udp_table(fam).get(flow.sport)
         return found
 

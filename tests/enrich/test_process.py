@@ -1,4 +1,7 @@
 import os
+import subprocess
+
+import pytest
 
 from agent.enrich.process import Attributor, Options, cgroup_identity
 
@@ -31,3 +34,44 @@ def test_rate_limit():
     r = RateLimit(2)
     assert [r.allow("a", 0.0) for _ in range(3)] == [True, True, False]
     assert r.allow("b", 0.0) and r.allow("a", 1.0)
+
+
+UDP_SOCKETS = """
+import os, socket, sys, time
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+free = socket.socket(fam, socket.SOCK_DGRAM)
+free.sendto(b'x', (sys.argv[1], 443))   # unconnected: no remote address of its own
+tied = socket.socket(fam, socket.SOCK_DGRAM)
+tied.connect((sys.argv[1], 443))
+tied.send(b'y')
+for s in (free, tied):
+    print(s.getsockname()[0], s.getsockname()[1], os.fstat(s.fileno()).st_ino, flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("dst", ["203.0.113.9", "2001:db8:de::7"])
+def test_udp_sockets_are_found_by_exact_lookup(dst, monkeypatch):
+    """Unconnected and connected UDP sockets are found by one exact sock_diag lookup (the kernel
+    reads UDP requests remote end first), not by the periodic table of UDP sockets by port."""
+    from agent.flow import Flow
+    from tests.netns import Topology
+
+    why = Topology.available()
+    if why is not None:
+        pytest.skip(f"network namespaces: {why}")
+    with Topology("eaud") as t:
+        p = t.popen("python3", "-c", UDP_SOCKETS, dst, stdout=subprocess.PIPE, text=True)
+        try:
+            socks = [p.stdout.readline().split() for _ in range(2)]
+            a = Attributor(Options(netns=t.client))
+            monkeypatch.setattr(a, "_udp_table", lambda fam: pytest.fail("fell back to the UDP table"))
+            for src, sport, inode in socks:
+                assert a.socket_of(Flow(17, src, int(sport), dst, 443)) == (0, int(inode))
+            monkeypatch.undo()
+            assert a.socket_of(Flow(17, socks[0][0], 9, dst, 443)) is None  # no socket on that port
+            a.close()
+        finally:
+            p.kill()
+            p.wait()
