@@ -35,6 +35,7 @@ SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBBI HH 16s 16s I II")  # inet_diag_req_v2 (ports/addresses in network order)
 _MSG = struct.Struct("=BBBB HH 16s 16s I II IIIII")  # inet_diag_msg
+_EXACT = struct.Struct("=IHHII BBBBI HH 16s 16s I II")  # netlink header + inet_diag_req_v2
 _CONTAINER = re.compile(r"(?:docker|crio|cri-containerd|libpod|containerd)[-/:]([0-9a-f]{12,64})"
                         r"|/([0-9a-f]{64})(?:\.scope)?$")
 _UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
@@ -47,11 +48,23 @@ class Options:
     netns: str | None = None
 
 
+_PACKED: dict[str, tuple[int, bytes]] = {}
+
+
 def _pack_addr(text: str) -> tuple[int, bytes]:
-    """(family, 16-byte sock_diag address) of an address in text; inet_pton, not ipaddress (per flow)."""
+    """(family, 16-byte sock_diag address) of an address in text; inet_pton, not ipaddress (per flow).
+    Memoised: a host's flows come from a handful of local addresses."""
+    hit = _PACKED.get(text)
+    if hit is not None:
+        return hit
     if ":" in text:
-        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)
-    return socket.AF_INET, socket.inet_pton(socket.AF_INET, text) + bytes(12)
+        hit = socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)
+    else:
+        hit = socket.AF_INET, socket.inet_pton(socket.AF_INET, text) + bytes(12)
+    if len(_PACKED) >= 4096:
+        _PACKED.clear()
+    _PACKED[text] = hit
+    return hit
 
 
 def _user(uid: int | None) -> str | None:
@@ -90,6 +103,7 @@ class Attributor:
         self._scanned = 0.0
         self._who: OrderedDict[tuple, tuple] = OrderedDict()  # (pid, uid) -> (when, Who), bounded
         self._udp: dict[int, tuple[float, dict]] = {}
+        self._seq = 1
         self.lookups = 0
         self.failures = 0
         self.denied = self.permission() is not None
@@ -114,19 +128,40 @@ class Attributor:
         if fam != fam2:
             return None
         if flow.proto == 6:
-            req = _REQ.pack(fam, 6, 0, 0, 0xFFFFFFFF, socket.htons(flow.sport), socket.htons(flow.dport),
-                            src, dst, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+            found = self._exact(fam, 6, flow.sport, flow.dport, src, dst)
         else:
             # The kernel looks a UDP socket up as it would for an arriving datagram, whose source is
             # the remote end (udp_dump_one): remote first. That also finds unconnected sockets.
-            req = _REQ.pack(fam, 17, 0, 0, 0xFFFFFFFF, socket.htons(flow.dport), socket.htons(flow.sport),
-                            dst, src, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-        found = self._ask(req, nl.NLM_F_REQUEST)
+            found = self._exact(fam, 17, flow.dport, flow.sport, dst, src)
         if found is None and flow.proto == 17:
             # The socket closed before we asked: a table of UDP sockets by local port, dumped at most
             # every 200 ms (not once per flow: start-up dumps are big), may still hold it.
             found = self._udp_table(fam).get(flow.sport)
         return found
+
+    def _exact(self, fam: int, proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> tuple[int, int] | None:
+        """(uid, inode) of the socket one exact request names, or None. The kernel answers during
+        the send with one message; each request has its own sequence number, so an answer that
+        arrives after its request timed out is skipped, never taken for the next one's."""
+        s = self._diag()
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        s.send(_EXACT.pack(16 + _REQ.size, SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, 0, fam, proto, 0, 0,
+                           0xFFFFFFFF, socket.htons(sport), socket.htons(dport), src, dst, 0, INET_DIAG_NOCOOKIE,
+                           INET_DIAG_NOCOOKIE))
+        while True:
+            try:
+                data = s.recv(1 << 16)
+            except (TimeoutError, OSError):
+                return None
+            if len(data) < 16:
+                return None
+            length, mtype, _flags, got, _pid = nl._hdr.unpack_from(data)
+            if got != seq:
+                continue
+            if mtype == SOCK_DIAG_BY_FAMILY and 16 + _MSG.size <= length <= len(data):
+                f = _MSG.unpack_from(data, 16)
+                return (f[14], f[15]) if f[15] else None
+            return None  # NLMSG_ERROR: no such socket
 
     def _udp_table(self, fam: int) -> dict:
         now = time.monotonic()
