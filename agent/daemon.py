@@ -16,7 +16,6 @@ recipient register loaded, flows are counted per recipient and each undeclared o
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -295,16 +294,18 @@ class Daemon:
             if e[:6] in self.open:
                 return  # seen already
             flow = e.flow(now)
+            n = None
             if self.names is not None:
                 n = self.names.name_flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                          flow.first_seen or now)
                 if n is not None:
-                    flow = dataclasses.replace(flow, hostname=n.hostname, hostname_source=n.source,
-                                               hostname_chain=n.chain)
                     self.metrics.names.labels(n.source).inc()
             who = self.attributor.who(flow) if self.attributor else None
-            if who is not None:
-                flow = dataclasses.replace(flow, who=who)
+            if n is not None or who is not None:  # built once, directly: replace() costs ~3x
+                f = flow
+                flow = Flow(f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes, f.first_seen, f.last_seen,
+                            f.source, who if who is not None else f.who, n.hostname if n else f.hostname,
+                            n.source if n else f.hostname_source, n.chain if n else f.hostname_chain)
             j = pipe.judge(flow)
             self.metrics.judged(j)
             if pipe.register is not None:
