@@ -141,11 +141,25 @@ class Flow:
             if len(self.hostname_chain) > 1:
                 d["hostname_chain"] = list(self.hostname_chain)
         if self.who is not None:
-            w = self.who
-            d["process"] = {k: v for k, v in (("pid", w.pid), ("comm", w.comm), ("exe", w.exe), ("uid", w.uid),
-                                              ("user", w.user), ("unit", w.unit), ("container", w.container),
-                                              ("unattributed", w.unattributed)) if v is not None}
+            d["process"] = _process_json(self.who)
         return d
+
+
+_PROCESS: dict[int, tuple] = {}  # id(Who) -> (the Who, its JSON items); the attributor reuses Who objects
+
+
+def _process_json(w: Who) -> dict:
+    """A flow's `process` object: the Who's fields that are known. A new dict each call (callers may
+    change theirs); its items are worked out once per Who object (held, so its id stays its own)."""
+    hit = _PROCESS.get(id(w))
+    if hit is None:
+        items = tuple((k, v) for k, v in (("pid", w.pid), ("comm", w.comm), ("exe", w.exe), ("uid", w.uid),
+                                          ("user", w.user), ("unit", w.unit), ("container", w.container),
+                                          ("unattributed", w.unattributed)) if v is not None)
+        if len(_PROCESS) >= 4096:
+            _PROCESS.clear()
+        hit = _PROCESS[id(w)] = (w, items)
+    return dict(hit[1])
 
 
 @fast_init
