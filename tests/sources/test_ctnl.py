@@ -149,3 +149,19 @@ def test_drain_reports_an_oversized_datagram_and_a_bad_descriptor():
         assert err.value.errno == 90  # EMSGSIZE
     with pytest.raises(OSError):
         ctnl.drain(-1, 10, C.CtEntry)
+
+
+def test_address_text_is_inet_ntops():
+    """The C reader writes addresses itself (glibc's inet_ntop formats each group with sprintf):
+    the same text for IPv4, for IPv6 zero runs of every length and place (the first longest run
+    becomes "::", single zero groups stay), and the embedded-IPv4 forms it leaves to inet_ntop."""
+    rnd = random.Random(6)
+    cases = [bytes(16), bytes(15) + b"\x01", bytes(10) + b"\xff\xff\x01\x02\x03\x04", bytes(12) + b"\x01\x02\x03\x04",
+             bytes(8) + b"\x00\x01" + bytes(6), b"\x20\x01\x0d\xb8" + bytes(12), bytes(4), b"\xff" * 4, b"\xff" * 16]
+    for _ in range(50000):
+        words = [rnd.choice((0, 0, 0, rnd.getrandbits(16), rnd.getrandbits(4), rnd.getrandbits(8))) for _ in range(8)]
+        cases += [b"".join(w.to_bytes(2, "big") for w in words), rnd.getrandbits(32).to_bytes(4, "big")]
+    for raw in cases:
+        assert ctnl.ntop(raw) == socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw), raw.hex()
+    with pytest.raises(ValueError):
+        ctnl.ntop(b"\x01\x02\x03")
