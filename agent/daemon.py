@@ -39,7 +39,7 @@ from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
 from agent.policy.recipients import fallback_recipient
 from agent.sinks import webconfig
-from agent.sinks.eventlog import EvidenceLog, record
+from agent.sinks.eventlog import EvidenceLog, extra_members, json_bytes, record_body
 from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
 from agent.threadname import named
@@ -127,8 +127,8 @@ class Daemon:
         self.evidence = EvidenceLog(EvidenceOptions(cfg.evidence_path, **{k: v for k, v in cfg.evidence.items()
                                                                          if k != "path"}))
         self._evidence_logged = -1e9
-        self._stamp = (0.0, "")  # (time, its RFC 3339 text) of the last evidence records made
-        self._records: list[dict] = []  # evidence records of the batch being judged (see _write_evidence)
+        self._stamp = (0.0, b"")  # (time, its RFC 3339 text as JSON) of the last evidence records made
+        self._records: list[bytes] = []  # evidence records of the batch being judged (see _write_evidence)
         self.metrics.evidence_gaps.inc(self.evidence.gaps)
         if self.evidence.gaps:
             log.warning("the previous run did not stop cleanly: wrote a gap record to %s", cfg.evidence_path)
@@ -382,13 +382,14 @@ class Daemon:
         extra = {"conntrack_id": e.ct_id} if tracked else {}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
-        flow = j.flow.to_json()
+        extra = extra_members(extra)
+        flow = json_bytes(j.flow.to_json())
         t = time.time()
-        if t - self._stamp[0] >= 0.001:  # records made within a millisecond share their time's text
-            self._stamp = (t, iso_time(t))
+        if t - self._stamp[0] >= 0.001:  # records made within a millisecond share their time
+            self._stamp = (t, json_bytes(iso_time(t)))
         now = self._stamp[1]
-        for v in reported:  # record() names this flow's destination
-            self._records.append(record(j, v, event, extra, flow, now))
+        for v in reported:  # the record names this flow's destination
+            self._records.append(record_body(j, v, event, extra, flow, now))
         return True
 
     def _write_evidence(self):

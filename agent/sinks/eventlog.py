@@ -93,6 +93,52 @@ def record(judged, verdict, event: str, extra: dict | None = None, flow: dict | 
     return rec
 
 
+_EVENTS: dict[str, bytes] = {}
+
+
+def _shared_bytes(judged, verdict) -> tuple[bytes, bytes, bytes]:
+    """`_shared`'s parts serialised: (the verdict's members up to `"message":`, its members after
+    the message, the location's members), each made once per verdict or location class."""
+    vkey = ("vb", id(verdict))
+    got = _PARTS.get(vkey)
+    vpart, where = _shared(judged, verdict)
+    if got is None:
+        keys = list(vpart)
+        i = keys.index("message")
+        head = _dumps({k: vpart[k] for k in keys[:i]})[1:-1]
+        tail = _dumps({k: vpart[k] for k in keys[i + 1:]})[1:-1]
+        got = _PARTS[vkey] = (head + b"," * bool(head) + b'"message":', b"," * bool(tail) + tail, verdict)
+    wkey = ("wb", id(where))
+    wb = _PARTS.get(wkey)
+    if wb is None:
+        wb = _PARTS[wkey] = (_dumps(where)[1:-1], where)
+    return got[0], got[1], wb[0]
+
+
+def record_body(judged, verdict, event: str, extra: bytes, flow: bytes, time: bytes) -> bytes:
+    """`record` serialised, without its closing brace (the log adds `seq`): byte for byte
+    `orjson.dumps(record(...))[:-1]` (tests hold them equal), from parts serialised once per verdict
+    and location class. `extra` is `record`'s extra members serialised (b"" for none: see
+    `extra_members`), `flow` the flow's JSON, `time` the time's JSON string."""
+    head, tail, where = _shared_bytes(judged, verdict)
+    ev = _EVENTS.get(event)
+    if ev is None:
+        ev = _EVENTS[event] = b',"event":' + _dumps(event) + b","
+    body = b"".join((b'{"time":', time, ev, head, _dumps(judged.message(verdict)), tail, b',"flow":', flow, b",",
+                     where))
+    r = getattr(judged, "recipient", None)
+    if r is not None:
+        body += b',"recipient":' + _dumps({"id": r.id, "name": r.name, "role": r.role,
+                                             "established_in": r.established_in,
+                                             "processing_locations": list(r.processing_locations)})
+    return body + extra
+
+
+def extra_members(extra: dict) -> bytes:
+    """`record`'s extra members as `record_body` takes them."""
+    return b"," + _dumps(extra)[1:-1] if extra else b""
+
+
 class EvidenceLog:
     """Append-only evidence file with rotation that cannot lose what is already written.
 
@@ -208,11 +254,19 @@ class EvidenceLog:
 
     # -- writing ------------------------------------------------------------------------------
     def _stamp(self, rec: dict) -> bytes:
-        self.seq += 1
+        return self._line(self.body(rec))
+
+    def body(self, rec: dict) -> bytes:
+        """A record as `write_body` and `write_many` take it: serialised without its closing brace,
+        its time first (now, when it has none)."""
         if "time" not in rec:
             rec = {"time": _iso(self.clock()), **rec}
-        rec["seq"] = self.seq
-        return _dumps(rec) + b"\n"
+        return _dumps(rec)[:-1]
+
+    def _line(self, body: bytes) -> bytes:
+        """The line of a record body: its sequence number last."""
+        self.seq += 1
+        return body + b',"seq":%d}\n' % self.seq
 
     def _write_now(self, line: bytes):
         """One write of a whole line; a short write is cut back. Raises OSError on failure."""
@@ -240,9 +294,14 @@ class EvidenceLog:
         """Write one record. Raises OSError when it could not be written (it is counted as lost);
         the log keeps working and retries, and a gap record marks the loss once writes succeed."""
         with self._lock:
+            body = self.body(rec)
+        self.write_body(body)
+
+    def write_body(self, body: bytes):
+        """`write` for a record already serialised without its closing brace (see `record_body`)."""
+        with self._lock:
             now = self.clock()
-            stamped = dict(rec)
-            line = self._stamp(stamped)
+            line = self._line(body)
             if self._size and self._size + len(line) + 256 > self.options.max_bytes and now >= self._retry_at:
                 try:
                     self._rotate()
@@ -259,7 +318,7 @@ class EvidenceLog:
                     self._write_now(gap)
                     self._unwritten, self._lost_since = 0, None
                     self.gaps += 1
-                    line = self._stamp(stamped)  # renumbered after the gap record
+                    line = self._line(body)  # renumbered after the gap record
                 self._write_now(line)
             except OSError as e:
                 self.lost_lines += 1
@@ -268,30 +327,31 @@ class EvidenceLog:
                 self._last_error = e.strerror or str(e)
                 raise
 
-    def write_many(self, recs: list[dict]) -> tuple[int, list[OSError]]:
-        """Write records in order with one `write` where it can: (lines written, the error of each
-        record lost). Whole lines only, as `write`: a batch that fails, or that would cross the
-        rotation size or follow lost lines (a gap record comes first), is written record by record
-        through `write`, which cuts back, counts and retries as it does for one."""
-        if not recs:
+    def write_many(self, bodies: list[bytes]) -> tuple[int, list[OSError]]:
+        """Write record bodies (`record_body`) in order with one `write` where it can: (lines
+        written, the error of each record lost). Whole lines only, as `write`: a batch that fails,
+        or that would cross the rotation size or follow lost lines (a gap record comes first), is
+        written record by record through `write_body`, which cuts back, counts and retries as it
+        does for one."""
+        if not bodies:
             return 0, []
         with self._lock:
             seq = self.seq
-            lines = b"".join(self._stamp(dict(r)) for r in recs)
+            lines = b"".join([self._line(b) for b in bodies])
             if not self._unwritten and self._size + len(lines) + 256 <= self.options.max_bytes:
                 try:
                     self._write_now(lines)
-                    return len(recs), []
+                    return len(bodies), []
                 except OSError:
                     pass  # a short write was cut back: find out which lines fit, one by one
             self.seq = seq
         lost = []
-        for r in recs:
+        for b in bodies:
             try:
-                self.write(r)
+                self.write_body(b)
             except OSError as e:
                 lost.append(e)
-        return len(recs) - len(lost), lost
+        return len(bodies) - len(lost), lost
 
     def flush(self):
         with self._lock:
@@ -320,6 +380,9 @@ try:  # orjson: ~10x faster than json.dumps on these records; same JSON, UTF-8 i
 except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
     def _dumps(rec: dict) -> bytes:
         return json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+json_bytes = _dumps  # compact JSON as bytes, exactly as records are written
 
 
 def _iso(ts: float | None) -> str | None:

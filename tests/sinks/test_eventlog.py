@@ -153,7 +153,8 @@ if sys.argv[2] == "one":
             lost += 1
 else:  # batches of 7 records, as the daemon writes them
     for start in range(0, 100, 7):
-        written, errors = log.write_many([{"i": i, "pad": "x" * 40} for i in range(start, min(100, start + 7))])
+        bodies = [log.body({"i": i, "pad": "x" * 40}) for i in range(start, min(100, start + 7))]
+        written, errors = log.write_many(bodies)
         lost += len(errors)
 resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 log.write({"i": "after"})
@@ -191,10 +192,13 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
     every record must still be exactly the one made from scratch, for locations that differ only in
     fields outside the verdict's key too (anycast, EU flag, embedded IPv4)."""
     from datetime import date
+    from types import SimpleNamespace
+
+    import orjson
 
     from agent.enrich.geoip import Locator
     from agent.enrich.scope import Scoper
-    from agent.pipeline import Pipeline
+    from agent.pipeline import Judged, Pipeline
     from agent.policy.jurisdictions import Jurisdictions
     from agent.policy.load import load_policies
     from agent.sinks import eventlog
@@ -208,6 +212,10 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
                "jurisdictions": list(judged.jurisdictions),
                "location": {k: v for k, v in loc.to_json().items() if k not in ("ip",)},
                "asn": loc.asn, "as_org": loc.as_org}
+        r = judged.recipient
+        if r is not None:
+            rec["recipient"] = {"id": r.id, "name": r.name, "role": r.role, "established_in": r.established_in,
+                                "processing_locations": list(r.processing_locations)}
         rec.update(extra)
         return rec
 
@@ -219,15 +227,26 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
     pipe = Pipeline(load_policies(repo / "policies", jur), jur, Locator(dbs, scoper), scoper, as_of=date(2025, 7, 1))
     eventlog._PARTS.clear()
     checked = 0
-    for f in random_flows(1500, 44):
+    recipient = SimpleNamespace(id="crm", name="CRM \"SaaS\" Ltd", role="processor", established_in="IE",
+                                processing_locations=("IE", "US"))
+    extras = [{"conntrack_id": 7}, {}, {"conntrack_id": 8, "nat": {"dst": "203.0.113.10", "src": None}}]
+    for i, f in enumerate(random_flows(1500, 44)):
         if not pipe.is_egress(f):
             continue
         j = pipe.judge(f)
+        if i % 5 == 0:
+            j = Judged(j.flow, j.location, j.outcomes, j.jurisdictions, recipient=recipient)
+        extra = extras[i % 3]
         for v in j.outcomes:
             for _ in range(2):  # made, then taken from the shared parts
-                got = eventlog.record(j, v, "new", {"conntrack_id": 7})
+                got = eventlog.record(j, v, "new", extra)
                 got["time"] = "T"
-                assert got == whole(j, v, "new", {"conntrack_id": 7})
-                assert list(got) == list(whole(j, v, "new", {"conntrack_id": 7}))  # and the same key order
+                want = whole(j, v, "new", extra)
+                assert got == want
+                assert list(got) == list(want)  # and the same key order
+                # serialised from parts: byte for byte what serialising the whole record gives
+                body = eventlog.record_body(j, v, "new", eventlog.extra_members(extra),
+                                            orjson.dumps(j.flow.to_json()), orjson.dumps("T"))
+                assert body + b"}" == orjson.dumps(want)
                 checked += 1
     assert checked > 1000
