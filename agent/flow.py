@@ -8,6 +8,7 @@ Times are POSIX seconds (float, UTC). Addresses are canonical text (`ipaddress` 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 
@@ -48,20 +49,29 @@ def proto_name(num: int) -> str:
     return PROTO_NAMES.get(num, str(num))
 
 
-_last_iso: tuple = (None, None)  # the last (time, text): a live batch's flows share their first and last time
+_SECONDS: dict[int, str] = {}  # whole second -> "YYYY-MM-DDTHH:MM:SS" (flows of one second share it)
 
 
 def iso_time(ts: float | None) -> str | None:
-    """POSIX seconds -> RFC 3339 UTC with microseconds, or None."""
-    global _last_iso
+    """POSIX seconds -> RFC 3339 UTC with microseconds, or None: `datetime.fromtimestamp(ts, UTC)
+    .isoformat()` with "Z", i.e. the fraction rounded half to even to the microsecond and left out
+    when zero. Each second's text is formatted once; tests compare this with datetime's."""
     if ts is None:
         return None
-    last = _last_iso  # one tuple, replaced whole: threads see an old pair or a new one, never a mix
-    if ts == last[0]:
-        return last[1]
-    text = datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
-    _last_iso = (ts, text)
-    return text
+    if ts < 0:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)  # half to even, as datetime rounds
+    sec = int(whole)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    head = _SECONDS.get(sec)
+    if head is None:
+        head = datetime.fromtimestamp(sec, tz=UTC).isoformat()[:-6]  # without "+00:00"
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        _SECONDS[sec] = head
+    return f"{head}.{us:06d}Z" if us else head + "Z"
 
 
 def iso_times(ts) -> list[str]:

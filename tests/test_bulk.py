@@ -255,6 +255,26 @@ def test_iso_times_equal_iso_time():
     assert iso_times(xs) == [iso_time(x) for x in xs]
 
 
+def test_iso_time_equals_datetimes_text():
+    """iso_time formats each second once and the microseconds itself: the text (and the error, out
+    of datetime's range) must be datetime's, carries and half-microsecond ties included."""
+    from datetime import UTC, datetime
+
+    def outcome(f, x):
+        try:
+            return f(x)
+        except (ValueError, OverflowError, OSError) as e:
+            return type(e)
+
+    rnd = random.Random(5)
+    xs = [rnd.uniform(0, 4e9) for _ in range(20000)] + [T, T + 0.5, T + 0.9999995, T + 0.0000005, 0.0, 1.5e-6]
+    xs += [rnd.randrange(4 * 10**9) + (rnd.randrange(10**6) + 0.5) / 1e6 for _ in range(20000)]
+    xs += [253402300799.0, 253402300799.9999994, -1.5, -0.0000005, 1e20, float("inf"), float("nan")]
+    for x in xs:
+        want = outcome(lambda t: datetime.fromtimestamp(t, tz=UTC).isoformat().replace("+00:00", "Z"), x)
+        assert outcome(iso_time, x) == want, repr(x)
+
+
 def test_table_rows_are_the_flows_they_came_from():
     flows = random_flows(500, 11)
     t = FlowTable.from_flows(flows)
