@@ -49,7 +49,10 @@ IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 GROUP_NEW, GROUP_DESTROY = 1, 4  # bit masks of NFNLGRP_CONNTRACK_NEW (1) and _DESTROY (3)
 NLM_F_CREATE = 0x400
 SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8
-COALESCE_SECONDS = 0.002  # added latency per wake-up; amortises the hand-off over the events it gathers
+# Added latency per wake-up: the events of 50 ms share one hand-off, one evidence write and one metrics
+# flush. bench_live, % of a core per 1,000 flows/s at 2,000 and 10,000 flows/s: 9.1 and 4.7 with a
+# 2 ms pause, 4.3 and 3.6 with 50 ms. The socket buffer (8 MiB, SO_RCVBUFFORCE) holds 50 ms of far more.
+COALESCE_SECONDS = 0.05
 
 _attr = struct.Struct("=HH").unpack_from
 _be16 = struct.Struct(">H").unpack_from
