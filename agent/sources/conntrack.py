@@ -370,17 +370,25 @@ class Conntrack:
         return list(dump(self.q, self.buf, self.decoder))
 
     def events(self, timeout: float = 0.5):
-        """Yield ("dump"|"resync"|"new"|"destroy", CtEntry): the first dump is "dump", a dump after
-        lost events is "resync"; then events until the socket is empty (or `timeout` passes idle)."""
+        """("dump"|"resync"|"new"|"destroy", CtEntry) pairs, to iterate once: the first dump is
+        "dump", a dump after lost events is "resync"; then events until the socket is empty (or
+        `timeout` passes idle). With the C reader, a list read before this returns."""
         if self.needs_dump:
-            self.needs_dump = False
-            kind = "resync" if self.dumps else "dump"
-            self.dumps += 1
-            for e in dump(self.q, self.buf, self.decoder):
-                yield kind, e
+            return self._dump_then_events(timeout)
+        return self._events(timeout)
+
+    def _dump_then_events(self, timeout: float):
+        self.needs_dump = False
+        kind = "resync" if self.dumps else "dump"
+        self.dumps += 1
+        for e in dump(self.q, self.buf, self.decoder):
+            yield kind, e
+        yield from self._events(timeout)
+
+    def _events(self, timeout: float):
         r, _, _ = select.select([self.ev], [], [], timeout)
         if not r:
-            return
+            return ()
         # At low rates let a few more events arrive before draining: each wake-up otherwise carries
         # one event through the queue to the worker (most of the per-flow cost at 1-2k flows/s).
         # Under load (the last drain was large) there is no pause.
@@ -397,8 +405,11 @@ class Conntrack:
                 self.needs_dump = True
             else:
                 self._last_drain = drained
-            yield from evs
-            return
+            return evs
+        return self._events_py()
+
+    def _events_py(self):
+        """The Python reader: one recv and one decode per datagram."""
         drained = 0
         for _ in range(MAX_DATAGRAMS):
             try:
