@@ -155,9 +155,92 @@ static int same(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn
     return an == bn && memcmp(a, b, an) == 0;
 }
 
+/* The scope table (Scoper's flattened intervals, as `scope_table` takes them): sorted starts per
+ * IP version and a code per interval: 0 public, 1 any other scope, 2 Teredo, 3 local-use NAT64
+ * (the last two are resolved through the IPv4 table with the address they embed, and are not
+ * accountable, as Scoper.classify says). */
+typedef struct { Py_ssize_t n4, n6; uint32_t *s4; uint64_t *s6; uint8_t *c4, *c6; } scope_t;
+#define SCOPE_CAPSULE "egress_agent.scope_table"
+
+static uint8_t scope4(const scope_t *t, uint32_t v) {
+    Py_ssize_t lo = 0, hi = t->n4; /* the last start <= v; starts[0] is 0 */
+    while (hi - lo > 1) { Py_ssize_t mid = (lo + hi) / 2; if (t->s4[mid] <= v) lo = mid; else hi = mid; }
+    return t->c4[lo];
+}
+
+/* Sets *pub (the address is public) and *acct (accountable); the address is 4 or 16 bytes. */
+static void classify_addr(const scope_t *t, const uint8_t *a, Py_ssize_t n, int *pub, int *acct) {
+    if (n == 4) { *pub = scope4(t, be32(a)) == 0; *acct = 1; return; }
+    uint64_t h = be64(a), l = be64(a + 8);
+    Py_ssize_t lo = 0, hi = t->n6;
+    while (hi - lo > 1) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        uint64_t sh = t->s6[2 * mid], sl = t->s6[2 * mid + 1];
+        if (sh < h || (sh == h && sl <= l)) lo = mid; else hi = mid;
+    }
+    uint8_t c = t->c6[lo];
+    if (c == 2) { *pub = scope4(t, (uint32_t)~l) == 0; *acct = 0; }
+    else if (c == 3) { *pub = scope4(t, (uint32_t)l) == 0; *acct = 0; }
+    else { *pub = c == 0; *acct = 1; }
+}
+
+static void scope_free(PyObject *cap) {
+    scope_t *t = PyCapsule_GetPointer(cap, SCOPE_CAPSULE);
+    if (t) { PyMem_Free(t->s4); PyMem_Free(t->s6); PyMem_Free(t->c4); PyMem_Free(t->c6); PyMem_Free(t); }
+}
+
+/* scope_table(starts4, codes4, starts6, codes6): starts as lists of ints, ascending from 0. */
+static PyObject *scope_table(PyObject *self, PyObject *args) {
+    PyObject *st4, *st6;
+    Py_buffer c4, c6;
+    if (!PyArg_ParseTuple(args, "O!y*O!y*", &PyList_Type, &st4, &c4, &PyList_Type, &st6, &c6)) return NULL;
+    scope_t *t = PyMem_Calloc(1, sizeof *t);
+    PyObject *ret = NULL;
+    if (!t) { PyErr_NoMemory(); goto done; }
+    t->n4 = PyList_GET_SIZE(st4);
+    t->n6 = PyList_GET_SIZE(st6);
+    if (t->n4 < 1 || t->n6 < 1 || c4.len != t->n4 || c6.len != t->n6) {
+        PyErr_SetString(PyExc_ValueError, "scope_table: one code per start, at least one interval each");
+        goto fail;
+    }
+    t->s4 = PyMem_Malloc(t->n4 * sizeof *t->s4);
+    t->s6 = PyMem_Malloc(2 * t->n6 * sizeof *t->s6);
+    t->c4 = PyMem_Malloc(t->n4);
+    t->c6 = PyMem_Malloc(t->n6);
+    if (!t->s4 || !t->s6 || !t->c4 || !t->c6) { PyErr_NoMemory(); goto fail; }
+    memcpy(t->c4, c4.buf, t->n4);
+    memcpy(t->c6, c6.buf, t->n6);
+    for (Py_ssize_t i = 0; i < t->n4; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PyList_GET_ITEM(st4, i));
+        if (PyErr_Occurred() || v > 0xFFFFFFFFUL) { PyErr_SetString(PyExc_ValueError, "scope_table: bad IPv4 start"); goto fail; }
+        t->s4[i] = (uint32_t)v;
+    }
+    for (Py_ssize_t i = 0; i < t->n6; i++) {
+        uint8_t b[16];
+        if (_PyLong_AsByteArray((PyLongObject *)PyList_GET_ITEM(st6, i), b, 16, 0, 0) < 0) goto fail;
+        t->s6[2 * i] = be64(b);
+        t->s6[2 * i + 1] = be64(b + 8);
+    }
+    if (t->s4[0] != 0 || t->s6[0] != 0 || t->s6[1] != 0) {
+        PyErr_SetString(PyExc_ValueError, "scope_table: the tables must start at 0");
+        goto fail;
+    }
+    ret = PyCapsule_New(t, SCOPE_CAPSULE, scope_free);
+    if (ret) goto done;
+fail:
+    if (t) { PyMem_Free(t->s4); PyMem_Free(t->s6); PyMem_Free(t->c4); PyMem_Free(t->c6); PyMem_Free(t); }
+done:
+    PyBuffer_Release(&c4);
+    PyBuffer_Release(&c6);
+    return ret;
+}
+
 /* The entry of one ctnetlink message payload p[off:end] (after the netlink header), or None when it
- * has no usable original tuple (conntrack.decode_entry). New reference, NULL on a Python error. */
-static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, PyTypeObject *cls) {
+ * has no usable original tuple (conntrack.decode_entry). With a scope table, *egress and
+ * *accountable say what Scoper.classify says of its original tuple. New reference, NULL on a
+ * Python error. */
+static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, PyTypeObject *cls,
+                                const scope_t *scope, int *egress, int *accountable) {
     tuple_t orig, reply;
     int have_orig = 0, have_reply = 0;
     uint64_t ct_id = 0, pk = 0, by = 0, start = 0;
@@ -183,6 +266,13 @@ static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end
         if (!addr_ok(reply.src_n) || (reply.dst_n && !addr_ok(reply.dst_n))) Py_RETURN_NONE;
         nat_dst = !same(reply.src, reply.src_n, orig.dst, orig.dst_n);
         nat_src = reply.dst_n && !same(reply.dst, reply.dst_n, orig.src, orig.src_n);
+    }
+    if (scope) {
+        int spub, sacc, dpub, dacc;
+        classify_addr(scope, orig.src, orig.src_n, &spub, &sacc);
+        classify_addr(scope, orig.dst, orig.dst_n, &dpub, &dacc);
+        *egress = dpub && !spub;
+        *accountable = sacc && dacc;
     }
     PyObject *e = cls->tp_alloc(cls, 11);
     if (!e) return NULL;
@@ -210,8 +300,11 @@ static int check_type(PyObject *cls) {
 }
 
 /* Each message of one datagram (conntrack.Decoder.entries + Conntrack.events): append the
- * (kind, entry) pairs worth yielding to `out`. */
-static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, PyObject *out) {
+ * (kind, entry, accountable) triples worth yielding to `out`. With a scope table, a NEW event whose
+ * flow is not egress (destination public, source not) is left out and counted in *skipped, and
+ * `accountable` is True or False; otherwise it is None. */
+static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, const scope_t *scope, PyObject *out,
+                    Py_ssize_t *skipped) {
     Py_ssize_t off = 0;
     while (off + 16 <= n) {
         uint32_t len = h32(p + off);
@@ -224,12 +317,22 @@ static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, PyObject 
             else if (kind == MSG_CT_DELETE) name = S_DESTROY;
         }
         if (name) {
-            PyObject *e = decode_payload(p, off + 16, off + len, cls);
+            int egress = 0, accountable = 0;
+            PyObject *e = decode_payload(p, off + 16, off + len, cls, name == S_NEW ? scope : NULL, &egress,
+                                         &accountable);
             if (!e) return -1;
             if (e != Py_None) {
-                PyObject *pair = PyTuple_Pack(2, name, e);
-                if (!pair || PyList_Append(out, pair) < 0) { Py_XDECREF(pair); Py_DECREF(e); return -1; }
-                Py_DECREF(pair);
+                PyObject *acct = Py_None;
+                int keep = 1;
+                if (scope && name == S_NEW) {
+                    if (!egress) { keep = 0; (*skipped)++; }
+                    acct = accountable ? Py_True : Py_False;
+                }
+                if (keep) {
+                    PyObject *t = PyTuple_Pack(3, name, e, acct);
+                    if (!t || PyList_Append(out, t) < 0) { Py_XDECREF(t); Py_DECREF(e); return -1; }
+                    Py_DECREF(t);
+                }
             }
             Py_DECREF(e);
         }
@@ -240,8 +343,11 @@ static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, PyObject 
 
 static PyObject *drain(PyObject *self, PyObject *args) {
     int fd, max_dg;
-    PyObject *cls;
-    if (!PyArg_ParseTuple(args, "iiO", &fd, &max_dg, &cls) || check_type(cls) < 0) return NULL;
+    PyObject *cls, *table = Py_None;
+    if (!PyArg_ParseTuple(args, "iiO|O", &fd, &max_dg, &cls, &table) || check_type(cls) < 0) return NULL;
+    const scope_t *scope = NULL;
+    if (table != Py_None && !(scope = PyCapsule_GetPointer(table, SCOPE_CAPSULE))) return NULL;
+    Py_ssize_t skipped = 0;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     struct mmsghdr msgs[SLOTS];
@@ -270,12 +376,15 @@ static PyObject *drain(PyObject *self, PyObject *args) {
                 errno = EMSGSIZE;
                 return PyErr_SetFromErrno(PyExc_OSError);
             }
-            if (datagram(bufs[i], msgs[i].msg_len, (PyTypeObject *)cls, out) < 0) { Py_DECREF(out); return NULL; }
+            if (datagram(bufs[i], msgs[i].msg_len, (PyTypeObject *)cls, scope, out, &skipped) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
         }
         got += r;
         if (r < want) { status = 0; break; } /* the socket had no more */
     }
-    return Py_BuildValue("(Nii)", out, got, status);
+    return Py_BuildValue("(Niin)", out, got, status, skipped);
 }
 
 static PyObject *decode(PyObject *self, PyObject *args) {
@@ -285,7 +394,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     if (check_type(cls) < 0) { PyBuffer_Release(&buf); return NULL; }
     PyObject *r;
     if (buf.len < 16) r = Py_NewRef(Py_None);
-    else r = decode_payload(buf.buf, 16, buf.len, (PyTypeObject *)cls);
+    else r = decode_payload(buf.buf, 16, buf.len, (PyTypeObject *)cls, NULL, NULL, NULL);
     PyBuffer_Release(&buf);
     return r;
 }
@@ -300,7 +409,27 @@ static PyObject *ntop(PyObject *self, PyObject *args) {
     return r;
 }
 
+static PyObject *classify(PyObject *self, PyObject *args) {
+    PyObject *table;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "Oy*", &table, &buf)) return NULL;
+    const scope_t *scope = PyCapsule_GetPointer(table, SCOPE_CAPSULE);
+    PyObject *r = NULL;
+    if (scope) {
+        if (buf.len != 4 && buf.len != 16) PyErr_SetString(PyExc_ValueError, "an address is 4 or 16 bytes");
+        else {
+            int pub, acct;
+            classify_addr(scope, buf.buf, buf.len, &pub, &acct);
+            r = Py_BuildValue("(OO)", pub ? Py_True : Py_False, acct ? Py_True : Py_False);
+        }
+    }
+    PyBuffer_Release(&buf);
+    return r;
+}
+
 static PyMethodDef methods[] = {
+    {"scope_table", scope_table, METH_VARARGS, "A scope table for drain (see the comment above scope_t)."},
+    {"classify", classify, METH_VARARGS, "(public, accountable) of a packed address (for tests)."},
     {"ntop", ntop, METH_VARARGS, "An address's text, as inet_ntop writes it (for tests)."},
     {"drain", drain, METH_VARARGS, "Read and decode waiting conntrack events (see the module comment)."},
     {"decode", decode, METH_VARARGS, "Decode one ctnetlink message, netlink header included, or None."},

@@ -356,6 +356,7 @@ class Conntrack:
         self.needs_dump = True
         self.dumps = 0
         self._last_drain = 0
+        self.skipped_new = 0  # NEW events of flows that are not egress, left out by the C reader
         self.decoder = Decoder()
 
     def socket_drops(self) -> int:
@@ -369,23 +370,27 @@ class Conntrack:
     def snapshot(self) -> list[CtEntry]:
         return list(dump(self.q, self.buf, self.decoder))
 
-    def events(self, timeout: float = 0.5):
-        """("dump"|"resync"|"new"|"destroy", CtEntry) pairs, to iterate once: the first dump is
-        "dump", a dump after lost events is "resync"; then events until the socket is empty (or
-        `timeout` passes idle). With the C reader, a list read before this returns."""
-        if self.needs_dump:
-            return self._dump_then_events(timeout)
-        return self._events(timeout)
+    def events(self, timeout: float = 0.5, table=None):
+        """("dump"|"resync"|"new"|"destroy", CtEntry, accountable) triples, to iterate once: the
+        first dump is "dump", a dump after lost events is "resync"; then events until the socket is
+        empty (or `timeout` passes idle). With the C reader, a list read before this returns.
 
-    def _dump_then_events(self, timeout: float):
+        `table` (`scope_table`): the C reader leaves out NEW events whose flow is not egress
+        (counted in `skipped_new`) and gives the others `accountable` as True or False, as
+        `Scoper.classify` would; everywhere else `accountable` is None (the caller classifies)."""
+        if self.needs_dump:
+            return self._dump_then_events(timeout, table)
+        return self._events(timeout, table)
+
+    def _dump_then_events(self, timeout: float, table):
         self.needs_dump = False
         kind = "resync" if self.dumps else "dump"
         self.dumps += 1
         for e in dump(self.q, self.buf, self.decoder):
-            yield kind, e
-        yield from self._events(timeout)
+            yield kind, e, None
+        yield from self._events(timeout, table)
 
-    def _events(self, timeout: float):
+    def _events(self, timeout: float, table=None):
         r, _, _ = select.select([self.ev], [], [], timeout)
         if not r:
             return ()
@@ -396,10 +401,11 @@ class Conntrack:
             time.sleep(COALESCE_SECONDS)
         if _ctnl is not None and DRAIN["c"]:
             try:
-                evs, drained, status = _ctnl.drain(self.ev.fileno(), MAX_DATAGRAMS, CtEntry)
+                evs, drained, status, skipped = _ctnl.drain(self.ev.fileno(), MAX_DATAGRAMS, CtEntry, table)
             except OSError:
                 self.errors += 1
                 raise
+            self.skipped_new += skipped
             if status == 2:  # ENOBUFS: the kernel dropped events; count and resync
                 self.overflows += 1
                 self.needs_dump = True
@@ -429,10 +435,24 @@ class Conntrack:
                 if e is None or kind < 0:
                     continue
                 if kind == IPCTNL_MSG_CT_NEW and flags & NLM_F_CREATE:
-                    yield "new", e
+                    yield "new", e, None
                 elif kind == IPCTNL_MSG_CT_DELETE:
-                    yield "destroy", e
+                    yield "destroy", e, None
         self._last_drain = drained  # a full drain: no pause before the next one
+
+
+def scope_table(scoper):
+    """The C reader's form of `scoper`'s tables (see `Conntrack.events`), or None without it."""
+    if _ctnl is None or not DRAIN["c"]:
+        return None
+    from agent.enrich.scope import LOCAL64, TEREDO
+
+    codes = {"public": 0, TEREDO: 2, LOCAL64: 3}
+    c4 = bytes(codes.get(x, 1) for x in scoper._scopes[4])
+    if any(c > 1 for c in c4):
+        raise ValueError("the IPv4 scope table holds an embedded-address marker")
+    return _ctnl.scope_table(list(scoper._starts[4]), c4, list(scoper._starts[6]),
+                             bytes(codes.get(x, 1) for x in scoper._scopes[6]))
 
 
 def read_sysctl(name: str, netns: str | None = None) -> str | None:

@@ -155,6 +155,7 @@ class ConntrackSource:
         # 32-bit id alone collides (two live flows share one in ~1 of 10^4 pairs at 10^5 flows,
         # measured: bench_live lost one flow that way before this key).
         known: dict[tuple, None] = {}  # egress flows seen and still open; a resync skips them
+        table = table_of = None
         ct = None
         next_tick = 0.0
         while not self.d.stop.is_set():
@@ -182,11 +183,16 @@ class ConntrackSource:
                     # read the kernel first, then drain the socket: every flow in this reading has
                     # its event delivered (or dropped, which the socket's drop counter shows) by then
                     kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
-                classify = self.d.pipeline.scoper.classify
+                scoper = self.d.pipeline.scoper
+                classify = scoper.classify
+                if scoper is not table_of:  # the C reader's copy of the scope table follows reloads
+                    from agent.sources.conntrack import scope_table
+
+                    table, table_of = scope_table(scoper), scoper
                 batch = []
                 seen = dict.fromkeys(events, 0)  # events by kind, added to the counters once per drain
                 try:
-                    for kind, e in ct.events(min(0.5, every)):
+                    for kind, e, acc in ct.events(min(0.5, every), table):
                         if len(batch) >= BATCH:
                             self.d._enqueue(batch, drops)
                             batch = []
@@ -201,16 +207,18 @@ class ConntrackSource:
                             dumped += 1
                         if key in known:
                             continue
-                        d_scope, d_acct = classify(e.dst)  # is_egress and accountable, one parse each
-                        if d_scope != "public":
-                            continue
-                        s_scope, s_acct = classify(e.src)
-                        if s_scope == "public":
-                            continue
+                        if acc is None:  # not classified by the C reader (which leaves out non-egress)
+                            d_scope, d_acct = classify(e.dst)  # is_egress and accountable, one parse each
+                            if d_scope != "public":
+                                continue
+                            s_scope, s_acct = classify(e.src)
+                            if s_scope == "public":
+                                continue
+                            acc = s_acct and d_acct
                         known[key] = None
                         if len(known) > MAX_KNOWN:
                             del known[next(iter(known))]
-                        counted = kind != "dump" and s_acct and d_acct
+                        counted = kind != "dump" and acc
                         if counted:
                             if kind == "new":
                                 acct.arrived += 1
@@ -229,6 +237,8 @@ class ConntrackSource:
                     if batch:
                         self.d._enqueue(batch, drops)
                 finally:  # counted even when a read fails mid-drain
+                    seen["new"] += ct.skipped_new
+                    ct.skipped_new = 0
                     for kind, n in seen.items():
                         if n:
                             events[kind].inc(n)

@@ -78,7 +78,7 @@ class _Sock:
     def conntrack(sock) -> C.Conntrack:
         ct = object.__new__(C.Conntrack)
         ct.ev, ct.buf, ct.decoder = sock, bytearray(1 << 20), C.Decoder()
-        ct.overflows = ct.errors = ct.dumps = ct._last_drain = 0
+        ct.overflows = ct.errors = ct.dumps = ct._last_drain = ct.skipped_new = 0
         ct.needs_dump = False
         return ct
 
@@ -119,8 +119,8 @@ def test_drain_equals_the_python_event_loop():
         datagrams.append(b"".join(m + b"\0" * (-len(m) % 4) for m in msgs))
     c, py = _drained(datagrams, True), _drained(datagrams, False)
     assert len(c) > 1500 and c == py
-    assert {k for k, _ in c} == {"new", "destroy"}
-    assert all(type(e) is C.CtEntry for _, e in c)
+    assert {k for k, _, _ in c} == {"new", "destroy"}
+    assert all(type(e) is C.CtEntry and acc is None for _, e, acc in c)
 
 
 def test_drain_stops_at_the_limit_and_says_whether_the_socket_is_empty():
@@ -129,11 +129,11 @@ def test_drain_stops_at_the_limit_and_says_whether_the_socket_is_empty():
         one = message(entry_attrs(), kind=DELETE, flags=0)
         for _ in range(10):
             a.send(one)
-        evs, n, status = ctnl.drain(b.fileno(), 4, C.CtEntry)
-        assert (len(evs), n, status) == (4, 4, 1)
-        evs, n, status = ctnl.drain(b.fileno(), 100, C.CtEntry)
-        assert (len(evs), n, status) == (6, 6, 0)
-        assert ctnl.drain(b.fileno(), 100, C.CtEntry) == ([], 0, 0)
+        evs, n, status, skipped = ctnl.drain(b.fileno(), 4, C.CtEntry)
+        assert (len(evs), n, status, skipped) == (4, 4, 1, 0)
+        evs, n, status, skipped = ctnl.drain(b.fileno(), 100, C.CtEntry)
+        assert (len(evs), n, status, skipped) == (6, 6, 0, 0)
+        assert ctnl.drain(b.fileno(), 100, C.CtEntry) == ([], 0, 0, 0)
         a.send(message(entry_attrs(), kind=NEW, flags=NLM_F_CREATE))
         assert ctnl.drain(b.fileno(), 100, C.CtEntry)[0][0][0] == "new"
 
@@ -165,3 +165,79 @@ def test_address_text_is_inet_ntops():
         assert ctnl.ntop(raw) == socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw), raw.hex()
     with pytest.raises(ValueError):
         ctnl.ntop(b"\x01\x02\x03")
+
+
+SCOPER_ARGS = {"public_nets": ["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "2001::/40"],
+               "local_nets": ["192.0.2.0/24", "2001:db8:1::/64", "64:ff9b:1:7::/64"]}
+
+
+def _boundaries(scoper, version):
+    bits = 32 if version == 4 else 128
+    for start in scoper._starts[version]:
+        for n in (start - 1, start, start + 1):
+            if 0 <= n < 1 << bits:
+                yield n.to_bytes(bits // 8, "big")
+
+
+def test_c_classification_equals_scopers():
+    """The C reader's scope table answers as Scoper.classify (public, accountable) at every
+    boundary of both tables, inside Teredo and local-use NAT64 (resolved through the IPv4 table)
+    and on random addresses, with deployment overrides in the tables."""
+    from agent.enrich.scope import Scoper
+
+    scoper = Scoper(**SCOPER_ARGS)
+    table = C.scope_table(scoper)
+    rnd = random.Random(4)
+    addrs = list(_boundaries(scoper, 4)) + list(_boundaries(scoper, 6))
+    for _ in range(20000):
+        addrs.append(rnd.getrandbits(32).to_bytes(4, "big"))
+        addrs.append((rnd.getrandbits(128) >> rnd.choice((0, 16, 64, 96))).to_bytes(16, "big"))
+    embedded = [b"\x20\x01\x00\x00" + rnd.getrandbits(96).to_bytes(12, "big") for _ in range(2000)]
+    embedded += [bytes.fromhex("0064ff9b0001") + rnd.getrandbits(80).to_bytes(10, "big") for _ in range(2000)]
+    embedded += [b"\x20\x01\x00\x00" + bytes(8) + (~n & 0xFFFFFFFF).to_bytes(4, "big")
+                 for n in (0xC6336407, 0xC0000201, 0x08080808)]  # Teredo clients in public/local/other space
+    for raw in addrs + embedded:
+        text = socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+        scope, acct = scoper.classify(text)
+        assert ctnl.classify(table, raw) == (scope == "public", acct), text
+    assert {ctnl.classify(table, r)[1] for r in embedded} == {True, False}  # 2001::/40 is declared public
+
+
+def test_drain_with_a_scope_table_keeps_the_egress_flows_the_python_loop_keeps():
+    from agent.enrich.scope import Scoper
+
+    scoper = Scoper(**SCOPER_ARGS)
+    rnd = random.Random(12)
+    hosts = ["192.0.2.10", "198.51.100.7", "203.0.113.9", "10.1.2.3", "8.8.8.8", "2001:db8:1::5", "2001:db8:77::1",
+             "2001:0:4136:e378:8000:63bf:3fff:fdd2", "64:ff9b:1:7::c633:6407", "64:ff9b::c633:6407", "fe80::1"]
+    datagrams, want = [], []
+    for _ in range(3000):
+        src, dst = rnd.choice(hosts), rnd.choice(hosts)
+        if (":" in src) != (":" in dst):
+            continue
+        kind = rnd.choice((NEW, DELETE))
+        msg = message(entry_attrs(src=src, dst=dst, ct_id=rnd.getrandbits(32)), kind=kind,
+                      flags=NLM_F_CREATE if kind == NEW else 0, family=10 if ":" in src else 2)
+        datagrams.append(msg)
+        (d_scope, d_acct), (s_scope, s_acct) = scoper.classify(dst), scoper.classify(src)
+        if kind == DELETE:
+            want.append(("destroy", None))
+        elif d_scope == "public" and s_scope != "public":
+            want.append(("new", s_acct and d_acct))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        for d in datagrams:
+            a.send(d)
+        got, skipped = [], 0
+        table = C.scope_table(scoper)
+        while True:
+            evs, n, _status, sk = ctnl.drain(b.fileno(), 64, C.CtEntry, table)
+            if not n:
+                break
+            got += [(k, acc) for k, _e, acc in evs]
+            skipped += sk
+    assert got == want
+    assert skipped == len(datagrams) - len(want) > 100
+    assert {acc for k, acc in want if k == "new"} == {True, False}
