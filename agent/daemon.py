@@ -39,7 +39,7 @@ from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
 from agent.policy.recipients import fallback_recipient
 from agent.sinks import webconfig
-from agent.sinks.eventlog import EvidenceLog, extra_members, flow_json, json_bytes, record_body
+from agent.sinks.eventlog import EvidenceLog, extra_members, json_bytes, record_body
 from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
 from agent.threadname import named
@@ -389,7 +389,7 @@ class Daemon:
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         extra = extra_members(extra)
-        flow = flow_json(j.flow)
+        flow = json_bytes(j.flow.to_json())
         t = time.time()
         if t - self._stamp[0] >= 0.001:  # records made within a millisecond share their time
             self._stamp = (t, json_bytes(iso_time(t)))

@@ -250,30 +250,3 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
                 assert body + b"}" == orjson.dumps(want)
                 checked += 1
     assert checked > 1000
-
-
-def test_flow_json_is_orjsons_text_of_the_flow():
-    """The evidence writer's direct flow JSON equals serialising `Flow.to_json()`, for live-shaped
-    flows and for every flow it must hand back to `to_json` (names, processes, odd texts)."""
-    import random
-
-    import orjson
-
-    from agent.flow import Flow, Who
-    from agent.sinks.eventlog import flow_json
-    from tests.test_bulk import random_flows
-
-    rnd = random.Random(3)
-    flows = random_flows(2000, 5)
-    for i in range(3000):
-        first = rnd.choice((0.0, 1764410000.0, rnd.uniform(0, 4e9), 1764410000.9999995))
-        flows.append(Flow(rnd.choice((6, 17, 1, 58, 132, 253)), rnd.choice(("192.0.2.1", "2001:db8:1::5")),
-                          rnd.randrange(65536), f"2001:db8:{i:x}::1", rnd.randrange(65536),
-                          rnd.choice((1, 2**63, 2**64 - 1)), rnd.choice((0, 80, 2**64 - 1)), first,
-                          first + rnd.choice((0.0, 0.5, 3.25)), rnd.choice(("conntrack", "capture", ""))))
-    flows += [Flow(17, 'a"b', 1, "c\\d", 2, 1, 1, 1.0, 1.0, "conntrack"), Flow(17, "x", 1, "y\n", 2),
-              Flow(6, "192.0.2.1", 1, "198.51.100.7", 443, 1, 1, 5.0, 6.0, "conntrack", Who(pid=1, comm='a"b')),
-              Flow(6, "192.0.2.1", 1, "198.51.100.7", 443, 1, 1, 5.0, 6.0, "conntrack", None, "example.org", "sni"),
-              Flow(6, "192.0.2.1", 1, "198.51.100.7", 443, True, 1, 5.0, 6.0, "conntrack")]
-    for f in flows:
-        assert flow_json(f) == orjson.dumps(f.to_json()), f
