@@ -12,7 +12,8 @@ runs, two consumers read the same conntrack event stream:
 and the bench prints, per rate: flows the kernel counted, flows judged, drops by reason,
 unaccounted, each consumer's CPU (% of one core), CPU per 1,000 new flows/s, the share of the
 agent's CPU spent in the kernel (system time: its recv, write and netlink work), the agent's
-capacity (flows judged per CPU-second) and the CPU ratio agent / conntrack -E.
+capacity (flows judged per CPU-second) and the CPU ratio agent / conntrack -E; then the agent's CPU
+by thread (the daemon names its threads `ea-...`), per flow judged.
 
     sudo .venv/bin/python bench/bench_live.py [--rates 2000,10000,30000] [--seconds 8]
 
