@@ -7,16 +7,21 @@
  * by the same rules as conntrack.decode_entry (the reference, itself proven equal to pyroute2 on
  * real kernel messages); tests prove this decoder equal to it on real messages and on fuzzed ones.
  *
- * drain(fd, max_datagrams, entry_type) -> (events, datagrams, status)
- *   events: list of ("new" | "destroy", entry) in arrival order, entry an instance of entry_type
- *           (conntrack.CtEntry, a tuple subclass) with its 11 fields; NEW without NLM_F_CREATE
- *           (an update), other message types, errors and undecodable messages are skipped, as in
- *           conntrack.Conntrack.events.
+ * drain(fd, max_datagrams, entry_type, table=None) -> (events, datagrams, status, skipped)
+ *   events: list of ("new" | "destroy", entry, accountable) in arrival order, entry an instance of
+ *           entry_type (conntrack.CtEntry, a tuple subclass) with its 11 fields; NEW without
+ *           NLM_F_CREATE (an update), other message types, errors and undecodable messages are
+ *           skipped, as in conntrack.Conntrack.events. accountable is None without a table.
+ *   table: a scope_table() capsule. Then NEW events whose flow is not egress (destination public,
+ *           source not, as Scoper.classify says) are left out and counted in `skipped`, and the
+ *           others carry accountable True or False (Scoper.classify's second answer, for both ends).
  *   datagrams: how many datagrams were read.
  *   status: 0 the socket is empty, 1 max_datagrams were read, 2 the kernel reported ENOBUFS
  *           (events were lost: resynchronise). Any other error raises OSError.
  * The socket must be non-blocking or the caller must know data is waiting: MSG_DONTWAIT is used.
- * decode(message) -> entry or None: one whole netlink message (header included), for tests.
+ * scope_table(starts4, codes4, starts6, codes6): see scope_t below (conntrack.scope_table builds it).
+ * decode(message) -> entry or None: one whole netlink message (header included), for tests;
+ * classify(table, packed address) -> (public, accountable) and ntop(packed address), for tests.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
