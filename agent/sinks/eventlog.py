@@ -293,9 +293,7 @@ class EvidenceLog:
     def write(self, rec: dict):
         """Write one record. Raises OSError when it could not be written (it is counted as lost);
         the log keeps working and retries, and a gap record marks the loss once writes succeed."""
-        with self._lock:
-            body = self.body(rec)
-        self.write_body(body)
+        self.write_body(self.body(rec))
 
     def write_body(self, body: bytes):
         """`write` for a record already serialised without its closing brace (see `record_body`)."""

@@ -448,11 +448,12 @@ def scope_table(scoper):
     from agent.enrich.scope import LOCAL64, TEREDO
 
     codes = {"public": 0, TEREDO: 2, LOCAL64: 3}
-    c4 = bytes(codes.get(x, 1) for x in scoper._scopes[4])
+    r4, r6 = scoper.ranges(4), scoper.ranges(6)
+    c4 = bytes(codes.get(x, 1) for _, _, x in r4)
     if any(c > 1 for c in c4):
         raise ValueError("the IPv4 scope table holds an embedded-address marker")
-    return _ctnl.scope_table(list(scoper._starts[4]), c4, list(scoper._starts[6]),
-                             bytes(codes.get(x, 1) for x in scoper._scopes[6]))
+    return _ctnl.scope_table([s for s, _, _ in r4], c4, [s for s, _, _ in r6],
+                             bytes(codes.get(x, 1) for _, _, x in r6))
 
 
 def read_sysctl(name: str, netns: str | None = None) -> str | None:
