@@ -67,21 +67,20 @@ def _shared(judged, verdict) -> tuple[dict, dict]:
     return vpart, where
 
 
-def record(judged, verdict, event: str, extra: dict | None = None, flow: dict | None = None,
-           time: str | None = None) -> dict:
-    """The evidence record for one verdict: everything an auditor needs, nothing to look up.
+def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
+    """The evidence record for one verdict: everything an auditor needs, nothing to look up. The
+    definition of a record; the daemon writes `record_body`, held byte for byte equal to it.
 
     The verdict's fields and the location (without its address) are shared by many flows and made
-    once (`_shared`); the message, the flow and the time are this flow's (`flow` and `time` may be
-    given: `judged.flow.to_json()` and now, made once for all of a flow's records). Records are
-    serialised soon after and never changed, so sharing the nested parts is safe."""
+    once (`_shared`); the message, the flow and the time are this flow's. Records are serialised
+    soon after and never changed, so sharing the nested parts is safe."""
     vpart, where = _shared(judged, verdict)
     rec = {
-        "time": time or datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "event": event,
         **vpart,
         "message": judged.message(verdict),  # the cached verdict's text, naming this flow's destination
-        "flow": flow if flow is not None else judged.flow.to_json(),
+        "flow": judged.flow.to_json(),
         **where,
     }
     r = getattr(judged, "recipient", None)
