@@ -222,13 +222,21 @@ static PyObject *scope_table(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < t->n6; i++) {
         uint8_t b[16];
-        if (_PyLong_AsByteArray((PyLongObject *)PyList_GET_ITEM(st6, i), b, 16, 0, 0) < 0) goto fail;
+        PyObject *v = PyList_GET_ITEM(st6, i);
+        if (!PyLong_Check(v)) { PyErr_SetString(PyExc_TypeError, "scope_table: IPv6 starts are ints"); goto fail; }
+        if (_PyLong_AsByteArray((PyLongObject *)v, b, 16, 0, 0) < 0) goto fail;
         t->s6[2 * i] = be64(b);
         t->s6[2 * i + 1] = be64(b + 8);
     }
     if (t->s4[0] != 0 || t->s6[0] != 0 || t->s6[1] != 0) {
         PyErr_SetString(PyExc_ValueError, "scope_table: the tables must start at 0");
         goto fail;
+    }
+    for (Py_ssize_t i = 1; i < t->n4 || i < t->n6; i++) { /* the binary searches need ascending starts */
+        int bad4 = i < t->n4 && t->s4[i] <= t->s4[i - 1];
+        int bad6 = i < t->n6 && (t->s6[2 * i] < t->s6[2 * i - 2] ||
+                                 (t->s6[2 * i] == t->s6[2 * i - 2] && t->s6[2 * i + 1] <= t->s6[2 * i - 1]));
+        if (bad4 || bad6) { PyErr_SetString(PyExc_ValueError, "scope_table: starts must ascend"); goto fail; }
     }
     ret = PyCapsule_New(t, SCOPE_CAPSULE, scope_free);
     if (ret) goto done;

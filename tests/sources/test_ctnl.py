@@ -241,3 +241,13 @@ def test_drain_with_a_scope_table_keeps_the_egress_flows_the_python_loop_keeps()
     assert got == want
     assert skipped == len(datagrams) - len(want) > 100
     assert {acc for k, acc in want if k == "new"} == {True, False}
+
+
+@pytest.mark.parametrize("args", [
+    ([0], b"\0", ["x"], b"\0"), ([0], b"\0", [-1], b"\0"), ([0], b"\0", [1 << 129], b"\0"), ([], b"", [0], b"\0"),
+    ([0], b"\0\0", [0], b"\0"), ([1], b"\0", [0], b"\0"), ([0, 5, 5], b"\0\0\0", [0], b"\0"),
+    ([0], b"\0", [0, 1 << 64, 1 << 63], b"\0\0\0"), ([2**33], b"\0", [0], b"\0"),
+])
+def test_a_malformed_scope_table_is_refused(args):
+    with pytest.raises((TypeError, ValueError, OverflowError)):
+        ctnl.scope_table(*args)
