@@ -12,6 +12,7 @@ import json
 import random
 
 import numpy as np
+import orjson
 import pytest
 
 import agent.commands.audit as audit_mod
@@ -91,7 +92,7 @@ def random_flows(n: int, seed: int) -> list[Flow]:
             dst = "2001:db8:de::1" if ":" in src else "198.51.100.9"
         first = rnd.choice([T + rnd.uniform(-4e7, 1e6), T + rnd.randrange(100), 0.0, 500000000.0, 4e9])
         host = rnd.choice([None, None, "api.allowed.example", "evil.example", "xn--bcher-kva.example",
-                           "hr.payroll.example"])
+                           "hr.payroll.example", "b\u00fccher.example"])
         who = rnd.choice([None, None, Who(pid=7, comm="curl", uid=0, user="root")])
         out.append(Flow(proto=rnd.choice([6, 17, 6, 1, 132]), src=src, sport=rnd.randrange(65536), dst=dst,
                         dport=rnd.choice([443, 53, 8443, 1500, 22]), packets=rnd.randrange(1, 50),
@@ -113,7 +114,11 @@ def _report(argv, bulk: bool, monkeypatch, out):
         main([*argv, "--format", "json", "--output", str(out)])
     except SystemExit:
         pass
-    r = json.loads(out.read_text())
+    raw = out.read_bytes()
+    # the bulk path writes records from pre-made JSON text (agent.sinks.records): it must be the
+    # bytes orjson makes of the same data, not only the same data
+    assert orjson.dumps(orjson.loads(raw), option=orjson.OPT_APPEND_NEWLINE) == raw
+    r = json.loads(raw)
     r.pop("generated_at")
     return r
 
@@ -128,7 +133,9 @@ def _both(argv, monkeypatch, tmp_path):
 def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed):
     flows = random_flows(3000, seed)
     log = tmp_path / "flows.jsonl"
-    log.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows))
+    log.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows[:2000]))
+    log2 = tmp_path / "more.jsonl"  # a second input: a second block of records, merged by the sort
+    log2.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows[2000:]))
     pol = tmp_path / "policies"
     pol.mkdir()
     (pol / "extra.yaml").write_text(POLICY_EXTRA)
@@ -138,10 +145,11 @@ def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed):
             (pol / p.name).write_text(p.read_text())
     argv = ["audit", "--policies", str(pol), "--geoip-db", dbs[0], "--geoip-db", dbs[1], "--as-of", "2025-07-01",
             "--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32",
-            str(log)]
+            str(log), str(log2)]
     a, b = _both(argv, monkeypatch, tmp_path)
     assert a == b
     assert a["verdicts"]["violation"] and a["redated"] and a["totals"]["inbound_flows"]
+    assert any(v["hostname"] for v in a["violations"]) and any(not v["message"].isascii() for v in a["violations"])
 
 
 def test_register_rows_go_one_by_one_and_agree(tmp_path, monkeypatch, dbs):

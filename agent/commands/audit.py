@@ -137,7 +137,8 @@ def _run_audit(args) -> int:
     from agent.cli import dumps, write_output
 
     if args.format == "json":
-        write_output(dumps(report.to_json(), pretty=not args.output and sys.stdout.isatty()), args.output)
+        pretty = not args.output and sys.stdout.isatty()
+        write_output(dumps(report.to_json(), pretty=True) if pretty else report.to_json_bytes(), args.output)
     else:
         import io
 

@@ -16,6 +16,7 @@ from operator import itemgetter
 from agent import __version__
 from agent.flow import Outcome, iso_time, proto_name
 from agent.pipeline import Judged
+from agent.sinks.records import RecordBlock, sort_order
 
 MAX_TABLE_ROWS = 40
 MAX_FLOW_ROWS = 500
@@ -46,13 +47,41 @@ def flow_row(flow, j: Judged | None) -> dict:
 _ORDER = itemgetter("policy", "first_seen", "dst", "dst_port")
 
 
-def _sorted_records(records: list[dict]) -> list[dict]:
-    """By policy, first seen, destination and port (stable). The C key getter serves when every
-    record has a time (always, for flows read by this tool); a record without one sorts first."""
+def _sorted_records(records: list, raw: bool = False) -> list:
+    """Records (dicts, and RecordBlocks from the bulk path) by policy, first seen, destination and
+    port (stable), as dicts; with `raw`, a block's records are `orjson.Fragment`s of their JSON
+    instead, equal to the dicts' JSON byte for byte. A record without a time sorts first."""
+    expanded = []
+    for r in records:
+        if isinstance(r, RecordBlock):
+            if raw:
+                import orjson
+
+                expanded += map(orjson.Fragment, r.json())
+            else:
+                expanded += r.dicts()
+        else:
+            expanded.append(r)
+    order = sort_order(records)
+    if order is not None:
+        return [expanded[i] for i in order]
+    dicts = _expand(records)
     try:
-        return sorted(records, key=_ORDER)
+        order = sorted(range(len(dicts)), key=lambda i: _ORDER(dicts[i]))
     except TypeError:  # None among the times
-        return sorted(records, key=lambda r: (r["policy"], r["first_seen"] or "", r["dst"], r["dst_port"]))
+        order = sorted(range(len(dicts)), key=lambda i: (dicts[i]["policy"], dicts[i]["first_seen"] or "",
+                                                         dicts[i]["dst"], dicts[i]["dst_port"]))
+    return [expanded[i] for i in order]
+
+
+def _expand(records: list) -> list[dict]:
+    out: list[dict] = []
+    for r in records:
+        if isinstance(r, RecordBlock):
+            out += r.dicts()
+        else:
+            out.append(r)
+    return out
 
 
 class AuditReport:
@@ -64,6 +93,7 @@ class AuditReport:
         self.verdicts = Counter({o.value: 0 for o in Outcome})
         self.by_country: dict = defaultdict(lambda: {"dst": set(), "flows": 0, "packets": 0, "bytes": 0})
         self.by_jurisdiction: Counter = Counter()
+        # per kind: record dicts (`add`) and RecordBlocks (`add_table`), in the order they came
         self.records: dict[str, list] = {"violation": [], "indeterminate": [], "exempt": []}
         self.redated: list[dict] = []
         self.warnings: list[str] = []
@@ -124,8 +154,7 @@ class AuditReport:
         flow. Rows judged one by one (`res.scalar`) go through `add` itself."""
         import numpy as np
 
-        from agent.flow import iso_times
-        from agent.pipeline import rewrite_message
+        from agent.flow import iso_parts, iso_times
         from agent.policy.engine import peer_prefix
 
         n = len(t)
@@ -186,28 +215,25 @@ class AuditReport:
         names = {p: proto_name(p) for p in np.unique(t.proto[rr]).tolist()}
         proto = [names[p] for p in t.proto[rr].tolist()]
         prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
-        cols = list(zip(groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
-                        t.bytes[rr].tolist(), iso_times(t.first[rr]), iso_times(t.last[rr]), process, host, hsrc,
-                        prefix, strict=True))
+        first = iso_parts(t.first[rr])
+        cols = (groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
+                t.bytes[rr].tolist(), iso_times(t.first[rr], first), iso_times(t.last[rr]), process, host, hsrc,
+                prefix)
         loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
                 rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
         for kind, records in self.records.items():
             per_group = [[(v, rep._for) for v in rep.outcomes if _VALUE[v.outcome] == kind] for rep in res.reps]
-            records.extend(
-                {"policy": v.policy, "severity": v.severity, "reason": v.reason,
-                 "message": rewrite_message(v.message, wf, d, pre, False),
-                 "exception": v.exception, "src": s_, "sport": sp, "dst": d, "dst_port": dp, "proto": pn,
-                 "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1], "asn": loc[g][2],
-                 "as_org": loc[g][3], "packets": pk, "bytes": by, "first_seen": fs, "last_seen": ls,
-                 "process": pr, "hostname": h, "hostname_source": hs, "recipient": loc[g][4]}
-                for g, s_, sp, d, dp, pn, pk, by, fs, ls, pr, h, hs, pre in cols for v, wf in per_group[g])
+            if any(per_group):
+                records.append(RecordBlock(per_group, cols, loc, first))
 
     def destinations_by_country(self) -> list[dict]:
         rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],
                  "bytes": v["bytes"]} for cc, v in self.by_country.items()]
         return sorted(rows, key=lambda r: (-r["bytes"], r["country"] or "~"))
 
-    def to_json(self) -> dict:
+    def to_json(self, raw: bool = False) -> dict:
+        """The machine report. With `raw`, records the bulk path made are `orjson.Fragment`s (for
+        `to_json_bytes`); otherwise every record is a dict."""
         out = {
             "tool": {"name": "egress-agent", "version": __version__},
             "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
@@ -218,9 +244,9 @@ class AuditReport:
             "destinations_by_country": self.destinations_by_country(),
             "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
             "verdicts": dict(self.verdicts),
-            "violations": _sorted_records(self.records["violation"]),
-            "indeterminate": _sorted_records(self.records["indeterminate"]),
-            "exempt": _sorted_records(self.records["exempt"]),
+            "violations": _sorted_records(self.records["violation"], raw),
+            "indeterminate": _sorted_records(self.records["indeterminate"], raw),
+            "exempt": _sorted_records(self.records["exempt"], raw),
             "redated": self.redated,
             "warnings": self.warnings + self._redated_warning(),
         }
@@ -228,6 +254,18 @@ class AuditReport:
             out["flows"] = sorted(self.flows, key=lambda r: (r["first_seen"] or "", r["src"], r["sport"], r["dst"],
                                                              r["dport"], r["proto"]))
         return out
+
+    def to_json_bytes(self) -> bytes:
+        """`orjson.dumps(to_json())` plus a newline, made without a dict per bulk record. Falls back to
+        the dicts where orjson refuses a value (an integer beyond 64 bits)."""
+        from agent.cli import dumps
+
+        try:
+            import orjson
+
+            return orjson.dumps(self.to_json(raw=True), option=orjson.OPT_APPEND_NEWLINE)
+        except (ImportError, TypeError):
+            return dumps(self.to_json(), pretty=False)
 
     def _redated_warning(self) -> list[str]:
         if not self.redated:
@@ -268,7 +306,8 @@ class AuditReport:
             console.print(f"[yellow]{w}[/]")
         for kind, style in (("violation", "red"), ("indeterminate", "yellow")):
             groups: dict = {}
-            for r in self.records[kind]:
+            records = _expand(self.records[kind])
+            for r in records:
                 g = groups.setdefault((r["policy"], r["dst"], r["dst_port"], r["proto"]),
                                       {"first": r, "flows": 0, "bytes": 0, "packets": 0, "srcs": set()})
                 g["flows"] += 1
@@ -277,7 +316,7 @@ class AuditReport:
                 g["srcs"].add(r["src"])
             if not groups:
                 continue
-            console.print(f"[bold {style}]{kind.capitalize()}s: {len(self.records[kind])} flow(s) "
+            console.print(f"[bold {style}]{kind.capitalize()}s: {len(records)} flow(s) "
                           f"to {len(groups)} destination(s)[/]")
             ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"]))
             for (policy, dst, port, proto), g in ranked[:MAX_TABLE_ROWS]:

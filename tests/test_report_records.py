@@ -1,0 +1,80 @@
+"""agent.sinks.records against its reference: each record's JSON text is what orjson makes of its
+dict, byte for byte, and the numeric sort orders records as Python's sort of the dicts does.
+
+The report tests (tests/test_bulk.py) reach these through whole audits; here the strings are
+hostile (quotes, backslashes, control and separator characters, non-ASCII) and times tie often.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.flow import iso_parts, iso_times
+from agent.policy.engine import peer_prefix
+from agent.sinks.records import RecordBlock, sort_order
+
+TEXT = st.text(alphabet=st.sampled_from(['a', '"', '\\', '\n', '\x00', '\x7f', '\u2028', '\u00e9', '\u2603', ' ',
+                                         '(', '.', '1']), max_size=6)
+MAYBE = st.one_of(st.none(), TEXT)
+ADDR = st.sampled_from(["198.51.100.7", "203.0.113.9", "2001:db8::1", "198.51.100.70", '2001:db8::"x'])
+TIMES = st.sampled_from([1750000000.0, 1750000000.5, 1750000001.0, 1750000000.0000004, 1750000123.25])
+
+
+@st.composite
+def blocks(draw):
+    n_groups = draw(st.integers(1, 3))
+    per_group, loc = [], []
+    for _ in range(n_groups):
+        verdicts = []
+        for _ in range(draw(st.integers(0, 2))):
+            peer = draw(ADDR)
+            prefix = peer_prefix(peer, False, draw(st.one_of(st.none(), st.just("api.example"))), "sni")
+            mode = draw(st.integers(0, 2))
+            rest = draw(TEXT)
+            message = (prefix + rest, f"destination {peer} " + rest, "no peer here " + rest)[mode]
+            v = SimpleNamespace(policy=draw(st.sampled_from(["b-pol", "a-pol", 'q"pol'])), severity=draw(TEXT),
+                                reason=draw(TEXT), message=message, exception=draw(MAYBE))
+            verdicts.append((v, (peer, prefix)))
+        per_group.append(verdicts)
+        loc.append((draw(MAYBE), draw(MAYBE), draw(st.one_of(st.none(), st.integers(0, 2**32))), draw(MAYBE),
+                    draw(MAYBE)))
+    n = draw(st.integers(0, 8))
+    groups = [draw(st.integers(0, n_groups - 1)) for _ in range(n)]
+    dst = [draw(ADDR) for _ in range(n)]
+    host = [draw(st.one_of(st.none(), st.just("api.example"), TEXT)) for _ in range(n)]
+    hsrc = [draw(st.one_of(st.none(), st.just("sni"), TEXT)) for _ in range(n)]
+    first = np.array([draw(TIMES) for _ in range(n)], dtype=np.float64)
+    parts = iso_parts(first)
+    ints = lambda lo, hi: [draw(st.integers(lo, hi)) for _ in range(n)]  # noqa: E731
+    process = [draw(st.one_of(st.none(), st.just({"pid": 7, "comm": 'c"u'}))) for _ in range(n)]
+    cols = (groups, [draw(ADDR) for _ in range(n)], ints(0, 65535), dst,
+            [draw(st.sampled_from([443, 53])) for _ in range(n)],
+            [draw(st.sampled_from(["tcp", "udp"])) for _ in range(n)], ints(0, 2**40), ints(0, 2**62),
+            iso_times(first, parts), iso_times(first + 5), process, host, hsrc,
+            [peer_prefix(d, False, h, s) for d, h, s in zip(dst, host, hsrc, strict=True)])
+    return RecordBlock(per_group, cols, loc, parts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(blocks())
+def test_json_text_is_orjsons_of_the_dict(block):
+    dicts = block.dicts()
+    assert block.json() == [orjson.dumps(d).decode() for d in dicts]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(blocks(), max_size=3))
+def test_numeric_sort_is_the_dict_sort(bs):
+    dicts = [d for b in bs for d in b.dicts()]
+    expect = sorted(range(len(dicts)), key=lambda i: itemgetter("policy", "first_seen", "dst", "dst_port")(dicts[i]))
+    assert sort_order(bs) == expect
+
+
+def test_a_dict_among_the_records_leaves_the_sort_to_the_caller():
+    assert sort_order([{"policy": "p", "first_seen": None, "dst": "x", "dst_port": 1}]) is None
