@@ -7,5 +7,6 @@ slower).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("agent.sources._walk", ["agent/sources/_walk.c"], optional=True),
-                   Extension("agent.sources._ctnl", ["agent/sources/_ctnl.c"], optional=True)])
+_H = ["agent/sources/_addrtext.h"]
+setup(ext_modules=[Extension("agent.sources._walk", ["agent/sources/_walk.c"], depends=_H, optional=True),
+                   Extension("agent.sources._ctnl", ["agent/sources/_ctnl.c"], depends=_H, optional=True)])

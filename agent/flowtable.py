@@ -20,6 +20,11 @@ import numpy as np
 from agent.enrich.scope import ip_int
 from agent.flow import Flow
 
+try:
+    from agent.sources._walk import addr_texts as _c_texts
+except ImportError:  # the C module is optional
+    _c_texts = None
+
 _M64 = (1 << 64) - 1
 
 
@@ -30,6 +35,19 @@ def addr_text(v4: bool, hi: int, lo: int) -> str:
     if hi == 0 and lo >> 32 in (0, 0xFFFF):  # ::a.b.c.d forms: keep ipaddress's spelling
         return str(ipaddress.IPv6Address(lo))
     return _ntop(_AF6, ((hi << 64) | lo).to_bytes(16, "big"))
+
+
+def addr_texts(v4: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
+    """`addr_text` of each address of three key-word columns; in C (agent.sources._walk) when built."""
+    if _c_texts is not None:
+        out = _c_texts(np.ascontiguousarray(v4, dtype=bool).tobytes(), np.ascontiguousarray(hi, dtype=np.uint64),
+                       np.ascontiguousarray(lo, dtype=np.uint64))
+        if None in out:  # the ::a.b.c.d forms, spelled by ipaddress
+            for i, t in enumerate(out):
+                if t is None:
+                    out[i] = addr_text(False, int(hi[i]), int(lo[i]))
+        return out
+    return [addr_text(v, h, lo_) for v, h, lo_ in zip(v4.tolist(), hi.tolist(), lo.tolist(), strict=True)]
 
 
 # One multiplier per key word (flow keys have five; address keys three): the hash that groups rows.
@@ -84,8 +102,7 @@ class Addresses:
                 self._text = [self._names[w] for w in zip(self.v4.tolist(), self.hi.tolist(), self.lo.tolist(),
                                                           strict=True)]
                 return self._text
-            self._text = [addr_text(v, h, lo) for v, h, lo in zip(self.v4.tolist(), self.hi.tolist(),
-                                                                    self.lo.tolist(), strict=True)]
+            self._text = addr_texts(self.v4, self.hi, self.lo)
         return self._text
 
     def ints(self) -> list[int]:

@@ -256,6 +256,28 @@ def test_addresses_sorted_unique_and_spelled_as_ipaddress():
         assert a.text[a.inverse[i]] == str(ipaddress.IPv4Address(x) if v else ipaddress.IPv6Address(x))
 
 
+@pytest.mark.parametrize("c_module", [True, False])
+def test_addr_texts_spell_as_ipaddress(monkeypatch, c_module):
+    """The C formatter (agent.sources._walk.addr_texts) and its Python twin, on addresses with zero
+    runs of every length and place, and the ::a.b.c.d forms that ipaddress spells its own way."""
+    import agent.flowtable as ft
+
+    if not c_module:
+        monkeypatch.setattr(ft, "_c_texts", None)
+    elif ft._c_texts is None:
+        pytest.skip("the C module is not built")
+    rnd = random.Random(11)
+    vals = [(True, rnd.getrandbits(32)) for _ in range(300)] + [(True, 0), (True, 2**32 - 1)]
+    for _ in range(3000):
+        groups = [0 if rnd.random() < 0.5 else rnd.choice([1, 0xFFFF, rnd.getrandbits(16)]) for _ in range(8)]
+        vals.append((False, sum(g << (112 - 16 * i) for i, g in enumerate(groups))))
+    vals += [(False, x) for x in (0, 1, 0xFFFF << 32 | 0x01020304, 0x01020304, 1 << 32, 0xFFFF << 32, 2**128 - 1)]
+    v4 = np.array([v for v, _ in vals])
+    texts = ft.addr_texts(v4, np.array([x >> 64 for _, x in vals], dtype=np.uint64),
+                          np.array([x & (2**64 - 1) for _, x in vals], dtype=np.uint64))
+    assert texts == [str(ipaddress.IPv4Address(x) if v else ipaddress.IPv6Address(x)) for v, x in vals]
+
+
 def test_iso_times_equal_iso_time():
     rnd = random.Random(2)
     xs = [rnd.uniform(0, 4e9) for _ in range(20000)] + [T, T + 0.5, T + 0.9999995, T + 0.0000005, 0.0]
