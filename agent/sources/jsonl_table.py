@@ -27,9 +27,14 @@ import numpy as np
 
 from agent.enrich.scope import ip_int
 from agent.flow import PROTO_NUMBERS
-from agent.flowtable import FlowTable, concat, object_column
+from agent.flowtable import FlowTable, addr_text, concat, object_column
 from agent.names.hostnames import canonical
 from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip, gap_warning
+
+try:
+    from agent.sources._flowlog import columns as _c_columns
+except ImportError:  # the C module is optional
+    _c_columns = None
 
 MAX_BULK_BYTES = 1 << 28  # bigger logs are read line by line
 CHUNK_LINES = 1 << 16  # lines parsed at a time: only one chunk's dicts are alive
@@ -66,11 +71,11 @@ def _times(col: list, default) -> np.ndarray:
             raise _NotPlain
         col_s = [col[i] for i in strs]
     if col_s:
-        text = np.array(col_s, dtype="U27")
+        text = np.array(col_s, dtype="U28")  # one more than the longest form: longer text is not cut to fit
         lengths = np.char.str_len(text)
         if not np.isin(lengths, (20, 27)).all():
             raise _NotPlain
-        c = text.view(np.uint32).reshape(len(col_s), 27)
+        c = text.view(np.uint32).reshape(len(col_s), 28)
         digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
         ok = ((c[:, digits] >= 48) & (c[:, digits] <= 57)).all(axis=1)
         for pos, ch in ((4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":")):
@@ -137,6 +142,13 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
         return None  # the line reader reports it
     if not data or len(data) > MAX_BULK_BYTES or not data.endswith(b"\n") or _long_digits(data):
         return None
+    if _c_columns is not None:
+        try:
+            table = _from_columns(_c_columns(data, MAX_LINE))
+        except _NotPlain:
+            table = None
+        if table is not None:
+            return table, JsonlStats(path, lines=len(table), flows=len(table), warnings=[])
     lines = data.split(b"\n")
     lines.pop()
     del data
@@ -270,6 +282,81 @@ def _words(v: str) -> tuple[str, tuple[bool, int, int]]:
     return c, (version == 4, n >> 64, n & _M64)
 
 
+def _from_columns(got) -> FlowTable | None:
+    """The table `_table` makes of a plain log, from the columns agent.sources._flowlog read (None:
+    not that case). Strings come once per distinct value and go through the same checks."""
+    if got is None:
+        return None
+    (n, proto, protos, src, dst, addrs, v4, hi, lo, ok, sport, dport, packets, bytes_, first, last,
+     source, sources, host, hosts, hsrc, hsrcs) = got
+    i32, i64, f64 = (lambda b: np.frombuffer(b, dtype=np.int32)), (lambda b: np.frombuffer(b, dtype=np.int64)), \
+        (lambda b: np.frombuffer(b, dtype=np.float64))
+    proto = i64(proto)
+    if protos:  # names, as `_table` maps them
+        codes = [_PROTO.get(p) for p in protos]
+        if not all(type(c) is int and 0 <= c < 256 for c in codes):
+            raise _NotPlain
+        proto = np.where(proto >= 256, np.array(codes + [0], dtype=np.int64)[np.clip(proto - 256, 0, len(codes))],
+                         proto)
+    a_v4 = np.frombuffer(v4, dtype=np.uint8).astype(bool)
+    a_hi, a_lo = np.frombuffer(hi, dtype=np.uint64).copy(), np.frombuffer(lo, dtype=np.uint64).copy()
+    names = None
+    missing = np.flatnonzero(np.frombuffer(ok, dtype=np.uint8) == 0).tolist()
+    if missing:  # spelled by `_words` itself (::a.b.c.d forms, scoped, or not an address: _NotPlain)
+        names = {}
+        for k in missing:
+            try:
+                c, w = _words(addrs[k])
+            except ValueError:
+                raise _NotPlain from None
+            a_v4[k], a_hi[k], a_lo[k] = w
+            names[w] = c
+        # the table spells each address from this memo: give it every address, spelled as `_words` does
+        for w in zip(a_v4.tolist(), a_hi.tolist(), a_lo.tolist(), strict=True):
+            if w not in names:
+                names[w] = addr_text(*w)
+    si, di = i32(src), i32(dst)
+    first, last = f64(first), f64(last)
+    if ((first < 0) | (first > MAX_TIME) | (last < 0) | (last > MAX_TIME)).any():
+        raise _NotPlain
+    src_names = [s or "jsonl" for s in sources] + ["jsonl"]  # index -1 (no source): the last
+    sidx = i32(source)
+    if len(set(sidx.tolist())) == 1:
+        src_col: str | list[str] = src_names[sidx[0]] if n else "jsonl"
+    else:
+        src_col = [src_names[k] for k in sidx.tolist()]
+    hostname = hostname_source = chain = None
+    if hosts:
+        hcol = [hosts[k] if k >= 0 else None for k in i32(host).tolist()]
+        scol = [hsrcs[k] if k >= 0 else None for k in i32(hsrc).tolist()]
+        hostname, hostname_source, chain = _host_columns(hcol, scol, [None] * n)
+    t = FlowTable(proto, i64(sport), i64(dport), a_v4[si], a_hi[si], a_lo[si], a_v4[di], a_hi[di], a_lo[di],
+                  i64(packets), i64(bytes_), first, last, src_col, hostname=hostname,
+                  hostname_source=hostname_source, hostname_chain=chain)
+    t._names = names
+    return t
+
+
+def _host_columns(hostname: list, source: list, chain: list):
+    """(hostname, hostname_source, hostname_chain) object columns of a log's name fields, as
+    `read_jsonl` takes them: canonical names, no source or chain without a name; all None if no row
+    has a name."""
+    host = _names(hostname)
+    if host is None:
+        return None, None, None
+    hs = [s if h is not None else None for s, h in zip(source, host.tolist(), strict=True)]
+    if not all(s is None or type(s) is str for s in hs):
+        raise _NotPlain
+    hs = [s if h else None for s, h in zip(hs, host.tolist(), strict=True)]  # as read_jsonl: no name, no source
+    ch = []
+    for raw, h in zip(chain, host.tolist(), strict=True):
+        raw = raw if h is not None else None
+        if raw is not None and (type(raw) is not list or not all(type(c) is str for c in raw)):
+            raise _NotPlain
+        ch.append(tuple(raw) if raw is not None else ())
+    return host, object_column(hs), object_column(ch)
+
+
 def _table(objs: list[dict], addr: dict | None = None, text: dict | None = None) -> FlowTable:
     """A table of plain flow objects. `addr` and `text`: the address memo of earlier chunks."""
     col = _Columns(objs)
@@ -299,20 +386,7 @@ def _table(objs: list[dict], addr: dict | None = None, text: dict | None = None)
     source = col("source")
     if not all(s is None or type(s) is str for s in source):
         raise _NotPlain
-    host = _names(col("hostname"))
-    host_src = chain = None
-    if host is not None:
-        hs = [s if h is not None else None for s, h in zip(col("hostname_source"), host.tolist(), strict=True)]
-        if not all(s is None or type(s) is str for s in hs):
-            raise _NotPlain
-        hs = [s if h else None for s, h in zip(hs, host.tolist(), strict=True)]  # as read_jsonl: no name, no source
-        ch = []
-        for raw, h in zip(col("hostname_chain"), host.tolist(), strict=True):
-            raw = raw if h is not None else None
-            if raw is not None and (type(raw) is not list or not all(type(c) is str for c in raw)):
-                raise _NotPlain
-            ch.append(tuple(raw) if raw is not None else ())
-        host_src, chain = object_column(hs), object_column(ch)
+    host, host_src, chain = _host_columns(col("hostname"), col("hostname_source"), col("hostname_chain"))
     t = FlowTable(proto, _ints(col("sport"), 0, _U16_MAX), _ints(col("dport"), 0, _U16_MAX),
                   *cols["src"], *cols["dst"], _ints(col("packets"), 1, _I64_MAX),
                   _ints(col("bytes"), 0, _I64_MAX), first, last, [s or "jsonl" for s in source],

@@ -1,6 +1,7 @@
 """The fast JSON-lines paths give what the reference paths give (acceptance, values, spelling)."""
 
 import ipaddress
+import json
 import random
 
 import pytest
@@ -178,3 +179,109 @@ def test_bulk_reader_leaves_bad_conntrack_ids_to_the_line_reader(tmp_path, extra
     bad = f'{{"event": "new", "flow": {flow}{extra}}}\n'.encode()
     assert read_jsonl_table(_write(tmp_path, [good, good], "ok.jsonl")) is not None
     assert read_jsonl_table(_write(tmp_path, [good, bad])) is None
+
+
+# The C column reader (agent.sources._flowlog) against the Python bulk reader it stands in for.
+
+_C_VALUES = {
+    "proto": ["tcp", "udp", "TCP", "icmp", "sctp", 6, 17, 255, 256, "6", "", None, True, 1.0, -6],
+    "src": ["10.0.0.5", "fd00::5", "::ffff:10.0.0.5", "::1.2.3.4", "0:0::1", "FE80::A", "fe80::1%eth0",
+            "2001:0db8:0000::1", "1.2.3", "01.2.3.4", "", None, 5],
+    "dst": ["203.0.113.9", "2001:db8::1", "198.51.100.7", "::", "2001:db8::1.2.3.4", "x"],
+    "sport": [0, 443, 65535, 65536, None, -1, True, "80", 1.5, 10**19],
+    "dport": [443, 53, 0, None, 100000],
+    "packets": [None, 0, 1, 2**63 - 1, 2**63, 18446744073709551615],
+    "bytes": [None, 0, 1500, 2**63 - 1, 2**64],
+    "first_seen": ["2025-06-15T12:00:00Z", "2025-06-15T12:00:00.123456Z", "2024-02-29T23:59:59.999999Z",
+                   "2025-02-29T00:00:00Z", "2025-06-15T24:00:00Z", "2025-06-15T12:00:60Z", "1969-12-31T23:59:59Z",
+                   "1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2025-06-15T12:00:00.5Z",
+                   "2025-06-15T12:00:00.123456Zjunk", "2025-06-15t12:00:00Z", 1750000000, None],
+    "last_seen": ["2025-06-15T12:00:01Z", "2025-06-15T12:00:01.000001Z", None, 1750000001.5],
+    "source": [None, "pcap", "", "conntrack", 5],
+    "hostname": [None, "api.example", "API.Example.", "b\u00fccher.example", "", "*.x", 5],
+    "hostname_source": [None, "sni", "dns", 5],
+    "hostname_chain": [None, ["a.example", "b.example"]],
+    "other": [None, 1, "x"],
+}
+
+
+def _spelled(obj: dict, draw) -> str:
+    """JSON text of a flat object, with the spacing a writer may choose."""
+    from hypothesis import strategies as st
+
+    sp = lambda: draw(st.sampled_from(["", "", " ", "  ", "\t"]))  # noqa: E731
+    items = [f'{sp()}"{k}"{sp()}:{sp()}{json.dumps(v)}{sp()}' for k, v in obj.items()]
+    return "{" + ",".join(items) + "}" + draw(st.sampled_from(["", "", " ", "\r"]))
+
+
+def _c_vs_python(path):
+    from agent.sources import jsonl_table
+
+    got = jsonl_table.read_jsonl_table(path)
+    c = jsonl_table._c_columns
+    jsonl_table._c_columns = None
+    try:
+        want = jsonl_table.read_jsonl_table(path)
+    finally:
+        jsonl_table._c_columns = c
+    if want is None:
+        assert got is None, "the C reader accepted a log the Python reader refuses"
+        return None
+    assert got is not None, "the C reader sent away a log the Python reader reads"
+    assert got[0].flows() == want[0].flows()
+    assert got[1].to_json() == want[1].to_json()
+    assert [a.text for a in (got[0].src, got[0].dst)] == [a.text for a in (want[0].src, want[0].dst)]
+    return got
+
+
+def test_c_columns_read_the_usual_log(tmp_path):
+    """The tool's own flow log, compact or spaced, is read by the C reader, not sent away."""
+    from agent.sources import jsonl_table
+    from tests.test_bulk import random_flows
+
+    if jsonl_table._c_columns is None:
+        pytest.skip("the C module is not built")
+    flows = [f for f in random_flows(3000, 23) if f.who is None and (f.hostname or "").isascii()]
+    for sep in ((",", ":"), (", ", ": ")):
+        text = "".join(json.dumps(f.to_json(), separators=sep) + "\n" for f in flows)
+        path = tmp_path / f"log{len(sep[1])}.jsonl"
+        path.write_text(text)
+        assert jsonl_table._c_columns(text.encode(), jsonl_table.MAX_LINE) is not None
+        assert _c_vs_python(str(path)) is not None
+
+
+def test_c_columns_equal_the_python_reader_on_varied_logs(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agent.sources import jsonl_table
+
+    if jsonl_table._c_columns is None:
+        pytest.skip("the C module is not built")
+
+    @st.composite
+    def logs(draw):
+        lines = []
+        for _ in range(draw(st.integers(1, 5))):
+            keys = ["proto", "src", "dst"] + draw(st.lists(st.sampled_from(sorted(set(_C_VALUES) - {"proto", "src",
+                                                                                                      "dst"})),
+                                                             max_size=10, unique=True))
+            keys = draw(st.permutations(keys))
+            common = draw(st.integers(0, 9)) > 0  # mostly values the C reader takes
+            obj = {k: draw(st.sampled_from(_C_VALUES[k][:3] if common else _C_VALUES[k])) for k in keys}
+            line = _spelled(obj, draw)
+            if draw(st.integers(0, 9)) == 0:  # a damaged byte
+                i = draw(st.integers(0, len(line) - 1))
+                line = line[:i] + draw(st.sampled_from(['"', "\\", "{", "}", ",", ":", "\x01", "\u00e9", " "])) + \
+                    line[i + 1:]
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=logs())
+    def check(text):
+        p = tmp_path_factory.mktemp("cj") / "f.jsonl"
+        p.write_bytes(text.encode("utf-8", "surrogatepass"))
+        _c_vs_python(str(p))
+
+    check()
