@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from agent.bulk import judge_table, judged_rows
-from agent.commands.common import build_pipeline, without_cyclic_gc
+from agent.commands.common import batch_run, build_pipeline
 from agent.errors import UserError
 from agent.flowtable import FlowTable
 from agent.sinks.report import AuditReport
@@ -85,7 +85,7 @@ def read_input(path: str):
 
 
 def run_audit(args) -> int:
-    with without_cyclic_gc():
+    with batch_run():
         return _run_audit(args)
 
 

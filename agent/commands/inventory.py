@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from agent.bulk import judge_table, judged_rows
 from agent.commands.audit import expand_inputs, read_input
-from agent.commands.common import build_pipeline, without_cyclic_gc
+from agent.commands.common import batch_run, build_pipeline
 from agent.errors import UserError
 from agent.flow import iso_time
 from agent.flowtable import FlowTable
@@ -167,7 +167,7 @@ class Inventory:
 
 
 def run_inventory(args) -> int:
-    with without_cyclic_gc():
+    with batch_run():
         return _run_inventory(args)
 
 
