@@ -96,8 +96,10 @@ def iso_times(ts, parts=None) -> list[str]:
 
     whole, us = iso_parts(ts) if parts is None else parts
     stamp = whole * 1_000_000 + us
-    text = np.datetime_as_string(stamp.astype("datetime64[us]"), unit="us").tolist()
-    return [t[:-7] + "Z" if u == 0 else t + "Z" for t, u in zip(text, us.tolist(), strict=True)]
+    text = np.datetime_as_string(stamp.astype("datetime64[us]"), unit="us", timezone="UTC").tolist()
+    for i in np.flatnonzero(us == 0).tolist():
+        text[i] = text[i][:-8] + "Z"
+    return text
 
 
 @fast_init

@@ -18,7 +18,7 @@ Unknown is an answer, never a silent pass: `unknown_reason` is one of
 from __future__ import annotations
 
 import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import fields
 from datetime import UTC, datetime
 from importlib import metadata
@@ -323,22 +323,27 @@ class Locator:
         ends.insert(i, start | ((1 << span) - 1))
         cached.insert(i, vals)
 
-    def locate_many(self, ints: list[int], v4: list[bool], texts: list[str]) -> tuple[list[int], list[Location]]:
+    def locate_many(self, ints: list[int], v4: list[bool], texts) -> tuple[list[int], list[Location]]:
         """`locate` for many public addresses sorted by (version, value): (class per address,
         Locations). Every address of a class has the Location of the class, field for field, apart
-        from `ip` (the class's Location is `locate` of its first address).
+        from `ip` (the class's Location is `locate` of its first address). `texts[i]` is address i's
+        text (any indexable: only the first address of each class is spelled).
 
         Why: a database answers with the network that holds an address, and the next sorted addresses
-        inside that network have the same record, so they need no lookup of their own. Addresses the
-        bulk form cannot share (embedded IPv4, a corrupt record, no database) get `locate` each."""
-        from bisect import bisect_left
+        inside that network have the same record, so they need no lookup of their own: the work is
+        per network (run of addresses), not per address. Addresses the bulk form cannot share
+        (embedded IPv4, a corrupt record) get `locate` each; without a database, every address does."""
+        import numpy as np
 
         n = len(ints)
-        alone = [not is4 and embedded_int(x) is not None for x, is4 in zip(ints, v4, strict=True)]
+        if not self.dbs:
+            return list(range(n)), [self.locate(texts[i]) for i in range(n)]
         n4 = sum(v4)  # IPv4 addresses come first, each version sorted by value
-        per_db: list[list] = []
+        alone = [False] * n4 + [embedded_int(x) is not None for x in ints[n4:]]
+        run_of, run_keys = [], []  # per database: each address's run (-1: alone), each run's network key
         for db in self.dbs:
-            keys: list = [None] * n
+            r = np.full(n, -1, dtype=np.int64)
+            keys: list = []
             i = 0
             while i < n:
                 if alone[i]:
@@ -356,23 +361,45 @@ class Locator:
                     j = bisect_left(ints, ((ints[i] >> span) + 1) << span, i + 1, block_end)
                 else:  # no answer for this version (an IPv4-only database): the same for all of them
                     j = block_end
-                keys[i:j] = [key] * (j - i)
+                r[i:j] = len(keys)
+                keys.append(key)
                 i = j
-            per_db.append(keys)
+            run_of.append(r)
+            run_keys.append(keys)
+        # segments: stretches of addresses in one run of every database
+        lone = np.array(alone, dtype=bool)
+        if len(run_of) == 1:
+            seg = run_of[0].copy()
+        else:
+            _, seg = np.unique(np.stack(run_of, axis=1), axis=0, return_inverse=True)
+            seg = seg.ravel()
+        seg[lone] = -1
+        live = np.flatnonzero(~lone)
+        firsts, inverse = np.unique(seg[live], return_index=True, return_inverse=True)[1:]
+        first_rows = live[firsts].tolist()
+        # classes numbered as a scan in address order meets them (segments and lone addresses)
         classes: dict = {}
         locs: list[Location] = []
-        out = [0] * n
-        idents = list(zip(*per_db, strict=True)) if per_db else [None] * n
-        for i in range(n):
-            ident = None if alone[i] or not self.dbs else idents[i]
-            c = classes.get(ident) if ident is not None else None
+        seg_class = [0] * len(first_rows)
+        lone_rows = np.flatnonzero(lone).tolist()
+        lone_class = {}
+        events = sorted([(row, k) for k, row in enumerate(first_rows)] + [(row, -1) for row in lone_rows])
+        for row, k in events:
+            if k < 0:
+                lone_class[row] = len(locs)
+                locs.append(self.locate(texts[row]))
+                continue
+            ident = tuple(keys[r[row]] for keys, r in zip(run_keys, run_of, strict=True))
+            c = classes.get(ident)
             if c is None:
-                c = len(locs)
-                locs.append(self.locate(texts[i]))
-                if ident is not None:
-                    classes[ident] = c
-            out[i] = c
-        return out, locs
+                c = classes[ident] = len(locs)
+                locs.append(self.locate(texts[row]))
+            seg_class[k] = c
+        out = np.zeros(n, dtype=np.int64)
+        out[live] = np.asarray(seg_class, dtype=np.int64)[inverse.ravel()]
+        for row, c in lone_class.items():
+            out[row] = c
+        return out.tolist(), locs
 
     def _merge(self, found: list[dict | None]) -> dict:
         """Location fields from each database's record: the first with a place wins, ASN from the

@@ -52,12 +52,15 @@ def _message_form(message: str, written_for: tuple[str, str]) -> tuple[int, str]
 def _quoted(col: list) -> list[str]:
     """JSON texts of a column of strings and Nones. One check over the whole column finds the
     common case (all printable, no quote or backslash), which needs no per-value call."""
-    strs = [x for x in col if x is not None]
-    if not strs:
+    nulls = col.count(None)
+    if nulls == len(col):
         return ["null"] * len(col)
-    if len(strs) == len(col) and all(type(x) is str for x in strs):
-        joined = "".join(strs)
-        if joined.isprintable() and '"' not in joined and "\\" not in joined:
+    if not nulls:
+        try:
+            joined = "".join(col)  # TypeError unless every value is a str
+        except TypeError:
+            joined = None
+        if joined is not None and joined.isprintable() and '"' not in joined and "\\" not in joined:
             return [f'"{x}"' for x in col]
     return [_js(x) for x in col]
 
@@ -115,7 +118,8 @@ class RecordBlock:
         pre_j = _quoted(pre)
         noun_j = _js(f"{PEER_NOUN[False]} ")[1:-1]
         proto_j = {p: _js(p) for p in set(proto)}
-        pr_j = ["null" if p is None else orjson.dumps(p).decode() for p in pr]
+        pr_j = ["null"] * len(pr) if pr.count(None) == len(pr) else \
+            ["null" if p is None else orjson.dumps(p).decode() for p in pr]
         out = []
         for i, _g, e in self.pairs():
             head, mode, rest, mid, where, tail = forms[id(e)]

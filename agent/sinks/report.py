@@ -155,7 +155,7 @@ class AuditReport:
         import numpy as np
 
         from agent.flow import iso_parts, iso_times
-        from agent.policy.engine import peer_prefix
+        from agent.policy.engine import PEER_NOUN, peer_prefix
 
         n = len(t)
         self.totals["flows"] += n
@@ -210,11 +210,15 @@ class AuditReport:
         hsrc = t.hostname_source[rr].tolist() if t.hostname_source is not None else [None] * len(rows)
         process = [t.flow(r).to_json().get("process") if t.who[r] is not None else None for r in rows] \
             if t.who is not None else [None] * len(rows)
-        src = [t.src.text[i] for i in t.src.inverse[rr].tolist()]
+        src_text = t.src.text
+        src = [src_text[i] for i in t.src.inverse[rr].tolist()]
         dst = [dst_text[i] for i in di[rr].tolist()]
         names = {p: proto_name(p) for p in np.unique(t.proto[rr]).tolist()}
         proto = [names[p] for p in t.proto[rr].tolist()]
-        prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
+        if t.hostname is None:  # peer_prefix without a name, spelled out: one f-string per row
+            prefix = [f"{PEER_NOUN[False]} {d} (" for d in dst]
+        else:
+            prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
         first = iso_parts(t.first[rr])
         cols = (groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
                 t.bytes[rr].tolist(), iso_times(t.first[rr], first), iso_times(t.last[rr]), process, host, hsrc,
