@@ -33,6 +33,7 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
+from agent.fastlane import FastLane, Opened
 from agent.flow import Flow, Outcome, iso_time
 from agent.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
@@ -128,6 +129,8 @@ class Daemon:
                                                                          if k != "path"}))
         self._evidence_logged = -1e9
         self._stamp = (0.0, b"")  # (time, its RFC 3339 text as JSON) of the last evidence records made
+        self.reported_outcomes = _REPORTED
+        self.fast = FastLane(self, MAX_OPEN_FLOWS, SOURCE)
         self._records: list[bytes] = []  # evidence records of the batch being judged (see _write_evidence)
         self.metrics.evidence_gaps.inc(self.evidence.gaps)
         if self.evidence.gaps:
@@ -256,11 +259,14 @@ class Daemon:
                     self.stop.wait(delay)
             flows = 0
             done = dict.fromkeys(judged, 0)  # judged flows by source, added to the counters once per batch
+            fast = self.fast.new if FastLane.usable(self) else None
+            today = int(time.time() // 86400)
             for kind, e, counted in batch:
                 flows += counted
                 label = "capture" if kind == "seen" else SOURCE
                 try:
-                    self._handle(kind, e, now)
+                    if fast is None or kind != "new" or not fast(e, now, today):
+                        self._handle(kind, e, now)
                 except Exception:  # a bug must not stop judging the other flows
                     log.exception("could not judge a %s event", label)
                     self.metrics.source_errors.labels(label, "judge").inc()
@@ -285,6 +291,7 @@ class Daemon:
         loc = self.pipeline.locator
         if loc.refresh():
             self.pipeline.clear()
+            self.fast.clear()
             log.info("GeoIP database changed on disk; reopened, cache dropped")
             self.metrics.policies(self.pipeline.policies, loc.provenance())
             self.metrics.geoip_ok.set(1)
@@ -327,6 +334,9 @@ class Daemon:
         st = self.open.pop(e[:6], None)
         if st is None:
             return  # sampled out, or forgotten (state_evicted)
+        if type(st[0]) is Opened:  # judged in the fast lane
+            self.fast.end(st, e, now)
+            return
         j, counted, reported = st
         delta = max(0, e.bytes - counted)
         if delta:
@@ -390,13 +400,17 @@ class Daemon:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         extra = extra_members(extra)
         flow = json_bytes(j.flow.to_json())
-        t = time.time()
-        if t - self._stamp[0] >= 0.001:  # records made within a millisecond share their time
-            self._stamp = (t, json_bytes(iso_time(t)))
-        now = self._stamp[1]
+        now = self.stamp()
         for v in reported:  # the record names this flow's destination
             self._records.append(record_body(j, v, event, extra, flow, now))
         return True
+
+    def stamp(self) -> bytes:
+        """The time of evidence records made now, as JSON; records made within a millisecond share it."""
+        t = time.time()
+        if t - self._stamp[0] >= 0.001:
+            self._stamp = (t, json_bytes(iso_time(t)))
+        return self._stamp[1]
 
     def _write_evidence(self):
         """Write the batch's evidence records (one system call when all is well); count what was

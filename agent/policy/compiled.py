@@ -49,6 +49,10 @@ class NetMask:
         version, n = ip_int(ip)
         return self._masks[version][bisect_right(self._starts[version], n) - 1]
 
+    def mask_int(self, version: int, n: int) -> int:
+        """`mask` of an address already parsed (`ip_int`); there must be networks (truth test first)."""
+        return self._masks[version][bisect_right(self._starts[version], n) - 1]
+
 
     def ids_many(self, v4, hi, lo):
         """For many addresses (numpy columns), an id per address such that equal ids mean equal

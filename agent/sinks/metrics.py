@@ -154,16 +154,20 @@ class Metrics:
         calls it after every batch): one locked increment per label set per batch, instead of
         four to eight per flow.
         """
-        cc = country_label(j.location)
-        n = j.flow.bytes if nbytes is None else nbytes
+        self.judged_counts(j.outcomes, j.jurisdictions, country_label(j.location),
+                           j.flow.bytes if nbytes is None else nbytes, bytes_only)
+
+    def judged_counts(self, outcomes: tuple, jurisdictions: tuple, cc: str, n: int, bytes_only: bool = False):
+        """`judged` from its parts: the judgement's outcomes and jurisdictions (the verdict cache's
+        tuples), its country label and the bytes to count."""
         # the outcomes and jurisdictions tuples are the verdict cache's, shared by every flow of a
         # cache key: the label sets they count under are worked out once per (tuples, country)
-        pk = (id(j.outcomes), id(j.jurisdictions), cc)
+        pk = (id(outcomes), id(jurisdictions), cc)
         plan = self._plans.get(pk)
-        if plan is None:
+        if plan is None or plan[2] is not outcomes or plan[3] is not jurisdictions:
             if len(self._plans) >= 4096:
                 self._plans.clear()
-            plan = self._plans[pk] = self._plan(j.outcomes, j.jurisdictions, cc)
+            plan = self._plans[pk] = self._plan(outcomes, jurisdictions, cc)
         pend = self._pending
         if not bytes_only:
             for k in plan[0]:

@@ -1,0 +1,152 @@
+"""The live worker's fast lane (agent.fastlane) against the full path (Daemon._handle): the same
+evidence, byte for byte, the same metrics and the same open flows, for flows it takes and flows it
+leaves (unknown networks, embedded IPv4, NAT, implausible times, repeats), at their start and end."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from agent.config import Config
+from agent.daemon import Daemon
+from agent.fastlane import FastLane, Opened
+from agent.sources.conntrack import CtEntry
+from tests.helpers import build_city_mmdb
+
+NOW = 1750000000.0
+PORTS_POLICY = """\
+version: 1
+name: fastlane-ports
+description: ports and networks, so the verdict key holds a port and a destination mask
+home: [EU]
+applies_to:
+  protocols: [tcp, udp]
+  ports: [443, "1000-2000"]
+allow:
+  jurisdictions: [EEA]
+deny:
+  networks: ["203.0.113.128/26", "2001:db8:5::/64"]
+unknown: violation
+"""
+LOCATIONS = {
+    "198.51.100.0/25": {"country": "DE", "asn": 24940, "org": "Hetzner Online GmbH"},
+    "198.51.100.128/25": {"country": "JP"},
+    "203.0.113.0/25": {"country": "US", "asn": 16509, "org": "AMAZON-02"},
+    "203.0.113.128/26": {"country": "CN"},
+    "203.0.113.192/27": {"registered": "FR"},
+    "2001:db8:de::/48": {"country": "DE"},
+    "2001:db8:5::/48": {"country": "US"},
+    "2001:db8:a0::/44": {"anycast": True},
+}
+
+
+def _events(n: int, seed: int) -> list[CtEntry]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        v6 = rnd.random() < 0.4
+        if v6:
+            dst = rnd.choice([f"2001:db8:de::{rnd.randrange(1, 9999):x}", f"2001:db8:5:{rnd.randrange(3)}::{i:x}",
+                              f"2001:db8:a1::{i:x}", f"2001:db8:77::{i:x}",
+                              f"64:ff9b::cb00:71{rnd.randrange(256):02x}"])  # NAT64: embedded IPv4
+            src = rnd.choice(["fd00::5", "fd00::6"])
+        else:
+            dst = rnd.choice([f"198.51.100.{rnd.randrange(256)}", f"203.0.113.{rnd.randrange(256)}"])
+            src = rnd.choice(["10.1.0.5", "10.1.0.6", "192.168.1.9"])
+        start = rnd.choice([0, 0, int((NOW - rnd.uniform(0, 50)) * 1e9), int(NOW * 1e9) + 3 * 86400 * 10**9,
+                            600_000_000 * 10**9])
+        nat = (None, None) if rnd.random() < 0.9 else ("192.0.2.77", None)
+        out.append(CtEntry(i + 1, rnd.choice([6, 17, 6, 132]), src, 30000 + i, dst, rnd.choice([443, 53, 1500, 8443]),
+                           rnd.randrange(1, 4), rnd.randrange(40, 2000), start, *nat))
+        if rnd.random() < 0.05:
+            out.append(out[-1])  # the same NEW again (a resync)
+    return out
+
+
+@pytest.fixture()
+def daemon_factory(tmp_path):
+    mmdb = build_city_mmdb(tmp_path / "city.mmdb", LOCATIONS)
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    for p in (Path(__file__).resolve().parent.parent / "policies").glob("*.yaml"):
+        if not p.name.endswith(".test.yaml"):
+            (pol / p.name).write_text(p.read_text())
+    (pol / "ports.yaml").write_text(PORTS_POLICY)
+
+    def make(name: str) -> Daemon:
+        cfg = Config(policies=str(pol), geoip_databases=(str(mmdb),), local_nets=("10.1.0.0/16", "fd00::/8"),
+                     public_nets=("198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"),
+                     evidence={"path": str(tmp_path / f"{name}.jsonl")}, attribution=False, host_addresses=False)
+        d = Daemon(cfg, None)
+        d._stamp = (float("inf"), b'"2025-06-15T15:06:40.123456Z"')  # one record time for both runs
+        return d
+
+    return make
+
+
+def _run(d: Daemon, events: list[CtEntry], fast: bool) -> int:
+    """Feed NEW events, then their ends, in batches as the worker does; how many the fast lane took."""
+    assert FastLane.usable(d)
+    today = int(NOW // 86400)
+    took = 0
+    for phase in ("new", "destroy"):
+        for i, e in enumerate(events):
+            if phase == "destroy":
+                e = e._replace(packets=e.packets + i % 3, bytes=e.bytes + 100 * (i % 2))
+            if phase == "new" and fast and d.fast.new(e, NOW, today):
+                took += 1
+            else:
+                d._handle(phase, e, NOW if phase == "new" else NOW + 5)
+            if i % 50 == 49:
+                d._write_evidence()
+        d._write_evidence()
+    d.metrics.flush()
+    return took
+
+
+def _metrics(d: Daemon) -> list[str]:
+    return sorted(line for line in generate_latest(d.metrics.registry).decode().splitlines()
+                  if line.startswith("egress_agent_") and "_created" not in line and "last_reload" not in line)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fast_lane_writes_what_the_full_path_writes(daemon_factory, seed):
+    events = _events(1500, seed)
+    slow, fast = daemon_factory("slow"), daemon_factory("fast")
+    assert _run(slow, events, fast=False) == 0
+    # the same events twice through the fast lane's daemon: the first pass fills the caches
+    took = _run(fast, events, fast=True)
+    assert took > len(events) // 3, "the fast lane took too few flows to be tested"
+    slow_lines = Path(slow.cfg.evidence_path).read_bytes()
+    fast_lines = Path(fast.cfg.evidence_path).read_bytes()
+    assert fast_lines == slow_lines
+    assert _metrics(fast) == _metrics(slow)
+    assert list(fast.open) == list(slow.open) == []
+
+
+def test_open_flows_are_the_same_until_their_end(daemon_factory):
+    events = _events(600, 7)
+    slow, fast = daemon_factory("slow"), daemon_factory("fast")
+    today = int(NOW // 86400)
+    for e in events:  # warm both, then start every flow again under new ids
+        slow._handle("new", e, NOW)
+        fast._handle("new", e, NOW)
+    again = [e._replace(ct_id=e.ct_id + 10_000) for e in events]
+    for e in again:
+        slow._handle("new", e, NOW)
+        if not fast.fast.new(e, NOW, today):
+            fast._handle("new", e, NOW)
+    assert list(fast.open) == list(slow.open)
+    assert any(type(st[0]) is Opened for st in fast.open.values())
+    for a, b in zip(slow.open.values(), fast.open.values(), strict=True):
+        assert a[1:] == b[1:]  # bytes counted, and whether it has records
+
+
+def test_the_lane_is_off_where_flows_can_differ_in_more_than_the_event(daemon_factory):
+    d = daemon_factory("d")
+    assert FastLane.usable(d)
+    d.attributor = object()
+    assert not FastLane.usable(d)
