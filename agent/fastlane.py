@@ -58,6 +58,8 @@ class FastLane:
         self._loc: dict[int, tuple] = {}  # id(located fields) -> (fields, class, country label, Location)
         self._entry: dict[tuple, tuple] = {}  # (id(verdicts), id(fields)) -> see _entry_for
         self._proto: dict[int, bytes] = {}
+        self._src: dict[str, tuple] = {}  # source address -> ip_int
+        self._days: dict[int, object] = {}  # day number -> date
 
     @staticmethod
     def usable(daemon) -> bool:
@@ -90,16 +92,26 @@ class FastLane:
             return False  # judged at the as-of day, with a reason: the full path words it
         try:
             version, n = ip_int(e.dst)
-            sv, sn = ip_int(e.src)
+            src = self._src.get(e.src)
+            if src is None:  # a host's flows come from a few addresses
+                if len(self._src) >= _MEMO_MAX:
+                    self._src.clear()
+                src = self._src[e.src] = ip_int(e.src)
         except ValueError:
             return False
+        sv, sn = src
         if version == 6 and embedded_int(n) is not None:
             return False
         vals = pipe.locator._network_hit(version, n)
         if vals is None:
             return False
         located = self._location(vals)
-        day = _day(int(first // 86400))
+        dn_ = int(first // 86400)
+        day = self._days.get(dn_)
+        if day is None:
+            if len(self._days) >= 64:
+                self._days.clear()
+            day = self._days[dn_] = _day(dn_)
         dn, sm = pipe._dst_nets, pipe._src_nets
         key = (False, None, located[1], dn.mask_int(version, n) if dn else 0, sm.mask_int(sv, sn) if sm else 0,
                day, e.proto, e.dport if pipe._by_port else None, None, None)
@@ -159,10 +171,11 @@ class FastLane:
         if pj is None:
             pj = self._proto[e.proto] = _dumps(proto_name(e.proto))
         src, dst = e.src.encode(), e.dst.encode()
+        fs = iso_time(first).encode()
+        ls = fs if last == first else iso_time(last).encode()
         flow = b'{"proto":%b,"src":"%b","sport":%d,"dst":"%b","dport":%d,"packets":%d,"bytes":%d,' \
                b'"first_seen":"%b","last_seen":"%b","source":"conntrack"}' % (
-                   pj, src, e.sport, dst, e.dport, packets, nbytes, iso_time(first).encode(),
-                   iso_time(last).encode())
+                   pj, src, e.sport, dst, e.dport, packets, nbytes, fs, ls)
         extra = b',"conntrack_id":%d' % e.ct_id if not (e.nat_src or e.nat_dst) else \
             extra_members({"conntrack_id": e.ct_id, "nat": {"dst": e.nat_dst, "src": e.nat_src}})
         now = d.stamp()

@@ -29,7 +29,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self._children: dict = {}
-        self._pending: dict = {}
+        self._by_plan: dict = {}  # (ids of a judgement's tuples, country) -> [plan, flows, bytes] since the last flush
         self._plans: dict = {}  # see judged()
         self.flows = Counter(f"{NS}_flows", "Egress flows judged, by policy, verdict and destination country.",
                              ["policy", "verdict", "country"], registry=r)
@@ -162,19 +162,20 @@ class Metrics:
         tuples), its country label and the bytes to count."""
         # the outcomes and jurisdictions tuples are the verdict cache's, shared by every flow of a
         # cache key: the label sets they count under are worked out once per (tuples, country)
+        # Counted per plan (flows, bytes) until `flush` spreads them over the plan's label sets: two
+        # additions per flow whatever the number of policies.
         pk = (id(outcomes), id(jurisdictions), cc)
-        plan = self._plans.get(pk)
-        if plan is None or plan[2] is not outcomes or plan[3] is not jurisdictions:
-            if len(self._plans) >= 4096:
-                self._plans.clear()
-            plan = self._plans[pk] = self._plan(outcomes, jurisdictions, cc)
-        pend = self._pending
+        got = self._by_plan.get(pk)
+        if got is None:
+            plan = self._plans.get(pk)
+            if plan is None or plan[2] is not outcomes or plan[3] is not jurisdictions:
+                if len(self._plans) >= 4096:
+                    self._plans.clear()
+                plan = self._plans[pk] = self._plan(outcomes, jurisdictions, cc)
+            got = self._by_plan[pk] = [plan, 0, 0]  # the plan keeps the tuples, so their ids stay theirs
         if not bytes_only:
-            for k in plan[0]:
-                pend[k] = pend.get(k, 0) + 1
-        if n:
-            for k in plan[1]:
-                pend[k] = pend.get(k, 0) + n
+            got[1] += 1
+        got[2] += n
 
     def _plan(self, outcomes, jurisdictions, cc) -> tuple:
         """(label sets counted once per flow, label sets that count its bytes, and the two tuples,
@@ -195,7 +196,15 @@ class Metrics:
 
     def flush(self):
         """Apply the counts gathered by `judged` to the exported counters."""
-        pend, self._pending = self._pending, {}
+        pend: dict = {}
+        by_plan, self._by_plan = self._by_plan, {}
+        for (counts, nbytes, *_), flows, n in by_plan.values():
+            if flows:
+                for k in counts:
+                    pend[k] = pend.get(k, 0) + flows
+            if n:
+                for k in nbytes:
+                    pend[k] = pend.get(k, 0) + n
         for (metric, *labels), n in pend.items():
             self._child(metric, *labels).inc(n)
 
