@@ -59,7 +59,8 @@ class FastLane:
         self._entry: dict[tuple, tuple] = {}  # (id(verdicts), id(fields)) -> see _entry_for
         self._proto: dict[int, bytes] = {}
         self._src: dict[str, tuple] = {}  # source address -> ip_int
-        self._days: dict[int, object] = {}  # day number -> date
+        # (id of a location's database fields, masks, day, proto, port) -> (fields, pipeline, entry)
+        self._facts: dict[tuple, tuple] = {}
 
     @staticmethod
     def usable(daemon) -> bool:
@@ -71,6 +72,7 @@ class FastLane:
     def clear(self):
         self._loc.clear()
         self._entry.clear()
+        self._facts.clear()
 
     def _location(self, vals: tuple) -> tuple:
         got = self._loc.get(id(vals))
@@ -105,24 +107,28 @@ class FastLane:
         vals = pipe.locator._network_hit(version, n)
         if vals is None:
             return False
-        located = self._location(vals)
-        dn_ = int(first // 86400)
-        day = self._days.get(dn_)
-        if day is None:
-            if len(self._days) >= 64:
-                self._days.clear()
-            day = self._days[dn_] = _day(dn_)
         dn, sm = pipe._dst_nets, pipe._src_nets
-        key = (False, None, located[1], dn.mask_int(version, n) if dn else 0, sm.mask_int(sv, sn) if sm else 0,
-               day, e.proto, e.dport if pipe._by_port else None, None, None)
-        hit = pipe._cache.get(key)
-        if hit is None:
-            return False
+        day_n = int(first // 86400)
+        # The facts of the verdict key with the location as the identity of its database fields:
+        # hashing those ids is cheaper than hashing the location's fields, and a memo entry found
+        # for them stands for the same verdict cache key (checked: same fields, same pipeline).
+        fk = (id(vals), dn.mask_int(version, n) if dn else 0, sm.mask_int(sv, sn) if sm else 0, day_n, e.proto,
+              e.dport if pipe._by_port else None)
+        got = self._facts.get(fk)
+        if got is None or got[0] is not vals or got[1] is not pipe:
+            located = self._location(vals)
+            day = _day(day_n)
+            hit = pipe._cache.get((False, None, located[1], fk[1], fk[2], day, e.proto, fk[5], None, None))
+            if hit is None:
+                return False
+            if len(self._facts) >= _MEMO_MAX:
+                self._facts.clear()
+            got = self._facts[fk] = (vals, pipe, self._entry_for(hit, located))
+        entry = got[2]
         k = e[:6]
         if k in d.open:
             return True  # seen already (as the full path: nothing more)
-        entry = self._entry_for(hit, located)
-        d.metrics.judged_counts(hit[0], hit[1], located[2], e.bytes)
+        d.metrics.judged_counts(entry[1], entry[2], entry[3], e.bytes)
         reported = entry[0]
         if reported:
             self._records(entry, b"new", e, e.packets, e.bytes, first, now)
