@@ -28,8 +28,16 @@ from agent.sinks.eventlog import _dumps, _shared_bytes, extra_members
 from agent.sinks.metrics import country_label
 from agent.sinks.records import _message_form
 
+try:
+    from agent.sinks._evidence import records as _c_records
+except ImportError:  # the C module is optional
+    _c_records = None
+
 _MEMO_MAX = 4096
 _PREFIX = f"{PEER_NOUN[False]} ".encode()
+if _PREFIX != b"destination ":  # the noun agent.sinks._evidence writes
+    _c_records = None
+_EVENT = {k: b',"event":"%b",' % k for k in (b"new", b"end")}
 
 
 class _Where:
@@ -163,7 +171,7 @@ class FastLane:
                 continue
             head, tail, wb = _shared_bytes(where, v)
             mode, rest = _message_form(v.message, written_for)
-            parts.append((head, mode, _dumps(rest)[1:-1], tail, b"," + wb, v.message))
+            parts.append((head, mode, _dumps(rest)[1:-1], tail, b"," + wb, _dumps(v.message) if mode == 2 else b""))
         got = (tuple(parts), verdicts, groups, located[2], hit, located[0])
         if len(self._entry) >= _MEMO_MAX:
             self._entry.clear()
@@ -171,26 +179,35 @@ class FastLane:
         return got
 
     def _records(self, entry: tuple, event: bytes, e, packets: int, nbytes: int, first: float, last: float):
-        """The evidence records of a flow's reported verdicts, as `record_body` makes them."""
-        d = self.d
+        """The evidence records of a flow's reported verdicts, as `record_body` makes them; in C
+        (agent.sinks._evidence) when it is built, else `_py_records`."""
         pj = self._proto.get(e.proto)
         if pj is None:
             pj = self._proto[e.proto] = _dumps(proto_name(e.proto))
+        extra = None if not (e.nat_src or e.nat_dst) else \
+            extra_members({"conntrack_id": e.ct_id, "nat": {"dst": e.nat_dst, "src": e.nat_src}})
+        now = self.d.stamp()
+        ev = _EVENT[event]
+        if _c_records is None or not _c_records(self.d._records, entry[0], ev, now, e, packets, nbytes, first, last,
+                                                pj, extra):
+            self._py_records(entry[0], ev, now, e, packets, nbytes, first, last, pj, extra)
+
+    def _py_records(self, parts, ev: bytes, now: bytes, e, packets: int, nbytes: int, first: float, last: float,
+                    pj: bytes, extra: bytes | None):
         src, dst = e.src.encode(), e.dst.encode()
         fs = iso_time(first).encode()
         ls = fs if last == first else iso_time(last).encode()
         flow = b'{"proto":%b,"src":"%b","sport":%d,"dst":"%b","dport":%d,"packets":%d,"bytes":%d,' \
                b'"first_seen":"%b","last_seen":"%b","source":"conntrack"}' % (
                    pj, src, e.sport, dst, e.dport, packets, nbytes, fs, ls)
-        extra = b',"conntrack_id":%d' % e.ct_id if not (e.nat_src or e.nat_dst) else \
-            extra_members({"conntrack_id": e.ct_id, "nat": {"dst": e.nat_dst, "src": e.nat_src}})
-        now = d.stamp()
-        ev = b',"event":"%b",' % event
-        for head, mode, rest, tail, where, message in entry[0]:
+        if extra is None:
+            extra = b',"conntrack_id":%d' % e.ct_id
+        out = self.d._records
+        for head, mode, rest, tail, where, message in parts:
             if mode == 0:
                 msg = b'"' + _PREFIX + dst + b" (" + rest + b'"'
             elif mode == 1:
                 msg = b'"' + _PREFIX + dst + b" " + rest + b'"'
             else:
-                msg = _dumps(message)
-            d._records.append(b"".join((b'{"time":', now, ev, head, msg, tail, b',"flow":', flow, where)) + extra)
+                msg = message
+            out.append(b"".join((b'{"time":', now, ev, head, msg, tail, b',"flow":', flow, where)) + extra)

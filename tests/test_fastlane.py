@@ -112,8 +112,20 @@ def _metrics(d: Daemon) -> list[str]:
                   if line.startswith("egress_agent_") and "_created" not in line and "last_reload" not in line)
 
 
+@pytest.fixture(params=["c", "python"])
+def records_in(request, monkeypatch):
+    """The fast lane's records made by agent.sinks._evidence, or by its Python twin."""
+    import agent.fastlane as fl
+
+    if request.param == "python":
+        monkeypatch.setattr(fl, "_c_records", None)
+    elif fl._c_records is None:
+        pytest.skip("the C module is not built")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_fast_lane_writes_what_the_full_path_writes(daemon_factory, seed):
+def test_fast_lane_writes_what_the_full_path_writes(daemon_factory, seed, records_in):
     events = _events(1500, seed)
     slow, fast = daemon_factory("slow"), daemon_factory("fast")
     assert _run(slow, events, fast=False) == 0
@@ -150,3 +162,20 @@ def test_the_lane_is_off_where_flows_can_differ_in_more_than_the_event(daemon_fa
     assert FastLane.usable(d)
     d.attributor = object()
     assert not FastLane.usable(d)
+
+
+def test_c_iso_time_equals_iso_time():
+    """agent.sinks._evidence.iso_time against agent.flow.iso_time: rounding ties, carries into the
+    next second, zero fractions, the edges of its range."""
+    import math
+
+    ev = pytest.importorskip("agent.sinks._evidence")
+    from agent.flow import iso_time
+
+    rnd = random.Random(3)
+    xs = [0.0, 1e-7, 0.5e-6, 1.5e-6, 2.5e-6, 0.9999995, 0.99999949, 951782400.0, 1709164799.9999996, 253402300798.0,
+          NOW, NOW + 0.0000005, NOW + 0.0000015]
+    xs += [rnd.uniform(0, 4e9) for _ in range(20000)] + [math.floor(rnd.uniform(0, 4e9)) + k / 2e6 for k in range(2000)]
+    for x in xs:
+        assert ev.iso_time(x) == iso_time(x), x
+    assert ev.iso_time(-1.0) is None and ev.iso_time(253402300800.0) is None and ev.iso_time(float("nan")) is None
