@@ -19,6 +19,11 @@ records that depend only on the cache entry are serialised once per entry (about
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from socket import AF_INET as _AF4
+from socket import AF_INET6 as _AF6
+from socket import inet_pton as _pton
+
 from agent.enrich.scope import embedded_int, ip_int
 from agent.flow import Location, iso_time, proto_name
 from agent.pipeline import PLAUSIBLE_FROM
@@ -66,7 +71,8 @@ class FastLane:
         self._loc: dict[int, tuple] = {}  # id(located fields) -> (fields, class, country label, Location)
         self._entry: dict[tuple, tuple] = {}  # (id(verdicts), id(fields)) -> see _entry_for
         self._proto: dict[int, bytes] = {}
-        self._src: dict[str, tuple] = {}  # source address -> ip_int
+        self._src: dict[str, tuple] = {}  # source address -> (its mask among the policies' source networks,)
+        self._pipe = None  # the pipeline the memos were made for
         # (id of a location's database fields, masks, day, proto, port) -> (fields, pipeline, entry)
         self._facts: dict[tuple, tuple] = {}
 
@@ -95,33 +101,47 @@ class FastLane:
     def new(self, e, now: float, today: int) -> bool:
         d = self.d
         pipe = d.pipeline
+        if pipe is not self._pipe:  # a reload: per-source masks are the new policies'
+            self._src.clear()
+            self._pipe = pipe
         if e.nat_src or e.nat_dst:
             return False
         first = e.start_ns / 1e9 if e.start_ns else now
-        if first < PLAUSIBLE_FROM or int(first // 86400) - today > 1:
+        day_n = int(first // 86400)
+        if first < PLAUSIBLE_FROM or day_n - today > 1:
             return False  # judged at the as-of day, with a reason: the full path words it
+        # Inline below: `ip_int`, `Locator._network_hit` and `NetMask.mask_int` (a Python call each
+        # costs about as much as its work here).
+        dst = e.dst
         try:
-            version, n = ip_int(e.dst)
+            if ":" in dst:
+                version, n = 6, int.from_bytes(_pton(_AF6, dst), "big")
+                h = n >> 96  # only these prefixes can embed an IPv4 address (`embedded_int`)
+                if (h == 0 or h == 0x0064FF9B or h == 0x20010000 or h >> 16 == 0x2002) and embedded_int(n) is not None:
+                    return False
+            else:
+                version, n = 4, int.from_bytes(_pton(_AF4, dst), "big")
             src = self._src.get(e.src)
-            if src is None:  # a host's flows come from a few addresses
+            if src is None:  # a host's flows come from a few addresses: their masks are memoised
+                sv, sn = ip_int(e.src)
+                sm = pipe._src_nets
+                src = (sm._masks[sv][bisect_right(sm._starts[sv], sn) - 1] if sm else 0,)
                 if len(self._src) >= _MEMO_MAX:
                     self._src.clear()
-                src = self._src[e.src] = ip_int(e.src)
-        except ValueError:
+                self._src[e.src] = src
+        except (OSError, ValueError, TypeError):
             return False
-        sv, sn = src
-        if version == 6 and embedded_int(n) is not None:
-            return False
-        vals = pipe.locator._network_hit(version, n)
-        if vals is None:
-            return False
-        dn, sm = pipe._dst_nets, pipe._src_nets
-        day_n = int(first // 86400)
+        starts, ends, cached = pipe.locator._nets[version]
+        i = bisect_right(starts, n) - 1
+        if i < 0 or n > ends[i]:
+            return False  # a network not looked up yet: the full path reads the database
+        vals = cached[i]
+        dn = pipe._dst_nets
         # The facts of the verdict key with the location as the identity of its database fields:
         # hashing those ids is cheaper than hashing the location's fields, and a memo entry found
         # for them stands for the same verdict cache key (checked: same fields, same pipeline).
-        fk = (id(vals), dn.mask_int(version, n) if dn else 0, sm.mask_int(sv, sn) if sm else 0, day_n, e.proto,
-              e.dport if pipe._by_port else None)
+        fk = (id(vals), dn._masks[version][bisect_right(dn._starts[version], n) - 1] if dn else 0, src[0], day_n,
+              e.proto, e.dport if pipe._by_port else None)
         got = self._facts.get(fk)
         if got is None or got[0] is not vals or got[1] is not pipe:
             located = self._location(vals)

@@ -40,6 +40,9 @@ LOCATIONS = {
     "2001:db8:de::/48": {"country": "DE"},
     "2001:db8:5::/48": {"country": "US"},
     "2001:db8:a0::/44": {"anycast": True},
+    # a wide record: the network the database answers for 2001:200::1 also holds Teredo's 2001:0::/32,
+    # whose addresses are located by the IPv4 address they carry, never by this network
+    "2001::/16": {"country": "NL"},
 }
 
 
@@ -51,7 +54,8 @@ def _events(n: int, seed: int) -> list[CtEntry]:
         if v6:
             dst = rnd.choice([f"2001:db8:de::{rnd.randrange(1, 9999):x}", f"2001:db8:5:{rnd.randrange(3)}::{i:x}",
                               f"2001:db8:a1::{i:x}", f"2001:db8:77::{i:x}",
-                              f"64:ff9b::cb00:71{rnd.randrange(256):02x}"])  # NAT64: embedded IPv4
+                              f"64:ff9b::cb00:71{rnd.randrange(256):02x}",  # NAT64: embedded IPv4
+                              f"2001:200::{i:x}", "2001:0:4136:e378:8000:63bf:34ff:8efa"])  # Teredo: 203.0.113.5
             src = rnd.choice(["fd00::5", "fd00::6"])
         else:
             dst = rnd.choice([f"198.51.100.{rnd.randrange(256)}", f"203.0.113.{rnd.randrange(256)}"])
