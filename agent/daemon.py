@@ -49,6 +49,7 @@ log = logging.getLogger("egress-agent")
 EVIDENCE_OUTCOMES = ("violation", "indeterminate", "exempt")
 _REPORTED = {Outcome(o) for o in EVIDENCE_OUTCOMES}
 MAX_OPEN_FLOWS = 262144
+_ASK = object()  # `_handle`: look the process up (the caller did not)
 SOURCE = "conntrack"
 MAX_UNDECLARED = 10000  # distinct undeclared recipients remembered (and logged once each)
 
@@ -265,8 +266,7 @@ class Daemon:
                 flows += counted
                 label = "capture" if kind == "seen" else SOURCE
                 try:
-                    if fast is None or kind != "new" or not fast(e, now, today):
-                        self._handle(kind, e, now)
+                    self._dispatch(kind, e, now, today, fast)
                 except Exception:  # a bug must not stop judging the other flows
                     log.exception("could not judge a %s event", label)
                     self.metrics.source_errors.labels(label, "judge").inc()
@@ -300,8 +300,23 @@ class Daemon:
             log.error("GeoIP database changed on disk but cannot be opened; still judging with the "
                       "previous one, retrying in %g s: %s", self.cfg.geoip_check_interval, loc.refresh_error)
 
-    def _handle(self, kind: str, e, now: float):
-        """Judge a new flow (the source has checked it is egress), or close one on DESTROY."""
+    def _dispatch(self, kind: str, e, now: float, today: int, fast):
+        """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`.
+        The process behind a new flow is looked up once, for whichever lane judges it."""
+        if kind != "new" or fast is None:
+            self._handle(kind, e, now)
+            return
+        who = None
+        if self.attributor is not None:
+            if e[:6] in self.open:
+                return  # seen already: no lookup
+            who = self.attributor.who(e)  # reads proto, src, sport, dst, dport, as of a Flow
+        if not fast(e, now, today, who):
+            self._handle(kind, e, now, who)
+
+    def _handle(self, kind: str, e, now: float, who=_ASK):
+        """Judge a new flow (the source has checked it is egress), or close one on DESTROY. `who`:
+        the flow's process when the caller looked it up already."""
         pipe = self.pipeline
         if kind != "destroy":
             if e[:6] in self.open:
@@ -313,7 +328,8 @@ class Daemon:
                                          flow.first_seen or now)
                 if n is not None:
                     self.metrics.names.labels(n.source).inc()
-            who = self.attributor.who(flow) if self.attributor else None
+            if who is _ASK:
+                who = self.attributor.who(flow) if self.attributor else None
             if n is not None or who is not None:  # built once, directly: replace() costs ~3x
                 f = flow
                 flow = Flow(f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes, f.first_seen, f.last_seen,

@@ -1,15 +1,17 @@
 """The live worker's lane for conntrack flows whose verdict is already known: the common case.
 
-Contract: `FastLane(daemon).new(e, now, today)` handles a NEW conntrack event exactly as
-`Daemon._handle("new", e, now)` would (same metrics, same evidence bytes, same state for its end)
-and returns True; or it returns False having changed nothing, and the caller takes the full path.
+Contract: `FastLane(daemon).new(e, now, today, who)` handles a NEW conntrack event exactly as
+`Daemon._handle("new", e, now, who)` would (same metrics, same evidence bytes, same state for its
+end) and returns True; or it returns False having changed nothing, and the caller takes the full
+path. `who` is the flow's process when the daemon attributes flows (looked up once by the caller,
+`Daemon._dispatch`), else None.
 It takes an event only when everything it needs is cached already: the destination's network in the
 locator's network cache (so the database answer is known), a plausible first-seen time (judged on
 its own day), and the verdict cache entry for the flow's facts; and only when no per-flow input
-exists that the verdict or the records could depend on (no host names, no process attribution, no
-recipient register, no NAT on the entry). `end(state, e, now)` closes a flow this lane opened, as
-the full path closes one. tests/test_fastlane.py holds both lanes equal, metric for metric and
-record byte for byte.
+exists that the verdict or the records could depend on beyond the event and its process (no host
+names, no policy that selects on processes, no recipient register, no NAT on the entry).
+`end(state, e, now)` closes a flow this lane opened, as the full path closes one.
+tests/test_fastlane.py holds both lanes equal, metric for metric and record byte for byte.
 
 Why: the full path builds a Flow, a Location, a Judged and the flow's JSON through generic code,
 ~20 us a flow; a monitor that must judge every egress flow of a busy host spends its CPU there.
@@ -25,7 +27,7 @@ from socket import AF_INET6 as _AF6
 from socket import inet_pton as _pton
 
 from agent.enrich.scope import embedded_int, ip_int
-from agent.flow import Location, iso_time, proto_name
+from agent.flow import Location, _process_json, iso_time, proto_name
 from agent.pipeline import PLAUSIBLE_FROM
 from agent.policy.compiled import location_class
 from agent.policy.engine import PEER_NOUN, _day
@@ -58,10 +60,10 @@ class Opened:
     """A flow this lane judged, kept until its end: the verdict cache entry and what the records
     and metrics of its end need."""
 
-    __slots__ = ("entry", "first", "reported")
+    __slots__ = ("entry", "first", "reported", "process")
 
-    def __init__(self, entry, first: float, reported):
-        self.entry, self.first, self.reported = entry, first, reported
+    def __init__(self, entry, first: float, reported, process: bytes | None = None):
+        self.entry, self.first, self.reported, self.process = entry, first, reported, process
 
 
 class FastLane:
@@ -73,6 +75,7 @@ class FastLane:
         self._proto: dict[int, bytes] = {}
         self._src: dict[str, tuple] = {}  # source address -> (its mask among the policies' source networks,)
         self._pipe = None  # the pipeline the memos were made for
+        self._procs: dict[int, tuple] = {}  # id(Who) -> (the Who, its JSON)
         # (id of a location's database fields, masks, day, proto, port) -> (fields, pipeline, entry)
         self._facts: dict[tuple, tuple] = {}
 
@@ -80,8 +83,8 @@ class FastLane:
     def usable(daemon) -> bool:
         """Whether flows can differ in anything but the event's own fields: then this lane is off."""
         p = daemon.pipeline
-        return (daemon.names is None and daemon.attributor is None and p.register is None and not p._by_who
-                and not p._by_host and p.as_of is None)
+        return (daemon.names is None and p.register is None and not p._by_who and not p._by_host
+                and p.as_of is None)
 
     def clear(self):
         self._loc.clear()
@@ -98,7 +101,7 @@ class FastLane:
             self._loc[id(vals)] = got
         return got
 
-    def new(self, e, now: float, today: int) -> bool:
+    def new(self, e, now: float, today: int, who=None) -> bool:
         d = self.d
         pipe = d.pipeline
         if pipe is not self._pipe:  # a reload: per-source masks are the new policies'
@@ -158,9 +161,10 @@ class FastLane:
             return True  # seen already (as the full path: nothing more)
         d.metrics.judged_counts(entry[1], entry[2], entry[3], e.bytes)
         reported = entry[0]
+        process = None if who is None else self._process(who)
         if reported:
-            self._records(entry, b"new", e, e.packets, e.bytes, first, now)
-        d.open[k] = [Opened(entry, first, reported), e.bytes, bool(reported)]
+            self._records(entry, b"new", e, e.packets, e.bytes, first, now, process)
+        d.open[k] = [Opened(entry, first, reported, process), e.bytes, bool(reported)]
         if len(d.open) > self.max_open:
             d.open.popitem(last=False)
             d.metrics.state_evicted.labels(self.source).inc()
@@ -174,7 +178,7 @@ class FastLane:
         if delta:
             self.d.metrics.judged_counts(entry[1], entry[2], entry[3], delta, bytes_only=True)
         if opened.reported:
-            self._records(entry, b"end", e, e.packets, e.bytes, opened.first, now)
+            self._records(entry, b"end", e, e.packets, e.bytes, opened.first, now, opened.process)
 
     def _entry_for(self, hit: tuple, located: tuple) -> tuple:
         """Per (verdict cache entry, location): (per reported verdict its record parts, verdicts,
@@ -198,7 +202,17 @@ class FastLane:
         self._entry[mk] = got
         return got
 
-    def _records(self, entry: tuple, event: bytes, e, packets: int, nbytes: int, first: float, last: float):
+    def _process(self, who) -> bytes:
+        """The flow's `process` member's JSON (as `Flow.to_json` has it), made once per Who object."""
+        got = self._procs.get(id(who))
+        if got is None or got[0] is not who:
+            if len(self._procs) >= _MEMO_MAX:
+                self._procs.clear()
+            got = self._procs[id(who)] = (who, _dumps(_process_json(who)))
+        return got[1]
+
+    def _records(self, entry: tuple, event: bytes, e, packets: int, nbytes: int, first: float, last: float,
+                 process: bytes | None = None):
         """The evidence records of a flow's reported verdicts, as `record_body` makes them; in C
         (agent.sinks._evidence) when it is built, else `_py_records`."""
         pj = self._proto.get(e.proto)
@@ -209,17 +223,18 @@ class FastLane:
         now = self.d.stamp()
         ev = _EVENT[event]
         if _c_records is None or not _c_records(self.d._records, entry[0], ev, now, e, packets, nbytes, first, last,
-                                                pj, extra):
-            self._py_records(entry[0], ev, now, e, packets, nbytes, first, last, pj, extra)
+                                                pj, extra, process):
+            self._py_records(entry[0], ev, now, e, packets, nbytes, first, last, pj, extra, process)
 
     def _py_records(self, parts, ev: bytes, now: bytes, e, packets: int, nbytes: int, first: float, last: float,
-                    pj: bytes, extra: bytes | None):
+                    pj: bytes, extra: bytes | None, process: bytes | None = None):
         src, dst = e.src.encode(), e.dst.encode()
         fs = iso_time(first).encode()
         ls = fs if last == first else iso_time(last).encode()
         flow = b'{"proto":%b,"src":"%b","sport":%d,"dst":"%b","dport":%d,"packets":%d,"bytes":%d,' \
-               b'"first_seen":"%b","last_seen":"%b","source":"conntrack"}' % (
-                   pj, src, e.sport, dst, e.dport, packets, nbytes, fs, ls)
+               b'"first_seen":"%b","last_seen":"%b","source":"conntrack"%b}' % (
+                   pj, src, e.sport, dst, e.dport, packets, nbytes, fs, ls,
+                   b',"process":' + process if process is not None else b"")
         if extra is None:
             extra = b',"conntrack_id":%d' % e.ct_id
         out = self.d._records

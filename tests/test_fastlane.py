@@ -164,8 +164,60 @@ def test_open_flows_are_the_same_until_their_end(daemon_factory):
 def test_the_lane_is_off_where_flows_can_differ_in_more_than_the_event(daemon_factory):
     d = daemon_factory("d")
     assert FastLane.usable(d)
-    d.attributor = object()
+    d.names = object()  # host names from a capture source
     assert not FastLane.usable(d)
+    d.names = None
+    d.pipeline._by_who = True  # a policy selects on processes
+    assert not FastLane.usable(d)
+
+
+class _Attributor:
+    """Who each flow's process is, the same in both runs: shared Who objects (as the attributor's
+    cache hands them out), an unattributed one and a new object per call."""
+
+    def __init__(self):
+        from agent.flow import Who
+
+        self.calls = 0
+        self.shared = [Who(pid=42, comm="curl", exe="/usr/bin/curl", uid=0, user="root", unit="x.service"),
+                       Who(pid=7, comm='we"ird', uid=1000, user="u", container="ab" * 32)]
+        self.Who = Who
+
+    def who(self, flow):
+        self.calls += 1
+        k = (flow.sport + flow.dport) % 4
+        return self.shared[k] if k < 2 else self.Who(unattributed="socket-gone") if k == 2 else \
+            self.Who(uid=5, user=None, unattributed="no-process")
+
+
+def test_attributed_flows_take_the_fast_lane_with_their_process(daemon_factory, records_in):
+    events = _events(1200, 11)
+    slow, fast = daemon_factory("slow"), daemon_factory("fast")
+    slow.attributor, fast.attributor = _Attributor(), _Attributor()
+    assert FastLane.usable(fast)
+    today = int(NOW // 86400)
+    took = []
+
+    def counted(*a):
+        took.append(fast.fast.new(*a))
+        return took[-1]
+
+    for d, lane in ((slow, None), (fast, counted)):
+        for phase in ("new", "destroy"):
+            for i, e in enumerate(events):
+                if phase == "destroy":
+                    e = e._replace(packets=e.packets + 1, bytes=e.bytes + 60)
+                d._dispatch(phase, e, NOW if phase == "new" else NOW + 5, today, lane)
+                if i % 50 == 49:
+                    d._write_evidence()
+            d._write_evidence()
+        d.metrics.flush()
+    assert sum(took) > len(events) // 3, "the fast lane took too few attributed flows to be tested"
+    lines = Path(fast.cfg.evidence_path).read_bytes()
+    assert lines == Path(slow.cfg.evidence_path).read_bytes()
+    assert b'"process":{"pid":42' in lines and b'we\\"ird' in lines
+    assert _metrics(fast) == _metrics(slow)
+    assert fast.attributor.calls == slow.attributor.calls  # one lookup per flow, whichever lane
 
 
 def test_c_iso_time_equals_iso_time():

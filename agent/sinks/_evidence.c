@@ -6,14 +6,15 @@
  *
  * iso_time(ts) -> str or None: agent.flow.iso_time for 0 <= ts < 253402300799 (the fraction rounded
  *   half to even to the microsecond, left out when zero); None outside (the caller uses Python's).
- * records(out, parts, event, time, entry, packets, nbytes, first, last, proto_json, extra) -> bool:
+ * records(out, parts, event, time, entry, packets, nbytes, first, last, proto_json, extra, process) -> bool:
  *   appends to the list `out` one record (bytes) per element of `parts`, each
  *     {"time":TIME,"event":EVENT,HEAD MESSAGE TAIL,"flow":FLOW WHERE EXTRA
  *   as fastlane.FastLane._py_records writes it (tests hold the two equal, and both equal to
  *   eventlog.record_body). parts: tuple of (head, mode, rest, tail, where, message_json) with
  *   mode 0: message "destination DST (" + rest; 1: "destination DST " + rest; 2: message_json.
  *   entry: a conntrack.CtEntry (ct_id, proto, src, sport, dst, dport, ...); extra: bytes, or None for
- *   ,"conntrack_id":ID. False (nothing appended) when a time is outside iso_time's range.
+ *   ,"conntrack_id":ID; process: the flow's "process" member's JSON (bytes) or None for none.
+ *   False (nothing appended) when a time is outside iso_time's range.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -87,8 +88,8 @@ static int bytes_of(PyObject *o, const char **p, Py_ssize_t *n) {
 
 static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "records takes 11 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "records takes 12 arguments");
         return NULL;
     }
     PyObject *out = args[0], *parts = args[1], *entry = args[4];
@@ -100,6 +101,9 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t nev, ntm, npj, nex = 0;
     if (bytes_of(args[2], &ev, &nev) || bytes_of(args[3], &tm, &ntm) || bytes_of(args[9], &pj, &npj)) return NULL;
     if (args[10] != Py_None && bytes_of(args[10], &ex, &nex)) return NULL;
+    const char *pr = "";
+    Py_ssize_t npr = 0;
+    if (args[11] != Py_None && bytes_of(args[11], &pr, &npr)) return NULL;
     long long packets = PyLong_AsLongLong(args[5]), nbytes = PyLong_AsLongLong(args[6]);
     double first = PyFloat_AsDouble(args[7]), last = PyFloat_AsDouble(args[8]);
     if (PyErr_Occurred()) return NULL;
@@ -115,13 +119,14 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     const char *src = PyUnicode_AsUTF8AndSize(o_src, &nsrc), *dst = PyUnicode_AsUTF8AndSize(o_dst, &ndst);
     if (!src || !dst) return NULL;
     /* the flow's JSON, shared by its records */
-    char flow[512];
+    char flow[4096];
     int nflow = snprintf(flow, sizeof flow,
                          "{\"proto\":%.*s,\"src\":\"%.*s\",\"sport\":%lld,\"dst\":\"%.*s\",\"dport\":%lld,"
                          "\"packets\":%lld,\"bytes\":%lld,\"first_seen\":\"%.*s\",\"last_seen\":\"%.*s\","
-                         "\"source\":\"conntrack\"}",
-                         (int)npj, pj, (int)nsrc, src, sport, (int)ndst, dst, dport, packets, nbytes, nfs, fs, nls, ls);
-    if (nflow < 0 || nflow >= (int)sizeof flow) Py_RETURN_FALSE;
+                         "\"source\":\"conntrack\"%s%.*s}",
+                         (int)npj, pj, (int)nsrc, src, sport, (int)ndst, dst, dport, packets, nbytes, nfs, fs, nls, ls,
+                         npr ? ",\"process\":" : "", (int)npr, pr);
+    if (nflow < 0 || nflow >= (int)sizeof flow) Py_RETURN_FALSE; /* a very long process: Python's twin */
     char idtext[40];
     if (!ex) {
         nex = snprintf(idtext, sizeof idtext, ",\"conntrack_id\":%lld", ct_id);
