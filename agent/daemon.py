@@ -262,6 +262,8 @@ class Daemon:
             done = dict.fromkeys(judged, 0)  # judged flows by source, added to the counters once per batch
             fast = self.fast.new if FastLane.usable(self) else None
             today = int(time.time() // 86400)
+            if self.attributor is not None:  # every new flow's socket asked about in one go
+                self.attributor.prefetch([e for kind, e, _ in batch if kind == "new" and e[:6] not in self.open])
             for kind, e, counted in batch:
                 flows += counted
                 label = "capture" if kind == "seen" else SOURCE

@@ -31,6 +31,11 @@ from dataclasses import dataclass
 from agent.flow import Flow, Who
 from agent.sources import netlink as nl
 
+try:
+    from agent.sources._ctnl import recv_waiting as _c_recv
+except ImportError:  # the C module is optional
+    _c_recv = None
+
 SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBBI HH 16s 16s I II")  # inet_diag_req_v2 (ports/addresses in network order)
@@ -49,6 +54,20 @@ class Options:
 
 
 _PACKED: dict[str, tuple[int, bytes]] = {}
+_NOT_ASKED = object()
+
+
+def _recv_waiting(s, n: int):
+    """Up to n datagrams already queued on a socket, without waiting (the kernel answered during
+    the send): in C, one recvmmsg for many (agent.sources._ctnl.recv_waiting), where it is built."""
+    if _c_recv is not None:
+        yield from _c_recv(s.fileno(), n)
+        return
+    for _ in range(n):
+        try:
+            yield s.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
 
 
 def _pack_addr(text: str) -> tuple[int, bytes]:
@@ -104,6 +123,7 @@ class Attributor:
         self._who: OrderedDict[tuple, tuple] = OrderedDict()  # (pid, uid) -> (when, Who), bounded
         self._udp: dict[int, tuple[float, dict]] = {}
         self._seq = 1
+        self._pre: dict[tuple, tuple | None] = {}  # prefetch's answers, by flow tuple, until taken
         self.lookups = 0
         self.failures = 0
         self.denied = self.permission() is not None
@@ -119,8 +139,11 @@ class Attributor:
             self._sock.settimeout(1.0)
         return self._sock
 
-    def socket_of(self, flow: Flow) -> tuple[int, int] | None:
-        """(uid, inode) of the local socket that owns the flow, by exact tuple lookup."""
+    def _request(self, flow) -> tuple | None:
+        """(family, proto, sport, dport, src, dst) of the exact request that names the flow's socket,
+        or None (not TCP or UDP, or mixed families). The kernel looks a UDP socket up as it would
+        for an arriving datagram, whose source is the remote end (udp_dump_one): remote first.
+        That also finds unconnected sockets."""
         if flow.proto not in (6, 17):
             return None
         fam, src = _pack_addr(flow.src)
@@ -128,15 +151,74 @@ class Attributor:
         if fam != fam2:
             return None
         if flow.proto == 6:
-            found = self._exact(fam, 6, flow.sport, flow.dport, src, dst)
-        else:
-            # The kernel looks a UDP socket up as it would for an arriving datagram, whose source is
-            # the remote end (udp_dump_one): remote first. That also finds unconnected sockets.
-            found = self._exact(fam, 17, flow.dport, flow.sport, dst, src)
+            return fam, 6, flow.sport, flow.dport, src, dst
+        return fam, 17, flow.dport, flow.sport, dst, src
+
+    def prefetch(self, flows) -> int:
+        """Ask the kernel about many flows' sockets at once: one `send` holding every exact request
+        (the kernel answers each during it), then their answers read back; `socket_of` takes a
+        flow's answer from here instead of asking alone. Returns how many were answered; a flow
+        whose answer did not come (or any error) is simply asked alone later.
+
+        Why: per flow, a request costs a send and a receive system call and their Python around
+        them (~15 us at 10,000 flows/s in bench_live), more than judging the flow."""
+        if not self.options.enabled:
+            return 0
+        reqs = []
+        for f in flows:
+            r = self._request(f)
+            if r is not None:
+                reqs.append(((f.proto, f.src, f.sport, f.dst, f.dport), r))
+        if not reqs:
+            return 0
+        try:
+            s = self._diag()
+        except OSError:
+            return 0
+        by_seq = {}
+        parts = []
+        pack = _EXACT.pack
+        for key, (fam, proto, sport, dport, src, dst) in reqs:
+            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+            by_seq[seq] = key
+            parts.append(pack(16 + _REQ.size, SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, 0, fam, proto, 0, 0,
+                              0xFFFFFFFF, socket.htons(sport), socket.htons(dport), src, dst, 0, INET_DIAG_NOCOOKIE,
+                              INET_DIAG_NOCOOKIE))
+        got = 0
+        try:
+            s.send(b"".join(parts))
+            for data in _recv_waiting(s, len(reqs)):
+                if len(data) < 16:
+                    continue
+                length, mtype, _flags, seq, _pid = nl._hdr.unpack_from(data)
+                key = by_seq.pop(seq, None)
+                if key is None:
+                    continue
+                if mtype == SOCK_DIAG_BY_FAMILY and 16 + _MSG.size <= length <= len(data):
+                    f = _MSG.unpack_from(data, 16)
+                    self._pre[key] = (f[14], f[15]) if f[15] else None
+                else:
+                    self._pre[key] = None  # NLMSG_ERROR: no such socket
+                got += 1
+        except OSError:
+            pass
+        if len(self._pre) > 65536:  # answers nobody took (their flows went elsewhere): bounded
+            self._pre.clear()
+        return got
+
+    def socket_of(self, flow: Flow) -> tuple[int, int] | None:
+        """(uid, inode) of the local socket that owns the flow, by exact tuple lookup (answered by
+        `prefetch` when it asked already)."""
+        found = self._pre.pop((flow.proto, flow.src, flow.sport, flow.dst, flow.dport), _NOT_ASKED)
+        if found is _NOT_ASKED:
+            r = self._request(flow)
+            if r is None:
+                return None
+            found = self._exact(*r)
         if found is None and flow.proto == 17:
             # The socket closed before we asked: a table of UDP sockets by local port, dumped at most
             # every 200 ms (not once per flow: start-up dumps are big), may still hold it.
-            found = self._udp_table(fam).get(flow.sport)
+            found = self._udp_table(_pack_addr(flow.src)[0]).get(flow.sport)
         return found
 
     def _exact(self, fam: int, proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> tuple[int, int] | None:

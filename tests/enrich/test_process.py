@@ -75,3 +75,49 @@ def test_udp_sockets_are_found_by_exact_lookup(dst, monkeypatch):
         finally:
             p.kill()
             p.wait()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("c_module", [True, False])
+def test_prefetch_answers_as_lookups_one_by_one(monkeypatch, c_module):
+    """A batch of exact requests in one send (`prefetch`) finds the same sockets, and the same
+    missing ones, as one request per flow; `socket_of` then asks nothing more."""
+    import agent.enrich.process as proc
+    from agent.flow import Flow
+    from tests.netns import Topology
+
+    if not c_module:
+        monkeypatch.setattr(proc, "_c_recv", None)
+    elif proc._c_recv is None:
+        pytest.skip("the C module is not built")
+    why = Topology.available()
+    if why is not None:
+        pytest.skip(f"network namespaces: {why}")
+    with Topology("eapf") as t:
+        ps = [t.popen("python3", "-c", UDP_SOCKETS, dst, stdout=subprocess.PIPE, text=True)
+              for dst in ("203.0.113.9", "2001:db8:de::7")]
+        try:
+            flows = []
+            for p, dst in zip(ps, ("203.0.113.9", "2001:db8:de::7"), strict=True):
+                for _ in range(2):
+                    src, sport, _inode = p.stdout.readline().split()
+                    flows += [Flow(17, src, int(sport), dst, 443), Flow(17, src, 9, dst, 443),  # 9: no socket
+                              Flow(6, src, int(sport), dst, 443)]  # no TCP socket on that port
+            flows *= 40  # more answers than one recvmmsg reads
+            flows.append(Flow(1, "10.0.0.1", 0, "203.0.113.9", 0))  # ICMP: not asked
+            one = Attributor(Options(netns=t.client))
+            want = [one.socket_of(f) for f in flows]
+            assert sum(w is not None for w in want) == 4 * 40
+            batch = Attributor(Options(netns=t.client))
+            batch._udp_table = lambda fam: {}  # answers come from the batch alone
+            assert batch.prefetch(flows) > 0
+            monkeypatch.setattr(batch, "_exact", lambda *a: pytest.fail("asked again after prefetch"))
+            distinct = {(f.proto, f.src, f.sport, f.dst, f.dport): f for f in flows}
+            got = {k: batch.socket_of(f) for k, f in distinct.items()}
+            assert got == {(f.proto, f.src, f.sport, f.dst, f.dport): w for f, w in zip(flows, want, strict=True)}
+            one.close()
+            batch.close()
+        finally:
+            for p in ps:
+                p.kill()
+                p.wait()
