@@ -88,6 +88,7 @@ def test_prefetch_answers_as_lookups_one_by_one(monkeypatch, c_module):
 
     if not c_module:
         monkeypatch.setattr(proc, "_c_recv", None)
+        monkeypatch.setattr(proc, "_c_diag", None)
     elif proc._c_recv is None:
         pytest.skip("the C module is not built")
     why = Topology.available()
@@ -115,8 +116,18 @@ def test_prefetch_answers_as_lookups_one_by_one(monkeypatch, c_module):
             distinct = {(f.proto, f.src, f.sport, f.dst, f.dport): f for f in flows}
             got = {k: batch.socket_of(f) for k, f in distinct.items()}
             assert got == {(f.proto, f.src, f.sport, f.dst, f.dport): w for f, w in zip(flows, want, strict=True)}
+            # the daemon's own events (conntrack.CtEntry, a tuple) ask the same
+            from agent.sources.conntrack import CtEntry
+
+            ct = Attributor(Options(netns=t.client))
+            ct._udp_table = lambda fam: {}
+            assert ct.prefetch([CtEntry(i, f.proto, f.src, f.sport, f.dst, f.dport, 1, 1, 0, None, None)
+                                for i, f in enumerate(flows)]) > 0
+            monkeypatch.setattr(ct, "_exact", lambda *a: pytest.fail("asked again after prefetch"))
+            assert {k: ct.socket_of(f) for k, f in distinct.items()} == got
             one.close()
             batch.close()
+            ct.close()
         finally:
             for p in ps:
                 p.kill()
