@@ -305,6 +305,18 @@ static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, const sco
     return 0;
 }
 
+/* One recvmmsg(MSG_DONTWAIT) of up to `want` (<= SLOTS) datagrams into `bufs`. */
+static int recv_slots(int fd, struct mmsghdr *msgs, struct iovec *iov, int want) {
+    for (int i = 0; i < want; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = SLOT_BYTES;
+        memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    return recvmmsg(fd, msgs, (unsigned int)want, MSG_DONTWAIT, NULL);
+}
+
 static PyObject *drain(PyObject *self, PyObject *args) {
     int fd, max_dg;
     PyObject *cls, *table = Py_None;
@@ -319,14 +331,7 @@ static PyObject *drain(PyObject *self, PyObject *args) {
     int got = 0, status = 1;
     while (got < max_dg) {
         int want = max_dg - got < SLOTS ? max_dg - got : SLOTS;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = bufs[i];
-            iov[i].iov_len = SLOT_BYTES;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int r = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
+        int r = recv_slots(fd, msgs, iov, want);
         if (r < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) { status = 0; break; }
@@ -396,10 +401,7 @@ static PyObject *classify(PyObject *self, PyObject *args) {
  * reports ENOBUFS. For the answers to a batch of sock_diag requests (enrich/process.py prefetch),
  * which the kernel queues during the send. Shares `bufs` with drain: both hold the GIL throughout
  * and neither blocks, so they never run at once. */
-static PyObject *recv_waiting(PyObject *self, PyObject *args) {
-    (void)self;
-    int fd, n;
-    if (!PyArg_ParseTuple(args, "ii", &fd, &n)) return NULL;
+static PyObject *waiting(int fd, int n) {
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     struct mmsghdr msgs[SLOTS];
@@ -407,14 +409,7 @@ static PyObject *recv_waiting(PyObject *self, PyObject *args) {
     int got = 0;
     while (got < n) {
         int want = n - got < SLOTS ? n - got : SLOTS;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = bufs[i];
-            iov[i].iov_len = SLOT_BYTES;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int r = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
+        int r = recv_slots(fd, msgs, iov, want);
         if (r < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) break;
@@ -435,6 +430,13 @@ static PyObject *recv_waiting(PyObject *self, PyObject *args) {
         if (r < want) break;
     }
     return out;
+}
+
+static PyObject *recv_waiting(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, n;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &n)) return NULL;
+    return waiting(fd, n);
 }
 
 /* diag_exact(fd, flows, seq0) -> list, one item per flow: (uid, inode) of the local socket that owns
@@ -527,46 +529,30 @@ static PyObject *diag_exact(PyObject *self, PyObject *args) {
             Py_DECREF(out); Py_DECREF(seq);
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        struct mmsghdr msgs[SLOTS];
-        struct iovec iov[SLOTS];
-        int got = 0;
-        while (got < asked) {
-            int want = asked - got < SLOTS ? asked - got : SLOTS;
-            for (int k = 0; k < want; k++) {
-                iov[k].iov_base = bufs[k];
-                iov[k].iov_len = SLOT_BYTES;
-                memset(&msgs[k].msg_hdr, 0, sizeof msgs[k].msg_hdr);
-                msgs[k].msg_hdr.msg_iov = &iov[k];
-                msgs[k].msg_hdr.msg_iovlen = 1;
+        PyObject *answers = waiting(fd, asked); /* all queued during the send */
+        if (!answers) { Py_DECREF(out); Py_DECREF(seq); return NULL; }
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(answers); k++) {
+            PyObject *b = PyList_GET_ITEM(answers, k);
+            const uint8_t *d = (const uint8_t *)PyBytes_AS_STRING(b);
+            uint32_t dl = (uint32_t)PyBytes_GET_SIZE(b), mlen, mseq;
+            uint16_t mtype;
+            if (dl < 16) continue;
+            memcpy(&mlen, d, 4); memcpy(&mtype, d + 4, 2); memcpy(&mseq, d + 8, 4);
+            uint32_t idx = mseq - seq0;
+            if (idx < (uint32_t)start || idx >= (uint32_t)end) continue; /* not one of these */
+            PyObject *ans;
+            if (mtype == 20 && mlen >= 16 + 72 && mlen <= dl) {
+                uint32_t uid, inode;
+                memcpy(&uid, d + 16 + 64, 4);
+                memcpy(&inode, d + 16 + 68, 4);
+                ans = inode ? Py_BuildValue("(kk)", (unsigned long)uid, (unsigned long)inode) : Py_NewRef(Py_None);
+            } else {
+                ans = Py_NewRef(Py_None); /* NLMSG_ERROR: no such socket */
             }
-            int r = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
-            if (r < 0) {
-                if (errno == EINTR) continue;
-                break; /* empty (an answer lost to a full buffer) or ENOBUFS: those flows stay unasked */
-            }
-            for (int k = 0; k < r; k++) {
-                const uint8_t *d = bufs[k];
-                uint32_t dl = msgs[k].msg_len, mlen, mseq;
-                uint16_t mtype;
-                if (dl < 16) continue;
-                memcpy(&mlen, d, 4); memcpy(&mtype, d + 4, 2); memcpy(&mseq, d + 8, 4);
-                uint32_t idx = mseq - seq0;
-                if (idx < (uint32_t)start || idx >= (uint32_t)end) continue; /* not one of these */
-                PyObject *ans;
-                if (mtype == 20 && mlen >= 16 + 72 && mlen <= dl) {
-                    uint32_t uid, inode;
-                    memcpy(&uid, d + 16 + 64, 4);
-                    memcpy(&inode, d + 16 + 68, 4);
-                    ans = inode ? Py_BuildValue("(kk)", (unsigned long)uid, (unsigned long)inode) : Py_NewRef(Py_None);
-                } else {
-                    ans = Py_NewRef(Py_None); /* NLMSG_ERROR: no such socket */
-                }
-                if (!ans) { Py_DECREF(out); Py_DECREF(seq); return NULL; }
-                PyList_SetItem(out, (Py_ssize_t)idx, ans);
-            }
-            got += r;
-            if (r < want) break;
+            if (!ans) { Py_DECREF(answers); Py_DECREF(out); Py_DECREF(seq); return NULL; }
+            PyList_SetItem(out, (Py_ssize_t)idx, ans);
         }
+        Py_DECREF(answers);
     }
     Py_DECREF(seq);
     return out;
