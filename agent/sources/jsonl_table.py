@@ -140,15 +140,17 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
             data = f.read(MAX_BULK_BYTES + 1)
     except OSError:
         return None  # the line reader reports it
-    if not data or len(data) > MAX_BULK_BYTES or not data.endswith(b"\n") or _long_digits(data):
+    if not data or len(data) > MAX_BULK_BYTES or not data.endswith(b"\n"):
         return None
-    if _c_columns is not None:
+    if _c_columns is not None:  # refuses numbers longer than 19 digits itself
         try:
             table = _from_columns(_c_columns(data, MAX_LINE))
         except _NotPlain:
             table = None
         if table is not None:
             return table, JsonlStats(path, lines=len(table), flows=len(table), warnings=[])
+    if _long_digits(data):
+        return None
     lines = data.split(b"\n")
     lines.pop()
     del data
