@@ -58,3 +58,9 @@ def test_c_walk_under_asan_and_ubsan(tmp_path):
 def test_c_conntrack_reader_under_asan_and_ubsan(tmp_path):
     out = _sanitized_run(tmp_path, "agent/sources/_ctnl.c", "tests.fuzz.sanitized_ctnl", EXAMPLES * 20, 11)
     assert "all messages agree" in out
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
+def test_c_flow_log_reader_under_asan_and_ubsan(tmp_path):
+    out = _sanitized_run(tmp_path, "agent/sources/_flowlog.c", "tests.fuzz.sanitized_flowlog", EXAMPLES, 13)
+    assert "all logs agree" in out and " 0 read in C" not in out
