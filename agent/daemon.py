@@ -263,7 +263,10 @@ class Daemon:
             fast = self.fast.new if FastLane.usable(self) else None
             today = int(time.time() // 86400)
             if self.attributor is not None:  # every new flow's socket asked about in one go
-                self.attributor.prefetch([e for kind, e, _ in batch if kind == "new" and e[:6] not in self.open])
+                try:
+                    self.attributor.prefetch([e for kind, e, _ in batch if kind == "new" and e[:6] not in self.open])
+                except Exception:  # a bug here must not stop judging: each flow is then asked alone
+                    log.exception("could not ask about a batch's sockets at once")
             for kind, e, counted in batch:
                 flows += counted
                 label = "capture" if kind == "seen" else SOURCE

@@ -81,7 +81,8 @@ class FastLane:
 
     @staticmethod
     def usable(daemon) -> bool:
-        """Whether flows can differ in anything but the event's own fields: then this lane is off."""
+        """True when no flow can differ from another in anything but the event's own fields and its
+        process (no host names, no register, no process-selecting policy, judged on its own day)."""
         p = daemon.pipeline
         return (daemon.names is None and p.register is None and not p._by_who and not p._by_host
                 and p.as_of is None)

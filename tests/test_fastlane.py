@@ -235,3 +235,23 @@ def test_c_iso_time_equals_iso_time():
     for x in xs:
         assert ev.iso_time(x) == iso_time(x), x
     assert ev.iso_time(-1.0) is None and ev.iso_time(253402300800.0) is None and ev.iso_time(float("nan")) is None
+
+
+def test_a_failing_batch_lookup_leaves_every_flow_judged(daemon_factory):
+    """If asking about a batch's sockets at once fails for any reason, the worker goes on: each flow
+    is asked alone and judged, and nothing is lost uncounted."""
+    d = daemon_factory("d")
+    d.attributor = _Attributor()
+
+    def broken(flows):
+        raise RuntimeError("a bug in the batch lookup")
+
+    d.attributor.prefetch = broken
+    events = _events(200, 5)
+    d.queue.put(([("new", e, True) for e in events], NOW))
+    d.pending, d.pending_flows = len(events), len(events)
+    d.stop.set()  # the worker drains what is queued, then returns
+    d._worker()
+    d.metrics.flush()
+    assert d.metrics.judged_flows.labels("conntrack")._value.get() == len(events)
+    assert d.attributor.calls > 0 and d.pending == 0

@@ -33,9 +33,8 @@ from agent.sources import netlink as nl
 
 try:
     from agent.sources._ctnl import diag_exact as _c_diag
-    from agent.sources._ctnl import recv_waiting as _c_recv
 except ImportError:  # the C module is optional
-    _c_diag = _c_recv = None
+    _c_diag = None
 
 SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
@@ -58,17 +57,18 @@ _PACKED: dict[str, tuple[int, bytes]] = {}
 _NOT_ASKED = object()
 
 
-def _recv_waiting(s, n: int):
-    """Up to n datagrams already queued on a socket, without waiting (the kernel answered during
-    the send): in C, one recvmmsg for many (agent.sources._ctnl.recv_waiting), where it is built."""
-    if _c_recv is not None:
-        yield from _c_recv(s.fileno(), n)
-        return
-    for _ in range(n):
-        try:
-            yield s.recv(1 << 16, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
+def _exact_message(seq: int, fam: int, proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+    """The netlink message of one exact sock_diag request (see `Attributor._request`)."""
+    return _EXACT.pack(16 + _REQ.size, SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, 0, fam, proto, 0, 0, 0xFFFFFFFF,
+                       socket.htons(sport), socket.htons(dport), src, dst, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+
+
+def _answer(data: bytes, length: int, mtype: int) -> tuple[int, int] | None:
+    """(uid, inode) from the answer to an exact request, or None (NLMSG_ERROR: no such socket)."""
+    if mtype == SOCK_DIAG_BY_FAMILY and 16 + _MSG.size <= length <= len(data):
+        f = _MSG.unpack_from(data, 16)
+        return (f[14], f[15]) if f[15] else None
+    return None
 
 
 def _pack_addr(text: str) -> tuple[int, bytes]:
@@ -164,66 +164,55 @@ class Attributor:
         Why: per flow, a request costs a send and a receive system call and their Python around
         them (~15 us at 10,000 flows/s in bench_live), more than judging the flow. In C
         (agent.sources._ctnl.diag_exact) where it is built: packing, sending, reading and parsing."""
-        if not self.options.enabled:
+        if not self.options.enabled or not flows:
             return 0
-        if _c_diag is not None:
-            try:
-                s = self._diag()
-                seq0 = (self._seq + 1) & 0xFFFFFFFF
-                self._seq = (self._seq + len(flows)) & 0xFFFFFFFF
-                answers = _c_diag(s.fileno(), flows, seq0)
-            except OSError:
-                return 0
-            pre = self._pre
-            got = 0
-            for f, a in zip(flows, answers, strict=True):
-                if a is not False:
-                    pre[(f.proto, f.src, f.sport, f.dst, f.dport)] = a
-                    got += 1
-            if len(pre) > 65536:
-                pre.clear()
-            return got
-        reqs = []
-        for f in flows:
-            r = self._request(f)
-            if r is not None:
-                reqs.append(((f.proto, f.src, f.sport, f.dst, f.dport), r))
-        if not reqs:
-            return 0
+        if len(self._pre) > 65536:  # answers nobody took (their flows went elsewhere): bounded
+            self._pre.clear()
         try:
             s = self._diag()
+            answers = self._batch_c(s, flows) if _c_diag is not None else self._batch_py(s, flows)
         except OSError:
             return 0
+        pre = self._pre
+        got = 0
+        for f, a in zip(flows, answers, strict=True):
+            if a is not False:
+                pre[(f.proto, f.src, f.sport, f.dst, f.dport)] = a
+                got += 1
+        return got
+
+    def _batch_c(self, s, flows) -> list:
+        seq0 = (self._seq + 1) & 0xFFFFFFFF
+        self._seq = (self._seq + len(flows)) & 0xFFFFFFFF
+        return _c_diag(s.fileno(), flows, seq0)
+
+    def _batch_py(self, s, flows) -> list:
+        """`_ctnl.diag_exact` in Python: per flow its answer, None (no such socket) or False (not
+        asked, or no answer came)."""
+        answers: list = [False] * len(flows)
         by_seq = {}
         parts = []
-        pack = _EXACT.pack
-        for key, (fam, proto, sport, dport, src, dst) in reqs:
-            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-            by_seq[seq] = key
-            parts.append(pack(16 + _REQ.size, SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, 0, fam, proto, 0, 0,
-                              0xFFFFFFFF, socket.htons(sport), socket.htons(dport), src, dst, 0, INET_DIAG_NOCOOKIE,
-                              INET_DIAG_NOCOOKIE))
-        got = 0
+        for i, f in enumerate(flows):
+            r = self._request(f)
+            if r is not None:
+                self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+                by_seq[seq] = i
+                parts.append(_exact_message(seq, *r))
+        if not parts:
+            return answers
         try:
             s.send(b"".join(parts))
-            for data in _recv_waiting(s, len(reqs)):
+            for _ in range(len(parts)):  # every answer is queued during the send
+                data = s.recv(1 << 16, socket.MSG_DONTWAIT)
                 if len(data) < 16:
                     continue
                 length, mtype, _flags, seq, _pid = nl._hdr.unpack_from(data)
-                key = by_seq.pop(seq, None)
-                if key is None:
-                    continue
-                if mtype == SOCK_DIAG_BY_FAMILY and 16 + _MSG.size <= length <= len(data):
-                    f = _MSG.unpack_from(data, 16)
-                    self._pre[key] = (f[14], f[15]) if f[15] else None
-                else:
-                    self._pre[key] = None  # NLMSG_ERROR: no such socket
-                got += 1
-        except OSError:
-            pass
-        if len(self._pre) > 65536:  # answers nobody took (their flows went elsewhere): bounded
-            self._pre.clear()
-        return got
+                i = by_seq.pop(seq, None)
+                if i is not None:
+                    answers[i] = _answer(data, length, mtype)
+        except (BlockingIOError, TimeoutError):
+            pass  # an answer lost to a full buffer: that flow is asked alone
+        return answers
 
     def socket_of(self, flow: Flow) -> tuple[int, int] | None:
         """(uid, inode) of the local socket that owns the flow, by exact tuple lookup (answered by
@@ -246,9 +235,7 @@ class Attributor:
         arrives after its request timed out is skipped, never taken for the next one's."""
         s = self._diag()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        s.send(_EXACT.pack(16 + _REQ.size, SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, 0, fam, proto, 0, 0,
-                           0xFFFFFFFF, socket.htons(sport), socket.htons(dport), src, dst, 0, INET_DIAG_NOCOOKIE,
-                           INET_DIAG_NOCOOKIE))
+        s.send(_exact_message(seq, fam, proto, sport, dport, src, dst))
         while True:
             try:
                 data = s.recv(1 << 16)
@@ -259,10 +246,7 @@ class Attributor:
             length, mtype, _flags, got, _pid = nl._hdr.unpack_from(data)
             if got != seq:
                 continue
-            if mtype == SOCK_DIAG_BY_FAMILY and 16 + _MSG.size <= length <= len(data):
-                f = _MSG.unpack_from(data, 16)
-                return (f[14], f[15]) if f[15] else None
-            return None  # NLMSG_ERROR: no such socket
+            return _answer(data, length, mtype)
 
     def _udp_table(self, fam: int) -> dict:
         now = time.monotonic()

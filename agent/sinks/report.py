@@ -65,7 +65,7 @@ def _sorted_records(records: list, raw: bool = False) -> list:
     order = sort_order(records)
     if order is not None:
         return [expanded[i] for i in order]
-    dicts = _expand(records)
+    dicts = _expand(records) if raw else expanded  # the sort keys, from the dicts
     try:
         order = sorted(range(len(dicts)), key=lambda i: _ORDER(dicts[i]))
     except TypeError:  # None among the times

@@ -396,11 +396,11 @@ static PyObject *classify(PyObject *self, PyObject *args) {
     return r;
 }
 
-/* recv_waiting(fd, n) -> list of bytes: up to n datagrams already queued on a socket, without
- * waiting (recvmmsg with MSG_DONTWAIT, 64 at a time); stops early when the socket is empty or
- * reports ENOBUFS. For the answers to a batch of sock_diag requests (enrich/process.py prefetch),
- * which the kernel queues during the send. Shares `bufs` with drain: both hold the GIL throughout
- * and neither blocks, so they never run at once. */
+/* waiting(fd, n) -> list of bytes: up to n datagrams already queued on a socket, without waiting
+ * (recvmmsg with MSG_DONTWAIT, 64 at a time); stops early when the socket is empty or reports
+ * ENOBUFS. For the answers to a batch of sock_diag requests (diag_exact), which the kernel queues
+ * during the send. Shares `bufs` with drain: both hold the GIL throughout and neither blocks, so
+ * they never run at once. */
 static PyObject *waiting(int fd, int n) {
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
@@ -430,13 +430,6 @@ static PyObject *waiting(int fd, int n) {
         if (r < want) break;
     }
     return out;
-}
-
-static PyObject *recv_waiting(PyObject *self, PyObject *args) {
-    (void)self;
-    int fd, n;
-    if (!PyArg_ParseTuple(args, "ii", &fd, &n)) return NULL;
-    return waiting(fd, n);
 }
 
 /* diag_exact(fd, flows, seq0) -> list, one item per flow: (uid, inode) of the local socket that owns
@@ -560,7 +553,6 @@ static PyObject *diag_exact(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"diag_exact", diag_exact, METH_VARARGS, "Exact sock_diag lookups for many flows (see above)."},
-    {"recv_waiting", recv_waiting, METH_VARARGS, "Datagrams already queued on a socket (see above)."},
     {"scope_table", scope_table, METH_VARARGS, "A scope table for drain (see the comment above scope_t)."},
     {"classify", classify, METH_VARARGS, "(public, accountable) of a packed address (for tests)."},
     {"ntop", ntop, METH_VARARGS, "An address's text, as inet_ntop writes it (for tests)."},
