@@ -1,14 +1,17 @@
-"""Only for the optional C accelerator; all metadata lives in pyproject.toml.
+"""Only for the optional C accelerators; all metadata lives in pyproject.toml.
 
-`optional=True`: where no compiler or Python headers exist the install still succeeds and the
-capture reader uses its pure-Python walk and the conntrack source its Python decoder (same results,
-slower).
+Each accelerator lives in the folder of the source it speeds up. `optional=True`: where no compiler
+or Python headers exist the install still succeeds and the capture reader uses its pure-Python
+walk, the conntrack source its Python decoder, the flow-log reader its Python columns and the
+evidence log its Python record writer (same results, slower).
 """
 
 from setuptools import Extension, setup
 
-_H = ["agent/sources/_addrtext.h"]
-setup(ext_modules=[Extension("agent.sources._walk", ["agent/sources/_walk.c"], depends=_H, optional=True),
-                   Extension("agent.sources._ctnl", ["agent/sources/_ctnl.c"], depends=_H, optional=True),
-                   Extension("agent.sources._flowlog", ["agent/sources/_flowlog.c"], optional=True),
+_H = ["agent/sources/_addrtext.h"]  # the address formatter both the capture walk and the netlink reader use
+setup(ext_modules=[Extension("agent.sources.capfile._walk", ["agent/sources/capfile/_walk.c"], depends=_H,
+                             optional=True),
+                   Extension("agent.sources.conntrack._ctnl", ["agent/sources/conntrack/_ctnl.c"], depends=_H,
+                             optional=True),
+                   Extension("agent.sources.flowlog._flowlog", ["agent/sources/flowlog/_flowlog.c"], optional=True),
                    Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], optional=True)])

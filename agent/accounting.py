@@ -5,7 +5,7 @@ Contract (per source, over any interval once the queue is drained):
 
     kernel flows = judged + dropped (by reason) + queued + unaccounted
 
-`kernel` is the kernel's own count of new egress connections (`agent.sources.kernel_count`),
+`kernel` is the kernel's own count of new egress connections (`agent.sources.conntrack.kernel_count`),
 relative to the value when the source started. `arrived` counts NEW events of egress flows the
 source read; each arrival is routed to exactly one of judged / a drop reason / the queue, so the
 source's side of the equation never depends on worker timing. `recovered` counts flows a

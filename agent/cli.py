@@ -8,33 +8,14 @@ bug: a traceback and a line saying so, never 1, which a scheduler would read as 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import stat
 import sys
-import tempfile
-from pathlib import Path
 
 from agent import __version__
 from agent.errors import UserError
 
 FORMATS = ("table", "json")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a crash is neither "violations" (1) nor "bad input" (2)
-
-
-def shipped_policies() -> Path:
-    """`./policies` when present, else the set installed with the package."""
-    local = Path("policies")
-    if local.is_dir():
-        return local
-    import importlib.util
-
-    spec = importlib.util.find_spec("egress_policies")  # a data-only namespace package: its folder
-    if spec is None or not spec.submodule_search_locations:
-        from agent.errors import UserError
-
-        raise UserError("no ./policies folder and no shipped policies installed; pass --policies PATH")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _add_geo(p):
@@ -201,76 +182,3 @@ def main(argv=None) -> int:
         _error(f"internal error (a bug; please report it with the lines above); exit {EXIT_INTERNAL}")
         return EXIT_INTERNAL
     return 2
-
-
-def write_output(text: str | bytes, path: str | None):
-    """Write a report: standard output (no path, or `-`), or FILE.
-
-    A regular file (or a new one) is written whole, so a reader never sees half: a fresh temporary
-    file in the same folder (mkstemp: O_EXCL, unpredictable name, so a planted symlink cannot
-    redirect it), mode 0640 less the umask, then an atomic rename. Anything else — a device such as
-    /dev/null, a FIFO, /dev/stdout — is opened and written in place and never replaced or removed:
-    renaming over /dev/null as root would break every program on the host.
-    """
-    data = text if isinstance(text, bytes) else text.encode()
-    if not path or path == "-":
-        out = getattr(sys.stdout, "buffer", None)
-        if out is None:  # a text-only stream (a test's StringIO)
-            sys.stdout.write(data.decode())
-            return
-        sys.stdout.flush()
-        out.write(data)
-        out.flush()
-        return
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise UserError(f"{path}: cannot write report ({e.strerror})") from None
-    try:
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                raise UserError(f"{path}: cannot write report (is a folder)")
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            return
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o640 & ~umask)
-            _write_all(fd, data)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, path)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise UserError(f"{path}: cannot write report ({e.strerror})") from None
-
-
-def _write_all(fd: int, data: bytes):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def dumps(obj, pretty: bool) -> bytes:
-    """UTF-8 JSON, indented for a person at a terminal, compact otherwise. orjson (~10x json's
-    encoder on a report listing every violation; UTF-8 rather than \\u escapes); json where orjson
-    refuses a value (an integer beyond 64 bits)."""
-    try:
-        import orjson
-
-        return orjson.dumps(obj, option=(orjson.OPT_INDENT_2 if pretty else 0) | orjson.OPT_APPEND_NEWLINE)
-    except (ImportError, TypeError):
-        return (json.dumps(obj, indent=2 if pretty else None, ensure_ascii=False) + "\n").encode()

@@ -9,7 +9,7 @@ SIGTERM/SIGINT flush and exit 0. Under systemd it sends READY, RELOADING, STOPPI
 pings. Logs go to stderr; with $JOURNAL_STREAM set each line carries a syslog priority prefix.
 
 Sampling, loss accounting and kernel-side filtering belong to each source (see
-`agent.sources.conntrack_source` and `agent.sources.capture`); the daemon owns the bounded queue
+`agent.sources.conntrack.source` and `agent.sources.capture.source`); the daemon owns the bounded queue
 between sources and worker, whose overflow each source counts as queue_full drops. With a
 recipient register loaded, flows are counted per recipient and each undeclared one is logged once.
 """
@@ -33,9 +33,9 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
-from agent.fastlane import FastLane, Opened
 from agent.flow import Flow, Outcome, iso_time
-from agent.pipeline import Pipeline
+from agent.judge.fastlane import FastLane, Opened
+from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
 from agent.policy.recipients import fallback_recipient
@@ -78,7 +78,7 @@ def setup_logging():
 def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipeline:
     """`host_addresses`: the host's own addresses, local like `local_nets` (a public-IP server's
     outbound flows are egress)."""
-    from agent.cli import shipped_policies
+    from agent.output import shipped_policies
 
     jur = Jurisdictions.load()
     policies = load_policies(cfg.policies or shipped_policies(), jur)
@@ -103,7 +103,7 @@ class Daemon:
         self.metrics = Metrics()
         self.host_addrs: tuple[str, ...] = ()
         if cfg.host_addresses:
-            from agent.sources.host_addresses import HostAddresses
+            from agent.enrich.host_addresses import HostAddresses
 
             try:
                 self.host_addrs = HostAddresses(cfg.source.get("netns")).current()
@@ -476,7 +476,7 @@ class Daemon:
         for src in self.sources:
             targets.append((lambda s=src: s.run(self.stop), f"source-{src.name}"))
         if self.cfg.host_addresses:
-            from agent.sources.host_addresses import HostAddresses
+            from agent.enrich.host_addresses import HostAddresses
 
             hosts = HostAddresses(self.cfg.source.get("netns"))
             targets.append((lambda: hosts.watch(self._host_addresses_changed, self.stop), "host-addresses"))

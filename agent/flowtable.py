@@ -21,7 +21,7 @@ from agent.enrich.scope import ip_int
 from agent.flow import Flow
 
 try:
-    from agent.sources._walk import addr_texts as _c_texts
+    from agent.sources.capfile._walk import addr_texts as _c_texts
 except ImportError:  # the C module is optional
     _c_texts = None
 
@@ -38,7 +38,7 @@ def addr_text(v4: bool, hi: int, lo: int) -> str:
 
 
 def addr_texts(v4: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
-    """`addr_text` of each address of three key-word columns; in C (agent.sources._walk) when built."""
+    """`addr_text` of each address of three key-word columns; in C (agent.sources.capfile._walk) when built."""
     if _c_texts is not None:
         out = _c_texts(np.ascontiguousarray(v4, dtype=bool).tobytes(), np.ascontiguousarray(hi, dtype=np.uint64),
                        np.ascontiguousarray(lo, dtype=np.uint64))
@@ -227,3 +227,32 @@ def object_column(values: list) -> np.ndarray:
     for i, v in enumerate(values):
         out[i] = v
     return out
+
+
+def _dense(col) -> np.ndarray:
+    """Ids 0..k-1 for the distinct values of a column (numbers or hashable objects)."""
+    if col.dtype == object:
+        ids: dict = {}
+        return np.fromiter((ids.setdefault(v, len(ids)) for v in col.tolist()), dtype=np.int64, count=len(col))
+    return np.unique(col, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def group_rows(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(group per row, first row of each group), groups numbered in order of first appearance."""
+    dense = [_dense(c) for c in cols]
+    key = np.zeros(len(cols[0]), dtype=np.int64)
+    radix = 1
+    for d in dense:
+        k = int(d.max()) + 1 if len(d) else 1
+        radix *= k
+        if radix >= 1 << 62:  # too many distinct combinations for one integer: group the rows as such
+            _, first, inv = np.unique(np.stack(dense, axis=1), axis=0, return_index=True, return_inverse=True)
+            break
+        key = key * k + d
+    else:
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(first, kind="stable")  # renumber by first appearance
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[inv], first[order]

@@ -184,7 +184,7 @@ def main():
 
 def jsonl_replay(work: Path, cap: Path, agent: list[str], rounds: int = 3):
     """The capture's flows as a JSON-lines flow log; audit it against jq on the same file."""
-    from agent.sources.pcap import read_capture
+    from agent.sources.capfile.reader import read_capture
 
     flows = read_capture(str(cap)).flows
     path = work / "flows.jsonl"

@@ -46,7 +46,7 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_conntrack needs root (network namespaces, netlink)")
-    from agent.sources.conntrack import Conntrack
+    from agent.sources.conntrack.table import Conntrack
 
     with Topology("eabench") as topo:
         topo.enable_conntrack(udp_timeout=900)

@@ -5,7 +5,7 @@ DNS answer (A record, sometimes via a CNAME), then either a TCP connection (SYN,
 SNI, data both ways) or, one flow in four, QUIC (a client Initial sealed with the real key schedule,
 then short-header data). Then prints, from one run:
 
-  * names pass (`agent.sources.pcap_names.scan`, what `audit` runs): packets/s over the file,
+  * names pass (`agent.sources.capfile.names.scan`, what `audit` runs): packets/s over the file,
     packets that reached Python, and names extracted per second (SNI + QUIC SNI + DNS answers);
   * tshark doing the same extraction on the same file
     (`-Y "tls.handshake.type==1 or dns.flags.response==1" -e tls.handshake.extensions_server_name
@@ -115,7 +115,7 @@ def build_capture(path: Path, flows: int, seed: int = 11) -> tuple[int, set]:
 
 def ours(path: Path):
     from agent.names.extract import NameExtractor
-    from agent.sources.pcap_names import scan
+    from agent.sources.capfile.names import scan
 
     ex = NameExtractor(dns_size=1 << 22)
     fed = [0]
@@ -151,8 +151,8 @@ def tshark(path: Path):
 def live(path: Path, seconds: float):
     """Blast the capture's frames over a veth pair in a private namespace; CaptureNames reads one end."""
     from agent.names.extract import NameExtractor
-    from agent.sources.capture import CaptureNames
-    from agent.sources.netlink import in_netns
+    from agent.sources.capture.source import CaptureNames
+    from agent.wire.netlink import in_netns
 
     ns = f"eabench{os.getpid()}"
     sh = lambda *c: subprocess.run(c, check=True, capture_output=True)  # noqa: E731
@@ -195,7 +195,7 @@ def live(path: Path, seconds: float):
 def compare_real(folder: Path):
     import ipaddress
 
-    from agent.sources.pcap import read_capture
+    from agent.sources.capfile.reader import read_capture
 
     for p in sorted(folder.glob("*.pcap*")):
         ours = {(f.src, f.sport, f.dst, f.dport): f.hostname for f in read_capture(str(p)).flows

@@ -120,7 +120,7 @@ class Topology:
     def enable_conntrack(self, udp_timeout: int | None = None):
         """The agent's own `enable` step (nftables ct rule, accounting, timestamps) in the client."""
         from agent.enrich.scope import Scoper
-        from agent.sources.conntrack import enable_tracking
+        from agent.sources.conntrack.table import enable_tracking
 
         enable_tracking(self.client, Scoper(public_nets=PUBLIC_NETS, local_nets=LOCAL_NETS))
         if udp_timeout:

@@ -1,4 +1,4 @@
-"""The bulk judging path (agent.bulk, AuditReport.add_table) against the per-flow path, report for report.
+"""The bulk judging path (agent.judge.bulk, AuditReport.add_table) against the per-flow path, report for report.
 
 `audit` judges flow-heavy inputs in bulk; `--flows`, `--html` and inventories judge flow by flow.
 Both must write the same report for the same input, down to the order of records and of equal
@@ -10,12 +10,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
 
-import agent.commands.audit as audit_mod
+import agent.commands.inputs as inputs_mod
 from agent.cli import main
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper, ip_int
@@ -109,7 +110,7 @@ def dbs(tmp_path_factory):
 
 
 def _report(argv, bulk: bool, monkeypatch, out):
-    monkeypatch.setattr(audit_mod, "BULK", bulk)
+    monkeypatch.setattr(inputs_mod, "BULK", bulk)
     try:
         main([*argv, "--format", "json", "--output", str(out)])
     except SystemExit:
@@ -139,7 +140,7 @@ def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed):
     pol = tmp_path / "policies"
     pol.mkdir()
     (pol / "extra.yaml").write_text(POLICY_EXTRA)
-    shipped = audit_mod.Path(__file__).resolve().parent.parent / "policies"
+    shipped = Path(__file__).resolve().parent.parent / "policies"
     for p in shipped.glob("*.yaml"):
         if not p.name.endswith(".test.yaml"):
             (pol / p.name).write_text(p.read_text())
@@ -258,7 +259,7 @@ def test_addresses_sorted_unique_and_spelled_as_ipaddress():
 
 @pytest.mark.parametrize("c_module", [True, False])
 def test_addr_texts_spell_as_ipaddress(monkeypatch, c_module):
-    """The C formatter (agent.sources._walk.addr_texts) and its Python twin, on addresses with zero
+    """The C formatter (agent.sources.capfile._walk.addr_texts) and its Python twin, on addresses with zero
     runs of every length and place, and the ::a.b.c.d forms that ipaddress spells its own way."""
     import agent.flowtable as ft
 
@@ -321,7 +322,7 @@ def test_inventory_is_the_same_both_ways(tmp_path, monkeypatch, dbs):
             str(log)]
     got = {}
     for bulk in (True, False):
-        monkeypatch.setattr(audit_mod, "BULK", bulk)
+        monkeypatch.setattr(inputs_mod, "BULK", bulk)
         out = tmp_path / f"inv-{bulk}.json"
         try:
             main([*argv, "--format", "json", "--output", str(out)])

@@ -1,4 +1,4 @@
-"""The live worker's fast lane (agent.fastlane) against the full path (Daemon._handle): the same
+"""The live worker's fast lane (agent.judge.fastlane) against the full path (Daemon._handle): the same
 evidence, byte for byte, the same metrics and the same open flows, for flows it takes and flows it
 leaves (unknown networks, embedded IPv4, NAT, implausible times, repeats), at their start and end."""
 
@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 
 from agent.config import Config
 from agent.daemon import Daemon
-from agent.fastlane import FastLane, Opened
-from agent.sources.conntrack import CtEntry
+from agent.judge.fastlane import FastLane, Opened
+from agent.sources.conntrack.table import CtEntry
 from tests.helpers import build_city_mmdb
 
 NOW = 1750000000.0
@@ -119,7 +119,7 @@ def _metrics(d: Daemon) -> list[str]:
 @pytest.fixture(params=["c", "python"])
 def records_in(request, monkeypatch):
     """The fast lane's records made by agent.sinks._evidence, or by its Python twin."""
-    import agent.fastlane as fl
+    import agent.judge.fastlane as fl
 
     if request.param == "python":
         monkeypatch.setattr(fl, "_c_records", None)

@@ -15,9 +15,9 @@ from scapy.all import IP, UDP, Ether
 
 from agent import yamlio
 from agent.errors import UserError
-from agent.sources import pcap as pcap_mod
-from agent.sources.jsonl import read_jsonl
-from agent.sources.pcap import read_capture
+from agent.sources.capfile import walk as pcap_mod
+from agent.sources.capfile.reader import read_capture
+from agent.sources.flowlog.jsonl import read_jsonl
 from tests.helpers import write_pcap, write_pcapng
 
 FLOW = '"proto": "tcp", "src": "10.0.0.5", "dst": "203.0.113.9", "dport": 443'
@@ -221,7 +221,7 @@ def test_capture_that_shrinks_while_read(tmp_path, walk, monkeypatch):
     p = write_pcap(tmp_path / "grow.pcap", frames)
     size = os.path.getsize(p)
     monkeypatch.setattr(pcap_mod, "SEGMENT", 4096)
-    real = pcap_mod._Window.advance
+    real = pcap_mod.Window.advance
     calls = []
 
     def advance(self, keep_from):
@@ -230,7 +230,7 @@ def test_capture_that_shrinks_while_read(tmp_path, walk, monkeypatch):
             os.truncate(p, 10_000)  # cut while reading, in the middle of a record
         return real(self, keep_from)
 
-    monkeypatch.setattr(pcap_mod._Window, "advance", advance)
+    monkeypatch.setattr(pcap_mod.Window, "advance", advance)
     cap = read_capture(p)
     whole = (10_000 - 24) // (16 + len(PKT))
     assert cap.flows[0].packets == whole

@@ -85,7 +85,7 @@ def test_demo_capture_shows_an_undeclared_recipient(cli):
 
 
 def test_capture_evidence_lines_of_one_flow_count_once(tmp_path):
-    from agent.sources.jsonl import read_jsonl
+    from agent.sources.flowlog.jsonl import read_jsonl
 
     flow = {"proto": "tcp", "src": "192.0.2.1", "sport": 5, "dst": "203.0.113.9", "dport": 443,
             "first_seen": "2025-06-15T00:00:00Z", "source": "capture"}

@@ -7,81 +7,15 @@ connection-tracking table through the same path.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-from agent.bulk import judge_table, judged_rows
-from agent.commands.common import batch_run, build_pipeline
+from agent.commands import inputs
+from agent.commands.common import batch_run, build_pipeline, write_report_html
+from agent.commands.inputs import expand_inputs, read_input
 from agent.errors import UserError
 from agent.flowtable import FlowTable
+from agent.judge.bulk import judge_table, judged_rows
 from agent.sinks.report import AuditReport
-from agent.sources.pcap import read_capture, sniff_format
-
-PROGRESS_MIN_BYTES = 32 << 20
-# Judge in bulk (agent.bulk) unless the report lists every flow (`--flows` rows are built per flow).
-# Tests turn it off to compare the two paths; `inventory` follows it too.
-BULK = True
-
-
-def expand_inputs(inputs) -> list[str]:
-    out = []
-    for i in inputs:
-        p = Path(i)
-        if p.is_dir():
-            files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-            if not files:
-                raise UserError(f"{i}: folder has no files to audit")
-            out.extend(files)
-        elif p.exists():
-            out.append(i)
-        else:
-            raise UserError(f"{i}: no such file")
-    return out
-
-
-def _progress(path: str):
-    """A rich progress bar on a terminal for big files; None otherwise."""
-    size = os.path.getsize(path)
-    if size < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
-        return None, None
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    task = bar.add_task(os.path.basename(path), total=size)
-    bar.start()
-    return bar, lambda done: bar.update(task, completed=done)
-
-
-def read_input(path: str):
-    """(flows, stats dict, packets or None) for one input file; a capture's flows come as a FlowTable."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as e:
-        raise UserError(f"{path}: cannot open ({e.strerror})") from None
-    if not head:
-        raise UserError(f"{path}: empty file, not a capture or flow log")
-    fmt = sniff_format(head)
-    if fmt == "jsonl":
-        from agent.sources.jsonl import read_jsonl
-        from agent.sources.jsonl_table import read_jsonl_table
-
-        got = read_jsonl_table(path)  # the plain log in bulk; None: read it line by line
-        flows, stats = got if got is not None else read_jsonl(path)
-        return flows, stats.to_json(), None
-    if fmt is None:
-        raise UserError(f"{path}: unknown file format (first bytes {head[:8].hex()}); "
-                        "expected pcap, pcapng or JSON lines")
-    bar, cb = _progress(path)
-    try:
-        cap = read_capture(path, progress=cb)
-    finally:
-        if bar:
-            bar.stop()
-    return cap.table, cap.stats.to_json(), cap.stats.packets
 
 
 def run_audit(args) -> int:
@@ -103,13 +37,13 @@ def _run_audit(args) -> int:
         inv = Inventory(pipe.register)
     sources = []
     if args.conntrack:
-        from agent.sources.conntrack import snapshot
+        from agent.sources.conntrack.table import snapshot
 
         flows, stats = snapshot(netns=args.netns)
         sources.append((flows, stats, None))
     for path in expand_inputs(args.inputs):
         sources.append(read_input(path))
-    bulk = BULK and report.flows is None
+    bulk = inputs.BULK and report.flows is None
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
         if bulk:
@@ -134,7 +68,7 @@ def _run_audit(args) -> int:
     report.warnings.extend(getattr(pipe, "register_warnings", []))
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)
-    from agent.cli import dumps, write_output
+    from agent.output import dumps, write_output
 
     if args.format == "json":
         pretty = not args.output and sys.stdout.isatty()
@@ -153,13 +87,3 @@ def _run_audit(args) -> int:
     if inv is not None:  # after the main report: a bad --html path must not cost the report itself
         write_report_html(args.html, "egress-agent audit", report, inv)
     return 1 if report.verdicts["violation"] else 0
-
-
-def write_report_html(path: str, title: str, report, inv):
-    """The self-contained HTML report (`--html`) from an audit report and an inventory of the same flows."""
-    from agent.sinks.html import write_html
-
-    full = report.to_json()
-    write_html(path, title, {"by_country": full["destinations_by_country"], "inventory": inv.to_json(),
-                             "violations": full["violations"], "inputs": full["inputs"],
-                             "generated_at": full["generated_at"]})

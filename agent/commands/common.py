@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
-from agent.pipeline import Pipeline
+from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
 
@@ -51,7 +51,7 @@ def build_locator(args) -> Locator:
 
 
 def build_pipeline(args) -> Pipeline:
-    from agent.cli import shipped_policies
+    from agent.output import shipped_policies
 
     jur = Jurisdictions.load()
     policies = load_policies(args.policies or shipped_policies(), jur)
@@ -94,3 +94,13 @@ def as_of_date(text: str):
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a date (YYYY-MM-DD)") from None
+
+
+def write_report_html(path: str, title: str, report, inv):
+    """The self-contained HTML report (`--html`) from an audit report and an inventory of the same flows."""
+    from agent.sinks.html import write_html
+
+    full = report.to_json()
+    write_html(path, title, {"by_country": full["destinations_by_country"], "inventory": inv.to_json(),
+                             "violations": full["violations"], "inputs": full["inputs"],
+                             "generated_at": full["generated_at"]})

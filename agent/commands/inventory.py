@@ -27,12 +27,13 @@ import sys
 from collections import Counter, defaultdict
 from functools import lru_cache
 
-from agent.bulk import judge_table, judged_rows
-from agent.commands.audit import expand_inputs, read_input
-from agent.commands.common import batch_run, build_pipeline
+from agent.commands import inputs
+from agent.commands.common import batch_run, build_pipeline, write_report_html
+from agent.commands.inputs import expand_inputs, read_input
 from agent.errors import UserError
 from agent.flow import iso_time
 from agent.flowtable import FlowTable
+from agent.judge.bulk import judge_table, judged_rows
 from agent.policy.recipients import fallback_recipient
 
 
@@ -181,13 +182,11 @@ def _run_inventory(args) -> int:
         from agent.sinks.report import AuditReport
 
         report = AuditReport(pipe.policies, pipe.locator.provenance())
-    from agent.commands import audit
-
     for path in expand_inputs(args.inputs):
         flows, stats, _packets = read_input(path)
         if report is not None:
             report.add_input(stats)
-        if audit.BULK:  # judged in bulk, then one Judged per egress flow (agent.bulk.judged_rows)
+        if inputs.BULK:  # judged in bulk, then one Judged per egress flow (agent.judge.bulk.judged_rows)
             table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
             for _i, j in judged_rows(table, judge_table(pipe, table)):
                 inv.add(j)
@@ -204,7 +203,7 @@ def _run_inventory(args) -> int:
                     report.add(j)
     for w in getattr(pipe, "register_warnings", []) + pipe.locator.warnings:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
-    from agent.cli import dumps, write_output
+    from agent.output import dumps, write_output
 
     data = inv.to_json()
     if args.format == "json":
@@ -221,7 +220,5 @@ def _run_inventory(args) -> int:
         else:  # a pipe or file gets a wide table, not rich's 80 columns
             inv.render(Console() if sys.stdout.isatty() else Console(width=160))
     if report is not None:  # after the main output, as in audit
-        from agent.commands.audit import write_report_html
-
         write_report_html(args.html, "egress-agent inventory", report, inv)
     return 1 if data["undeclared"] or data["outside_declared_locations"] else 0

@@ -6,14 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+from agent.commands.policy_tests import run_test_file, test_files
 from agent.errors import UserError
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies, schema
-from agent.policy.testing import run_test_file, test_files
 
 
 def run_policy(args) -> int:
-    from agent.cli import shipped_policies
+    from agent.output import shipped_policies
 
     if args.policy_command == "schema":
         if getattr(args, "recipients_schema", False):

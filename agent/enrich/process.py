@@ -29,10 +29,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from agent.flow import Flow, Who
-from agent.sources import netlink as nl
+from agent.wire import netlink as nl
 
 try:
-    from agent.sources._ctnl import diag_exact as _c_diag
+    from agent.sources.conntrack._ctnl import diag_exact as _c_diag
 except ImportError:  # the C module is optional
     _c_diag = None
 
@@ -163,7 +163,7 @@ class Attributor:
 
         Why: per flow, a request costs a send and a receive system call and their Python around
         them (~15 us at 10,000 flows/s in bench_live), more than judging the flow. In C
-        (agent.sources._ctnl.diag_exact) where it is built: packing, sending, reading and parsing."""
+        (agent.sources.conntrack._ctnl.diag_exact) where it is built: packing, sending, reading and parsing."""
         if not self.options.enabled or not flows:
             return 0
         if len(self._pre) > 65536:  # answers nobody took (their flows went elsewhere): bounded

@@ -284,7 +284,7 @@ class Scoper:
 
     def accountable(self, ip: str) -> bool:
         """False for Teredo and local-use NAT64 addresses: the kernel's egress counter cannot classify them (see
-        `agent.sources.kernel_count`), so they are judged but left out of loss accounting."""
+        `agent.sources.conntrack.kernel_count`), so they are judged but left out of loss accounting."""
         if ":" not in ip:
             return True
         version, n = ip_int(ip)

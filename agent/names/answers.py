@@ -6,7 +6,7 @@ time `at` (POSIX seconds); `lookup(client, address, at)` returns the `Answer` a 
 address given at or before `at`, the most recent one still in force. An answer is in force until
 its TTL runs out plus `grace` seconds, because resolvers and applications keep answers a little
 past their TTL (browsers pin them for up to a minute; the default grace is 30 s and is a setting).
-Keys are packed 16-byte addresses (IPv4 as 12 zero bytes + 4) as in `agent.sources.decode`.
+Keys are packed 16-byte addresses (IPv4 as 12 zero bytes + 4) as in `agent.wire.decode`.
 
 Bounded: at most `size` (client, address) pairs, least recently answered dropped first (counted
 in `evicted`), and at most KEEP answers per pair (the newest).

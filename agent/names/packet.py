@@ -2,7 +2,7 @@
 
 Contract: `transport(linktype, data)` returns a `Segment` or None (not IP, not TCP/UDP, a
 non-first fragment, or malformed: the caller counts those as it likes). Addresses are 16-byte
-strings as in `agent.sources.decode` (IPv4 is 12 zero bytes + the address), so both modules key
+strings as in `agent.wire.decode` (IPv4 is 12 zero bytes + the address), so both modules key
 flows the same way. The payload is cut at the IP total length (Ethernet padding is not payload)
 and at what was captured.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from agent.sources import decode as dec
+from agent.wire import decode as dec
 
 _be16 = struct.Struct(">H").unpack_from
 _be32 = struct.Struct(">I").unpack_from

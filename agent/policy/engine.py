@@ -2,7 +2,7 @@
 
 Contract: `evaluate(flow, loc, policy, jurisdictions) -> Verdict`, no I/O, no clock: the flow's own
 first-seen time decides which jurisdiction memberships and exceptions were in force. The daemon,
-the audit and `policy test` all call this one function (through `agent.pipeline`).
+the audit and `policy test` all call this one function (through `agent.judge.pipeline`).
 
 Order of judgement:
 1. not public, or not selected by `applies_to`             -> not_applicable

@@ -193,6 +193,6 @@ def render(title: str, data: dict) -> str:
 
 
 def write_html(path: str, title: str, data: dict):
-    from agent.cli import write_output
+    from agent.output import write_output
 
     write_output(render(title, data), path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import orjson
 
-from agent.pipeline import rewrite_message
+from agent.judge.pipeline import rewrite_message
 from agent.policy.engine import PEER_NOUN
 
 # Columns of a block, one entry per row (in this order): group, src, sport, dst, dport, proto name,

@@ -15,7 +15,7 @@ from operator import itemgetter
 
 from agent import __version__
 from agent.flow import Outcome, iso_time, proto_name
-from agent.pipeline import Judged
+from agent.judge.pipeline import Judged
 from agent.sinks.records import RecordBlock, sort_order
 
 MAX_TABLE_ROWS = 40
@@ -149,7 +149,7 @@ class AuditReport:
                             "message": j.message(v), "exception": v.exception, **base})
 
     def add_table(self, t, res, count_packets: bool):
-        """Count every row of a FlowTable and add its judgements (`agent.bulk.judge_table`): the
+        """Count every row of a FlowTable and add its judgements (`agent.judge.bulk.judge_table`): the
         same report as `add_flow` and `add` per row, in row order, without a Python object per
         flow. Rows judged one by one (`res.scalar`) go through `add` itself."""
         import numpy as np
@@ -262,7 +262,7 @@ class AuditReport:
     def to_json_bytes(self) -> bytes:
         """`orjson.dumps(to_json())` plus a newline, made without a dict per bulk record. Falls back to
         the dicts where orjson refuses a value (an integer beyond 64 bits)."""
-        from agent.cli import dumps
+        from agent.output import dumps
 
         try:
             import orjson

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-SOURCES = {"conntrack": "agent.sources.conntrack_source:ConntrackSource",
-           "capture": "agent.sources.capture:CaptureSource"}
+SOURCES = {"conntrack": "agent.sources.conntrack.source:ConntrackSource",
+           "capture": "agent.sources.capture.source:CaptureSource"}
 
 
 def build(name: str, daemon):

@@ -29,7 +29,7 @@ def test_process_details_from_an_injected_proc(tmp_path):
 
 
 def test_rate_limit():
-    from agent.sources.conntrack_source import RateLimit
+    from agent.sources.conntrack.source import RateLimit
 
     r = RateLimit(2)
     assert [r.allow("a", 0.0) for _ in range(3)] == [True, True, False]
@@ -116,7 +116,7 @@ def test_prefetch_answers_as_lookups_one_by_one(monkeypatch, c_module):
             got = {k: batch.socket_of(f) for k, f in distinct.items()}
             assert got == {(f.proto, f.src, f.sport, f.dst, f.dport): w for f, w in zip(flows, want, strict=True)}
             # the daemon's own events (conntrack.CtEntry, a tuple) ask the same
-            from agent.sources.conntrack import CtEntry
+            from agent.sources.conntrack.table import CtEntry
 
             ct = Attributor(Options(netns=t.client))
             ct._udp_table = lambda fam: {}

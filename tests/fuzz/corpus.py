@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import struct
 
-from agent.sources import decode as dec
-from agent.sources import pcap as pcap_mod
+from agent.sources.capfile import walk as pcap_mod
+from agent.wire import decode as dec
 from tests.helpers import write_pcap, write_pcapng
 from tests.sources.test_pcap import frames_for, ip_packets
 

@@ -2,7 +2,7 @@
 
     python -m tests.fuzz.sanitized_ctnl SO_PATH CASES SEED
 
-Loads SO_PATH as `agent.sources._ctnl`, then decodes CASES damaged messages one by one and, in
+Loads SO_PATH as `agent.sources.conntrack._ctnl`, then decodes CASES damaged messages one by one and, in
 datagrams of several, through a socket with `drain`; each must equal the Python decoder. Exit 0
 when all agree, 1 on a disagreement; the sanitizers abort on their own.
 """
@@ -15,8 +15,8 @@ from tests.fuzz.sanitized_run import load_as
 
 
 def main(so: str, cases: int, seed: int) -> int:
-    mod = load_as("agent.sources._ctnl", so)
-    from agent.sources import conntrack as C
+    mod = load_as("agent.sources.conntrack._ctnl", so)
+    from agent.sources.conntrack import table as C
     from tests.ctnl_messages import damage, random_entry
 
     assert C._ctnl is mod, "the sanitizer build was not the one loaded"

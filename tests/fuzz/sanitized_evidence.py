@@ -21,9 +21,9 @@ def _bytes(rnd: random.Random, most: int) -> bytes:
 
 def main(so: str, cases: int, seed: int) -> int:
     mod = load_as("agent.sinks._evidence", so)
-    from agent.fastlane import FastLane
     from agent.flow import iso_time
-    from agent.sources.conntrack import CtEntry
+    from agent.judge.fastlane import FastLane
+    from agent.sources.conntrack.table import CtEntry
 
     rnd = random.Random(seed)
     taken = 0

@@ -2,7 +2,7 @@
 
     python -m tests.fuzz.sanitized_flowlog SO_PATH CASES SEED
 
-Loads SO_PATH as `agent.sources._flowlog`, then reads CASES logs (well-formed lines written the ways
+Loads SO_PATH as `agent.sources.flowlog._flowlog`, then reads CASES logs (well-formed lines written the ways
 a writer may space them, with damaged bytes, cut lines and over-long values among them) with the C
 reader and without it; the two must agree. Exit 0 when all agree, 1 on a disagreement; the
 sanitizers abort on their own.
@@ -50,8 +50,8 @@ def _log(rnd: random.Random) -> bytes:
 
 
 def main(so: str, cases: int, seed: int) -> int:
-    mod = load_as("agent.sources._flowlog", so)
-    from agent.sources import jsonl_table as J
+    mod = load_as("agent.sources.flowlog._flowlog", so)
+    from agent.sources.flowlog import table as J
 
     assert J._c_columns is mod.columns, "the sanitizer build was not the one loaded"
     rnd = random.Random(seed)

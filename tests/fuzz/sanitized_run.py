@@ -2,7 +2,7 @@
 
     python -m tests.fuzz.sanitized_run SO_PATH CASES SEED
 
-Loads SO_PATH as `agent.sources._walk` before the reader imports it, then checks every case on the
+Loads SO_PATH as `agent.sources.capfile._walk` before the reader imports it, then checks every case on the
 C and Python paths. Exit 0 when all agree; 1 on a disagreement; the sanitizers abort on their own.
 """
 
@@ -25,8 +25,8 @@ def load_as(name: str, so: str):
 
 
 def main(so: str, cases: int, seed: int) -> int:
-    mod = load_as("agent.sources._walk", so)
-    from agent.sources import pcap as pcap_mod
+    mod = load_as("agent.sources.capfile._walk", so)
+    from agent.sources.capfile import walk as pcap_mod
     from tests.fuzz.corpus import mutate, records, seeds
     from tests.fuzz.test_capture_fuzz import all_paths
 

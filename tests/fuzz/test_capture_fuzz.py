@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import UserError
-from agent.sources import pcap as pcap_mod
-from agent.sources.pcap import read_capture
+from agent.sources.capfile import walk as pcap_mod
+from agent.sources.capfile.reader import read_capture
 from tests.fuzz.corpus import mutate, records, reference_read, seeds
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))

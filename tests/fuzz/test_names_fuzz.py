@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from agent.names import extract
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
-from agent.sources.pcap import read_capture
+from agent.sources.capfile.reader import read_capture
 from tests.helpers import write_pcap
 from tests.names import build
 from tests.names.build import CLIENT

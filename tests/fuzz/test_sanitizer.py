@@ -50,19 +50,19 @@ def _sanitized_run(tmp_path, source: str, runner: str, cases: int, seed: int) ->
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
 def test_c_walk_under_asan_and_ubsan(tmp_path):
-    out = _sanitized_run(tmp_path, "agent/sources/_walk.c", "tests.fuzz.sanitized_run", EXAMPLES, 7)
+    out = _sanitized_run(tmp_path, "agent/sources/capfile/_walk.c", "tests.fuzz.sanitized_run", EXAMPLES, 7)
     assert "all paths agree" in out
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
 def test_c_conntrack_reader_under_asan_and_ubsan(tmp_path):
-    out = _sanitized_run(tmp_path, "agent/sources/_ctnl.c", "tests.fuzz.sanitized_ctnl", EXAMPLES * 20, 11)
+    out = _sanitized_run(tmp_path, "agent/sources/conntrack/_ctnl.c", "tests.fuzz.sanitized_ctnl", EXAMPLES * 20, 11)
     assert "all messages agree" in out
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
 def test_c_flow_log_reader_under_asan_and_ubsan(tmp_path):
-    out = _sanitized_run(tmp_path, "agent/sources/_flowlog.c", "tests.fuzz.sanitized_flowlog", EXAMPLES, 13)
+    out = _sanitized_run(tmp_path, "agent/sources/flowlog/_flowlog.c", "tests.fuzz.sanitized_flowlog", EXAMPLES, 13)
     assert "all logs agree" in out and " 0 read in C" not in out
 
 

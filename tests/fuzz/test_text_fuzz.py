@@ -20,7 +20,7 @@ from agent.config import load_config
 from agent.errors import UserError
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
-from agent.sources.jsonl import read_jsonl
+from agent.sources.flowlog.jsonl import read_jsonl
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -157,7 +157,7 @@ def plain_lines(draw):
 def test_bulk_jsonl_reader_agrees_with_the_line_reader(tmp_path_factory, lines, newline, evidence):
     """The bulk reader never accepts a file the line reader refuses, and when it reads one, it reads
     what the line reader reads (flows, counts, warnings)."""
-    from agent.sources.jsonl_table import read_jsonl_table
+    from agent.sources.flowlog.table import read_jsonl_table
 
     if evidence:  # the same lines as evidence records (bodies that are not objects stay as they are)
         lines = [f'{{"event": "new", "conntrack_id": {i % 3}, "flow": {x}}}' for i, x in enumerate(lines)]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from agent.names import quic
-from agent.sources import pcap
-from agent.sources.pcap import read_capture
+from agent.sources.capfile import walk as pcap
+from agent.sources.capfile.reader import read_capture
 from tests.helpers import write_pcap
 from tests.names import build
 from tests.names.build import CLIENT

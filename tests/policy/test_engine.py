@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands.policy_tests import run_test_file
 from agent.enrich.geoip import FixtureLocator
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Outcome, Who
-from agent.pipeline import Pipeline
+from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
-from agent.policy.testing import run_test_file
 
 J = Jurisdictions.load()
 SCOPER = Scoper(public_nets=["198.51.100.0/24", "203.0.113.0/24"])

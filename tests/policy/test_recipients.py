@@ -9,7 +9,7 @@ from agent.enrich.geoip import FixtureLocator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
 from agent.flow import Flow, Outcome
-from agent.pipeline import Pipeline
+from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
 from agent.policy.recipients import load_recipients

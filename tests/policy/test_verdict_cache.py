@@ -12,7 +12,7 @@ from pathlib import Path
 from agent.enrich.geoip import FixtureLocator
 from agent.enrich.scope import Scoper
 from agent.flow import Flow, Who
-from agent.pipeline import Pipeline
+from agent.judge.pipeline import Pipeline
 from agent.policy.engine import evaluate
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies

@@ -58,7 +58,7 @@ def test_reopening_after_a_cut_line_starts_on_a_new_line(tmp_path):
 
 
 def test_evidence_replay_counts_each_flow_once(tmp_path):
-    from agent.sources.jsonl import read_jsonl
+    from agent.sources.flowlog.jsonl import read_jsonl
 
     flow = {"proto": "tcp", "src": "192.0.2.1", "sport": 5, "dst": "203.0.113.9", "dport": 443,
             "first_seen": "2026-01-01T00:00:00Z"}
@@ -218,7 +218,7 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
 
     from agent.enrich.geoip import Locator
     from agent.enrich.scope import Scoper
-    from agent.pipeline import Judged, Pipeline
+    from agent.judge.pipeline import Judged, Pipeline
     from agent.policy.jurisdictions import Jurisdictions
     from agent.policy.load import load_policies
     from agent.sinks import eventlog

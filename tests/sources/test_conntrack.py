@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from agent.sources import conntrack as C
-from agent.sources import netlink as nl
+from agent.sources.conntrack import table as C
+from agent.wire import netlink as nl
 from tests.netns import Topology
 
 WHY = Topology.available()

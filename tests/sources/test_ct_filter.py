@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.enrich.scope import Scoper
-from agent.sources.ct_filter import ACCEPT, DROP, program, run
+from agent.sources.conntrack.filter import ACCEPT, DROP, program, run
 
 SCOPER = Scoper(public_nets=["198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
                 local_nets=["192.0.2.0/24", "2001:db8:1::/64"])

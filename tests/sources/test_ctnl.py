@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.sources import conntrack as C
+from agent.sources.conntrack import table as C
 from tests.ctnl_messages import DELETE, NEW, NLM_F_CREATE, damage, entry_attrs, message, random_entry
 
-ctnl = pytest.importorskip("agent.sources._ctnl", reason="the C accelerator was not built")
+ctnl = pytest.importorskip("agent.sources.conntrack._ctnl", reason="the C accelerator was not built")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
 

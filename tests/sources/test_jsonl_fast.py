@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from agent.sources.jsonl import canonical_ip, loads, strict_loads
+from agent.sources.flowlog.jsonl import canonical_ip, loads, strict_loads
 
 
 def _reference(v):
@@ -35,7 +35,7 @@ def test_canonical_ip_equals_ipaddress():
 
 def test_address_words_equal_canonical_ip_and_ip_int():
     from agent.enrich.scope import ip_int
-    from agent.sources.jsonl_table import _words
+    from agent.sources.flowlog.table import _words
 
     rnd = random.Random(4)
     cases = ["01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "::1.2.3.4", "::", "::1", "fe80::1%eth0", "FE80::A",
@@ -74,7 +74,7 @@ def test_loads_equals_strict_loads(raw):
     assert a[0] == b[0] and (a[0] != "ok" or a[1] == b[1]), (a, b)
 
 
-# -- the bulk reader (sources/jsonl_table.py) against the line reader ------------------------------
+# -- the bulk reader (sources/flowlog/table.py) against the line reader ------------------------------
 
 def _write(tmp_path, lines, name="f.jsonl"):
     p = tmp_path / name
@@ -84,7 +84,7 @@ def _write(tmp_path, lines, name="f.jsonl"):
 
 @pytest.fixture(params=[1 << 16, 37], ids=["one-chunk", "small-chunks"])
 def chunk(request, monkeypatch):
-    from agent.sources import jsonl_table
+    from agent.sources.flowlog import table as jsonl_table
 
     monkeypatch.setattr(jsonl_table, "CHUNK_LINES", request.param)
     return request.param
@@ -93,8 +93,8 @@ def chunk(request, monkeypatch):
 def test_bulk_reader_equals_line_reader_on_random_logs(tmp_path, chunk):
     import json as _json
 
-    from agent.sources.jsonl import read_jsonl
-    from agent.sources.jsonl_table import read_jsonl_table
+    from agent.sources.flowlog.jsonl import read_jsonl
+    from agent.sources.flowlog.table import read_jsonl_table
     from tests.test_bulk import random_flows
 
     flows = [f for f in random_flows(2000, 21) if f.who is None]
@@ -131,7 +131,7 @@ def test_bulk_reader_equals_line_reader_on_random_logs(tmp_path, chunk):
     b'{"proto": "tcp", "src": "10.0.0.1", "dst": "198.51.100.1"}',  # no final newline: truncation
 ])
 def test_bulk_reader_leaves_anything_else_to_the_line_reader(tmp_path, line):
-    from agent.sources.jsonl_table import read_jsonl_table
+    from agent.sources.flowlog.table import read_jsonl_table
 
     ok = b'{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.5", "first_seen": "2025-06-01T00:00:00Z"}\n'
     assert read_jsonl_table(_write(tmp_path, [ok, line])) is None
@@ -142,8 +142,8 @@ def test_bulk_reader_merges_an_evidence_log_as_the_line_reader_does(tmp_path, ch
     import dataclasses
     import json as _json
 
-    from agent.sources.jsonl import read_jsonl
-    from agent.sources.jsonl_table import read_jsonl_table
+    from agent.sources.flowlog.jsonl import read_jsonl
+    from agent.sources.flowlog.table import read_jsonl_table
     from tests.test_bulk import random_flows
 
     rnd = random.Random(8)
@@ -174,7 +174,7 @@ def test_bulk_reader_merges_an_evidence_log_as_the_line_reader_does(tmp_path, ch
 @pytest.mark.parametrize("extra", [', "conntrack_id": -1', ', "conntrack_id": 4294967296', ', "conntrack_id": true',
                                    ', "conntrack_id": "7"'])
 def test_bulk_reader_leaves_bad_conntrack_ids_to_the_line_reader(tmp_path, extra):
-    from agent.sources.jsonl_table import read_jsonl_table
+    from agent.sources.flowlog.table import read_jsonl_table
 
     flow = '{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.5", "first_seen": "2025-06-01T00:00:00Z"}'
     good = f'{{"event": "new", "flow": {flow}, "conntrack_id": 5}}\n'.encode()
@@ -183,7 +183,7 @@ def test_bulk_reader_leaves_bad_conntrack_ids_to_the_line_reader(tmp_path, extra
     assert read_jsonl_table(_write(tmp_path, [good, bad])) is None
 
 
-# The C column reader (agent.sources._flowlog) against the Python bulk reader it stands in for.
+# The C column reader (agent.sources.flowlog._flowlog) against the Python bulk reader it stands in for.
 
 _C_VALUES = {
     "proto": ["tcp", "udp", "TCP", "icmp", "sctp", 6, 17, 255, 256, "6", "", None, True, 1.0, -6],
@@ -217,7 +217,7 @@ def _spelled(obj: dict, draw) -> str:
 
 
 def _c_vs_python(path):
-    from agent.sources import jsonl_table
+    from agent.sources.flowlog import table as jsonl_table
 
     got = jsonl_table.read_jsonl_table(path)
     c = jsonl_table._c_columns
@@ -238,7 +238,7 @@ def _c_vs_python(path):
 
 def test_c_columns_read_the_usual_log(tmp_path):
     """The tool's own flow log, compact or spaced, is read by the C reader, not sent away."""
-    from agent.sources import jsonl_table
+    from agent.sources.flowlog import table as jsonl_table
     from tests.test_bulk import random_flows
 
     if jsonl_table._c_columns is None:
@@ -256,7 +256,7 @@ def test_c_columns_equal_the_python_reader_on_varied_logs(tmp_path_factory):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from agent.sources import jsonl_table
+    from agent.sources.flowlog import table as jsonl_table
 
     if jsonl_table._c_columns is None:
         pytest.skip("the C module is not built")

@@ -24,9 +24,9 @@ from scapy.all import (
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Loopback
 
 from agent.errors import UserError
-from agent.sources import decode as dec
-from agent.sources import pcap as pcap_mod
-from agent.sources.pcap import read_capture
+from agent.sources.capfile import walk as pcap_mod
+from agent.sources.capfile.reader import read_capture
+from agent.wire import decode as dec
 from tests.helpers import write_pcap, write_pcapng
 
 SRC4, DST4 = "192.0.2.10", "203.0.113.9"
@@ -307,10 +307,10 @@ def test_address_spelling_equals_ipaddress():
     import ipaddress
     import random
 
-    from agent.sources.pcap import _Flows
+    from agent.sources.capfile.flows import FlowAccumulator
 
     rnd = random.Random(4)
-    t = _Flows()
+    t = FlowAccumulator()
     samples = [rnd.getrandbits(128) for _ in range(3000)]
     samples += [rnd.getrandbits(16) << rnd.choice((0, 16, 48, 96, 112)) for _ in range(3000)]  # zero runs
     samples += [0xFFFF << 32 | rnd.getrandbits(32), 1, 0, rnd.getrandbits(32)]

@@ -12,8 +12,8 @@ import pytest
 from agent.config import Config
 from agent.enrich.scope import Scoper
 from agent.sinks.metrics import Metrics
-from agent.sources import conntrack_source as cs
-from agent.sources.conntrack import CtEntry
+from agent.sources.conntrack import source as cs
+from agent.sources.conntrack.table import CtEntry
 
 
 def _drains(seed: int) -> list[list]:
@@ -98,10 +98,10 @@ def _run(drains, as_list: bool, monkeypatch):
         def read(self):
             return None
 
-    import agent.sources.kernel_count as kc
+    import agent.sources.conntrack.kernel_count as kc
 
     monkeypatch.setattr(kc, "KernelCounter", _Counter)
-    import agent.sources.conntrack as ct_mod
+    import agent.sources.conntrack.table as ct_mod
 
     monkeypatch.setattr(ct_mod, "scope_table", lambda scoper: "table")  # what the C reader is handed
     src.run(d.stop)

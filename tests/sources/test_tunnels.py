@@ -7,8 +7,9 @@ import pytest
 from scapy.all import GRE, IP, TCP, UDP, Ether, IPv6, Raw, raw, wrpcap
 from scapy.contrib.gtp import GTP_U_Header, GTPPDUSessionContainer
 
-from agent.sources import pcap
-from agent.sources.decode import ETHERNET, tunnel_inner
+from agent.sources.capfile import reader as pcap
+from agent.sources.capfile import walk as pcap_walk
+from agent.wire.decode import ETHERNET, tunnel_inner
 
 E = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 INNER4 = IP(src="10.9.0.1", dst="203.0.113.41") / UDP(sport=5000, dport=53) / Raw(b"q" * 20)
@@ -49,7 +50,7 @@ def test_not_a_tunnel_or_unreadable_is_none():
 
 @pytest.mark.parametrize("c_walk", [True, False])
 def test_capture_adds_inner_flows_on_both_walks(tmp_path, monkeypatch, c_walk):
-    monkeypatch.setitem(pcap.WALK, "c", c_walk)
+    monkeypatch.setitem(pcap_walk.WALK, "c", c_walk)
     pkts = [p for _, p in CASES]
     for i, p in enumerate(pkts):
         p.time = 1748772000 + i

@@ -40,9 +40,9 @@ from agent.errors import UserError
 from agent.flow import Flow
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
-from agent.sources import decode as dec
-from agent.sources.conntrack import CtEntry
-from agent.sources.netlink import in_netns
+from agent.sources.conntrack.table import CtEntry
+from agent.wire import decode as dec
+from agent.wire.netlink import in_netns
 
 log = logging.getLogger("egress-agent")
 SOL_PACKET, PACKET_STATISTICS = 263, 6
@@ -226,7 +226,7 @@ class CaptureSource:
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._batch: list = []
         self.reader: CaptureNames | None = None
-        from agent.sources.conntrack_source import RateLimit
+        from agent.sources.conntrack.source import RateLimit
 
         self.one_in = max(1, int(daemon.cfg.sampling.get("one_in", 1)))
         self.limiter = RateLimit(float(daemon.cfg.sampling.get("per_destination_per_second", 0)))

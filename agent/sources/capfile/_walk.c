@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "_addrtext.h"
+#include "../_addrtext.h"
 
 static inline uint32_t rd32(const uint8_t *p, int swapped) {
     uint32_t v;
@@ -36,7 +36,7 @@ static inline uint32_t be32(const uint8_t *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-/* What a packet can hold beyond its flow key, for the passes that read payloads (pcap_names, the
+/* What a packet can hold beyond its flow key, for the passes that read payloads (capfile/names.py, the
  * tunnel pass): a host name (a DNS response from port 53 or 5353, a UDP datagram of QUIC-Initial
  * size with the long-header bit), TCP payload (which starts a TLS handshake record, or is not
  * captured), or a GRE / GTP-U tunnel. */
@@ -431,7 +431,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
 
 /* pcap_offsets(buffer, offset, max_records, swapped, max_record) -> (offsets i64[n], next_offset, stop)
  * The record walk alone, for the passes that decode only some packets (names, tunnels): the same
- * boundaries and stop codes as walk_pcap, proven equal to pcap._py_walk in the tests. */
+ * boundaries and stop codes as walk_pcap, proven equal to walk._py_walk in the tests. */
 static PyObject *pcap_offsets(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t off, max_records, max_record;

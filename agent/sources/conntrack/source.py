@@ -64,7 +64,7 @@ class ConntrackSource:
         self.d.metrics.source(SOURCE)
         src = self.d.cfg.source
         if src.get("enable"):
-            from agent.sources.conntrack import enable_tracking
+            from agent.sources.conntrack.table import enable_tracking
 
             for done in enable_tracking(src.get("netns"), self.d.pipeline.scoper):
                 log.info("enabled %s", done)
@@ -72,8 +72,8 @@ class ConntrackSource:
 
     def _open(self, m, acct: LossAccount):
         """Open the conntrack sockets (with the kernel-side filter) and take the counter's baseline."""
-        from agent.sources.conntrack import Conntrack, read_sysctl
-        from agent.sources.ct_filter import program
+        from agent.sources.conntrack.filter import program
+        from agent.sources.conntrack.table import Conntrack, read_sysctl
 
         src = self.d.cfg.source
         netns = src.get("netns")
@@ -175,7 +175,7 @@ class ConntrackSource:
         return batch
 
     def run(self, stop):
-        from agent.sources.kernel_count import KernelCounter
+        from agent.sources.conntrack.kernel_count import KernelCounter
 
         src = self.d.cfg.source
         netns = src.get("netns")
@@ -200,7 +200,7 @@ class ConntrackSource:
                 if self.d.rescope.is_set() and ct is not None:
                     self.d.rescope.clear()
                     if src.get("enable"):
-                        from agent.sources.conntrack import enable_tracking
+                        from agent.sources.conntrack.table import enable_tracking
 
                         enable_tracking(netns, self.d.pipeline.scoper)
                     log.info("public/local networks changed: the kernel's event filter and egress counter were "
@@ -223,7 +223,7 @@ class ConntrackSource:
                 scoper = self.d.pipeline.scoper
                 classify = scoper.classify
                 if scoper is not table_of:  # the C reader's copy of the scope table follows reloads
-                    from agent.sources.conntrack import scope_table
+                    from agent.sources.conntrack.table import scope_table
 
                     table, table_of = scope_table(scoper), scoper
                 batch = []

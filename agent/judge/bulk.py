@@ -21,8 +21,8 @@ from datetime import UTC, date, datetime
 
 import numpy as np
 
-from agent.flowtable import FlowTable
-from agent.pipeline import PLAUSIBLE_FROM, Judged, Pipeline
+from agent.flowtable import FlowTable, group_rows
+from agent.judge.pipeline import PLAUSIBLE_FROM, Judged, Pipeline
 from agent.policy.compiled import location_class
 
 OUTBOUND, INBOUND = 1, 2
@@ -39,35 +39,6 @@ class TableJudgement:
         self.reps: list[Judged] = []
         self.rep_rows: list[int] = []
         self.scalar: dict[int, Judged] = {}
-
-
-def _dense(col) -> np.ndarray:
-    """Ids 0..k-1 for the distinct values of a column (numbers or hashable objects)."""
-    if col.dtype == object:
-        ids: dict = {}
-        return np.fromiter((ids.setdefault(v, len(ids)) for v in col.tolist()), dtype=np.int64, count=len(col))
-    return np.unique(col, return_inverse=True)[1].ravel().astype(np.int64)
-
-
-def group_rows(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(group per row, first row of each group), groups numbered in order of first appearance."""
-    dense = [_dense(c) for c in cols]
-    key = np.zeros(len(cols[0]), dtype=np.int64)
-    radix = 1
-    for d in dense:
-        k = int(d.max()) + 1 if len(d) else 1
-        radix *= k
-        if radix >= 1 << 62:  # too many distinct combinations for one integer: group the rows as such
-            _, first, inv = np.unique(np.stack(dense, axis=1), axis=0, return_index=True, return_inverse=True)
-            break
-        key = key * k + d
-    else:
-        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    order = np.argsort(first, kind="stable")  # renumber by first appearance
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return rank[inv], first[order]
 
 
 def _recipients(pipe: Pipeline, t: FlowTable, rows, di, used_locs: list, used, ints: list) -> np.ndarray:

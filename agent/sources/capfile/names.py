@@ -17,11 +17,13 @@ import os
 
 import numpy as np
 
-from agent.flowtable import FlowTable, object_column
+from agent.flowtable import KEY_HASH, FlowTable, object_column
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
-from agent.sources import decode as dec
-from agent.sources import pcap
+from agent.sources.capfile.columns import decode_chunk
+from agent.sources.capfile.stats import CaptureStats
+from agent.sources.capfile.walk import Window, walk
+from agent.wire import decode as dec
 
 FIRST_SEGMENTS = 6  # TCP payload segments per direction per chunk handed to the TLS reader (as _walk.c)
 DNS_SIZE = 1 << 22  # answers the capture's cache keeps
@@ -32,7 +34,7 @@ def _first_per_key(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     if len(rows) == 0:
         return rows
     with np.errstate(over="ignore"):
-        h = (words[rows] * pcap._K).sum(axis=1, dtype=np.uint64)  # the flow table's key hash
+        h = (words[rows] * KEY_HASH).sum(axis=1, dtype=np.uint64)  # the flow table's key hash
     order = np.argsort(h, kind="stable")
     hs = h[order]
     start = np.r_[0, np.flatnonzero(hs[1:] != hs[:-1]) + 1]
@@ -86,7 +88,7 @@ class _Candidates:
         first = _first_per_key(words, tcp_payload, FIRST_SEGMENTS)
         if len(first):
             with np.errstate(over="ignore"):
-                h = (words[first] * pcap._K).sum(axis=1, dtype=np.uint64)
+                h = (words[first] * KEY_HASH).sum(axis=1, dtype=np.uint64)
             b0 = _byte_at(buf, off[first], cap[first], l4[first] + thl[first])
             # -1: the payload is not captured; kept, the reader decides
             starts = np.unique(h[(b0 == 0x16) | (b0 < 0)])
@@ -101,17 +103,16 @@ class _Candidates:
 def scan(fd: int, fmt: str, path: str, ex: NameExtractor):
     """Feed every packet that can carry a name to `ex`, in capture order."""
     os.lseek(fd, 0, os.SEEK_SET)
-    scratch = pcap.CaptureStats(path=path, format=fmt)
-    win = pcap._Window(fd, path)
-    walker = pcap._walk_pcap(win, scratch, None, use_c=False) if fmt == "pcap" else \
-        pcap._walk_pcapng(win, scratch, None)
+    scratch = CaptureStats(path=path, format=fmt)
+    win = Window(fd, path)
+    walker = walk(win, scratch, fmt, use_c=False)
     pick = _Candidates()
     for mm, linktype, off, cap, wire, ts, w in walker:
         if linktype not in dec.SUPPORTED_LINKS or off is None:
             continue
         buf = np.frombuffer(mm, dtype=np.uint8)
         l4: list = []
-        status, fields, fallback = pcap._decode_chunk(buf, linktype, off, cap, wire, w, l4_out=l4)
+        status, fields, fallback = decode_chunk(buf, linktype, off, cap, wire, w, l4_out=l4)
         rows = pick(buf, off, cap, status, fields, fallback, l4[0] if l4 else None)
         view = memoryview(mm)  # slices without copying; `transport` copies only what it keeps
         feed = ex.feed

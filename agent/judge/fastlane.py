@@ -28,7 +28,7 @@ from socket import inet_pton as _pton
 
 from agent.enrich.scope import embedded_int, ip_int
 from agent.flow import Location, _process_json, iso_time, proto_name
-from agent.pipeline import PLAUSIBLE_FROM
+from agent.judge.pipeline import PLAUSIBLE_FROM
 from agent.policy.compiled import location_class
 from agent.policy.engine import PEER_NOUN, _day
 from agent.sinks.eventlog import _dumps, _shared_bytes, extra_members

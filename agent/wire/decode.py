@@ -1,6 +1,6 @@
 """Scalar packet decoder: link layer -> outermost IP header -> transport ports, one packet at a time.
 
-This is the reference and the fallback for the vectorised decoder in `pcap.py`: rare shapes (three
+This is the reference and the fallback for the vectorised decoder in `capfile/columns.py`: rare shapes (three
 or more VLAN tags, IPv6 extension headers, odd link types) come here. It reads only the fields a
 flow needs, with `struct`, and is proven equal to scapy's dissection in tests.
 

@@ -1,6 +1,6 @@
 /* Optional accelerator for JSON-lines flow logs: the plain file straight into columns.
  *
- * Why: jsonl_table.py reads a flow log with one orjson.loads per line, then takes each column out
+ * Why: flowlog/table.py reads a flow log with one orjson.loads per line, then takes each column out
  * of the dicts: ~6 us a flow, twice the time spent judging it. A log written by `Flow.to_json`
  * (the tool's own output, and what other collectors are asked to write) is a narrow case of JSON;
  * this reads exactly that case and nothing else.
@@ -12,7 +12,7 @@
  *   null as 0, 0, 1, 0); first, last (float64 POSIX seconds; absent or null: 0 and first); the
  *   addresses as key words (v4 uint8, hi, lo uint64; `ok` 0 where Python must spell it: inet_pton
  *   refused it, or an IPv6 address whose first five groups are zero).
- * None means "not this case": the caller reads the file as before (jsonl_table, then jsonl), so what
+ * None means "not this case": the caller reads the file as before (flowlog/table.py, then flowlog/jsonl.py), so what
  * is accepted, and every error message, keeps one definition. Returned for: any byte sequence that is
  * not a JSON object of known keys with plain values on one line (keys: proto, src, sport, dst, dport,
  * packets, bytes, first_seen, last_seen, source, hostname, hostname_source); a repeated key; a string

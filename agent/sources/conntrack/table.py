@@ -35,10 +35,10 @@ from typing import NamedTuple
 
 from agent.errors import UserError
 from agent.flow import Flow
-from agent.sources import netlink as nl
+from agent.wire import netlink as nl
 
 try:  # optional C reader of the event socket (see _ctnl.c); the Python loop in `events` is equivalent
-    from agent.sources import _ctnl
+    from agent.sources.conntrack import _ctnl
 except ImportError:  # pragma: no cover - built wherever a compiler exists
     _ctnl = None
 DRAIN = {"c": _ctnl is not None}  # tests switch the C reader off to compare both
@@ -346,7 +346,7 @@ class Conntrack:
         self.netns = netns
         self.ev = nl.open_socket(nl.NETLINK_NETFILTER, GROUP_NEW | GROUP_DESTROY, netns)
         if event_filter is not None:
-            from agent.sources.ct_filter import attach
+            from agent.sources.conntrack.filter import attach
 
             attach(self.ev, event_filter)
         self.q = nl.open_socket(nl.NETLINK_NETFILTER, 0, netns)
@@ -475,7 +475,7 @@ def enable_tracking(netns: str | None = None, scoper=None) -> list[str]:
     Installs `kernel_count.nft_table(scoper)` (table inet egress_agent). Needs CAP_NET_ADMIN.
     """
     from agent.enrich.scope import Scoper
-    from agent.sources.kernel_count import install
+    from agent.sources.conntrack.kernel_count import install
 
     done = []
     err = install(scoper or Scoper(), netns)

@@ -29,10 +29,10 @@ from agent.enrich.geoip import FixtureLocator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
 from agent.flow import Outcome, Who
-from agent.pipeline import Pipeline
+from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies
-from agent.sources.jsonl import parse_flow
+from agent.sources.flowlog.jsonl import parse_flow
 
 DOC_NETS = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"]
 LOCATION_FIELDS = {"country", "registered_country", "represented_country", "continent", "in_eu",

@@ -82,7 +82,7 @@ static void read_tuple(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, tuple_t
 
 static int addr_ok(Py_ssize_t n) { return n == 4 || n == 16; }
 
-#include "_addrtext.h"
+#include "../_addrtext.h"
 
 /* The text of an address; the last source address is kept (a host's flows share a few). */
 static PyObject *addr_text(const uint8_t *a, Py_ssize_t n) {

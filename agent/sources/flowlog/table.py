@@ -27,12 +27,12 @@ import numpy as np
 
 from agent.enrich.scope import ip_int
 from agent.flow import PROTO_NUMBERS
-from agent.flowtable import FlowTable, addr_text, concat, object_column
+from agent.flowtable import FlowTable, addr_text, concat, group_rows, object_column
 from agent.names.hostnames import canonical
-from agent.sources.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip, gap_warning
+from agent.sources.flowlog.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip, gap_warning
 
 try:
-    from agent.sources._flowlog import columns as _c_columns
+    from agent.sources.flowlog._flowlog import columns as _c_columns
 except ImportError:  # the C module is optional
     _c_columns = None
 
@@ -224,8 +224,6 @@ def _merged(t: FlowTable, ct: np.ndarray) -> FlowTable:
     """An evidence log's flows merged as `read_jsonl` merges them: one flow per (id, tuple), or per
     (tuple, first seen) for records without an id (the capture source); its row is the record
     with the most bytes (the later one on a tie), its place its first record's."""
-    from agent.bulk import group_rows
-
     untracked = ct < 0
     first_key = np.where(untracked, t.first, 0.0).view(np.int64)
     group, _ = group_rows([untracked.astype(np.int64), ct, t.proto, t.src.inverse, t.sport, t.dst.inverse, t.dport,
@@ -285,7 +283,7 @@ def _words(v: str) -> tuple[str, tuple[bool, int, int]]:
 
 
 def _from_columns(got) -> FlowTable | None:
-    """The table `_table` makes of a plain log, from the columns agent.sources._flowlog read (None:
+    """The table `_table` makes of a plain log, from the columns agent.sources.flowlog._flowlog read (None:
     not that case). Strings come once per distinct value and go through the same checks."""
     if got is None:
         return None

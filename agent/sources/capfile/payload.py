@@ -3,7 +3,7 @@
 The C walk (`_walk.c`) hands over, per chunk, the packets these passes read and nothing else: DNS
 responses, QUIC-sized UDP with the long-header bit, the first TCP payload segments of directions
 that start a TLS record, and GRE / GTP-U packets. They are fed to the same readers the second walks
-use (`pcap_names.scan`, `pcap._tunnel_pass`): `NameExtractor.feed` and `decode.tunnel_inner`. Tests
+use (`names.scan`, `tunnels.tunnel_pass`): `NameExtractor.feed` and `decode.tunnel_inner`. Tests
 compare both ways on every capture the names and tunnel tests use.
 """
 
@@ -13,7 +13,10 @@ import numpy as np
 
 from agent.names.extract import NameExtractor
 from agent.names.packet import transport
-from agent.sources import decode as dec
+from agent.sources.capfile.flows import FlowAccumulator
+from agent.sources.capfile.names import DNS_SIZE
+from agent.sources.capfile.tunnels import tunnel_tables
+from agent.wire import decode as dec
 
 CAND_NAME, CAND_TUNNEL, CAND_TLS_START, CAND_TCP_DATA = 1, 2, 4, 8  # as _walk.c
 TLS_KEYS_MAX = 1 << 20
@@ -24,12 +27,10 @@ class PayloadPass:
     candidate packets to `feed`; after the walk, `tunnels()` and `ex` hold what the passes found."""
 
     def __init__(self, names: bool):
-        from agent.sources._walk import table_new
-        from agent.sources.pcap import _Flows
-        from agent.sources.pcap_names import DNS_SIZE
+        from agent.sources.capfile._walk import table_new
 
         self.ex = NameExtractor(dns_size=DNS_SIZE) if names else None
-        self.inner = {"gre": _Flows(), "gtp-u": _Flows()}
+        self.inner = {"gre": FlowAccumulator(), "gtp-u": FlowAccumulator()}
         self.carried = 0
         self.tls = np.zeros(0, dtype=np.uint64)  # key hashes of directions that started a TLS record
         self.flow_table = table_new()  # the walk's flows, kept in C across chunks (no merging per chunk)
@@ -57,6 +58,4 @@ class PayloadPass:
                     ex.feed(seg, t)
 
     def tunnels(self, fmt: str, stats) -> list:
-        from agent.sources.pcap import tunnel_tables
-
         return tunnel_tables(self.inner, self.carried, fmt, stats)

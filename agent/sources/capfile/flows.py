@@ -1,0 +1,106 @@
+"""Per-flow packets, bytes, first and last seen, from decoded keys: the capture's aggregation.
+
+Contract: `FlowAccumulator` takes key words in bulk (`add_keys`, `add_groups`: numpy, merged in
+bulk once enough rows are pending) or one scalar-decoded packet at a time (`add_one`), and gives
+one row per distinct (version, proto, src, sport, dst, dport) in `table(source)`. A hash collision
+can never merge two flows: rows are verified against their group's representative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.flow import Flow
+from agent.flowtable import FlowTable, group_words
+from agent.wire import decode as dec
+
+
+class FlowAccumulator:
+    """Per-flow packets, bytes, first and last seen, keyed by five 64-bit words.
+
+    Key words: (version<<40 | proto<<32 | sport<<16 | dport, src high, src low, dst high, dst low).
+    Grouping hashes the words to one uint64 and verifies every row against its group's
+    representative, so a hash collision can never merge two flows (it falls back to exact rows).
+    """
+
+    MERGE_ROWS = 1 << 21  # pending chunk groups merged (vectorised) past this many rows
+
+    def __init__(self):
+        self.by_key: dict[tuple, list] = {}  # the scalar path (add_one)
+        self._pending: list[tuple] = []
+        self._rows = 0
+
+    @staticmethod
+    def _group(words: np.ndarray):
+        """(representative rows, inverse index) of identical key rows."""
+        first, inv = group_words(words)
+        return words[first], inv
+
+    @classmethod
+    def _reduce(cls, words, pk, by, first, last):
+        reps, inv = cls._group(words)
+        g = len(reps)
+        out_pk = np.bincount(inv, weights=pk, minlength=g).astype(np.int64)
+        out_by = np.bincount(inv, weights=by, minlength=g)
+        out_first = np.full(g, np.inf)
+        out_last = np.full(g, -np.inf)
+        np.minimum.at(out_first, inv, first)
+        np.maximum.at(out_last, inv, last)
+        return reps, out_pk, out_by, out_first, out_last
+
+    def add_keys(self, words: np.ndarray, iplen, ts):
+        if len(words) == 0:
+            return
+        self.add_groups(*self._reduce(words, np.ones(len(words)), iplen.astype(np.float64), ts, ts))
+
+    def add_groups(self, reps, pk, by, first, last):
+        """Take per-chunk groups (key words and their packets, bytes, first and last seen); they
+        are merged with numpy, in bulk, once enough have accumulated (and at the end)."""
+        self._pending.append((reps, np.asarray(pk, dtype=np.float64), np.asarray(by, dtype=np.float64),
+                              np.asarray(first, dtype=np.float64), np.asarray(last, dtype=np.float64)))
+        self._rows += len(reps)
+        if self._rows > self.MERGE_ROWS and len(self._pending) > 1:
+            self._merge()
+
+    def _merge(self):
+        if len(self._pending) > 1:
+            cols = list(zip(*self._pending, strict=True))
+            merged = self._reduce(np.concatenate(cols[0]), *(np.concatenate(c) for c in cols[1:]))
+            self._pending = [(merged[0], merged[1].astype(np.float64), *merged[2:])]
+            self._rows = len(merged[0])
+
+    def add_one(self, d: dec.Decoded, ts: float):
+        s, t = int.from_bytes(d.src, "big"), int.from_bytes(d.dst, "big")
+        key = ((d.version << 40) | (d.proto << 32) | (d.sport << 16) | d.dport,
+               s >> 64, s & 0xFFFFFFFFFFFFFFFF, t >> 64, t & 0xFFFFFFFFFFFFFFFF)
+        row = self.by_key.get(key)
+        if row is None:
+            self.by_key[key] = [1, d.iplen, ts, ts]
+        else:
+            row[0] += 1
+            row[1] += d.iplen
+            row[2] = min(row[2], ts)
+            row[3] = max(row[3], ts)
+
+    def flows(self, source: str) -> list[Flow]:
+        return self.table(source).flows()
+
+    def table(self, source: str) -> FlowTable:
+        """The flows as columns, in the order of the merged groups."""
+        if self.by_key:  # scalar-path flows join the bulk ones
+            keys = np.array(list(self.by_key), dtype=np.uint64).reshape(-1, 5)
+            vals = list(self.by_key.values())
+            self.add_groups(keys, [v[0] for v in vals], [v[1] for v in vals], [v[2] for v in vals],
+                            [v[3] for v in vals])
+            self.by_key = {}
+        self._merge()
+        if not self._pending:
+            z = np.zeros(0)
+            return FlowTable(z, z, z, z, z, z, z, z, z, z, z, z, z, source)
+        reps, pk, by, first, last = self._pending[0]
+        w0 = reps[:, 0]
+        v4 = (w0 >> np.uint64(40)) == 4
+        return FlowTable((w0 >> np.uint64(32)) & np.uint64(0xFF), (w0 >> np.uint64(16)) & np.uint64(0xFFFF),
+                         w0 & np.uint64(0xFFFF), v4, reps[:, 1], reps[:, 2], v4, reps[:, 3], reps[:, 4],
+                         pk.astype(np.int64), by.astype(np.int64), first, last, source)
+
