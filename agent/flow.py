@@ -45,6 +45,18 @@ def fast_init(cls):
     return cls
 
 
+TCP_FLAG_LETTERS = "FSRPAUEC"  # bit 0 (FIN) to bit 7 (CWR)
+# How a connection's opener is known (`Flow.opened_by`; `agent.connections` decides). A FlowTable
+# stores the index; 0: not known.
+OPENED_BY = (None, "syn", "syn-ack", "icmp-echo", "icmp-error", "port", "first-packet", "conntrack")
+OPENED_CODE = {name: i for i, name in enumerate(OPENED_BY) if name}
+
+
+def flag_letters(flags: int) -> str:
+    """TCP flags as letters in bit order: 0x12 -> "SA"."""
+    return "".join(c for i, c in enumerate(TCP_FLAG_LETTERS) if flags >> i & 1)
+
+
 def proto_name(num: int) -> str:
     return PROTO_NAMES.get(num, str(num))
 
@@ -124,6 +136,12 @@ class Flow:
 
     `bytes` counts IP-layer octets (IPv4 total length; IPv6 40 + payload length), as NetFlow and
     conntrack do. `source` names the source that produced it (pcap, jsonl, conntrack, ...).
+
+    A connection (`opened_by` set: how its opener is known, see `agent.connections`) is both
+    directions of a 5-tuple: `src` opened it, `packets`/`bytes`/`tcp_flags` are what src sent and
+    `packets_reply`/`bytes_reply`/`tcp_flags_reply` what dst sent back (TCP flags as bits: FIN 1,
+    SYN 2, RST 4, PSH 8, ACK 16, URG 32, ECE 64, CWR 128). Without `opened_by` a flow is one
+    direction as its source reported it (a live conntrack entry is its original direction).
     """
 
     proto: int
@@ -140,6 +158,11 @@ class Flow:
     hostname: str | None = None
     hostname_source: str | None = None  # sni, quic-sni, dns, or whatever a flow log said
     hostname_chain: tuple[str, ...] = ()  # dns: asked-for name, CNAME targets, owner of the address
+    opened_by: str | None = None
+    packets_reply: int = 0
+    bytes_reply: int = 0
+    tcp_flags: int = 0
+    tcp_flags_reply: int = 0
 
     def to_json(self) -> dict:
         d = {
@@ -153,6 +176,13 @@ class Flow:
             "first_seen": iso_time(self.first_seen),
             "last_seen": iso_time(self.last_seen),
         }
+        if self.opened_by is not None:
+            d["opened_by"] = self.opened_by
+            d["packets_reply"] = self.packets_reply
+            d["bytes_reply"] = self.bytes_reply
+            if self.proto == 6:
+                d["tcp_flags"] = flag_letters(self.tcp_flags)
+                d["tcp_flags_reply"] = flag_letters(self.tcp_flags_reply)
         if self.source:
             d["source"] = self.source
         if self.hostname:

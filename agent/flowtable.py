@@ -18,7 +18,7 @@ from socket import inet_ntop as _ntop
 import numpy as np
 
 from agent.enrich.scope import ip_int
-from agent.flow import Flow
+from agent.flow import OPENED_BY, OPENED_CODE, Flow
 
 try:
     from agent.sources.capfile._walk import addr_texts as _c_texts
@@ -26,6 +26,7 @@ except ImportError:  # the C module is optional
     _c_texts = None
 
 _M64 = (1 << 64) - 1
+
 
 
 def addr_text(v4: bool, hi: int, lo: int) -> str:
@@ -110,13 +111,21 @@ class Addresses:
                                                                  strict=True)]
 
 
+_CONN = ("hints", "hints_reply", "packets_reply", "bytes_reply", "opened")  # int columns, None when absent
+_CONN_DTYPE = {"opened": np.int8}
+
+
 class FlowTable:
     """n flows as columns. Object columns (`hostname`, `hostname_source`, `hostname_chain`, `who`)
-    are None when no row has a value."""
+    are None when no row has a value.
+
+    Connection columns (`agent.connections`): `hints` (opener hints of what src sent, one-way
+    tables too), and once paired `hints_reply`, `packets_reply`, `bytes_reply` (what dst sent) and
+    `opened` (index in `connections.OPENED_BY`; 0: unknown). None when the table does not have them."""
 
     def __init__(self, proto, sport, dport, src_v4, src_hi, src_lo, dst_v4, dst_hi, dst_lo, packets, bytes_,
                  first, last, source: str | list[str], hostname=None, hostname_source=None, hostname_chain=None,
-                 who=None):
+                 who=None, hints=None, hints_reply=None, packets_reply=None, bytes_reply=None, opened=None):
         self.proto, self.sport, self.dport = (np.asarray(x, dtype=np.int64) for x in (proto, sport, dport))
         self.src_v4, self.dst_v4 = np.asarray(src_v4, dtype=bool), np.asarray(dst_v4, dtype=bool)
         self.src_hi, self.src_lo, self.dst_hi, self.dst_lo = (np.asarray(x, dtype=np.uint64)
@@ -126,6 +135,8 @@ class FlowTable:
         self.source = source  # one name for every row, or one per row
         self.hostname, self.hostname_source, self.hostname_chain, self.who = \
             hostname, hostname_source, hostname_chain, who
+        for name, col in zip(_CONN, (hints, hints_reply, packets_reply, bytes_reply, opened), strict=True):
+            setattr(self, name, None if col is None else np.asarray(col, dtype=_CONN_DTYPE.get(name, np.int64)))
         self._src: Addresses | None = None
         self._dst: Addresses | None = None
         self._names: dict | None = None  # from_flows: each address's text as the records spelled it
@@ -149,15 +160,26 @@ class FlowTable:
         col = getattr(self, name)
         return None if col is None else col[i]
 
+    def hints_or_zero(self) -> np.ndarray:
+        return self.hints if self.hints is not None else np.zeros(len(self), dtype=np.int64)
+
     def flow(self, i: int) -> Flow:
         src, dst = self.src, self.dst
+        opened = OPENED_BY[int(self.opened[i])] if self.opened is not None else None
+        conn = {}
+        if opened is not None:
+            conn = {"opened_by": opened, "packets_reply": int(self.packets_reply[i]),
+                    "bytes_reply": int(self.bytes_reply[i])}
+            if self.proto[i] == 6:
+                conn["tcp_flags"] = int(self.hints[i]) & 0xFF
+                conn["tcp_flags_reply"] = int(self.hints_reply[i]) & 0xFF
         return Flow(proto=int(self.proto[i]), src=src.text[src.inverse[i]], sport=int(self.sport[i]),
                     dst=dst.text[dst.inverse[i]], dport=int(self.dport[i]), packets=int(self.packets[i]),
                     bytes=int(self.bytes[i]), first_seen=float(self.first[i]), last_seen=float(self.last[i]),
                     source=self.source if isinstance(self.source, str) else self.source[i],
                     who=self.column("who", i), hostname=self.column("hostname", i),
                     hostname_source=self.column("hostname_source", i),
-                    hostname_chain=self.column("hostname_chain", i) or ())
+                    hostname_chain=self.column("hostname_chain", i) or (), **conn)
 
     def flows(self) -> list[Flow]:
         return [self.flow(i) for i in range(len(self))]
@@ -165,7 +187,7 @@ class FlowTable:
     def take(self, rows: np.ndarray) -> FlowTable:
         """The table of these rows, in this order."""
         obj = {n: getattr(self, n)[rows] if getattr(self, n) is not None else None
-               for n in ("hostname", "hostname_source", "hostname_chain", "who")}
+               for n in ("hostname", "hostname_source", "hostname_chain", "who", *_CONN)}
         source = self.source if isinstance(self.source, str) else [self.source[i] for i in rows.tolist()]
         t = FlowTable(self.proto[rows], self.sport[rows], self.dport[rows], self.src_v4[rows], self.src_hi[rows],
                       self.src_lo[rows], self.dst_v4[rows], self.dst_hi[rows], self.dst_lo[rows], self.packets[rows],
@@ -192,6 +214,12 @@ class FlowTable:
         for name in ("hostname", "hostname_source", "hostname_chain", "who"):
             vals = [getattr(f, name) for f in flows]
             obj[name] = object_column(vals) if any(vals) else None
+        if any(f.opened_by is not None for f in flows):  # records that already are connections
+            obj["opened"] = [OPENED_CODE.get(f.opened_by, 0) for f in flows]
+            obj["packets_reply"] = [f.packets_reply for f in flows]
+            obj["bytes_reply"] = [f.bytes_reply for f in flows]
+            obj["hints"] = [f.tcp_flags for f in flows]
+            obj["hints_reply"] = [f.tcp_flags_reply for f in flows]
         t = cls([f.proto for f in flows], [f.sport for f in flows], [f.dport for f in flows], v4s,
                    cols["src_hi"], cols["src_lo"], v4d, cols["dst_hi"], cols["dst_lo"],
                    [f.packets for f in flows], [f.bytes for f in flows], [f.first_seen for f in flows],
@@ -212,6 +240,10 @@ def concat(parts: list[FlowTable]) -> FlowTable:
         if any(getattr(p, name) is not None for p in parts):
             obj[name] = np.concatenate([getattr(p, name) if getattr(p, name) is not None
                                         else np.full(len(p), None, dtype=object) for p in parts])
+    for name in _CONN:
+        if any(getattr(p, name) is not None for p in parts):
+            obj[name] = np.concatenate([getattr(p, name) if getattr(p, name) is not None
+                                        else np.zeros(len(p), dtype=_CONN_DTYPE.get(name, np.int64)) for p in parts])
     t = FlowTable(cat("proto"), cat("sport"), cat("dport"), cat("src_v4"), cat("src_hi"), cat("src_lo"),
                   cat("dst_v4"), cat("dst_hi"), cat("dst_lo"), cat("packets"), cat("bytes"), cat("first"),
                   cat("last"), sources, **obj)

@@ -24,7 +24,7 @@ def capture(tmp_path):
         (t + 3, eth(IP(src="10.0.0.5", dst="203.0.113.140") / UDP(sport=40002, dport=53))),  # CN
         (t + 4, eth(IP(src="10.0.0.5", dst="203.0.113.200") / UDP(sport=40003, dport=53))),  # FR registered only
         (t + 5, eth(IP(src="10.0.0.5", dst="10.0.0.1") / UDP(sport=40004, dport=53))),  # local
-        (t + 6, eth(IP(src="203.0.113.9", dst="10.0.0.5") / TCP(sport=443, dport=40001))),  # inbound
+        (t + 6, eth(IP(src="203.0.113.9", dst="10.0.0.5") / TCP(sport=443, dport=40001))),  # the reply to t + 2
         (t + 7, eth(IPv6(src="fd00::5", dst="2001:db8:5::1") / TCP(sport=40005, dport=443))),  # US v6
     ]
     return write_pcap(tmp_path / "cap.pcap", frames)
@@ -45,10 +45,15 @@ def test_audit_report_contract(cli, capture, city_db, asn_db):
     assert [g["database_type"] for g in rep["geoip"]] == ["GeoIP2-City", "GeoLite2-ASN"]
     assert {p["name"] for p in rep["policies"]} >= {"gdpr-personal-data"}
     assert all(len(p["sha256"]) == 64 for p in rep["policies"])
-    assert rep["totals"] == {"packets": 8, "bytes": rep["totals"]["bytes"], "flows": 7, "egress_flows": 5,
-                             "inbound_flows": 1}  # the shipped PIPL policy also judges inbound connections
+    # seven one-way flows, six connections: the reply at t + 6 is part of the connection at t + 2,
+    # never an inbound connection of its own
+    assert rep["totals"] == {"packets": 8, "bytes": rep["totals"]["bytes"], "flows": 6, "egress_flows": 5,
+                             "inbound_flows": 0}
     by = {d["country"]: d for d in rep["destinations_by_country"]}
-    assert by["DE"] == {"country": "DE", "distinct_dst": 1, "flows": 1, "packets": 2, "bytes": 180}
+    assert by["DE"] == {"country": "DE", "distinct_dst": 1, "flows": 1, "packets": 2, "bytes": 180, "packets_sent": 2,
+                        "bytes_sent": 180, "packets_received": 0, "bytes_received": 0}
+    us = by["US"]  # the connection to 203.0.113.9 with its reply, and the IPv6 one
+    assert (us["flows"], us["packets_sent"], us["packets_received"], us["bytes_received"]) == (2, 2, 1, 40)
     assert by["US"]["distinct_dst"] == 2 and by["CN"]["flows"] == 1 and by[None]["flows"] == 1
     assert set(rep["verdicts"]) == {"compliant", "violation", "exempt", "indeterminate", "not_applicable"}
     gdpr = [v for v in rep["violations"] if v["policy"] == "gdpr-personal-data"]

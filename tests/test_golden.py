@@ -24,7 +24,7 @@ import yaml
 from tests.helpers import build_city_mmdb
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
-KEYS = ("totals", "destinations_by_country", "verdicts")
+KEYS = ("totals", "destinations_by_country", "inbound_by_country", "verdicts")
 
 
 def essential(report: dict) -> dict:

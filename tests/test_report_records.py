@@ -57,7 +57,8 @@ def blocks(draw):
             [draw(st.sampled_from([443, 53])) for _ in range(n)],
             [draw(st.sampled_from(["tcp", "udp"])) for _ in range(n)], ints(0, 2**40), ints(0, 2**62),
             iso_times(first, parts), iso_times(first + 5), process, host, hsrc,
-            [peer_prefix(d, False, h, s) for d, h, s in zip(dst, host, hsrc, strict=True)])
+            [peer_prefix(d, False, h, s) for d, h, s in zip(dst, host, hsrc, strict=True)], ints(0, 2**40),
+            ints(0, 2**62), [draw(st.sampled_from([None, "syn", "port", 'x"y'])) for _ in range(n)])
     return RecordBlock(per_group, cols, loc, parts)
 
 

@@ -27,7 +27,7 @@ LAYERS = [
     ("names", ["agent.names"]),
     ("enrich", ["agent.enrich"]),
     ("policy", ["agent.policy"]),
-    ("flowtable", ["agent.flowtable"]),
+    ("flowtable", ["agent.flowtable", "agent.connections"]),
     ("sources", ["agent.sources"]),
     ("judge", ["agent.judge"]),
     ("sinks", ["agent.sinks"]),

@@ -12,6 +12,7 @@ import sys
 from agent.commands import inputs
 from agent.commands.common import batch_run, build_pipeline, write_report_html
 from agent.commands.inputs import expand_inputs, read_input
+from agent.connections import connections
 from agent.errors import UserError
 from agent.flowtable import FlowTable
 from agent.judge.bulk import judge_table, judged_rows
@@ -40,7 +41,7 @@ def _run_audit(args) -> int:
         from agent.sources.conntrack.table import snapshot
 
         flows, stats = snapshot(netns=args.netns)
-        sources.append((flows, stats, None))
+        sources.append((connections(FlowTable.from_flows(flows)), stats, None))
     for path in expand_inputs(args.inputs):
         sources.append(read_input(path))
     bulk = inputs.BULK and report.flows is None

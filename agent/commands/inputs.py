@@ -1,8 +1,9 @@
 """Audit inputs: folders expanded, each file read by what its first bytes say it is.
 
 Contract: `expand_inputs(names)` -> file paths (a folder means its regular files, sorted, not dot
-files); `read_input(path)` -> (flows, stats dict, packets or None): a capture's flows as a
-FlowTable, a flow log's as a FlowTable (the bulk reader) or a list of Flows (the line reader).
+files); `read_input(path)` -> (connections, stats dict, packets or None): a FlowTable with one row
+per connection, oriented from its opener (`agent.connections`: the capture's one-way flows and a
+flow log's lines paired the same way, whichever reader read them).
 Every problem is a UserError naming the file. `BULK`: judge in bulk (`agent.judge.bulk`) unless a
 report lists every flow; tests turn it off to compare the two paths, and `inventory` follows it.
 """
@@ -13,7 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from agent.connections import connections
 from agent.errors import UserError
+from agent.flowtable import FlowTable
 from agent.sources.capfile.reader import read_capture, sniff_format
 
 PROGRESS_MIN_BYTES = 32 << 20
@@ -67,7 +70,8 @@ def read_input(path: str):
 
         got = read_jsonl_table(path)  # the plain log in bulk; None: read it line by line
         flows, stats = got if got is not None else read_jsonl(path)
-        return flows, stats.to_json(), None
+        table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
+        return connections(table), stats.to_json(), None
     if fmt is None:
         raise UserError(f"{path}: unknown file format (first bytes {head[:8].hex()}); "
                         "expected pcap, pcapng or JSON lines")
@@ -77,4 +81,4 @@ def read_input(path: str):
     finally:
         if bar:
             bar.stop()
-    return cap.table, cap.stats.to_json(), cap.stats.packets
+    return connections(cap.table), cap.stats.to_json(), cap.stats.packets

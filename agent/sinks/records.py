@@ -22,9 +22,10 @@ from agent.policy.engine import PEER_NOUN
 
 # Columns of a block, one entry per row (in this order): group, src, sport, dst, dport, proto name,
 # packets, bytes, first_seen, last_seen, process (dict or None), hostname, hostname_source,
-# description prefix (`peer_prefix`).
+# description prefix (`peer_prefix`), packets and bytes received (the connection's reply
+# direction), opened_by. Rows are outbound connections: what was sent is `packets`/`bytes`.
 COLUMNS = ("group", "src", "sport", "dst", "dport", "proto", "packets", "bytes", "first_seen", "last_seen",
-           "process", "hostname", "hostname_source", "prefix")
+           "process", "hostname", "hostname_source", "prefix", "packets_received", "bytes_received", "opened_by")
 
 
 def _js(s) -> str:
@@ -86,20 +87,22 @@ class RecordBlock:
         return len(self.pairs())
 
     def dicts(self) -> list[dict]:
-        _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre = self.cols
+        _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
         loc = self.loc
         return [{"policy": v.policy, "severity": v.severity, "reason": v.reason,
                  "message": rewrite_message(v.message, wf, dst[i], pre[i], False),
                  "exception": v.exception, "src": src[i], "sport": sport[i], "dst": dst[i], "dst_port": dport[i],
                  "proto": proto[i], "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1],
-                 "asn": loc[g][2], "as_org": loc[g][3], "packets": pk[i], "bytes": by[i], "first_seen": fs[i],
+                 "asn": loc[g][2], "as_org": loc[g][3], "packets": pk[i], "bytes": by[i], "packets_sent": pk[i],
+                 "bytes_sent": by[i], "packets_received": pkr[i], "bytes_received": byr[i], "opened_by": ob[i],
+                 "first_seen": fs[i],
                  "last_seen": ls[i], "process": pr[i], "hostname": host[i], "hostname_source": hsrc[i],
                  "recipient": loc[g][4]}
                 for i, g, (v, wf) in self.pairs()]
 
     def json(self) -> list[str]:
         """Each record's JSON text (compact, keys in the dict's order)."""
-        _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre = self.cols
+        _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
         # per (group, verdict): the text before the message, how the message is made, the text
         # from the message's end to src, and the location part, each escaped once
         forms: dict = {}
@@ -115,7 +118,7 @@ class RecordBlock:
                                 f'"asn":{orjson.dumps(asn).decode()},"as_org":{_js(org)},',
                                 f'"recipient":{_js(rcp)}}}')
         src_j, dst_j, host_j, hsrc_j = _quoted(src), _quoted(dst), _quoted(host), _quoted(hsrc)
-        pre_j = _quoted(pre)
+        pre_j, ob_j = _quoted(pre), _quoted(ob)
         noun_j = _js(f"{PEER_NOUN[False]} ")[1:-1]
         proto_j = {p: _js(p) for p in set(proto)}
         pr_j = ["null"] * len(pr) if pr.count(None) == len(pr) else \
@@ -130,7 +133,9 @@ class RecordBlock:
             else:
                 msg = rest
             out.append(f'{head}{msg}{mid}{src_j[i]},"sport":{sport[i]},"dst":{dst_j[i]},"dst_port":{dport[i]},'
-                       f'"proto":{proto_j[proto[i]]},{where}"packets":{pk[i]},"bytes":{by[i]},'
+                       f'"proto":{proto_j[proto[i]]},{where}"packets":{pk[i]},"bytes":{by[i]},"packets_sent":{pk[i]},'
+                       f'"bytes_sent":{by[i]},"packets_received":{pkr[i]},"bytes_received":{byr[i]},'
+                       f'"opened_by":{ob_j[i]},'
                        f'"first_seen":"{fs[i]}","last_seen":"{ls[i]}","process":{pr_j[i]},'
                        f'"hostname":{host_j[i]},"hostname_source":{hsrc_j[i]},{tail}')
         return out

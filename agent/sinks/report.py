@@ -2,9 +2,13 @@
 
 Contract: feed it input stats with `add_input` and judged flows with `add`; `to_json()` gives the
 machine report (fields below are a contract, extend don't rename); `render(console)` prints the
-tables people read. Counting rules: `totals.packets/bytes/flows` cover every IP flow read;
-`egress_flows` and `destinations_by_country` cover only egress to public destinations; `verdicts`
-counts one verdict per (egress flow, policy).
+tables people read. Flows are connections (`agent.connections`: both directions, oriented from the
+opener). Counting rules: `totals.packets/bytes/flows` cover every connection read, both directions;
+`egress_flows` and `destinations_by_country` cover only connections a local host opened to a public
+peer, `inbound_flows` and `inbound_by_country` those a public peer opened to a local host (judged
+only when a policy asks for inbound). Both tables count connections, and the packets and bytes the
+local side sent (`packets`/`bytes`, also as `packets_sent`/`bytes_sent`) and received;
+`verdicts` counts one verdict per (judged connection, policy). A reply is never a flow of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from datetime import UTC, datetime
 from operator import itemgetter
 
 from agent import __version__
-from agent.flow import Outcome, iso_time, proto_name
+from agent.flow import Outcome, flag_letters, iso_time, proto_name
 from agent.judge.pipeline import Judged
 from agent.sinks.records import RecordBlock, sort_order
 
@@ -29,12 +33,23 @@ def _where(r: dict) -> str:
     return f"registered {r['registered_country']}" if r.get("registered_country") else "unknown"
 
 
+def local_counts(flow, inbound: bool) -> dict:
+    """What the local side of a connection sent and received (inbound: the responder is local)."""
+    sent = (flow.packets_reply, flow.bytes_reply) if inbound else (flow.packets, flow.bytes)
+    got = (flow.packets, flow.bytes) if inbound else (flow.packets_reply, flow.bytes_reply)
+    return {"packets_sent": sent[0], "bytes_sent": sent[1], "packets_received": got[0], "bytes_received": got[1]}
+
+
 def flow_row(flow, j: Judged | None) -> dict:
     """One entry of the report's `flows` list (`audit --flows`): field names as in `violations`,
-    plus `dport` (the name the flow log uses) and the verdict of each policy."""
+    plus `dport` (the name the flow log uses), the connection's opener and TCP flags, and the
+    verdict of each policy. `packets`/`bytes` are what the opener (`src`) sent."""
     loc = j.location if j is not None else None
     return {"proto": proto_name(flow.proto), "src": flow.src, "sport": flow.sport, "dst": flow.dst,
             "dport": flow.dport, "dst_port": flow.dport, "packets": flow.packets, "bytes": flow.bytes,
+            **local_counts(flow, j is not None and j.inbound), "opened_by": flow.opened_by,
+            "tcp_flags": flag_letters(flow.tcp_flags) if flow.proto == 6 and flow.opened_by else None,
+            "tcp_flags_reply": flag_letters(flow.tcp_flags_reply) if flow.proto == 6 and flow.opened_by else None,
             "first_seen": iso_time(flow.first_seen) if flow.first_seen else None,
             "last_seen": iso_time(flow.last_seen) if flow.last_seen else None,
             "egress": j is not None and not j.inbound, "direction": ("inbound" if j.inbound else "outbound") if j
@@ -84,6 +99,18 @@ def _expand(records: list) -> list[dict]:
     return out
 
 
+def _country_row() -> dict:
+    return {"dst": set(), "flows": 0, "packets": 0, "bytes": 0, "packets_received": 0, "bytes_received": 0}
+
+
+def _country_rows(table: dict, peers: str) -> list[dict]:
+    """Rows of a by-country table: connections, and what the local side sent and received."""
+    rows = [{"country": cc, peers: len(v["dst"]), "flows": v["flows"], "packets": v["packets"], "bytes": v["bytes"],
+             "packets_sent": v["packets"], "bytes_sent": v["bytes"], "packets_received": v["packets_received"],
+             "bytes_received": v["bytes_received"]} for cc, v in table.items()]
+    return sorted(rows, key=lambda r: (-r["bytes"], r["country"] or "~"))
+
+
 class AuditReport:
     def __init__(self, policies, geoip_provenance, with_flows: bool = False):
         self.inputs: list[dict] = []
@@ -91,7 +118,8 @@ class AuditReport:
         self.geoip = geoip_provenance
         self.totals = Counter(packets=0, bytes=0, flows=0, egress_flows=0, inbound_flows=0)
         self.verdicts = Counter({o.value: 0 for o in Outcome})
-        self.by_country: dict = defaultdict(lambda: {"dst": set(), "flows": 0, "packets": 0, "bytes": 0})
+        self.by_country: dict = defaultdict(_country_row)
+        self.by_peer_country: dict = defaultdict(_country_row)  # inbound connections
         self.by_jurisdiction: Counter = Counter()
         # per kind: record dicts (`add`) and RecordBlocks (`add_table`), in the order they came
         self.records: dict[str, list] = {"violation": [], "indeterminate": [], "exempt": []}
@@ -110,20 +138,25 @@ class AuditReport:
         if self.flows is not None:
             self.flows.append(flow_row(flow, judged))
         self.totals["flows"] += 1
-        self.totals["bytes"] += flow.bytes
+        self.totals["bytes"] += flow.bytes + flow.bytes_reply
         if count_packets:
-            self.totals["packets"] += flow.packets
+            self.totals["packets"] += flow.packets + flow.packets_reply
 
     def add(self, j: Judged):
         f, loc = j.flow, j.location
         self.totals["inbound_flows" if j.inbound else "egress_flows"] += 1
-        c = self.by_country[loc.country if loc.unknown_reason is None else None]
+        counts = local_counts(f, j.inbound)
+        c = (self.by_peer_country if j.inbound else self.by_country)[loc.country if loc.unknown_reason is None
+                                                                       else None]
         c["dst"].add(j.peer)
         c["flows"] += 1
-        c["packets"] += f.packets
-        c["bytes"] += f.bytes
-        for g in j.jurisdictions:
-            self.by_jurisdiction[g] += f.bytes
+        c["packets"] += counts["packets_sent"]
+        c["bytes"] += counts["bytes_sent"]
+        c["packets_received"] += counts["packets_received"]
+        c["bytes_received"] += counts["bytes_received"]
+        if not j.inbound:
+            for g in j.jurisdictions:
+                self.by_jurisdiction[g] += f.bytes
         if j.redated is not None:
             self.redated.append({"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport,
                                  "proto": proto_name(f.proto), "first_seen": iso_time(f.first_seen) if f.first_seen
@@ -140,7 +173,8 @@ class AuditReport:
                 base = {"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport, "proto": proto_name(f.proto),
                         "direction": "inbound" if j.inbound else "outbound",
                         "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
-                        "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes,
+                        "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes, **counts,
+                        "opened_by": f.opened_by,
                         "first_seen": iso_time(f.first_seen), "last_seen": iso_time(f.last_seen),
                         "process": f.to_json().get("process") if f.who is not None else None,
                         "hostname": f.hostname, "hostname_source": f.hostname_source,
@@ -159,15 +193,19 @@ class AuditReport:
 
         n = len(t)
         self.totals["flows"] += n
-        self.totals["bytes"] += int(t.bytes.sum())
+        pkr = t.packets_reply if t.packets_reply is not None else np.zeros(n, dtype=np.int64)
+        byr = t.bytes_reply if t.bytes_reply is not None else np.zeros(n, dtype=np.int64)
+        self.totals["bytes"] += int(t.bytes.sum()) + int(byr.sum())
         if count_packets:
-            self.totals["packets"] += int(t.packets.sum())
+            self.totals["packets"] += int(t.packets.sum()) + int(pkr.sum())
         bulk = np.flatnonzero(res.key >= 0)
         key = res.key[bulk]
         k = len(res.reps)
         flows_k = np.bincount(key, minlength=k)
         bytes_k = np.bincount(key, weights=t.bytes[bulk], minlength=k).astype(np.int64).tolist()
         packets_k = np.bincount(key, weights=t.packets[bulk], minlength=k).astype(np.int64).tolist()
+        rbytes_k = np.bincount(key, weights=byr[bulk], minlength=k).astype(np.int64).tolist()
+        rpackets_k = np.bincount(key, weights=pkr[bulk], minlength=k).astype(np.int64).tolist()
         self.totals["egress_flows"] += len(bulk)
         country_k = [rep.location.country if rep.location.unknown_reason is None else None for rep in res.reps]
         for g, rep in enumerate(res.reps):
@@ -175,6 +213,8 @@ class AuditReport:
             c["flows"] += int(flows_k[g])
             c["packets"] += packets_k[g]
             c["bytes"] += bytes_k[g]
+            c["packets_received"] += rpackets_k[g]
+            c["bytes_received"] += rbytes_k[g]
             for v in rep.outcomes:
                 self.verdicts[_VALUE[v.outcome]] += int(flows_k[g])
         dst_text = t.dst.text
@@ -220,9 +260,12 @@ class AuditReport:
         else:
             prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
         first = iso_parts(t.first[rr])
+        from agent.flow import OPENED_BY
+
+        opened = [OPENED_BY[o] for o in t.opened[rr].tolist()] if t.opened is not None else [None] * len(rows)
         cols = (groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
                 t.bytes[rr].tolist(), iso_times(t.first[rr], first), iso_times(t.last[rr]), process, host, hsrc,
-                prefix)
+                prefix, pkr[rr].tolist(), byr[rr].tolist(), opened)
         loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
                 rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
         for kind, records in self.records.items():
@@ -231,9 +274,10 @@ class AuditReport:
                 records.append(RecordBlock(per_group, cols, loc, first))
 
     def destinations_by_country(self) -> list[dict]:
-        rows = [{"country": cc, "distinct_dst": len(v["dst"]), "flows": v["flows"], "packets": v["packets"],
-                 "bytes": v["bytes"]} for cc, v in self.by_country.items()]
-        return sorted(rows, key=lambda r: (-r["bytes"], r["country"] or "~"))
+        return _country_rows(self.by_country, "distinct_dst")
+
+    def inbound_by_country(self) -> list[dict]:
+        return _country_rows(self.by_peer_country, "distinct_src")
 
     def to_json(self, raw: bool = False) -> dict:
         """The machine report. With `raw`, records the bulk path made are `orjson.Fragment`s (for
@@ -246,6 +290,7 @@ class AuditReport:
             "policies": self.policies,
             "totals": dict(self.totals),
             "destinations_by_country": self.destinations_by_country(),
+            "inbound_by_country": self.inbound_by_country(),
             "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
             "verdicts": dict(self.verdicts),
             "violations": _sorted_records(self.records["violation"], raw),
@@ -296,15 +341,19 @@ class AuditReport:
         console.print(f"GeoIP: {geo}")
         console.print(f"Policies: {', '.join(p['name'] for p in self.policies)}")
         tot = self.totals
-        console.print(f"Totals: {tot['packets']} packets, {tot['bytes']} bytes, {tot['flows']} flows, "
-                      f"{tot['egress_flows']} egress flows")
-        t = Table(title="Egress destinations by country", title_justify="left")
-        for col in ("country", "destinations", "flows", "packets", "bytes"):
-            t.add_column(col, justify="right" if col != "country" else "left")
-        for r in self.destinations_by_country()[:MAX_TABLE_ROWS]:
-            t.add_row(r["country"] or "[yellow]unknown[/]", str(r["distinct_dst"]), str(r["flows"]),
-                      str(r["packets"]), str(r["bytes"]))
-        console.print(t)
+        console.print(f"Totals: {tot['packets']} packets, {tot['bytes']} bytes, {tot['flows']} connections, "
+                      f"{tot['egress_flows']} egress, {tot['inbound_flows']} inbound (judged)")
+        for title, rows, peers in (("Egress destinations by country", self.destinations_by_country(), "distinct_dst"),
+                                   ("Inbound connections by peer country", self.inbound_by_country(), "distinct_src")):
+            if not rows and peers == "distinct_src":
+                continue
+            t = Table(title=title, title_justify="left")
+            for col in ("country", "peers", "connections", "packets sent", "bytes sent", "bytes received"):
+                t.add_column(col, justify="right" if col != "country" else "left")
+            for r in rows[:MAX_TABLE_ROWS]:
+                t.add_row(r["country"] or "[yellow]unknown[/]", str(r[peers]), str(r["flows"]),
+                          str(r["packets_sent"]), str(r["bytes_sent"]), str(r["bytes_received"]))
+            console.print(t)
         console.print("Verdicts: " + ", ".join(f"{k} {v}" for k, v in self.verdicts.items()))
         for w in self._redated_warning():
             console.print(f"[yellow]{w}[/]")
@@ -312,7 +361,7 @@ class AuditReport:
             groups: dict = {}
             records = _expand(self.records[kind])
             for r in records:
-                g = groups.setdefault((r["policy"], r["dst"], r["dst_port"], r["proto"]),
+                g = groups.setdefault((r["policy"], r["dst"], r["dst_port"], r["proto"], r["direction"]),
                                       {"first": r, "flows": 0, "bytes": 0, "packets": 0, "srcs": set()})
                 g["flows"] += 1
                 g["bytes"] += r["bytes"]
@@ -323,13 +372,18 @@ class AuditReport:
             console.print(f"[bold {style}]{kind.capitalize()}s: {len(records)} flow(s) "
                           f"to {len(groups)} destination(s)[/]")
             ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"]))
-            for (policy, dst, port, proto), g in ranked[:MAX_TABLE_ROWS]:
+            for (policy, dst, port, proto, direction), g in ranked[:MAX_TABLE_ROWS]:
                 r = g["first"]
                 srcs = ", ".join(sorted(g["srcs"])[:3]) + (" …" if len(g["srcs"]) > 3 else "")
                 named = f" {r['hostname']}" if r.get("hostname") else ""
-                console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst}{named} port {port} "
-                              f"({_where(r)}): {g['flows']} flow(s), {g['packets']} packets, "
-                              f"{g['bytes']} bytes from {srcs}", highlight=False)
+                if direction == "inbound":  # the peer opened it: say who, to which local host
+                    console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] inbound {proto} from {srcs} "
+                                  f"({_where(r)}) to {dst} port {port}: {g['flows']} connection(s), "
+                                  f"{g['packets']} packets, {g['bytes']} bytes", highlight=False)
+                else:
+                    console.print(f"  [{style}]{policy}[/] \\[{r['severity']}] {proto} {dst}{named} port {port} "
+                                  f"({_where(r)}): {g['flows']} connection(s), {g['packets']} packets, "
+                                  f"{g['bytes']} bytes from {srcs}", highlight=False)
                 console.print(f"      {r['message']}", highlight=False, style="dim")
             if len(ranked) > MAX_TABLE_ROWS:
                 console.print(f"  … and {len(ranked) - MAX_TABLE_ROWS} more destinations (--format json lists all)")
@@ -341,14 +395,16 @@ class AuditReport:
 
         rows = self.to_json()["flows"]
         t = Table(title=f"Flows ({len(rows)})", title_justify="left")
-        cols = ("first seen", "proto", "source", "destination", "host name", "country", "packets", "bytes", "verdicts")
+        cols = ("first seen", "proto", "opened by", "source", "destination", "host name", "country", "packets",
+                "bytes", "verdicts")
         for col in cols:
             t.add_column(col, justify="right" if col in ("packets", "bytes") else "left")
         for r in rows[:MAX_FLOW_ROWS]:
             host = f"{r['hostname']} ({r['hostname_source']})" if r["hostname"] else ""
             verdicts = ", ".join(f"{p}: {o}" for p, o in r["verdicts"].items() if o != "not_applicable") or \
                 ("-" if not r["direction"] else "not applicable")
-            t.add_row(r["first_seen"] or "", r["proto"], f"{r['src']}:{r['sport']}", f"{r['dst']}:{r['dport']}", host,
+            t.add_row(r["first_seen"] or "", r["proto"], r["opened_by"] or "", f"{r['src']}:{r['sport']}",
+                      f"{r['dst']}:{r['dport']}", host,
                       r["country"] or ("" if not r["direction"] else "unknown"), str(r["packets"]), str(r["bytes"]),
                       verdicts)
         console.print(t)

@@ -5,8 +5,14 @@ or more VLAN tags, IPv6 extension headers, odd link types) come here. It reads o
 flow needs, with `struct`, and is proven equal to scapy's dissection in tests.
 
 Contract: `decode(linktype, data, wirelen)` returns a `Decoded` (version, proto, src and dst as
-16-byte strings, ports, IP-layer length) or a status string: "non-ip", "malformed",
+16-byte strings, ports, IP-layer length, opener hints) or a status string: "non-ip", "malformed",
 "unsupported-link".
+
+Opener hints (`Decoded.hints`, `hints()`): what one packet says about who opened its connection,
+as bits that aggregate with OR over a direction: the TCP flags byte (low 8 bits), a SYN without ACK
+(HINT_SYN: its sender opened), a SYN-ACK (HINT_SYNACK: its receiver opened), an ICMP/ICMPv6 echo
+request or reply, and an ICMP error (its receiver sent what it answers). Only a first fragment
+whose header bytes were captured has hints; anything else has 0 (no hint, never malformed).
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ _be32 = struct.Struct(">I").unpack_from
 _le32 = struct.Struct("<I").unpack_from
 
 
+HINT_SYN, HINT_SYNACK, HINT_ECHO_REQUEST, HINT_ECHO_REPLY, HINT_ICMP_ERROR = 0x100, 0x200, 0x400, 0x800, 0x1000
+ICMP_ECHO = {1: (8, 0), 58: (128, 129)}  # (request, reply) types
+ICMP_ERRORS = {1: (3, 4, 5, 11, 12), 58: (1, 2, 3, 4)}
+
+
 class Decoded(NamedTuple):
     version: int
     proto: int
@@ -39,6 +50,27 @@ class Decoded(NamedTuple):
     sport: int
     dport: int
     iplen: int
+    hints: int = 0
+
+
+def hints(proto: int, data, l4: int, first_fragment: bool = True) -> int:
+    """The opener hints of one packet whose transport header starts at `l4` (see the module doc)."""
+    n = len(data)
+    if not first_fragment:
+        return 0
+    if proto == 6:
+        if n < l4 + 14:
+            return 0
+        f = data[l4 + 13]
+        return f | (HINT_SYN if f & 0x12 == 0x02 else HINT_SYNACK if f & 0x12 == 0x12 else 0)
+    if proto in ICMP_ECHO:
+        if n < l4 + 1:
+            return 0
+        kind = data[l4]
+        request, reply = ICMP_ECHO[proto]
+        return HINT_ECHO_REQUEST if kind == request else HINT_ECHO_REPLY if kind == reply else \
+            HINT_ICMP_ERROR if kind in ICMP_ERRORS[proto] else 0
+    return 0
 
 
 def l3_start(linktype: int, data: bytes) -> tuple[int, int] | str:
@@ -130,7 +162,7 @@ def decode(linktype: int, data: bytes, wirelen: int | None = None) -> Decoded | 
         if n < l4 + 4:
             return "malformed"
         sport, dport = _be16(data, l4)[0], _be16(data, l4 + 2)[0]
-    return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen)
+    return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen, hints(proto, data, l4, first_fragment))
 
 
 GRE, GTPU_PORT = 47, 2152

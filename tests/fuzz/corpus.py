@@ -139,9 +139,10 @@ def reference_read(path: str):
         d = dec.decode(lt, pkt, wire)
         if isinstance(d, dec.Decoded):
             name = _names(d)
-            row = flows.setdefault((d.proto, name[0], d.sport, name[1], d.dport), [0, 0])
+            row = flows.setdefault((d.proto, name[0], d.sport, name[1], d.dport), [0, 0, 0])
             row[0] += 1
             row[1] += d.iplen
+            row[2] |= d.hints
         elif d == "malformed":
             counts["malformed"] += 1
 

@@ -41,7 +41,8 @@ def all_paths(path: str) -> dict:
             except UserError:
                 out[mode] = "UserError"
                 continue
-            flows = {(f.proto, f.src, f.sport, f.dst, f.dport): [f.packets, f.bytes] for f in cap.flows}
+            flows = {(f.proto, f.src, f.sport, f.dst, f.dport): [f.packets, f.bytes, h]
+                     for f, h in zip(cap.flows, cap.table.hints.tolist(), strict=True)}  # h: opener hints
             out[mode] = (flows, cap.stats.packets, cap.stats.malformed)
     finally:
         pcap_mod.WALK["c"] = saved

@@ -315,6 +315,6 @@ def test_address_spelling_equals_ipaddress():
     samples += [rnd.getrandbits(16) << rnd.choice((0, 16, 48, 96, 112)) for _ in range(3000)]  # zero runs
     samples += [0xFFFF << 32 | rnd.getrandbits(32), 1, 0, rnd.getrandbits(32)]
     for n in samples:
-        t.by_key[(6 << 40, n >> 64, n & (2**64 - 1), n >> 64, n & (2**64 - 1))] = [1, 0, 0.0, 0.0]
+        t.by_key[(6 << 40, n >> 64, n & (2**64 - 1), n >> 64, n & (2**64 - 1))] = [1, 0, 0.0, 0.0, 0]
     for f in t.flows("pcap"):
         assert f.src == str(ipaddress.IPv6Address(f.src)), f.src

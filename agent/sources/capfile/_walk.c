@@ -2,12 +2,12 @@
  *
  * Finding where each record starts cannot be vectorised (each header holds the distance to the
  * next), and Python does it at ~0.4 us a record. While the walk touches each record anyway, this
- * also reads the few header fields a flow needs, exactly as agent/sources/decode.py does (the
+ * also reads the few header fields a flow needs, exactly as agent/wire/decode.py does (the
  * reference, itself proven equal to scapy). Grouping into flows stays in numpy. Without this
- * module, pcap.py does the same in Python + numpy; tests prove all paths give identical flows.
+ * module, walk.py and columns.py do the same in Python + numpy; tests prove all paths give identical flows.
  *
- * Per chunk of records it returns the distinct flows (key words, packets, bytes, first, last) and
- * counters; pcap.py merges chunks. Key words: (version<<40 | proto<<32 | sport<<16 | dport,
+ * Per chunk of records it returns the distinct flows (key words, packets, bytes, first, last, hints) and
+ * counters; flows.py merges chunks. Key words: (version<<40 | proto<<32 | sport<<16 | dport,
  * src hi, src lo, dst hi, dst lo). Per-packet status: 0 ok, 1 not IP, 2 malformed, 3 link type.
  * stop: 0 max_records reached, 1 clean end, 2 ends inside a record header,
  *       3 ends inside a packet record, 4 corrupt captured length (> max_record)
@@ -46,9 +46,42 @@ static inline uint32_t be32(const uint8_t *p) {
 #define CAND_TCP_DATA 8
 #define FIRST_SEGMENTS 6 /* TCP payload segments per direction per chunk offered to the TLS reader */
 
-/* Decode one packet; mirrors decode.decode(). Returns status; *named gets the CAND_ bits. */
+/* Opener hints, as agent/wire/decode.py's hints(): TCP flags, SYN / SYN-ACK, ICMP echo and errors. */
+#define HINT_SYN 0x100
+#define HINT_SYNACK 0x200
+#define HINT_ECHO_REQUEST 0x400
+#define HINT_ECHO_REPLY 0x800
+#define HINT_ICMP_ERROR 0x1000
+
+static inline int64_t hints_of(uint32_t proto, const uint8_t *d, Py_ssize_t n, Py_ssize_t l4, int first) {
+    if (!first) return 0;
+    if (proto == 6) {
+        if (n < l4 + 14) return 0;
+        int64_t f = d[l4 + 13];
+        if ((f & 0x12) == 0x02) f |= HINT_SYN;
+        else if ((f & 0x12) == 0x12) f |= HINT_SYNACK;
+        return f;
+    }
+    if (proto == 1 || proto == 58) {
+        if (n < l4 + 1) return 0;
+        uint8_t k = d[l4];
+        if (proto == 1) {
+            if (k == 8) return HINT_ECHO_REQUEST;
+            if (k == 0) return HINT_ECHO_REPLY;
+            if (k == 3 || k == 4 || k == 5 || k == 11 || k == 12) return HINT_ICMP_ERROR;
+        } else {
+            if (k == 128) return HINT_ECHO_REQUEST;
+            if (k == 129) return HINT_ECHO_REPLY;
+            if (k >= 1 && k <= 4) return HINT_ICMP_ERROR;
+        }
+    }
+    return 0;
+}
+
+/* Decode one packet; mirrors decode.decode(). Returns status; *named gets the CAND_ bits, *hints
+ * the opener hints. */
 static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint64_t *w, int64_t *iplen,
-                  int *named) {
+                  int *named, int64_t *hints) {
     Py_ssize_t off;
     int hint;
     uint32_t et;
@@ -142,6 +175,7 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
         dport = be16(d + l4 + 2);
     }
     w[0] = ((uint64_t)ver << 40) | ((uint64_t)proto << 32) | ((uint64_t)sport << 16) | dport;
+    *hints = hints_of(proto, d, n, l4, first);
     *named = 0;
     if (proto == 47 || (proto == 17 && first && (sport == 2152 || dport == 2152))) *named |= CAND_TUNNEL;
     if (first && proto == 17) {
@@ -161,7 +195,7 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
 /* Flow table: open addressing on the five key words, grown at half load. */
 typedef struct {
     uint64_t k[5];
-    int64_t packets, bytes;
+    int64_t packets, bytes, hints; /* hints: OR of the packets' opener hints */
     double first, last;
     int used, segs; /* segs: TCP payload segments seen in this chunk (FIRST_SEGMENTS are offered) */
     long epoch;     /* the chunk `segs` counts for (a table kept across chunks) */
@@ -230,28 +264,30 @@ static inline int record_at(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, Py
     return -1;
 }
 
-/* The flows of a table as (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g]). */
+/* The flows of a table as (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g],
+ * hints i64[g]). */
 static PyObject *groups_of(const table_t *t) {
     Py_ssize_t g = (Py_ssize_t)t->count;
     PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
              *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
-             *o_l = PyBytes_FromStringAndSize(NULL, g * 8);
-    if (!o_w || !o_p || !o_b || !o_f || !o_l) {
-        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l);
+             *o_l = PyBytes_FromStringAndSize(NULL, g * 8), *o_h = PyBytes_FromStringAndSize(NULL, g * 8);
+    if (!o_w || !o_p || !o_b || !o_f || !o_l || !o_h) {
+        Py_XDECREF(o_w); Py_XDECREF(o_p); Py_XDECREF(o_b); Py_XDECREF(o_f); Py_XDECREF(o_l); Py_XDECREF(o_h);
         return NULL;
     }
     uint64_t *w = (uint64_t *)PyBytes_AS_STRING(o_w);
     int64_t *pk = (int64_t *)PyBytes_AS_STRING(o_p), *by = (int64_t *)PyBytes_AS_STRING(o_b);
+    int64_t *hi = (int64_t *)PyBytes_AS_STRING(o_h);
     double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
     Py_ssize_t j = 0;
     for (size_t i = 0; i < t->cap; i++) {
         const slot_t *s = &t->slots[i];
         if (!s->used) continue;
         memcpy(w + j * 5, s->k, 40);
-        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last;
+        pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last; hi[j] = s->hints;
         j++;
     }
-    return Py_BuildValue("NNNNN", o_w, o_p, o_b, o_f, o_l);
+    return Py_BuildValue("NNNNNN", o_w, o_p, o_b, o_f, o_l, o_h);
 }
 
 /* Candidate packets for the payload passes, in capture order. */
@@ -284,7 +320,7 @@ static int has_u64(const uint64_t *v, size_t n, uint64_t x) {
 }
 
 /* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit, tls_before[, table])
- *   -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g],
+ *   -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g], hints i64[g],
  *       (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), next_offset, stop,
  *       candidates, tls_started)
  * candidates: rows of (packet offset, caplen, wire length, ts as f64 bits, CAND_ bits) i64[c*5], in
@@ -333,9 +369,9 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         double ts = (double)rd32(p + off, swapped) + (double)rd32(p + off + 4, swapped) * unit;
         uint32_t wire = rd32(p + off + 12, swapped);
         uint64_t k[5] = {0, 0, 0, 0, 0};
-        int64_t len = 0;
+        int64_t len = 0, hints = 0;
         int named = 0;
-        int st = decode(lt, p + off + 16, caplen, wire, k, &len, &named);
+        int st = decode(lt, p + off + 16, caplen, wire, k, &len, &named, &hints);
         Py_ssize_t at = off + 16;
         n++;
         off += 16 + caplen;
@@ -345,7 +381,8 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         slot_t *s = find(&t, k);
         if (!s->used) {
             memcpy(s->k, k, 40);
-            s->used = 1; s->packets = 0; s->bytes = 0; s->first = ts; s->last = ts; s->segs = 0; s->epoch = t.epoch;
+            s->used = 1; s->packets = 0; s->bytes = 0; s->hints = 0; s->first = ts; s->last = ts; s->segs = 0;
+            s->epoch = t.epoch;
             if (++t.count * 2 > t.cap) {
                 if (grow(&t) < 0) { oom = 1; break; }
                 s = find(&t, k);
@@ -353,6 +390,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         }
         s->packets++;
         s->bytes += len;
+        s->hints |= hints;
         if (ts < s->first) s->first = ts;
         if (ts > s->last) s->last = ts;
         if (named & CAND_TCP_DATA) {
@@ -421,8 +459,9 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     }
     if (n_tls) memcpy(PyBytes_AS_STRING(o_t), tls, n_tls * 8);
     free(c.v); free(tls);
-    PyObject *out = Py_BuildValue("OOOOO(LLLLLLL)niNN", PyTuple_GET_ITEM(groups, 0), PyTuple_GET_ITEM(groups, 1),
+    PyObject *out = Py_BuildValue("OOOOOO(LLLLLLL)niNN", PyTuple_GET_ITEM(groups, 0), PyTuple_GET_ITEM(groups, 1),
                                   PyTuple_GET_ITEM(groups, 2), PyTuple_GET_ITEM(groups, 3), PyTuple_GET_ITEM(groups, 4),
+                                  PyTuple_GET_ITEM(groups, 5),
                                   counts[0], counts[1], counts[2], counts[3], counts[4], counts[5], counts[6], off, stop,
                                   o_c, o_t);
     Py_DECREF(groups);
@@ -457,7 +496,7 @@ static PyObject *pcap_offsets(PyObject *self, PyObject *args) {
     return Py_BuildValue("Nni", out, off, stop);
 }
 
-/* table_dump(table) -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g]) */
+/* table_dump(table) -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g], hints i64[g]) */
 static PyObject *table_dump(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *keep;

@@ -42,7 +42,8 @@ def _u16(a, b):
 def decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None, l4_out: list | None = None):
     """Vectorised decode of one link type. Returns (status, fields, fallback mask).
 
-    status: 0 ok, 1 non-ip, 2 malformed. `fields` = (good mask, key words (N, 5) uint64, IP length).
+    status: 0 ok, 1 non-ip, 2 malformed. `fields` = (good mask, key words (N, 5) uint64, IP length,
+    opener hints as `agent.wire.decode.hints` gives them).
     Rows in `fallback` must be decoded by `decode.decode` (the reference decoder). `l4_out`, if
     given, receives each row's transport-header offset in the packet (meaningful for good rows).
     """
@@ -113,7 +114,8 @@ def decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None, l4_out:
     l4 = np.where(v4, l3 + ihl, l3 + 40)
     if l4_out is not None:
         l4_out.append(l4)
-    deep = (v4 | v6) & (l4 + 4 > WINDOW)  # IPv4 options beyond the window: scalar path
+    # IPv4 options beyond the window (or a TCP flags byte past it): scalar path
+    deep = (v4 | v6) & ((l4 + 4 > WINDOW) | ((proto == 6) & (l4 + 14 > WINDOW)))
     fallback |= ext6 | deep
     v6 &= ~(ext6 | deep)
     v4 &= ~deep
@@ -149,5 +151,19 @@ def decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None, l4_out:
                 pair = b.view(">u8").reshape(-1, 2)
                 words[idx, 1 + 2 * j] = pair[:, 0]
                 words[idx, 2 + 2 * j] = pair[:, 1]
-    return status, (good, words, iplen), fallback
+    # Opener hints, as decode.hints: TCP flags (and SYN / SYN-ACK), ICMP echo and error types.
+    first_frag = good & ~frag4
+    tcp = first_frag & (proto == 6) & (l4 + 14 <= cap)
+    flags = np.where(tcp, col(l4, 13), 0).astype(np.int64)
+    syn = flags & 0x12
+    hints = flags | np.where(tcp & (syn == 0x02), dec.HINT_SYN, 0) | np.where(tcp & (syn == 0x12), dec.HINT_SYNACK, 0)
+    icmp = first_frag & ((proto == 1) | (proto == 58)) & (l4 + 1 <= cap)
+    if icmp.any():
+        kind = col(l4, 0).astype(np.int64)
+        v6i = proto == 58
+        hints |= np.where(icmp & (kind == np.where(v6i, 128, 8)), dec.HINT_ECHO_REQUEST, 0)
+        hints |= np.where(icmp & (kind == np.where(v6i, 129, 0)), dec.HINT_ECHO_REPLY, 0)
+        err = np.where(v6i, np.isin(kind, dec.ICMP_ERRORS[58]), np.isin(kind, dec.ICMP_ERRORS[1]))
+        hints |= np.where(icmp & err, dec.HINT_ICMP_ERROR, 0)
+    return status, (good, words, iplen, hints), fallback
 

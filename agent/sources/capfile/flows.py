@@ -1,4 +1,5 @@
-"""Per-flow packets, bytes, first and last seen, from decoded keys: the capture's aggregation.
+"""Per-flow packets, bytes, first and last seen and opener hints, from decoded keys: the
+capture's aggregation of one-way flows (`agent.connections` pairs them into connections).
 
 Contract: `FlowAccumulator` takes key words in bulk (`add_keys`, `add_groups`: numpy, merged in
 bulk once enough rows are pending) or one scalar-decoded packet at a time (`add_one`), and gives
@@ -37,7 +38,7 @@ class FlowAccumulator:
         return words[first], inv
 
     @classmethod
-    def _reduce(cls, words, pk, by, first, last):
+    def _reduce(cls, words, pk, by, first, last, hints):
         reps, inv = cls._group(words)
         g = len(reps)
         out_pk = np.bincount(inv, weights=pk, minlength=g).astype(np.int64)
@@ -46,18 +47,21 @@ class FlowAccumulator:
         out_last = np.full(g, -np.inf)
         np.minimum.at(out_first, inv, first)
         np.maximum.at(out_last, inv, last)
-        return reps, out_pk, out_by, out_first, out_last
+        out_hints = np.zeros(g, dtype=np.int64)
+        np.bitwise_or.at(out_hints, inv, np.asarray(hints, dtype=np.int64))
+        return reps, out_pk, out_by, out_first, out_last, out_hints
 
-    def add_keys(self, words: np.ndarray, iplen, ts):
+    def add_keys(self, words: np.ndarray, iplen, ts, hints):
         if len(words) == 0:
             return
-        self.add_groups(*self._reduce(words, np.ones(len(words)), iplen.astype(np.float64), ts, ts))
+        self.add_groups(*self._reduce(words, np.ones(len(words)), iplen.astype(np.float64), ts, ts, hints))
 
-    def add_groups(self, reps, pk, by, first, last):
-        """Take per-chunk groups (key words and their packets, bytes, first and last seen); they
-        are merged with numpy, in bulk, once enough have accumulated (and at the end)."""
+    def add_groups(self, reps, pk, by, first, last, hints):
+        """Take per-chunk groups (key words and their packets, bytes, first and last seen, hints);
+        they are merged with numpy, in bulk, once enough have accumulated (and at the end)."""
         self._pending.append((reps, np.asarray(pk, dtype=np.float64), np.asarray(by, dtype=np.float64),
-                              np.asarray(first, dtype=np.float64), np.asarray(last, dtype=np.float64)))
+                              np.asarray(first, dtype=np.float64), np.asarray(last, dtype=np.float64),
+                              np.asarray(hints, dtype=np.int64)))
         self._rows += len(reps)
         if self._rows > self.MERGE_ROWS and len(self._pending) > 1:
             self._merge()
@@ -75,12 +79,13 @@ class FlowAccumulator:
                s >> 64, s & 0xFFFFFFFFFFFFFFFF, t >> 64, t & 0xFFFFFFFFFFFFFFFF)
         row = self.by_key.get(key)
         if row is None:
-            self.by_key[key] = [1, d.iplen, ts, ts]
+            self.by_key[key] = [1, d.iplen, ts, ts, d.hints]
         else:
             row[0] += 1
             row[1] += d.iplen
             row[2] = min(row[2], ts)
             row[3] = max(row[3], ts)
+            row[4] |= d.hints
 
     def flows(self, source: str) -> list[Flow]:
         return self.table(source).flows()
@@ -90,17 +95,16 @@ class FlowAccumulator:
         if self.by_key:  # scalar-path flows join the bulk ones
             keys = np.array(list(self.by_key), dtype=np.uint64).reshape(-1, 5)
             vals = list(self.by_key.values())
-            self.add_groups(keys, [v[0] for v in vals], [v[1] for v in vals], [v[2] for v in vals],
-                            [v[3] for v in vals])
+            self.add_groups(keys, *([v[k] for v in vals] for k in range(5)))
             self.by_key = {}
         self._merge()
         if not self._pending:
             z = np.zeros(0)
-            return FlowTable(z, z, z, z, z, z, z, z, z, z, z, z, z, source)
-        reps, pk, by, first, last = self._pending[0]
+            return FlowTable(z, z, z, z, z, z, z, z, z, z, z, z, z, source, hints=z)
+        reps, pk, by, first, last, hints = self._pending[0]
         w0 = reps[:, 0]
         v4 = (w0 >> np.uint64(40)) == 4
         return FlowTable((w0 >> np.uint64(32)) & np.uint64(0xFF), (w0 >> np.uint64(16)) & np.uint64(0xFFFF),
                          w0 & np.uint64(0xFFFF), v4, reps[:, 1], reps[:, 2], v4, reps[:, 3], reps[:, 4],
-                         pk.astype(np.int64), by.astype(np.int64), first, last, source)
+                         pk.astype(np.int64), by.astype(np.int64), first, last, source, hints=hints)
 

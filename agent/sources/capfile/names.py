@@ -69,7 +69,7 @@ class _Candidates:
         rows = fallback.copy()
         if fields is None:
             return np.flatnonzero(rows)
-        good, words, iplen = fields
+        good, words, iplen, _hints = fields
         good = good & (status == 0) & ~fallback
         k = words[:, 0]
         proto = (k >> np.uint64(32)) & np.uint64(0xFF)

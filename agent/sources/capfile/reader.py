@@ -86,11 +86,11 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
         if payload is not None:
-            words, pk, by, first, last = _c_table_dump(payload.flow_table)
+            words, pk, by, first, last, hints = _c_table_dump(payload.flow_table)
             if words:
                 flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5),
                                  np.frombuffer(pk, dtype=np.int64), np.frombuffer(by, dtype=np.int64),
-                                 np.frombuffer(first), np.frombuffer(last))
+                                 np.frombuffer(first), np.frombuffer(last), np.frombuffer(hints, dtype=np.int64))
         outer = flows.table(fmt)
         if payload is not None and stats.name_candidates is not None:
             # the C walk handed over every packet the payload passes read: no second walk
@@ -115,13 +115,15 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
 
 def consume(buf, mm, stats, flows: FlowAccumulator, linktype, off, cap, wire, ts, win):
     if isinstance(win, tuple):  # walked, decoded and grouped by the C accelerator
-        (words, pk, by, first, last), (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), _ = win
+        (words, pk, by, first, last, hints), counts, _ = win
+        records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named = counts
         if stats.name_candidates is not None:
             stats.name_candidates += named
         stats.packets += records
         if words:  # nothing when the walk keeps its flow table across chunks (PayloadPass.flow_table)
             flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5), np.frombuffer(pk, dtype=np.int64),
-                             np.frombuffer(by, dtype=np.int64), np.frombuffer(first), np.frombuffer(last))
+                             np.frombuffer(by, dtype=np.int64), np.frombuffer(first), np.frombuffer(last),
+                             np.frombuffer(hints, dtype=np.int64))
         stats.ip_packets += ip_packets
         stats.bytes += ip_bytes
         stats.non_ip += non_ip
@@ -140,9 +142,9 @@ def consume(buf, mm, stats, flows: FlowAccumulator, linktype, off, cap, wire, ts
         return
     status, fields, fallback = decode_chunk(buf, linktype, off, cap, wire, win)
     if fields is not None:
-        good, words, iplen = fields
+        good, words, iplen, hints = fields
         good = good & ~fallback & (status == 0)
-        flows.add_keys(words[good], iplen[good], ts[good])
+        flows.add_keys(words[good], iplen[good], ts[good], hints[good])
         stats.ip_packets += int(good.sum())
         stats.bytes += int(iplen[good].sum())
         stats.non_ip += int(((status == 1) & ~fallback).sum())

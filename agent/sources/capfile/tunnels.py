@@ -38,7 +38,7 @@ def tunnel_pass(fd: int, fmt: str, stats: CaptureStats) -> list[FlowTable]:
         status, fields, fallback = decode_chunk(np.frombuffer(mm, dtype=np.uint8), linktype, off, cap, wire, w)
         rows = fallback.copy()
         if fields is not None:
-            good, words, _ = fields
+            good, words, _, _ = fields
             k = words[:, 0]
             proto, sport, dport = (k >> np.uint64(32)) & np.uint64(0xFF), (k >> np.uint64(16)) & np.uint64(0xFFFF), \
                 k & np.uint64(0xFFFF)

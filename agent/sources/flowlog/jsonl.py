@@ -29,7 +29,7 @@ from socket import inet_ntop as _ntop
 from socket import inet_pton as _pton
 
 from agent.errors import UserError
-from agent.flow import PROTO_NUMBERS, Flow, Who
+from agent.flow import OPENED_CODE, PROTO_NUMBERS, TCP_FLAG_LETTERS, Flow, Who
 from agent.names.hostnames import canonical
 
 try:
@@ -227,7 +227,38 @@ def parse_flow(d, where: str) -> Flow:
                 packets=_int(d, "packets", where, default=1, hi=2**63 - 1),
                 bytes=_int(d, "bytes", where, hi=2**63 - 1),
                 first_seen=first, last_seen=last, source=src or "jsonl", who=_who(d.get("process"), where),
-                hostname=host, hostname_source=host_src if host else None, hostname_chain=chain)
+                hostname=host, hostname_source=host_src if host else None, hostname_chain=chain,
+                **connection_fields(d, where))
+
+
+def connection_fields(d: dict, where: str) -> dict:
+    """A connection record's fields (`opened_by` and what the responder sent), as `Flow.to_json`
+    writes them; {} for a one-way flow (an older log, or another tool's): `agent.connections`
+    pairs those. Without `opened_by` the reply fields are refused: they would describe nothing."""
+    opened = d.get("opened_by")
+    if opened is None:
+        for k in CONNECTION_KEYS[1:]:
+            if d.get(k) is not None:
+                raise UserError(f"{where}{k}: given without opened_by (who opened the connection)")
+        return {}
+    if opened not in OPENED_CODE:
+        raise UserError(f"{where}opened_by: {_show(opened)} is not one of {', '.join(OPENED_CODE)}")
+    return {"opened_by": opened, "packets_reply": _int(d, "packets_reply", where, hi=2**63 - 1),
+            "bytes_reply": _int(d, "bytes_reply", where, hi=2**63 - 1),
+            "tcp_flags": tcp_flags(d.get("tcp_flags"), f"{where}tcp_flags"),
+            "tcp_flags_reply": tcp_flags(d.get("tcp_flags_reply"), f"{where}tcp_flags_reply")}
+
+
+CONNECTION_KEYS = ("opened_by", "packets_reply", "bytes_reply", "tcp_flags", "tcp_flags_reply")
+
+
+def tcp_flags(v, where: str) -> int:
+    """TCP flags as `flag_letters` writes them ("FSPA"), back to their bits; absent: 0."""
+    if v is None:
+        return 0
+    if not isinstance(v, str) or len(v) > 8 or not set(v) <= set(TCP_FLAG_LETTERS):
+        raise UserError(f"{where}: {_show(v)} is not TCP flags (letters of {TCP_FLAG_LETTERS})")
+    return sum(1 << TCP_FLAG_LETTERS.index(c) for c in set(v))
 
 
 def gap_warning(path: str, lineno: int, gap: dict) -> str:

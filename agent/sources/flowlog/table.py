@@ -26,10 +26,18 @@ from socket import inet_pton as _pton
 import numpy as np
 
 from agent.enrich.scope import ip_int
-from agent.flow import PROTO_NUMBERS
+from agent.flow import OPENED_CODE, PROTO_NUMBERS, TCP_FLAG_LETTERS
 from agent.flowtable import FlowTable, addr_text, concat, group_rows, object_column
 from agent.names.hostnames import canonical
-from agent.sources.flowlog.jsonl import MAX_INT_DIGITS, MAX_LINE, MAX_TIME, JsonlStats, canonical_ip, gap_warning
+from agent.sources.flowlog.jsonl import (
+    CONNECTION_KEYS,
+    MAX_INT_DIGITS,
+    MAX_LINE,
+    MAX_TIME,
+    JsonlStats,
+    canonical_ip,
+    gap_warning,
+)
 
 try:
     from agent.sources.flowlog._flowlog import columns as _c_columns
@@ -357,6 +365,31 @@ def _host_columns(hostname: list, source: list, chain: list):
     return host, object_column(hs), object_column(ch)
 
 
+def _connection_columns(col) -> dict:
+    """The connection columns of a log whose lines are connections (`opened_by` on every line), as
+    `jsonl.connection_fields` reads them; {} when no line has one; _NotPlain for anything else
+    (lines of both kinds, or a value the line reader would refuse: it names the field)."""
+    opened = col("opened_by")
+    if all(o is None for o in opened):
+        if any(v is not None for k in CONNECTION_KEYS[1:] for v in col(k)):
+            raise _NotPlain
+        return {}
+    if not all(type(o) is str and o in OPENED_CODE for o in opened):
+        raise _NotPlain
+    flags = {}
+    for k in ("tcp_flags", "tcp_flags_reply"):
+        vals = col(k)
+        if not all(v is None or (type(v) is str and len(v) <= 8 and set(v) <= _FLAG_SET) for v in vals):
+            raise _NotPlain
+        flags[k] = [0 if v is None else sum(1 << TCP_FLAG_LETTERS.index(c) for c in set(v)) for v in vals]
+    return {"opened": [OPENED_CODE[o] for o in opened], "packets_reply": _ints(col("packets_reply"), 0, _I64_MAX),
+            "bytes_reply": _ints(col("bytes_reply"), 0, _I64_MAX), "hints": flags["tcp_flags"],
+            "hints_reply": flags["tcp_flags_reply"]}
+
+
+_FLAG_SET = set(TCP_FLAG_LETTERS)
+
+
 def _table(objs: list[dict], addr: dict | None = None, text: dict | None = None) -> FlowTable:
     """A table of plain flow objects. `addr` and `text`: the address memo of earlier chunks."""
     col = _Columns(objs)
@@ -390,6 +423,6 @@ def _table(objs: list[dict], addr: dict | None = None, text: dict | None = None)
     t = FlowTable(proto, _ints(col("sport"), 0, _U16_MAX), _ints(col("dport"), 0, _U16_MAX),
                   *cols["src"], *cols["dst"], _ints(col("packets"), 1, _I64_MAX),
                   _ints(col("bytes"), 0, _I64_MAX), first, last, [s or "jsonl" for s in source],
-                  hostname=host, hostname_source=host_src, hostname_chain=chain)
+                  hostname=host, hostname_source=host_src, hostname_chain=chain, **_connection_columns(col))
     t._names = text
     return t
