@@ -30,7 +30,7 @@ import numpy as np
 
 from agent.flow import OPENED_BY
 from agent.flow import OPENED_CODE as CODE
-from agent.flowtable import FlowTable, concat, group_rows, object_column
+from agent.flowtable import FlowTable, concat, group_words, object_column
 from agent.wire.decode import HINT_ECHO_REPLY, HINT_ECHO_REQUEST, HINT_ICMP_ERROR, HINT_SYN, HINT_SYNACK
 
 __all__ = ["OPENED_BY", "connections", "service_port"]
@@ -47,19 +47,23 @@ def service_port(ports: np.ndarray) -> np.ndarray:
     return (ports < 1024) | np.isin(ports, SERVICE_PORTS)
 
 
-def _pair_key(t: FlowTable):
-    """Per row: whether its source is the lower endpoint, and the columns that name its connection
-    whichever way it points."""
+def _pair_key(t: FlowTable, src_ids: np.ndarray | None):
+    """Per row: whether its source is the lower endpoint, and five key words that name its
+    connection whichever way it points: (v4 << 63 | source id << 40 | proto << 32 | lower port << 16
+    | higher port, lower address hi, lo, higher address hi, lo)."""
     s_v4, s_hi, s_lo, d_v4, d_hi, d_lo = t.src_v4, t.src_hi, t.src_lo, t.dst_v4, t.dst_hi, t.dst_lo
     sp, dp = t.sport, t.dport
     # (v4, hi, lo, port) of the source against the destination's, lexicographically
     lower = (s_v4 > d_v4) | ((s_v4 == d_v4) & ((s_hi < d_hi) | ((s_hi == d_hi) & (
         (s_lo < d_lo) | ((s_lo == d_lo) & (sp <= dp))))))
-    a_hi, a_lo = np.where(lower, s_hi, d_hi), np.where(lower, s_lo, d_lo)
-    b_hi, b_lo = np.where(lower, d_hi, s_hi), np.where(lower, d_lo, s_lo)
-    a_p, b_p = np.where(lower, sp, dp), np.where(lower, dp, sp)
-    a_v4 = np.where(lower, s_v4, d_v4)
-    return lower, [t.proto, a_v4.astype(np.int64), a_hi, a_lo, a_p, b_hi, b_lo, b_p]
+    u = np.uint64
+    w0 = (np.where(lower, s_v4, d_v4).astype(u) << u(63)) | (t.proto.astype(u) << u(32)) | \
+        (np.where(lower, sp, dp).astype(u) << u(16)) | np.where(lower, dp, sp).astype(u)
+    if src_ids is not None:
+        w0 |= src_ids.astype(u) << u(40)
+    words = np.stack([w0, np.where(lower, s_hi, d_hi), np.where(lower, s_lo, d_lo), np.where(lower, d_hi, s_hi),
+                      np.where(lower, d_lo, s_lo)], axis=1)
+    return lower, words
 
 
 def _source_ids(t: FlowTable) -> np.ndarray | None:
@@ -79,14 +83,14 @@ def connections(t: FlowTable) -> FlowTable:
     todo = np.flatnonzero(~known)
     if not len(todo):
         return _as_connections(t, known)
-    lower, cols = _pair_key(t)
     src_ids = _source_ids(t)
-    if src_ids is not None:
-        cols.append(src_ids)
-    cols = [c[todo] for c in cols]
-    low = lower[todo]
-    group, _first = group_rows(cols)
-    g = int(group.max()) + 1
+    if src_ids is not None and src_ids.max(initial=0) >= 1 << 23:  # more sources than the key holds (never seen)
+        src_ids = None
+    lower, words = _pair_key(t.take(todo) if len(todo) < n else t, src_ids[todo] if src_ids is not None and
+                             len(todo) < n else src_ids)
+    low = lower
+    rep, group = group_words(words)  # rep: a row of each group
+    g = len(rep)
     # rows per group and direction: a connection is at most one row each way; more, and each row
     # stands alone (its own group)
     n_low = np.bincount(group, weights=low, minlength=g)
@@ -95,13 +99,13 @@ def connections(t: FlowTable) -> FlowTable:
     if alone[group].any():
         solo = alone[group]
         group = np.where(solo, g + np.arange(len(group)), group)
-        _, group = np.unique(group, return_inverse=True)
+        _, rep, group = np.unique(group, return_index=True, return_inverse=True)
         group = group.ravel()
-        g = int(group.max()) + 1
-    return _paired(t, known, todo, group, g, low)
+        g = len(rep)
+    return _paired(t, known, todo, group, g, low, rep)
 
 
-def _paired(t: FlowTable, known, todo, group, g, low) -> FlowTable:
+def _paired(t: FlowTable, known, todo, group, g, low, rep) -> FlowTable:
     """Build the connection table: the known rows as they are, then one row per group of `todo`."""
     rows = todo
     pk, by, hints, first = t.packets[rows], t.bytes[rows], t.hints_or_zero()[rows], t.first[rows]
@@ -119,8 +123,7 @@ def _paired(t: FlowTable, known, todo, group, g, low) -> FlowTable:
     first_g = np.minimum(fa, fb)
     last_g = np.full(g, -np.inf)
     np.maximum.at(last_g, group, t.last[rows])
-    # a representative row per group (its first), whose endpoints name A (lower) and B (higher)
-    rep = np.unique(group, return_index=True)[1]
+    # the representative row of each group names its endpoints A (lower) and B (higher)
     r = rows[rep]
     rl = low[rep]
     proto, sport, dport = t.proto[r], t.sport[r], t.dport[r]

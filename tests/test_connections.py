@@ -22,20 +22,21 @@ from agent.wire import decode as dec
 from tests.helpers import write_pcap, write_pcapng
 
 S, SA, A, PA, FA, R = "S", "SA", "A", "PA", "FA", "R"
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # fixed: scapy would look the gateway up
 
 
 def _tcp(src, sport, dst, dport, flags, payload=b"", v6=False, ext=False):
     ip = (IPv6(src=src, dst=dst) / IPv6ExtHdrHopByHop()) if ext else IPv6(src=src, dst=dst) if v6 else \
         IP(src=src, dst=dst)
-    return Ether() / ip / TCP(sport=sport, dport=dport, flags=flags) / payload
+    return ETH / ip / TCP(sport=sport, dport=dport, flags=flags) / payload
 
 
 def _udp(src, sport, dst, dport, payload=b"x"):
-    return Ether() / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload
+    return ETH / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload
 
 
 def _icmp(src, dst, kind, code=0):
-    return Ether() / IP(src=src, dst=dst) / ICMP(type=kind, code=code)
+    return ETH / IP(src=src, dst=dst) / ICMP(type=kind, code=code)
 
 
 L1, R1 = "10.86.1.5", "203.0.113.70"
@@ -85,6 +86,7 @@ SCENARIOS = [
 
 
 def _frames():
+    """The scenarios' packets in order, 1 ms apart (tests/cases/connection-openers/openers.pcap)."""
     frames, t = [], 1_750_000_000.0
     for _name, pkts, _want in SCENARIOS:
         for p in pkts:
@@ -240,3 +242,17 @@ def test_connection_records_round_trip_through_both_flow_log_readers(tmp_path):
                    '"bytes_reply": 5}\n')
     with pytest.raises(UserError, match="bytes_reply: given without opened_by"):
         read_jsonl(str(bad))
+
+
+def test_the_golden_capture_is_these_scenarios(tmp_path):
+    """tests/cases/connection-openers/openers.pcap is `_frames()` written out (regenerate with
+    `python -c "from tests.test_connections import write_golden; write_golden()"`)."""
+    want = write_pcap(tmp_path / "o.pcap", _frames())
+    assert GOLDEN.read_bytes() == open(want, "rb").read()
+
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "cases" / "connection-openers" / "openers.pcap"
+
+
+def write_golden():
+    write_pcap(GOLDEN, _frames())
