@@ -31,6 +31,8 @@ def describe(jur: Jurisdictions, name: str | None, at) -> list[dict]:
                          "until": m.end.isoformat() if m.end else None, "condition": m.condition,
                          "excludes": " ".join(m.excludes.split()) if m.excludes else None,
                          "source": " ".join(m.source.split())} for m in members],
+            "facts": [{"country": cc, "date": day.isoformat(), "what": what, "source": source}
+                      for cc, day, what, source in g.facts],
         })
     return out
 
@@ -56,4 +58,6 @@ def run_jurisdictions(args) -> int:
         console.print(t)
         if g["includes"]:
             console.print(f"  and every member of: {', '.join(g['includes'])}")
+        for f in g["facts"]:  # dated facts that do not change membership
+            console.print(f"  {f['country']} {f['date']}: {f['what']} ({f['source']})", highlight=False)
     return 0

@@ -53,6 +53,9 @@ class Group:
     file: str
     reviewed: date | None = None  # when someone last checked every entry against its source
     include_from: tuple[tuple[str, date], ...] = ()  # a country counts through `include` only from a date
+    # dated facts about a member that do not change membership (country, day, what, source): the day
+    # the EEA Agreement itself reached Croatia, beside its membership through the EU from accession
+    facts: tuple[tuple[str, date, str, str], ...] = ()
 
 
 def _date(value, where: str) -> date:
@@ -169,6 +172,13 @@ def _load_group(path: Path) -> Group:
         if str(cc).upper() not in ISO3166 or not isinstance(spec, dict) or not spec.get("source"):
             raise UserError(f"{where}: an ISO country code mapping to {{from: DATE, source: ...}}")
         include_from.append((str(cc).upper(), _date(spec.get("from"), f"{where}.from")))
+    facts = []
+    for cc, spec in (doc.get("facts") or {}).items():
+        where = f"{path}: facts.{cc}"
+        if str(cc).upper() not in ISO3166 or not isinstance(spec, dict) or not spec.get("source") or \
+                not isinstance(spec.get("what"), str):
+            raise UserError(f"{where}: an ISO country code mapping to {{date: DATE, what: TEXT, source: ...}}")
+        facts.append((str(cc).upper(), _date(spec.get("date"), f"{where}.date"), spec["what"], str(spec["source"])))
     return Group(doc["name"], doc.get("title", ""), doc.get("source", ""), tuple(members),
                  tuple(doc.get("include") or ()), str(path), _date(doc["reviewed"], f"{path}: reviewed"),
-                 tuple(include_from))
+                 tuple(include_from), tuple(facts))

@@ -118,6 +118,22 @@ def test_uk_and_swiss_adequacy_groups():
     assert "Swiss-US" in J.membership("CH-ADEQUATE", "US", date(2024, 9, 15)).condition
 
 
-def test_croatia_joined_the_eea_after_the_eu():
-    assert "EU" in J.groups_of("HR", date(2013, 7, 1)) and "EEA" not in J.groups_of("HR", date(2013, 7, 1))
-    assert "EEA" in J.groups_of("HR", date(2014, 4, 12))
+def test_croatia_is_in_the_data_protection_area_from_its_accession():
+    """A transfer to an EU member is inside the Union from its accession (Directive 95/46, then the
+    GDPR, applied there); the EEA Agreement's later date for Croatia stays a fact in the data."""
+    assert "EEA" not in J.groups_of("HR", date(2013, 6, 30)) and "EU" not in J.groups_of("HR", date(2013, 6, 30))
+    assert {"EU", "EEA"} <= set(J.groups_of("HR", date(2013, 7, 1)))
+    (fact,) = [f for f in J.groups["EEA"].facts if f[0] == "HR"]
+    assert fact[1] == date(2014, 4, 12) and "OJ L 170" in fact[3]
+
+
+def test_a_policy_allowing_only_the_eea_allows_croatia_on_its_accession_day(tmp_path):
+    from agent.commands.policy_tests import run_test_file
+
+    (tmp_path / "eea-only.yaml").write_text("version: 1\nname: eea-only\nhome: [NO]\nallow:\n  jurisdictions: [EEA]\n")
+    (tmp_path / "eea-only.test.yaml").write_text(
+        "policy: eea-only.yaml\nlocations:\n  203.0.113.12: {country: HR}\ncases:\n"
+        "  - {name: accession day, flow: {dst: 203.0.113.12, time: 2013-07-01}, expect: compliant}\n"
+        "  - {name: the day before, flow: {dst: 203.0.113.12, time: 2013-06-30}, expect: violation}\n")
+    results = run_test_file(tmp_path / "eea-only.test.yaml", J)
+    assert len(results) == 2 and all(r.passed for r in results), results
