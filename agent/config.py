@@ -60,7 +60,9 @@ SCHEMA = {
             "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
             "name_wait": {"type": "number", "minimum": 0, "maximum": 10},
-            "dns_grace": {"type": "number", "minimum": 0, "maximum": 86400}}},
+            "dns_grace": {"type": "number", "minimum": 0, "maximum": 86400},
+            "dns_max_ttl": {"type": "integer", "minimum": 0, "maximum": 86400},
+            "resolvers": {"type": "array", "items": {"type": "string", "minLength": 1}}}},
         "host_addresses": {"type": "boolean"},
         "sampling": {"type": "object", "additionalProperties": False, "properties": {
             "one_in": {"type": "integer", "minimum": 1},

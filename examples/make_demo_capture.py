@@ -22,9 +22,15 @@ FLOWS = [
 ]
 
 
-# (resolver, client, name, address, TTL): a DNS answer the client received before connecting, so the
-# audit and the inventory name the flow (`hostname_source: dns`)
+# (resolver, client, name, address, TTL): a DNS query and the answer the client received before
+# connecting, so the audit and the inventory name the flow (`hostname_source: dns`); an answer
+# without its query would be counted as unsolicited and name nothing
 DNS_ANSWERS = [("10.0.0.1", "10.0.0.5", "www.heise.de", "193.99.144.80", 300)]
+
+
+def dns_query(name: str) -> bytes:
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
 
 
 def dns_answer(name: str, addr: str, ttl: int) -> bytes:
@@ -57,8 +63,10 @@ def main(out="examples/demo.pcap"):
     with open(out, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
         for resolver, client, name, addr, ttl in DNS_ANSWERS:
+            ask = frame(client, resolver, 17, 40100, 53, dns_query(name))
+            f.write(struct.pack("<IIII", T0 - 1, 0, len(ask), len(ask)) + ask)
             pkt = frame(resolver, client, 17, 53, 40100, dns_answer(name, addr, ttl))
-            f.write(struct.pack("<IIII", T0 - 1, 0, len(pkt), len(pkt)) + pkt)
+            f.write(struct.pack("<IIII", T0 - 1, 2000, len(pkt), len(pkt)) + pkt)
         t = T0
         for src, dst, proto, sport, dport, packets, payload in FLOWS:
             for i in range(packets):

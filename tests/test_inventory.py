@@ -32,6 +32,7 @@ def _setup(tmp_path):
     dns = build.dns_response("cdn.analytics.example", [("cdn.analytics.example", "A", 300, "198.51.100.7")])
     return write_pcap(tmp_path / "c.pcap", [
         (T, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, hello("api.payroll.example"))),  # US, as declared
+        (T + 0.99, build.dns_query("cdn.analytics.example")),
         (T + 1, dns),
         (T + 2, build.tcp(CLIENT, 50001, "198.51.100.7", 443, 1, flags="S")),  # DE: analytics declared FR only
         (T + 3, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, hello("eu.tracker.example"))),  # undeclared

@@ -232,3 +232,31 @@ def test_daemon_counts_recipients_and_names_undeclared_ones(topo, tmp_path):
         assert a.value("egress_agent_undeclared_recipients_total") == 0
     finally:
         assert a.stop() == 0, a.logtext()
+
+
+# A forged DNS answer from the peer's resolver address, port 53, to a closed port of the client:
+# no query was asked. Sent through a raw UDP socket (the responder holds port 53).
+SPOOF = """
+import socket, struct
+name = b"".join(bytes([len(p)]) + p for p in b"api.payroll.example".split(b".")) + b"\\0"
+dns = struct.pack(">HHHHHH", 99, 0x8180, 1, 1, 0, 0) + name + struct.pack(">HH", 1, 1)
+dns += b"\\xc0\\x0c" + struct.pack(">HHIH", 1, 1, 600, 4) + socket.inet_aton("203.0.113.11")
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+s.sendto(struct.pack(">HHHH", 53, 40999, 8 + len(dns), 0) + dns, ("192.0.2.1", 0))
+"""
+
+
+def test_a_forged_answer_is_counted_and_names_nothing(topo, agent):
+    """The spoofed-answer probe: a US flow stays a violation, the answer counts as unsolicited."""
+    before = agent.value("egress_agent_name_events_total", kind="dns_unsolicited") or 0
+    topo.run("python3", "-c", SPOOF, ns=topo.peer)
+    wait_for(lambda: (agent.value("egress_agent_name_events_total", kind="dns_unsolicited") or 0) > before,
+             what="the forged answer counted")
+    seen = len(agent.evidence_for("203.0.113.11", verdict="violation", event="new"))
+    p, addr = connect(topo, "203.0.113.11")  # US; the forged answer called it api.payroll.example
+    try:
+        recs = wait_for(lambda: agent.evidence_for(addr, verdict="violation", event="new")[seen:],
+                        what="violation evidence")
+    finally:
+        p.kill()
+    assert recs[-1]["flow"].get("hostname") is None

@@ -6,7 +6,9 @@ cost microseconds and a counter, never an exception that escapes. Tests prove th
 scapy's DNS layer.
 
 Contract: `parse_response(msg)` -> `Response` for a response (QR=1) with exactly one question,
-or raises `Malformed` (with what is wrong). Names are lowercase text without the trailing dot;
+or raises `Malformed` (with what is wrong); `parse_query(msg)` -> (id, qname, qtype) of a query
+(QR=0) with exactly one question, or `Malformed`: an answer is only believed when it answers a
+query that was seen (`agent.names.extract`). Names are lowercase text without the trailing dot;
 a label with bytes outside printable ASCII is written with `\\DDD` escapes (RFC 4343), so it can
 never match a policy name by accident. Only IN-class A, AAAA and CNAME answers are kept; the
 rcode is returned so the caller can ignore NXDOMAIN and friends.
@@ -41,6 +43,7 @@ class Response(NamedTuple):
     qtype: int
     rcode: int
     answers: tuple[Record, ...]
+    id: int = 0
 
     def addresses(self) -> list[tuple[bytes, int, tuple[str, ...]]]:
         """(address bytes, TTL, chain) for each address answer reachable from the question.
@@ -142,4 +145,19 @@ def parse_response(msg: bytes) -> Response:
             elif rtype in (A, AAAA):
                 raise Malformed(f"{'A' if rtype == A else 'AAAA'} record of {owner} has {rdlen} data octets")
         off += rdlen
-    return Response(qname, qtype, flags & 0x000F, tuple(answers))
+    return Response(qname, qtype, flags & 0x000F, tuple(answers), _id)
+
+
+def parse_query(msg: bytes) -> tuple[int, str, int]:
+    """(id, qname, qtype) of a query with exactly one question; Malformed otherwise."""
+    if len(msg) < 12:
+        raise Malformed("shorter than a DNS header")
+    qid, flags, qd, _an, _ns, _ar = _hdr(msg, 0)
+    if flags & 0x8000:
+        raise Malformed("a response, not a query")
+    if qd != 1:
+        raise Malformed(f"{qd} questions (a query asks exactly one)")
+    qname, off = read_name(msg, 12)
+    if off + 4 > len(msg):
+        raise Malformed("question cut off")
+    return qid, qname, struct.unpack_from(">H", msg, off)[0]

@@ -2,7 +2,10 @@
 
 Contract:
 - `NameExtractor.feed(segment, at)` takes one TCP or UDP segment (see `packet.py`) seen at `at`
-  (POSIX seconds). DNS responses (UDP source port 53 or 5353) fill the answer cache; the client's
+  (POSIX seconds). DNS queries (UDP to port 53 or 5353) are remembered, and a response (from port
+  53 or 5353) fills the answer cache only when it answers one of them (same id, name, client and
+  resolver addresses and ports, within QUERY_WINDOW) or comes from a trusted resolver; any other is
+  counted `dns_unsolicited` and ignored, and a TTL above `max_ttl` is cut to it. The client's
   first TCP bytes are reassembled until a ClientHello is complete (it may span segments and
   records); client QUIC Initials (UDP datagrams from 1,200 octets, the minimum RFC 9000 pads client
   Initials to) are opened and their CRYPTO frames joined. It returns the flow key a TLS or QUIC
@@ -28,6 +31,12 @@ from agent.names.answers import AnswerCache
 from agent.names.packet import TCP, UDP, Segment
 
 DNS_PORTS = (53, 5353)
+QUERY_WINDOW = 10.0  # seconds an answer may come after its query (resolvers give up well before)
+MAX_QUERIES = 65536  # queries awaiting an answer; the oldest are dropped first (counted)
+MAX_TTL = 86400  # an answer names an address for at most a day, whatever TTL it claims
+# Counts of `stats()` that say a name was refused or forgotten (the metric's bounded `kind` label)
+NAME_EVENTS = ("dns_unsolicited", "dns_ttl_capped", "dns_queries_evicted", "dns_answers_evicted",
+               "quic_streams_evicted")
 QUIC_MIN_DATAGRAM = 1200
 MAX_PENDING = 4096  # TCP streams waiting for the rest of a ClientHello
 MAX_NAMED = 262144  # 5-tuples named by a hello
@@ -78,8 +87,16 @@ class _Stream:
 
 
 class NameExtractor:
-    def __init__(self, dns_size: int = 262144, grace: float = 30.0, client_of=None):
+    def __init__(self, dns_size: int = 262144, grace: float = 30.0, client_of=None, resolvers=(),
+                 max_ttl: int = MAX_TTL):
         self.answers = AnswerCache(dns_size, grace)
+        # Answers are believed only when they answer a query seen from that client to that resolver
+        # (id, name, ports, within QUERY_WINDOW), or come from a resolver the operator trusts
+        # (`resolvers`: packed 16-byte addresses). Anything else is counted as unsolicited: one
+        # forged datagram from port 53 must not name an address.
+        self.resolvers = frozenset(resolvers)
+        self.max_ttl = max_ttl
+        self._queries: OrderedDict[tuple, float] = OrderedDict()
         self.counts: Counter = Counter()
         # A client's identity for the answer cache: the live source maps all the host's own
         # addresses to one, because a stub resolver on loopback answers for every local address.
@@ -103,12 +120,28 @@ class NameExtractor:
             if seg.sport in DNS_PORTS:
                 self._dns(seg, at)
                 return None
+            if seg.dport in DNS_PORTS:
+                self._query(seg, at)
+                return None
             if len(seg.payload) >= QUIC_MIN_DATAGRAM and seg.payload[0] & 0xC0 == 0xC0:
                 return self._quic_initial(seg)
             return None
         if seg.proto == TCP and seg.payload:
             return self._tcp(seg)
         return None
+
+    def _query(self, seg: Segment, at: float):
+        try:
+            qid, qname, _qtype = dns.parse_query(seg.payload)
+        except dns.Malformed:
+            return  # not a query we could match an answer to; the answer will count as unsolicited
+        self.counts["dns_queries"] += 1
+        key = (seg.src, seg.sport, seg.dst, seg.dport, qid, qname)
+        self._queries[key] = at
+        self._queries.move_to_end(key)
+        if len(self._queries) > MAX_QUERIES:
+            self._queries.popitem(last=False)
+            self.counts["dns_queries_evicted"] += 1
 
     def _dns(self, seg: Segment, at: float):
         try:
@@ -117,10 +150,18 @@ class NameExtractor:
             self.counts["dns_malformed"] += 1
             return
         self.counts["dns_responses"] += 1
+        asked = self._queries.pop((seg.dst, seg.dport, seg.src, seg.sport, r.id, r.qname), None)
+        if asked is None or not asked <= at <= asked + QUERY_WINDOW:
+            if seg.src not in self.resolvers:
+                self.counts["dns_unsolicited"] += 1
+                return
         if r.rcode != 0:
             return
         client = self.client_of(seg.dst)
         for addr, ttl, chain in r.addresses():
+            if ttl > self.max_ttl:
+                self.counts["dns_ttl_capped"] += 1
+                ttl = self.max_ttl
             self.answers.add(client, addr if len(addr) == 16 else bytes(12) + addr, r.qname, chain, ttl, at)
 
     def _tcp(self, seg: Segment):

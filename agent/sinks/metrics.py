@@ -107,6 +107,10 @@ class Metrics:
                                        "kernel filter: DNS answers, TLS and QUIC hello candidates).", registry=r)
         self.names = Counter(f"{NS}_flows_named", "Judged flows that carried a host name, by where the name came "
                              "from (sni, quic-sni, dns).", ["source"], registry=r)
+        self.name_events = Counter(f"{NS}_name_events", "DNS answers and name-table entries the name extractor "
+                                   "refused or dropped, by kind: dns_unsolicited (an answer to no query seen, "
+                                   "from no trusted resolver), dns_ttl_capped, dns_queries_evicted, "
+                                   "dns_answers_evicted, quic_streams_evicted.", ["kind"], registry=r)
         self.names_malformed = Counter(f"{NS}_name_packets_malformed", "Malformed DNS, TLS or QUIC packets the "
                                        "name extractor skipped, by kind.", ["kind"], registry=r)
         self.recipient_flows = Counter(f"{NS}_recipient_flows", "Judged flows by recipient of the register "

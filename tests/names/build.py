@@ -48,6 +48,13 @@ def dns_response(qname: str, answers: list, client=CLIENT, resolver=RESOLVER, v6
     return bytes(ETH() / ip / UDP(sport=53, dport=40000) / dns)
 
 
+def dns_query(qname: str, client=CLIENT, resolver=RESOLVER, v6=False, qid: int = 7, sport: int = 40000) -> bytes:
+    """The query `dns_response` answers (same id, name and ports): an answer is only believed after
+    its query."""
+    ip = IPv6(src=client, dst=resolver) if v6 else IP(src=client, dst=resolver)
+    return bytes(ETH() / ip / UDP(sport=sport, dport=53) / DNS(id=qid, qr=0, rd=1, qd=[DNSQR(qname=qname)]))
+
+
 def tcp(src, sport, dst, dport, seq, payload=b"", flags="PA") -> bytes:
     ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
     return bytes(ETH() / ip / TCP(sport=sport, dport=dport, seq=seq, flags=flags) / payload)

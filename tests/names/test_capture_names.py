@@ -41,6 +41,7 @@ def test_dns_then_connect_names_the_flow_until_the_answer_expires(tmp_path):
                                                        ("edge.cdn.example", "A", 300, "203.0.113.9")])
     frames = [
         (T - 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S")),  # before the answer: no name
+        (T - 0.01, build.dns_query("www.payroll.example")),
         (T, answer),
         (T + 1, build.tcp(CLIENT, 50001, "203.0.113.9", 443, 1, flags="S")),
         (T + 60 + 30 - 1, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, flags="S")),  # TTL 60 (chain) + grace
@@ -59,7 +60,9 @@ def test_dns_then_connect_names_the_flow_until_the_answer_expires(tmp_path):
 
 
 def test_most_recent_answer_to_that_client_wins(tmp_path):
-    frames = [(T, build.dns_response("old.example", [("old.example", "A", 600, "203.0.113.9")])),
+    frames = [(T - 0.01, build.dns_query("old.example")),
+              (T, build.dns_response("old.example", [("old.example", "A", 600, "203.0.113.9")])),
+              (T + 0.99, build.dns_query("new.example")),
               (T + 1, build.dns_response("new.example", [("new.example", "A", 600, "203.0.113.9")])),
               (T + 2, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S"))]
     assert _names(_capture(tmp_path, frames))[("203.0.113.9", 50000)][0] == "new.example"
@@ -70,6 +73,7 @@ def test_sni_in_one_segment_two_segments_out_of_order_and_ech(tmp_path):
     two = build.records(build.client_hello("split.vendor.example", pad=1800))
     ech = build.records(build.client_hello("public.ech.example", ech=True))
     frames = [
+        (T - 0.01, build.dns_query("dns-name.example")),
         (T, build.dns_response("dns-name.example", [("dns-name.example", "A", 600, "203.0.113.9")])),
         (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1000, one)),  # SNI wins over DNS
         (T + 2, build.tcp(CLIENT, 50001, "203.0.113.10", 443, 5000, two[:1000])),
@@ -115,7 +119,8 @@ def test_malformed_names_are_counted_not_fatal(tmp_path):
     sealed[5] = 200  # a connection ID length no version allows
     frames = [(T, bad_dns), (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, bytes(hello))),
               (T + 2, build.udp(CLIENT, 50001, "203.0.113.9", 443, bytes(sealed))),
-              (T + 3, good), (T + 4, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, flags="S"))]
+              (T + 2.99, build.dns_query("ok.example")), (T + 3, good),
+              (T + 4, build.tcp(CLIENT, 50002, "203.0.113.9", 443, 1, flags="S"))]
     cap = read_capture(_capture(tmp_path, frames))
     assert (cap.stats.names["dns_malformed"], cap.stats.names["tls_malformed"],
             cap.stats.names["quic_malformed"]) == (1, 1, 1)
@@ -142,6 +147,7 @@ def _hello(name):
 
 def test_audit_flows_and_hostname_policies(cli, tmp_path, city_db):
     frames = [
+        (T - 0.01, build.dns_query("xn--bcher-kva.example")),
         (T, build.dns_response("xn--bcher-kva.example", [("xn--bcher-kva.example", "A", 600, "203.0.113.140")])),
         (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, _hello("eu.payroll.example"))),
         (T + 2, build.tcp(CLIENT, 50001, "203.0.113.9", 443, 1, _hello("other.example"))),
@@ -172,3 +178,75 @@ def test_audit_flows_and_hostname_policies(cli, tmp_path, city_db):
     assert verdicts["true"] == {40000: None, 50000: "compliant", 50001: "violation", 50002: "compliant", 50003: None}
     r = cli("audit", "--flows", *DOC_PUBLIC, "--geoip-db", city_db, "--policies", tmp_path / "p-true", cap)
     assert "eu.payroll.example (sni)" in r.stdout and "Flows (" in r.stdout
+
+
+SPOOF_POLICY = """\
+version: 1
+name: eu-vendor
+home: [EU]
+allow:
+  jurisdictions: [EU]
+  hostnames: ["*.example.eu"]
+"""
+
+
+def test_an_unsolicited_answer_names_nothing(cli, tmp_path, city_db):
+    """One forged datagram from port 53 (no query asked, sent to a closed port) must not turn a US
+    flow into a named, compliant one; it is counted as unsolicited. Answers to a query with another
+    id, from another port, or after the window are unsolicited too; the matched one names its flow."""
+    forged = build.dns_response("api.example.eu", [("api.example.eu", "A", 600, "203.0.113.9")])
+    frames = [
+        (T, forged),  # nobody asked
+        (T + 1, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S")),
+        (T + 2, build.dns_query("a.example.eu", qid=8)),
+        (T + 2.1, build.dns_response("a.example.eu", [("a.example.eu", "A", 600, "203.0.113.10")])),  # id 7
+        (T + 3, build.dns_query("b.example.eu", sport=40001)),
+        (T + 3.1, build.dns_response("b.example.eu", [("b.example.eu", "A", 600, "203.0.113.11")])),  # to 40000
+        (T + 4, build.dns_query("c.example.eu")),
+        (T + 4 + 11, build.dns_response("c.example.eu", [("c.example.eu", "A", 600, "203.0.113.12")])),  # late
+        (T + 16, build.dns_query("d.example.eu")),
+        (T + 16.1, build.dns_response("d.example.eu", [("d.example.eu", "A", 600, "203.0.113.13")])),  # matched
+        (T + 17, build.tcp(CLIENT, 50001, "203.0.113.10", 443, 1, flags="S")),
+        (T + 17, build.tcp(CLIENT, 50002, "203.0.113.11", 443, 1, flags="S")),
+        (T + 17, build.tcp(CLIENT, 50003, "203.0.113.12", 443, 1, flags="S")),
+        (T + 17, build.tcp(CLIENT, 50004, "203.0.113.13", 443, 1, flags="S")),
+    ]
+    cap = _capture(tmp_path, frames)
+    got = _names(cap)
+    assert [got[(f"203.0.113.{i}", 50000 + k)][0] for k, i in enumerate((9, 10, 11, 12, 13))] == \
+        [None, None, None, None, "d.example.eu"]
+    assert read_capture(cap).stats.names["dns_unsolicited"] == 4
+    pol = tmp_path / "pol"
+    pol.mkdir()
+    (pol / "eu-vendor.yaml").write_text(SPOOF_POLICY)
+    r = cli("audit", "--format", "json", *DOC_PUBLIC, "--geoip-db", city_db, "--policies", pol, cap)
+    rep = json.loads(r.stdout)
+    assert r.returncode == 1, r.stderr
+    assert "203.0.113.9" in {v["dst"] for v in rep["violations"]}
+    assert rep["inputs"][0]["names"]["dns_unsolicited"] == 4
+
+
+def test_a_ttl_is_capped_at_a_day(tmp_path):
+    frames = [(T - 0.01, build.dns_query("long.example")),
+              (T, build.dns_response("long.example", [("long.example", "A", 2**31 - 1, "203.0.113.9")])),
+              (T + 3600, build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1, flags="S")),
+              (T + 2 * 86400, build.tcp(CLIENT, 50001, "203.0.113.9", 443, 1, flags="S"))]
+    cap = _capture(tmp_path, frames)
+    got = _names(cap)
+    assert got[("203.0.113.9", 50000)][0] == "long.example" and got[("203.0.113.9", 50001)][0] is None
+    assert read_capture(cap).stats.names["dns_ttl_capped"] == 1
+
+
+def test_a_trusted_resolver_is_believed_without_the_query():
+    from agent.names.extract import NameExtractor
+    from agent.names.packet import transport
+    from agent.sources.capture.source import trusted_resolvers
+    from agent.wire.decode import ETHERNET
+
+    answer = build.dns_response("api.example.eu", [("api.example.eu", "A", 600, "203.0.113.9")])
+    seg = transport(ETHERNET, answer)
+    for resolvers, named in ((set(), False), (trusted_resolvers([build.RESOLVER]), True)):
+        ex = NameExtractor(resolvers=resolvers)
+        ex.feed(seg, T)
+        assert (ex.name_flow(6, CLIENT, 50000, "203.0.113.9", 443, T + 1) is not None) is named
+    assert trusted_resolvers(None, resolv_conf="/nonexistent") == set()

@@ -37,7 +37,7 @@ static inline uint32_t be32(const uint8_t *p) {
 }
 
 /* What a packet can hold beyond its flow key, for the passes that read payloads (capfile/names.py, the
- * tunnel pass): a host name (a DNS response from port 53 or 5353, a UDP datagram of QUIC-Initial
+ * tunnel pass): a host name (a DNS response from port 53 or 5353 or the query it answers, a UDP datagram of QUIC-Initial
  * size with the long-header bit), TCP payload (which starts a TLS handshake record, or is not
  * captured), or a GRE / GTP-U tunnel. */
 #define CAND_NAME 1
@@ -180,7 +180,7 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
     if (proto == 47 || (proto == 17 && first && (sport == 2152 || dport == 2152))) *named |= CAND_TUNNEL;
     if (first && proto == 17) {
         Py_ssize_t payload = (Py_ssize_t)*iplen - (l4 - off) - 8;
-        if (sport == 53 || sport == 5353) *named |= CAND_NAME;
+        if (sport == 53 || sport == 5353 || dport == 53 || dport == 5353) *named |= CAND_NAME; /* answers, queries */
         else if (payload >= 1200 && (n <= l4 + 8 || (d[l4 + 8] & 0x80))) *named |= CAND_NAME;
     } else if (first && proto == 6) {
         if (n > l4 + 12) {

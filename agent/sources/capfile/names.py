@@ -53,7 +53,7 @@ def _byte_at(buf: np.ndarray, off, cap, pos) -> np.ndarray:
 class _Candidates:
     """Which packets of a chunk can carry a name, chosen with numpy.
 
-    DNS responses, UDP datagrams of client-Initial size whose first byte has the QUIC long-header
+    DNS responses and queries, UDP datagrams of client-Initial size whose first byte has the QUIC long-header
     bit, and the first FIRST_SEGMENTS TCP payload segments of each direction of a flow when one of
     them starts a TLS handshake record (0x16), or when an earlier chunk did (a ClientHello split
     across chunks). A stream whose first segments hold no handshake record carries no ClientHello,
@@ -77,14 +77,15 @@ class _Candidates:
         v4 = (k >> np.uint64(40)) == 4
         ip_hdr = np.where(v4, 20, 40)
         udp = good & (proto == 17)
-        dns_resp = udp & ((sport == 53) | (sport == 5353))
+        dport = k & np.uint64(0xFFFF)
+        dns = udp & ((sport == 53) | (sport == 5353) | (dport == 53) | (dport == 5353))  # answers and their queries
         quic = udp & (iplen >= ip_hdr + 8 + 1200)
         if quic.any():
             quic &= (_byte_at(buf, off, cap, l4 + 8) & 0x80) != 0
         tcp = good & (proto == 6)
         thl = (_byte_at(buf, off, cap, l4 + 12) >> 4) * 4
         tcp_payload = np.flatnonzero(tcp & (thl >= 20) & (iplen > ip_hdr + thl))  # the reader drops thl < 20
-        picked = np.flatnonzero(rows | dns_resp | quic)
+        picked = np.flatnonzero(rows | dns | quic)
         first = _first_per_key(words, tcp_payload, FIRST_SEGMENTS)
         if len(first):
             with np.errstate(over="ignore"):

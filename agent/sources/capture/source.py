@@ -38,7 +38,7 @@ from collections import OrderedDict
 
 from agent.errors import UserError
 from agent.flow import Flow
-from agent.names.extract import NameExtractor
+from agent.names.extract import MAX_TTL, NAME_EVENTS, NameExtractor
 from agent.names.packet import transport
 from agent.sources.conntrack.table import CtEntry
 from agent.wire import decode as dec
@@ -50,10 +50,40 @@ SOURCE = "capture"
 DRAIN = 512  # packets read from one socket per wake-up at most
 
 
+def trusted_resolvers(configured, resolv_conf: str = "/etc/resolv.conf") -> set[bytes]:
+    """Resolvers whose answers are believed without their query in sight (packed 16-byte
+    addresses): `capture.resolvers` when set, else the nameservers of /etc/resolv.conf. A
+    resolver on loopback is left out: the capture never sees loopback, and a query from the host
+    to its upstream is matched anyway. An address that is not one raises UserError (exit 2)."""
+    import ipaddress
+
+    if configured is None:
+        try:
+            with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+                configured = [line.split()[1] for line in f if line.startswith("nameserver") and len(line.split()) > 1]
+        except OSError:
+            configured = []
+        configured = [a.split("%")[0] for a in configured]
+        strict = False
+    else:
+        strict = True
+    out = set()
+    for a in configured:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            if strict:
+                raise UserError(f"capture.resolvers: '{a}' is not an IP address") from None
+            continue
+        if not ip.is_loopback:
+            out.add(ip.packed if ip.version == 6 else bytes(12) + ip.packed)
+    return out
+
+
 def bpf_filter(tls_ports, flows: bool = False) -> str:
     tls = " or ".join(f"tcp dst port {int(p)}" for p in tls_ports) or "tcp dst port 443"
     # frames above 90 octets: a TCP segment with payload (pure ACKs with options are 66-86)
-    names = f"udp src port 53 or udp src port 5353 or (udp and greater 1240) or (({tls}) and greater 90)"
+    names = f"udp port 53 or udp port 5353 or (udp and greater 1240) or (({tls}) and greater 90)"
     if not flows:
         return names
     # as the flow source: every TCP SYN without ACK (IPv6: flags byte at 40 + 13, no extension
@@ -201,6 +231,11 @@ class CaptureNames:
             if n > self._exported[kind]:
                 m.names_malformed.labels(kind).inc(n - self._exported[kind])
                 self._exported[kind] = n
+        for kind in NAME_EVENTS:  # what the name tables refused or dropped: bounded kinds
+            n = counts.get(kind, 0)
+            if n > self._exported.get(kind, 0):
+                m.name_events.labels(kind).inc(n - self._exported.get(kind, 0))
+                self._exported[kind] = n
 
 
 class CaptureEntry(CtEntry):
@@ -240,7 +275,9 @@ class CaptureSource:
         # every address of this host is one DNS client: a stub resolver on loopback answers for all
         host_id, loop4, loop6 = b"host", packed("127.0.0.1")[:13], packed("::1")
         client_of = lambda a: host_id if a in d._host_packed or a[:13] == loop4 or a == loop6 else a  # noqa: E731
-        names = NameExtractor(grace=float(cap.get("dns_grace", 30)), client_of=client_of)
+        names = NameExtractor(grace=float(cap.get("dns_grace", 30)), client_of=client_of,
+                              resolvers=trusted_resolvers(cap.get("resolvers")),
+                              max_ttl=int(cap.get("dns_max_ttl", MAX_TTL)))
         d.metrics.source(SOURCE)
         self.reader = CaptureNames(names, cap.get("interfaces") or (), cap.get("tls_ports") or (443,),
                                    d.cfg.source.get("netns"), d.metrics,
