@@ -6,9 +6,13 @@
       backups: 10
       fsync: false           # true: fsync after every line (power-loss safe, slower)
 
-Why lines cannot tear: each record, or each batch of whole records (`write_many`), is one
-`os.write` on an O_APPEND descriptor; a process killed with SIGKILL dies between system calls, so a
-line is in the file whole or not at all. The daemon writes each batch of events it judged at once,
+Why a torn line never reaches a reader: each record, or each batch of whole records
+(`write_many`), is one `os.write` on an O_APPEND descriptor. Linux may still end a multi-page write
+early when a fatal signal (SIGKILL) arrives, leaving the batch cut inside a record; so at start-up
+the log cuts a tail that does not end in a newline back to the last whole record and says so in its
+`gap` record (`torn`: the byte offset and length removed). `egress-agent audit` skips a torn line
+inside a log (an older file, or a copy) with a warning, and reports every hole in `seq` that no
+`gap` record explains. The daemon writes each batch of events it judged at once,
 so records wait in memory only while their batch is judged (milliseconds). A restart appends to the
 same file. The records are readable by
 `egress-agent audit` (the JSON-lines source takes the flow under "flow", and reports `gap` records
@@ -138,6 +142,23 @@ def extra_members(extra: dict) -> bytes:
     return b"," + _dumps(extra)[1:-1] if extra else b""
 
 
+def _whole_end(path: str, size: int) -> int:
+    """The length of the file's whole lines: just past its last newline (0 if none)."""
+    rd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            chunk = os.pread(rd, end - start, start)
+            at = chunk.rfind(b"\n")
+            if at >= 0:
+                return start + at + 1
+            end = start
+        return 0
+    finally:
+        os.close(rd)
+
+
 class EvidenceLog:
     """Append-only evidence file with rotation that cannot lose what is already written.
 
@@ -153,7 +174,8 @@ class EvidenceLog:
     * Every record carries `seq`, increasing across restarts. A clean `close()` writes a `stop`
       record; at start-up a log whose last record is not `stop` gets a `gap` record
       (reason `unclean-stop`) naming the previous run's last sequence number and time, so an
-      auditor sees the outage.
+      auditor sees the outage. A tail cut inside a record (a write ended early by SIGKILL) is
+      truncated to the last whole record first, and the gap names it (`torn`).
     """
 
     RETRY_SECONDS = 5.0
@@ -173,6 +195,7 @@ class EvidenceLog:
         self._last_error: str | None = None
         self._retry_at = 0.0
         self.gaps = 0
+        self._torn: dict | None = None  # the torn tail cut at start-up: {"offset", "bytes"}
         d = os.path.dirname(os.path.abspath(options.path))
         try:
             os.makedirs(d, exist_ok=True)
@@ -185,12 +208,16 @@ class EvidenceLog:
             raise UserError(f"evidence.path: cannot open {options.path} ({why})") from None
         last = self._last_record()
         self.seq = int(last.get("seq", 0)) if isinstance(last.get("seq"), int) else 0
-        if last and last.get("event") != "stop":
-            self._write_now(self._stamp({
-                "event": "gap", "reason": "unclean-stop", "previous_seq": last.get("seq"),
-                "from": last.get("time"), "until": _iso(self.clock()),
-                "message": "the previous run did not stop cleanly (killed, crashed or power lost): flows between "
-                           "'from' and 'until' may have no evidence; flows still open were judged again at start"}))
+        if (last and last.get("event") != "stop") or self._torn:
+            gap = {"event": "gap", "reason": "unclean-stop", "previous_seq": last.get("seq"),
+                   "from": last.get("time"), "until": _iso(self.clock()),
+                   "message": "the previous run did not stop cleanly (killed, crashed or power lost): flows between "
+                              "'from' and 'until' may have no evidence; flows still open were judged again at start"}
+            if self._torn:
+                gap["torn"] = self._torn
+                gap["message"] += (f"; a record cut off at byte offset {self._torn['offset']} "
+                                   f"({self._torn['bytes']} bytes) was removed")
+            self._write_now(self._stamp(gap))
             self.gaps += 1
 
     # -- files --------------------------------------------------------------------------------
@@ -202,16 +229,14 @@ class EvidenceLog:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"{p} is not a regular file")
             size = st.st_size
-            # A line cut by power loss (not by a kill) would leave no newline at the end: start clean.
+            # A record cut by a kill inside a write, or by power loss, leaves no newline at the end:
+            # cut the tail back to the last whole record, so no reader meets half a line.
             if size:
-                rd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    last = os.pread(rd, 1, size - 1)
-                finally:
-                    os.close(rd)
-                if last != b"\n":
-                    os.write(fd, b"\n")
-                    size += 1
+                whole = _whole_end(p, size)
+                if whole < size:
+                    os.ftruncate(fd, whole)
+                    self._torn = {"offset": whole, "bytes": size - whole}
+                    size = whole
         except OSError:
             os.close(fd)
             raise

@@ -44,17 +44,63 @@ def test_batches_rotate_like_single_lines_and_lose_nothing(tmp_path):
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
 
 
-def test_reopening_after_a_cut_line_starts_on_a_new_line(tmp_path):
+def test_reopening_after_a_cut_line_removes_it_and_names_it_in_the_gap(tmp_path):
+    """A record cut inside a write (SIGKILL can end a multi-page write early) is cut back to the
+    last whole record at start-up, and the gap record says where and how much was removed."""
     path = tmp_path / "ev.jsonl"
     path.write_bytes(b'{"a": 1}\n{"cut')
     log = EvidenceLog(Options(str(path)))
     log.write({"b": 2})
     log.close()
     lines = path.read_text().splitlines()
-    assert lines[0] == '{"a": 1}' and lines[1] == '{"cut'
-    gap, b = json.loads(lines[2]), json.loads(lines[3])
-    assert gap["event"] == "gap" and gap["reason"] == "unclean-stop"
+    assert lines[0] == '{"a": 1}'
+    gap, b = json.loads(lines[1]), json.loads(lines[2])
+    assert gap["event"] == "gap" and gap["reason"] == "unclean-stop" and gap["torn"] == {"offset": 9, "bytes": 5}
     assert b["b"] == 2 and b["seq"] == gap["seq"] + 1
+    assert all(json.loads(x) for x in lines)
+
+
+def test_a_torn_tail_after_a_clean_stop_is_still_cut_and_named(tmp_path):
+    path = tmp_path / "ev.jsonl"
+    log = EvidenceLog(Options(str(path)))
+    log.write({"a": 1})
+    log.close()  # a `stop` record
+    with open(path, "ab") as f:
+        f.write(b'{"time":"2026-01-01T00:00:00Z","event":"new","po')
+    EvidenceLog(Options(str(path))).close()
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r.get("event") for r in recs] == [None, "stop", "gap", "stop"] and recs[2]["torn"]["bytes"] == 48
+
+
+def test_audit_skips_a_torn_record_and_reports_seq_holes(tmp_path):
+    """What `audit` reads of an evidence log: a torn line (from an older agent, or a copy) is
+    skipped with a warning, not a refusal of the whole file; a hole in seq without a gap record is a
+    warning; both readers agree."""
+    from agent.sources.flowlog.jsonl import read_jsonl
+    from agent.sources.flowlog.table import read_jsonl_table
+
+    flow = {"proto": "tcp", "src": "10.0.0.1", "sport": 4000, "dst": "203.0.113.9", "dport": 443, "packets": 1,
+            "bytes": 60, "first_seen": "2026-01-01T00:00:00Z"}
+    rec = lambda seq, port: json.dumps({"time": "2026-01-01T00:00:01Z", "event": "new", "policy": "p",  # noqa: E731
+                                        "verdict": "violation", "flow": {**flow, "sport": port}, "seq": seq})
+    path = tmp_path / "ev.jsonl"
+    path.write_text(rec(1, 4001) + "\n" + rec(2, 4002)[:50] + "\n" + rec(2, 4003) + "\n" + rec(7, 4004) + "\n")
+    flows, stats = read_jsonl(str(path))
+    assert sorted(f.sport for f in flows) == [4001, 4003, 4004]
+    assert any("ev.jsonl:2: a torn evidence record" in w for w in stats.warnings)
+    assert any("ev.jsonl:4: evidence seq jumps from 2 to 7: 4 record(s) missing" in w for w in stats.warnings)
+    assert (stats.torn, stats.seq_holes) == (1, 4)
+    assert read_jsonl_table(str(path)) is None  # not plain: the line reader above reads it
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text(rec(1, 4001) + "\n" + rec(5, 4002) + "\n")
+    assert read_jsonl_table(str(whole)) is None and read_jsonl(str(whole))[1].seq_holes == 3
+    plain = tmp_path / "flows.jsonl"
+    plain.write_text(json.dumps(flow) + "\n" + '{"proto": "tcp", "src"\n')
+    import pytest as _pytest
+
+    from agent.errors import UserError
+    with _pytest.raises(UserError, match="flows.jsonl:2: not valid JSON"):
+        read_jsonl(str(plain))  # a flow log (not evidence) with a broken line is still refused
 
 
 def test_evidence_replay_counts_each_flow_once(tmp_path):

@@ -161,7 +161,9 @@ def test_bulk_reader_merges_an_evidence_log_as_the_line_reader_does(tmp_path, ch
             lines.append({"time": "2025-06-15T12:00:01Z", "event": "gap", "reason": "write-failed", "lost_lines": 3,
                           "from": "a", "until": "b", "message": "3 evidence record(s) could not be written"})
     rnd.shuffle(lines)  # which line wins depends on the order: both readers must agree on any order
-    lines.append({"time": "2025-06-15T13:00:00Z", "event": "stop", "seq": 9999})
+    lines.append({"time": "2025-06-15T13:00:00Z", "event": "stop"})
+    for k, rec in enumerate(lines):  # numbered as the agent numbers them: one more per record
+        rec["seq"] = k + 1
     path = _write(tmp_path, [(_json.dumps(r) + "\n").encode() for r in lines])
     got = read_jsonl_table(path)
     assert got is not None

@@ -47,11 +47,16 @@ class JsonlStats:
     truncated: bool = False
     truncated_offset: int | None = None
     warnings: list = field(default_factory=list)
+    torn: int = 0  # evidence records cut off by a kill, skipped
+    seq_holes: int = 0  # evidence records missing from `seq` without a gap record
 
     def to_json(self) -> dict:
-        return {"path": self.path, "format": self.format, "link_types": [], "packets": None,
-                "lines": self.lines, "flows": self.flows, "malformed": 0, "truncated": self.truncated,
-                "truncated_offset": self.truncated_offset, "warnings": self.warnings}
+        out = {"path": self.path, "format": self.format, "link_types": [], "packets": None,
+               "lines": self.lines, "flows": self.flows, "malformed": self.torn, "truncated": self.truncated,
+               "truncated_offset": self.truncated_offset, "warnings": self.warnings}
+        if self.torn or self.seq_holes:
+            out["evidence"] = {"torn_records": self.torn, "seq_missing": self.seq_holes}
+        return out
 
 
 MAX_LINE = 1 << 20  # bytes; a longer line is an input error, never a 2 GB allocation
@@ -282,6 +287,34 @@ def _lines(f, path: str, stats: JsonlStats):
         offset += len(raw)
 
 
+EVIDENCE_START = b'{"time":"'  # how every evidence record begins (`EvidenceLog.body`)
+
+
+class _SeqCheck:
+    """Holes in an evidence log's `seq` that no `gap` record explains: lines removed, or the live
+    file renamed away and replaced. Each becomes a warning naming the line and the missing numbers."""
+
+    def __init__(self, path: str, stats):
+        self.path, self.stats = path, stats
+        self.last: int | None = None
+        self.evidence = False
+
+    def check(self, obj, lineno: int):
+        if not isinstance(obj, dict) or "event" not in obj:
+            return
+        seq = obj.get("seq")
+        if type(seq) is not int:
+            return
+        self.evidence = True
+        if self.last is not None and seq > self.last + 1 and obj.get("event") != "gap":
+            missing = seq - self.last - 1
+            self.stats.seq_holes += missing
+            self.stats.warnings.append(f"{self.path}:{lineno}: evidence seq jumps from {self.last} to {seq}: "
+                                       f"{missing} record(s) missing, with no gap record to say why (lines removed, "
+                                       "or the file was replaced)")
+        self.last = seq if self.last is None else max(self.last, seq)
+
+
 def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
     stats = JsonlStats(path)
     flows = []
@@ -290,6 +323,7 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
         f = open(path, "rb")
     except OSError as e:
         raise UserError(f"{path}: cannot open ({e.strerror})") from None
+    seqs = _SeqCheck(path, stats)
     with f:
         for lineno, start, raw in _lines(f, path, stats):
             if not raw.strip():
@@ -305,7 +339,15 @@ def read_jsonl(path: str) -> tuple[list[Flow], JsonlStats]:
                     stats.warnings.append(f"{path}:{lineno}: last line is cut off at byte offset {start}; "
                                           "ignored, everything before it kept")
                     break
+                if seqs.evidence or raw.startswith(EVIDENCE_START):
+                    # an evidence record cut off by a kill inside a write (an agent that predates
+                    # the start-up repair, or a copy): its verdict is lost, the others are kept
+                    stats.torn += 1
+                    stats.warnings.append(f"{path}:{lineno}: a torn evidence record at byte offset {start} "
+                                          "(cut off by a kill or crash); skipped, the records around it kept")
+                    continue
                 raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            seqs.check(obj, lineno)
             if isinstance(obj, dict) and obj.get("event") in ("gap", "stop") and "flow" not in obj:
                 if obj["event"] == "gap":  # the agent's own marker: evidence is missing here
                     stats.warnings.append(gap_warning(path, lineno, obj))

@@ -170,6 +170,7 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
         evidence = None
         parts, ct_ids, warnings = [], [], []
         memo: tuple[dict, dict] = ({}, {})  # addresses parsed once for the whole file
+        last_seq: list = [None]  # the evidence log's last seq so far, across chunks
         for start in range(0, len(lines), CHUNK_LINES):  # bounded: one chunk's objects at a time
             objs = list(map(orjson.loads, lines[start:start + CHUNK_LINES]))
             if set(map(type, objs)) != {dict}:
@@ -178,7 +179,10 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
             if evidence is not None and kind != evidence:
                 return None  # flow objects and evidence records in one file: line by line
             evidence = kind
+            if evidence and not _seq_whole(objs, last_seq[0]):
+                return None  # a hole in seq: the line reader words the warning
             if evidence:
+                last_seq[0] = objs[-1].get("seq", last_seq[0])
                 got = _evidence_rows(path, objs, start, warnings, memo)
                 if got is not None:
                     parts.append(got[0])
@@ -198,6 +202,19 @@ def read_jsonl_table(path: str) -> tuple[FlowTable, JsonlStats] | None:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _seq_whole(objs: list[dict], last) -> bool:
+    """Every record's `seq` one more than the one before (gap records may jump: they say why)."""
+    seqs = [o.get("seq") for o in objs]
+    if not all(type(s) is int for s in seqs):
+        return all(s is None for s in seqs)  # a log without seq (hand-written): nothing to check
+    prev = last
+    for s, o in zip(seqs, objs, strict=True):
+        if prev is not None and s > prev + 1 and o.get("event") != "gap":
+            return False
+        prev = s if prev is None else max(prev, s)
+    return True
 
 
 def _evidence_rows(path: str, objs: list[dict], start: int, warnings: list,
