@@ -66,6 +66,7 @@ severity: high
 allow:
   jurisdictions: [EEA]
   hostnames: ["*.payroll.example"]
+trust_names: [dns]  # answers to queries the capture saw may excuse; SNI may not
 """
 
 

@@ -56,8 +56,10 @@ def _recipients(pipe: Pipeline, t: FlowTable, rows, di, used_locs: list, used, i
         k = found.get((d, h))
         if k is None:  # the address object from its integer: ~5x cheaper than parsing its text
             address = ipaddress.IPv4Address(ints[d]) if v4[d] else ipaddress.IPv6Address(ints[d])
-            rec = pipe.register.match(h, asn[d], address)
-            k = found[(d, h)] = ids.setdefault(rec.id if rec is not None else None, len(ids))
+            rec, how = pipe.register.match_how(h, asn[d], address)
+            # how it matched is part of the key: a match by name alone is checked against the
+            # recipient's declared locations (`Pipeline._name_claim`)
+            k = found[(d, h)] = ids.setdefault((rec.id, how == "hostname") if rec is not None else None, len(ids))
         out[i] = k
     return out
 
@@ -104,6 +106,8 @@ def judge_table(pipe: Pipeline, t: FlowTable) -> TableJudgement:
         cols.append(t.who[rows])
     if pipe._by_host and t.hostname is not None:
         cols.append(t.hostname[rows])
+        if t.hostname_source is not None:  # whether a name may excuse depends on its source
+            cols.append(t.hostname_source[rows])
     if pipe.register is not None:
         cols.append(_recipients(pipe, t, rows, di, [locs[c] for c in cls], used, ints))
     group, first = group_rows(cols)

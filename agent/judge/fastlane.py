@@ -150,7 +150,7 @@ class FastLane:
         if got is None or got[0] is not vals or got[1] is not pipe:
             located = self._location(vals)
             day = _day(day_n)
-            hit = pipe._cache.get((False, None, located[1], fk[1], fk[2], day, e.proto, fk[5], None, None))
+            hit = pipe._cache.get((False, None, None, located[1], fk[1], fk[2], day, e.proto, fk[5], None, None))
             if hit is None:
                 return False
             if len(self._facts) >= _MEMO_MAX:

@@ -164,11 +164,27 @@ class Pipeline:
             return as_of, f"timestamp {iso_time(t)} is more than a day after the as-of date {as_of}"
         return day, None
 
+    def _name_claim(self, rec, flow: Flow, loc: Location, day: date) -> str | None:
+        """When the register matched the recipient by host name only and the address is located
+        outside the recipient's declared processing locations: why that is no exemption (a client
+        chooses its SNI; the address says where the data goes). None when the match stands."""
+        country = loc.country if loc.unknown_reason is None else None
+        if rec is None or country is None:
+            return None
+        for where in rec.processing_locations:
+            m = self.jurisdictions.membership(where, country, day)
+            if m is not None and m.condition is None:
+                return None
+        return (f"the host name {flow.hostname} ({flow.hostname_source or 'from the flow log'}) names recipient "
+                f"{rec.id}, but the address is located in {country}, outside the recipient's declared processing "
+                f"locations ({', '.join(rec.processing_locations)}): not an exemption")
+
     def _key(self, flow: Flow, loc: Location, day: date) -> tuple:
         """Everything `evaluate` reads, for every loaded policy (see agent.policy.compiled)."""
         return (location_class(loc), self._dst_nets.mask(flow.dst), self._src_nets.mask(flow.src),
                 day, flow.proto, flow.dport if self._by_port else None,
-                flow.who if self._by_who else None, flow.hostname if self._by_host else None)
+                flow.who if self._by_who else None,
+                (flow.hostname, flow.hostname_source) if self._by_host else None)
 
     def judge(self, flow: Flow, inbound: bool = False) -> Judged:
         """Judge an outbound flow, or (inbound=True) a connection a remote peer opened to a local host:
@@ -176,13 +192,19 @@ class Pipeline:
         view = replace(flow, src=flow.dst, dst=flow.src) if inbound else flow
         loc = self.locator.locate(view.dst)
         day, redated = self.judging_day(flow)
-        rec = None
+        rec = claim = None
         if self.register is not None and not inbound:
-            rec = self.register.match(flow.hostname, loc.asn, _ip(flow.dst))
-        key = (inbound, rec.id if rec is not None else None, *self._key(view, loc, day))
+            rec, how = self.register.match_how(flow.hostname, loc.asn, _ip(flow.dst))
+            if how == "hostname":
+                claim = self._name_claim(rec, flow, loc, day)
+        key = (inbound, rec.id if rec is not None else None, claim, *self._key(view, loc, day))
         hit = self._cache.get(key)
         if hit is None:
-            verdicts = tuple(evaluate(view, loc, p, self.jurisdictions, day, inbound, rec) for p in self.policies)
+            basis = None if claim else rec  # a name alone never makes an outside address the recipient's
+            verdicts = tuple(evaluate(view, loc, p, self.jurisdictions, day, inbound, basis) for p in self.policies)
+            if claim:
+                verdicts = tuple(replace(v, message=f"{v.message}; {claim}") if v.outcome != Outcome.COMPLIANT
+                                 else v for v in verdicts)
             groups = ()
             if loc.unknown_reason is None and loc.country:
                 groups = tuple(self.jurisdictions.groups_of(loc.country, day))

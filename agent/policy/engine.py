@@ -79,6 +79,10 @@ class _Match:
         self.conditional: str | None = None
 
 
+def _source_words(source: str | None) -> str:
+    return SOURCE_WORDS.get(source) or (f"from {source}" if source else "from the flow log")
+
+
 def _name_hit(dest: Destinations | None, host: str | None) -> bool:
     return bool(host and dest is not None and dest.hostnames and any(p.matches(host) for p in dest.hostnames))
 
@@ -230,6 +234,9 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
                        f"policy {policy.name} is in effect {span.strip()}, not on {at}")
     country = loc.country if loc.unknown_reason is None else None
     host = None if inbound else flow.hostname
+    # A name may always make a verdict worse (deny); it may excuse (allow, exceptions) only when the
+    # policy trusts where it came from: a client chooses its SNI, and anyone can send a DNS answer.
+    excuse_host = host if host and flow.hostname_source in policy.trusted_name_sources() else None
     desc = _describe(flow, loc, country, inbound)
     if country is None and policy.registration_as_location and loc.unknown_reason == "registered-country-only" \
             and loc.source == "rir-registration" and loc.registered_country:
@@ -237,7 +244,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         country = loc.registered_country
         desc = _describe(flow, loc, country, inbound,
                          where=f"registered {country}, taken as its location by this policy: no GeoIP location data")
-    if policy.names_override_location and _name_hit(policy.allow, host) and not _name_hit(policy.deny, host):
+    if policy.names_override_location and _name_hit(policy.allow, excuse_host) and not _name_hit(policy.deny, host):
         # the policy trusts the name over the address (a contractually located endpoint on a CDN)
         return verdict(Outcome.COMPLIANT, "allowed",
                        f"{desc} is named {host}, allowed by policy {policy.name}, whose names override the "
@@ -272,9 +279,12 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
         elif m.unknown:
             unknown = m.unknown
     if problem is None and policy.allow:
-        m = _match(policy.allow, flow, loc, country, policy, jur, at, host)
+        m = _match(policy.allow, flow, loc, country, policy, jur, at, excuse_host)
         if m.hit and unknown is None and declared_problem is None:
-            return verdict(Outcome.COMPLIANT, "allowed", f"{desc} is in {m.hit}, allowed by policy {policy.name}")
+            trusted = (f" (a name {_source_words(flow.hostname_source)}, "
+                       "which this policy trusts)") if m.hit.startswith("hostname ") else ""
+            return verdict(Outcome.COMPLIANT, "allowed",
+                           f"{desc} is in {m.hit}{trusted}, allowed by policy {policy.name}")
         if m.hit and unknown is None:
             problem = declared_problem  # observed inside, declared outside: both must hold
         if not m.hit:
@@ -285,6 +295,10 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
                 msg = f"{desc} is outside {allowed} required by policy {policy.name}"
                 if m.conditional:
                     msg += f" ({m.conditional}: record that as an exception)"
+                if excuse_host is None and _name_hit(policy.allow, host):
+                    msg += f" (its name {display(host)} matches allow, but names " \
+                           f"{_source_words(flow.hostname_source)} " \
+                           f"do not excuse under this policy: trust_names)"
                 problem = ("outside-allowed", msg)
     if problem is None and unknown is None and declared_problem is not None:
         problem = declared_problem
@@ -304,7 +318,7 @@ def evaluate(flow: Flow, loc: Location, policy: Policy, jur: Jurisdictions, at: 
             expired.append(f"the {t.basis} of recipient {recipient.id} " + (
                 f"expired {t.expires}" if at >= t.expires else f"starts {t.start}"))
     for ex in policy.exceptions:
-        em = _match(ex.destinations, flow, loc, country, policy, jur, at, host)
+        em = _match(ex.destinations, flow, loc, country, policy, jur, at, excuse_host)
         if not em.hit:
             continue
         if ex.in_force(at):

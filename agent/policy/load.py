@@ -224,6 +224,7 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
                   use_represented_country=d.get("location") == "represented",
                   registration_as_location=bool(d.get("registration_as_location", False)),
                   names_override_location=bool(d.get("names_override_location", False)),
+                  trust_names=tuple(d["trust_names"]) if d.get("trust_names") is not None else None,
                   recipient_location=d.get("recipient_location", "observed"),
                   directions=tuple(d.get("directions") or ("outbound",)),
                   exceptions=tuple(exceptions), file=file, sha256=sha,

@@ -16,6 +16,9 @@ from agent.names.hostnames import Pattern
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+NAME_SOURCES = frozenset({"dns", "sni", "quic-sni"})
+
+
 @dataclass(frozen=True, slots=True)
 class Destinations:
     jurisdictions: tuple[str, ...] = ()
@@ -80,6 +83,14 @@ class Policy:
     use_represented_country: bool = False  # judge by GeoIP represented_country where it differs
     registration_as_location: bool = False  # without a GeoIP database, judge by the country of registration
     names_override_location: bool = False  # a name matching allow decides, whatever the address's location
+    # which name sources may excuse (make compliant through `allow`, exempt through an exception):
+    # None is the default, none unless names_override_location (then all); a name in `deny` always counts
+    trust_names: tuple[str, ...] | None = None
+
+    def trusted_name_sources(self) -> frozenset:
+        if self.trust_names is not None:
+            return frozenset(self.trust_names)
+        return NAME_SOURCES if self.names_override_location else frozenset()
     recipient_location: str = "observed"  # observed | declared | both: which location of a known recipient counts
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)

@@ -118,19 +118,23 @@ class Register:
         return len(self.recipients)
 
     def match(self, hostname: str | None, asn: int | None, address) -> Recipient | None:
+        return self.match_how(hostname, asn, address)[0]
+
+    def match_how(self, hostname: str | None, asn: int | None, address) -> tuple[Recipient | None, str | None]:
+        """(the recipient, how it matched: "hostname", "asn" or "network"), or (None, None)."""
         if hostname:
             for r in self.recipients:
                 if any(p.matches(hostname) for p in r.match.hostnames):
-                    return r
+                    return r, "hostname"
         if asn is not None:
             for r in self.recipients:
                 if asn in r.match.asns:
-                    return r
+                    return r, "asn"
         for r in self.recipients:
             for net in r.match.networks:
                 if net.version == address.version and address in net:
-                    return r
-        return None
+                    return r, "network"
+        return None, None
 
 
 def register_files(path: Path) -> list[Path]:

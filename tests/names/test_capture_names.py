@@ -133,6 +133,7 @@ version: 1
 name: vendor-eu
 home: [EU]
 names_override_location: {override}
+trust_names: [sni, dns]  # names from these sources may excuse (the default: none)
 allow:
   jurisdictions: [EU]
   hostnames: ["*.payroll.example", "bücher.example"]

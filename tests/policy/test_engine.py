@@ -50,7 +50,7 @@ def judge(tmp_path, dst, loc, port=443, who=CURL, host=None, when=2025):
     ({"country": "US"}, {"port": 22}, Outcome.NOT_APPLICABLE, "not-selected"),
     ({"country": "US"}, {"who": None}, Outcome.NOT_APPLICABLE, "not-selected"),
     ({"country": "US"}, {"who": Who(comm="wget", unit="api.service")}, Outcome.NOT_APPLICABLE, "not-selected"),
-    ({"country": "US"}, {"host": "cdn.example.eu"}, Outcome.COMPLIANT, "allowed"),
+    ({"country": "US"}, {"host": "cdn.example.eu"}, Outcome.VIOLATION, "outside-allowed"),  # names don't excuse
     ({"country": "US", "asn": 64500}, {}, Outcome.EXEMPT, "exception"),
     ({"registered_country": "DE"}, {}, Outcome.COMPLIANT, "unknown-location:registered-country-only"),
 ])
@@ -157,3 +157,43 @@ def test_embedded_data_is_registration_and_a_policy_may_trust_it(tmp_path):
     assert out["false"].reason == "unknown-location:registered-country-only"
     assert out["true"].outcome == Outcome.VIOLATION
     assert "(registered US, taken as its location by this policy: no GeoIP location data)" in out["true"].message
+
+
+TRUST = """\
+version: 1
+name: n
+home: [EU]
+allow:
+  jurisdictions: [EU]
+  hostnames: ["*.example.eu"]
+deny:
+  hostnames: [bad.example.eu]
+trust_names: {trust}
+exceptions:
+  - {{id: e1, basis: scc, reference: r, owner: o, destinations: {{hostnames: [partner.example]}}, expires: 2030-01-01}}
+"""
+
+
+@pytest.mark.parametrize("trust,source,host,outcome", [
+    ("[sni]", "sni", "cdn.example.eu", Outcome.COMPLIANT),
+    ("[sni]", "dns", "cdn.example.eu", Outcome.VIOLATION),  # a name from DNS: this policy does not trust it
+    ("[]", "sni", "cdn.example.eu", Outcome.VIOLATION),
+    ("[dns, sni, quic-sni]", "sni", "bad.example.eu", Outcome.VIOLATION),  # deny wins (not a denied name: allow)
+    ("[]", "sni", "bad.example.eu", Outcome.VIOLATION),  # a name in deny always counts
+    ("[sni]", "sni", "partner.example", Outcome.EXEMPT),
+    ("[]", "sni", "partner.example", Outcome.VIOLATION),  # an exception by name needs a trusted name too
+])
+def test_names_explain_but_excuse_only_from_trusted_sources(tmp_path, trust, source, host, outcome):
+    """A client chooses its SNI and anyone can send a DNS answer: a name alone turns an address
+    outside the allowed jurisdictions into compliant or exempt only from a source the policy trusts."""
+    (tmp_path / "n.yaml").write_text(TRUST.format(trust=trust))
+    pipe = Pipeline(load_policies(tmp_path / "n.yaml", J), J, FixtureLocator({"203.0.113.9": {"country": "US"}},
+                                                                              SCOPER), SCOPER)
+    t = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
+    (v,) = pipe.judge(Flow(6, "10.0.0.1", 5000, "203.0.113.9", 443, first_seen=t, last_seen=t, hostname=host,
+                           hostname_source=source)).verdicts
+    assert v.outcome == outcome, v.message
+    if outcome == Outcome.VIOLATION and host == "cdn.example.eu":
+        assert "matches allow, but names from " in v.message and "do not excuse under this policy" in v.message
+    if outcome == Outcome.COMPLIANT:
+        assert "which this policy trusts" in v.message

@@ -220,3 +220,18 @@ def test_declared_locations_inside_are_compliant_whatever_geoip_says(tmp_path):
     text = BASE.replace("processing_locations: [DE, US]", "processing_locations: [DE, IE]")
     _, v = judge(pipe(tmp_path, text, mode="declared", loc={"country": "US", "asn": 64500}))
     assert v["gdpr"].outcome == Outcome.COMPLIANT and "judged by declared locations" in v["gdpr"].message
+
+
+def test_a_name_alone_outside_the_declared_locations_is_no_exemption(tmp_path):
+    """A forged SNI matches a recipient by name, but the address is in the US while the recipient
+    declares processing only in DE: the verdict says so and does not exempt; inside its declared
+    locations the match by name stands, and matches by ASN or network are not affected."""
+    text = BASE.replace("processing_locations: [US]", "processing_locations: [DE]", 1)
+    assert text != BASE
+    j, v = judge(pipe(tmp_path, text), host="api.vendor.example")
+    g = v["gdpr"]
+    assert g.outcome == Outcome.VIOLATION and j.recipient.id == "by-name"
+    assert "names recipient by-name, but the address is located in US, outside the recipient's declared " \
+           "processing locations (DE): not an exemption" in g.message
+    j, v = judge(pipe(tmp_path, text, loc={"country": "DE", "asn": 64500}), host="api.vendor.example")
+    assert j.recipient.id == "by-name" and "not an exemption" not in v["gdpr"].message
