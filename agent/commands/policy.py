@@ -12,6 +12,23 @@ from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import load_policies, schema
 
 
+def lookalike_warnings(policies) -> list[str]:
+    """Host names in policies that may be look-alikes of the names meant (mixed scripts): such a
+    name never matches the real one, and nothing else would say so."""
+    from agent.names.hostnames import script_warnings
+
+    out = []
+    for p in policies:
+        places = [("allow", p.allow), ("deny", p.deny)] + [(f"exceptions[{e.id}]", e.destinations)
+                                                           for e in p.exceptions]
+        for where, dest in places:
+            for pat in (dest.hostnames if dest is not None else ()):
+                for why in script_warnings(pat.text):
+                    out.append(f"{p.file}: {where}.hostnames: '{pat.text}': {why}; a look-alike of another name? "
+                               "(UTS #39) It matches only itself")
+    return out
+
+
 def run_policy(args) -> int:
     from agent.output import shipped_policies
 
@@ -29,6 +46,8 @@ def run_policy(args) -> int:
         policies = load_policies(path, jur)
         for p in policies:
             print(f"ok  {p.name}  ({p.file}, {len(p.exceptions)} exception(s))")
+        for w in lookalike_warnings(policies):
+            print(f"egress-agent: warning: {w}", file=sys.stderr)
         from agent.commands.common import _today, register_path
         from agent.policy.recipients import load_recipients
 

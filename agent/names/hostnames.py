@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import unicodedata
 from functools import lru_cache
 
 import idna
@@ -80,3 +81,42 @@ class Pattern:
 
     def __hash__(self) -> int:
         return hash((self.exact, self.suffix))
+
+
+# Letters of Cyrillic and Greek that render like Latin ones (UTS #39 confusables, the common subset):
+# a label made only of them reads as a Latin word it is not.
+_LATIN_LOOKALIKES = set("аеорсухіјѕԁһӏԛԝаеіорсѕху" + "οαερτυικνχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ" + "АВЕКМНОРСТХ")
+
+
+def _script(ch: str) -> str | None:
+    """The script of a letter as Unicode names it (LATIN, CYRILLIC, GREEK, ...); None for digits,
+    hyphens and other characters every script shares."""
+    if not ch.isalpha():
+        return None
+    try:
+        word = unicodedata.name(ch).split()[0]
+    except ValueError:
+        return None
+    return {"CJK": "HAN"}.get(word, word)
+
+
+def script_warnings(name: str) -> list[str]:
+    """Why a host name in a policy may be a look-alike of another (UTS #39, in part): a label that
+    mixes scripts (`pаypal` with a Cyrillic а), or a label written wholly in Cyrillic or Greek
+    letters that look Latin, beside Latin labels. Empty when neither."""
+    shown = name[2:] if name.startswith("*.") else name
+    try:
+        shown = idna.decode(canonical(shown))
+    except (ValueError, idna.IDNAError):
+        return []
+    out = []
+    labels = shown.split(".")
+    latin_elsewhere = any({_script(c) for c in lab} - {None} == {"LATIN"} for lab in labels)
+    for lab in labels:
+        scripts = {_script(c) for c in lab} - {None}
+        if len(scripts) > 1:
+            out.append(f"label '{lab}' mixes scripts ({', '.join(sorted(s.title() for s in scripts))})")
+        elif scripts & {"CYRILLIC", "GREEK"} and latin_elsewhere and all(c in _LATIN_LOOKALIKES or not c.isalpha()
+                                                                        for c in lab):
+            out.append(f"label '{lab}' is written in {next(iter(scripts)).title()} letters that look Latin")
+    return out

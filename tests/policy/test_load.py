@@ -129,3 +129,15 @@ def test_hostnames_match_in_any_idna_form(tmp_path):
     assert star.matches(canonical("shop.bücher.example")) and star.matches("a.b.xn--bcher-kva.example")
     assert not star.matches("xn--bcher-kva.example")  # *.suffix is what is under it, not the suffix
     assert exact.matches(canonical("Café.example.")) and not exact.matches("www.xn--caf-dma.example")
+
+
+def test_policy_check_warns_on_look_alike_host_names(cli, tmp_path):
+    """`pаypal.example` with a Cyrillic а never matches paypal.example: policy check says so."""
+    (tmp_path / "p.yaml").write_text("version: 1\nname: p\nhome: [EU]\nallow:\n  jurisdictions: [EU]\n"
+                                     "  hostnames: [\"p\u0430ypal.example\", \"b\u00fccher.example\"]\n"
+                                     "deny:\n  hostnames: [\"*.\u0430\u0440\u0440\u04cf\u0435.com\"]\n")
+    r = cli("policy", "check", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "allow.hostnames: 'p\u0430ypal.example': label 'p\u0430ypal' mixes scripts (Cyrillic, Latin)" in r.stderr
+    assert "deny.hostnames: '*.\u0430\u0440\u0440\u04cf\u0435.com': label" in r.stderr and "look Latin" in r.stderr
+    assert "b\u00fccher" not in r.stderr  # one script (Latin with a diacritic): no warning
