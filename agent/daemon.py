@@ -119,6 +119,8 @@ class Daemon:
         self.name_wait = 0.0
         self._host_packed: frozenset = frozenset()
         self.web = webconfig.load(cfg.web_config)
+        for w in self.web.warnings:
+            log.warning("%s", w)
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.rescope = threading.Event()
@@ -189,6 +191,8 @@ class Daemon:
             cfg = with_flags(load_config(self.config_path), self.args) if self.args else load_config(self.config_path)
             pipe = build_pipeline(cfg, self.host_addrs)
             web = webconfig.load(cfg.web_config)
+            for w in web.warnings:
+                log.warning("%s", w)
         except UserError as e:
             self.metrics.reload_success.set(0)
             message = str(e)
@@ -464,7 +468,8 @@ class Daemon:
         host, port = self.cfg.listen_addr()
         try:
             self.http = MetricsServer(self.metrics.registry, host, port, self.web,
-                                      rejected=self.metrics.http_rejected).start()
+                                      rejected=self.metrics.http_rejected,
+                                      auth_refused=self.metrics.http_auth_refused).start()
         except OSError as e:
             raise UserError(f"listen {self.cfg.listen}: {e.strerror}") from None
         self._warn_exposed()

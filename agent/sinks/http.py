@@ -12,7 +12,12 @@ made every scrape fail. Here one event-loop thread serves every connection:
 * with many clients at once, the exposition text is rendered at most once per `cache_seconds`
   (a lone scrape always gets a fresh rendering);
 * TLS and basic auth come from an exporter-toolkit web-config file (`agent.sinks.webconfig`),
-  with the TLS handshake under the same deadline.
+  with the TLS handshake under the same deadline;
+* password checks run on a pool of their own (AUTH_THREADS, at most AUTH_PENDING waiting), a
+  header that checked out before skips bcrypt, and a client whose attempts fail is refused for a
+  backoff that doubles per failure; refusals are counted by reason
+  (`egress_agent_http_auth_refused_total{reason=failed|backoff|busy}`). So 200 clients sending
+  wrong passwords cannot make an authenticated scrape wait.
 
 Contract: `MetricsServer(registry, host, port, web).start()` binds synchronously (an OSError there
 is the caller's start-up error) and serves on a daemon thread until `stop()`. `GET /metrics`
@@ -26,6 +31,8 @@ import gzip
 import socket
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -33,15 +40,24 @@ from agent.sinks.webconfig import WebConfig
 from agent.threadname import named
 
 MAX_HEAD = 16384
+AUTH_THREADS = 2  # bcrypt checks at once: the rest of the agent keeps its cores
+AUTH_PENDING = 16  # checks waiting for a thread; more are refused (401) at once
+BACKOFF_AFTER = 3  # failures in a row before a client is made to wait (a typo or two is not an attack)
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0  # seconds a client is then refused, doubling per failure
+BACKOFF_CLIENTS = 4096  # clients remembered for their backoff (the oldest forgotten first)
 
 
 class MetricsServer:
     def __init__(self, registry, host: str, port: int, web: WebConfig | None = None, *, timeout: float = 10.0,
-                 max_connections: int = 256, cache_seconds: float = 0.5, rejected=None):
+                 max_connections: int = 256, cache_seconds: float = 0.5, rejected=None, auth_refused=None):
         self.registry, self.host, self.port = registry, host, port
         self.web = web or WebConfig()
         self.timeout, self.max_connections, self.cache_seconds = timeout, max_connections, cache_seconds
         self.rejected = rejected  # a prometheus Counter (or None)
+        self.auth_refused = auth_refused  # a prometheus Counter with a `reason` label (or None)
+        self._auth_pool = ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="ea-auth")
+        self._auth_pending = 0
+        self._backoff: OrderedDict[str, tuple[float, int]] = OrderedDict()  # peer -> (refused until, failures)
         self.active = 0
         self._cache: tuple[float, bytes] = (0.0, b"")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +90,7 @@ class MetricsServer:
         old.close()  # closes only its duplicate of the listening socket
 
     def stop(self):
+        self._auth_pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None and not self._loop.is_closed():
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         if self._thread is not None:
@@ -119,6 +136,45 @@ class MetricsServer:
             self.active -= 1
             writer.transport.abort()  # Connection: close; nothing is left to flush after _send's drain
 
+    async def _authorized(self, web, authorization: str | None, writer) -> bool:
+        """Basic auth without letting failed attempts starve scrapes: a header that checked out
+        before is answered at once (no bcrypt); other checks run on a pool of their own, at most
+        AUTH_PENDING waiting (more are refused at once); a client whose attempts failed waits out
+        a backoff that doubles per failure (refused, not queued, meanwhile)."""
+        if web.cached(authorization):
+            return True
+        peer = (writer.get_extra_info("peername") or ("?",))[0]
+        now = time.monotonic()
+        until = self._backoff.get(peer)
+        if until is not None and now < until[0]:
+            self._count_auth("backoff")
+            return False
+        if self._auth_pending >= AUTH_PENDING:
+            self._count_auth("busy")
+            return False
+        self._auth_pending += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(self._auth_pool, web.check, authorization)
+        finally:
+            self._auth_pending -= 1
+        if ok:
+            self._backoff.pop(peer, None)
+            return True
+        if not authorization:
+            return False  # no credentials yet (a browser's first request): not an attempt
+        fails = (until[1] if until is not None else 0) + 1
+        wait = 0.0 if fails < BACKOFF_AFTER else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (fails - BACKOFF_AFTER))
+        self._backoff[peer] = (time.monotonic() + wait, fails)
+        self._backoff.move_to_end(peer)
+        while len(self._backoff) > BACKOFF_CLIENTS:
+            self._backoff.popitem(last=False)
+        self._count_auth("failed")
+        return False
+
+    def _count_auth(self, reason: str):
+        if self.auth_refused is not None:
+            self.auth_refused.labels(reason).inc()
+
     async def _exchange(self, reader, writer):
         web = self.web  # one config for the whole exchange, even if a reload swaps it meanwhile
         head = await reader.readuntil(b"\r\n\r\n")
@@ -132,8 +188,7 @@ class MetricsServer:
             k, sep, v = line.partition(":")
             if sep:
                 headers[k.strip().lower()] = v.strip()
-        if web.users and not await asyncio.get_running_loop().run_in_executor(None, web.check,
-                                                                              headers.get("authorization")):
+        if web.users and not await self._authorized(web, headers.get("authorization"), writer):
             return await self._send(writer, 401, b"Unauthorized\n",
                                     {"WWW-Authenticate": 'Basic realm="egress-agent"'})
         path = target.split("?", 1)[0]

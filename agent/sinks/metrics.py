@@ -101,6 +101,10 @@ class Metrics:
         self.jurisdiction_reviewed = Gauge(f"{NS}_jurisdiction_data_reviewed_timestamp_seconds",
                                            "When each jurisdiction group's entries were last checked against "
                                            "their sources (the file's `reviewed` date).", ["group"], registry=r)
+        self.http_auth_refused = Counter(f"{NS}_http_auth_refused", "Metrics requests refused basic auth, by "
+                                         "reason: failed (wrong user or password), backoff (the client failed "
+                                         "recently), busy (too many password checks waiting).", ["reason"],
+                                         registry=r)
         self.http_rejected = Counter(f"{NS}_http_connections_rejected", "Metrics connections closed at once "
                                      "because the connection limit was reached.", registry=r)
         self.capture_packets = Counter(f"{NS}_capture_packets", "Packets the capture source read (after its "

@@ -19,11 +19,22 @@ prefer_server_cipher_suites) are refused with a clear error rather than silently
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import ssl
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from agent import yamlio
 from agent.errors import UserError
+from agent.fileio import open_regular
+
+MAX_COST = 14  # a bcrypt cost above this takes seconds a check: refused (an attacker's scrapes would queue)
+WARN_COST = 12  # above this, a warning: each check costs ~0.25 s or more of a core
+MAX_PEM = 1 << 20  # a certificate, key or CA file larger than this is not one
 
 CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "RequestClientCert": ssl.CERT_OPTIONAL,
                "RequireAnyClientCert": ssl.CERT_OPTIONAL, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
@@ -39,6 +50,32 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    dummy: bytes = b""  # a hash of the highest configured cost, checked for unknown users
+    warnings: tuple[str, ...] = ()
+    # Authorization headers that checked out, by their SHA-256 (never the password): a scrape from
+    # an authenticated client is answered without a bcrypt check, so it never queues behind an
+    # attacker's failed attempts (as exporter-toolkit caches them). Bounded; dropped on reload.
+    _ok: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
+    _ok_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def cached(self, authorization: str | None) -> bool:
+        """True when this exact header checked out before (the cheap path, no bcrypt)."""
+        if not self.users or not authorization:
+            return not self.users
+        key = hashlib.sha256(authorization.encode("utf-8", "replace")).digest()
+        with self._ok_lock:
+            for k in self._ok:  # a handful of entries; compare in constant time
+                if hmac.compare_digest(k, key):
+                    self._ok.move_to_end(k)
+                    return True
+        return False
+
+    def remember(self, authorization: str):
+        key = hashlib.sha256(authorization.encode("utf-8", "replace")).digest()
+        with self._ok_lock:
+            self._ok[key] = time.monotonic()
+            while len(self._ok) > 64:
+                self._ok.popitem(last=False)
 
     @property
     def protected(self) -> bool:
@@ -62,12 +99,21 @@ class WebConfig:
             return False
         hashed = self.users.get(user)
         if hashed is None:
-            bcrypt.checkpw(b"x", _DUMMY)  # same cost for unknown users: no user enumeration by timing
+            # as costly as the dearest real user's check: unknown and known users take as long
+            bcrypt.checkpw(b"x", self.dummy or _DUMMY)
             return False
-        return bcrypt.checkpw(password.encode(), hashed)
+        ok = bcrypt.checkpw(password.encode(), hashed)
+        if ok:
+            self.remember(authorization)
+        return ok
 
 
 _DUMMY = b"$2b$10$C6UzMDM.H6dfI/f/IKxGhu7HWRM3r/9Vj0D9QxO6pAbvm7HiMGvA6"
+
+
+def cost(h: bytes) -> int:
+    """The cost of a bcrypt hash ($2b$NN$...)."""
+    return int(h[4:6])
 
 
 def load(path: str | None) -> WebConfig:
@@ -113,17 +159,26 @@ def load(path: str | None) -> WebConfig:
             if not problems:
                 ctx = _context(tls, where)
     users = {}
+    warnings: list[str] = []
     raw_users = data.get("basic_auth_users")
     if raw_users is not None:
         if not isinstance(raw_users, dict):
             problems.append(f"{where('basic_auth_users')}: must map user names to bcrypt hashes")
         else:
             for user, h in raw_users.items():
-                if not isinstance(h, str) or not h.startswith(("$2a$", "$2b$", "$2y$")) or len(h) != 60:
+                if not isinstance(h, str) or not h.startswith(("$2a$", "$2b$", "$2y$")) or len(h) != 60 \
+                        or not h[4:6].isdigit() or h[6] != "$":
                     problems.append(f"{where('basic_auth_users', str(user))}: not a bcrypt hash "
                                     "(htpasswd -nBC 10 \"\" | tr -d ':\\n')")
+                elif int(h[4:6]) > MAX_COST:
+                    problems.append(f"{where('basic_auth_users', str(user))}: bcrypt cost {int(h[4:6])} is above "
+                                    f"{MAX_COST}: each check would take seconds, so a few wrong passwords would stall "
+                                    "every scrape; hash it again with a lower cost (htpasswd -nBC 10)")
                 else:
                     users[str(user)] = ("$2b$" + h[4:]).encode()  # $2y$ (PHP/htpasswd) is $2b$
+                    if int(h[4:6]) > WARN_COST:
+                        warnings.append(f"{where('basic_auth_users', str(user))}: bcrypt cost {int(h[4:6])}: each "
+                                        "check costs a quarter of a second or more; 10 is the usual choice")
     headers = {}
     hsc = data.get("http_server_config")
     if hsc is not None:
@@ -137,10 +192,31 @@ def load(path: str | None) -> WebConfig:
                        if "\n" not in str(k) + str(v) and "\r" not in str(k) + str(v)}
     if problems:
         raise UserError(f"{len(problems)} problem(s) in web config {path}", problems)
-    return WebConfig(path, ctx, users, headers)
+    dummy = b""
+    if users:
+        import bcrypt
+
+        dummy = bcrypt.hashpw(b"x", bcrypt.gensalt(max(max(map(cost, users.values())), 4)))
+    return WebConfig(path, ctx, users, headers, dummy, tuple(warnings))
+
+
+def _pem_file(path: str, where: str):
+    """A certificate, key or CA file is read like every other input: a regular file (a FIFO would
+    block the loader), of a sane size."""
+    try:
+        fd, st = open_regular(path, "TLS file")
+    except UserError as e:
+        raise UserError(f"{where}: cannot load {path}: {str(e).removeprefix(f'{path}: ')}") from None
+    os.close(fd)
+    if st.st_size > MAX_PEM:
+        raise UserError(f"{where}: {path} is {st.st_size:,} bytes, not a certificate or key "
+                        f"(at most {MAX_PEM:,})")
 
 
 def _context(tls: dict, where) -> ssl.SSLContext:
+    for k in ("cert_file", "key_file", "client_ca_file"):
+        if tls.get(k):
+            _pem_file(tls[k], where("tls_server_config", k))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[tls.get("min_version", "TLS12")]
     if "max_version" in tls:

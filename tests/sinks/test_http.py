@@ -205,3 +205,73 @@ def test_promtool_accepts_the_same_file(tmp_path, tls_files):
     webconfig.load(path)
     r = subprocess.run(["promtool", "check", "web-config", path], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _auth(user, pw):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()}
+
+
+def test_wrong_passwords_from_many_clients_never_make_a_good_scrape_wait(registry, tmp_path):
+    """200 clients sending wrong passwords (each check a real bcrypt at cost 10) while Prometheus,
+    authenticated once, scrapes: every good scrape is answered, and fast; the attempts are
+    refused and counted by reason."""
+    h = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=10)).decode()
+    web = webconfig.load(write(tmp_path / "web.yml", f"basic_auth_users:\n  prometheus: '{h}'\n"))
+    refused = Counter("auth_refused", "x", ["reason"], registry=CollectorRegistry())
+    s = serve(registry, web, auth_refused=refused)
+    good = _auth("prometheus", "s3cret")
+    try:
+        scrape(s.port, headers=good)  # authenticated once: from now on its header is known
+        stop = threading.Event()
+
+        def attacker(i):
+            while not stop.is_set():
+                try:
+                    scrape(s.port, headers=_auth("prometheus" if i % 2 else f"user{i}", f"guess{i}"), timeout=10)
+                except (urllib.error.URLError, OSError):
+                    pass
+
+        threads = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(200)]
+        for th in threads:
+            th.start()
+        time.sleep(1.0)
+        try:
+            for _ in range(10):  # each answered within the server's own deadline, none refused
+                scrape(s.port, headers=good, timeout=10)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(15)
+        reasons = {smp.labels["reason"]: smp.value for m in refused.collect() for smp in m.samples
+                   if smp.name.endswith("_total")}
+        assert reasons.get("failed", 0) >= 1 and reasons.get("backoff", 0) + reasons.get("busy", 0) >= 1, reasons
+    finally:
+        s.stop()
+
+
+def test_unknown_users_cost_as_much_as_the_dearest_real_user(tmp_path):
+    hashes = [bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=r)).decode() for r in (5, 7)]
+    web = webconfig.load(write(tmp_path / "web.yml", f"basic_auth_users:\n  a: '{hashes[0]}'\n  b: '{hashes[1]}'\n"))
+    assert webconfig.cost(web.dummy) == 7 and not web.check(_auth("nobody", "a")["Authorization"])
+    assert web.check(_auth("b", "a")["Authorization"]) and web.cached(_auth("b", "a")["Authorization"])
+    assert not web.cached(_auth("b", "x")["Authorization"])
+
+
+def test_costly_hashes_are_refused_or_warned_about(tmp_path):
+    dear = "$2b$18$" + "a" * 53
+    with pytest.raises(UserError) as e:
+        webconfig.load(write(tmp_path / "w1.yml", f"basic_auth_users:\n  a: '{dear}'\n"))
+    assert any("bcrypt cost 18 is above 14" in p for p in e.value.problems)
+    h13 = bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=4)).decode().replace("$04$", "$13$")
+    web = webconfig.load(write(tmp_path / "w2.yml", f"basic_auth_users:\n  a: '{h13}'\n"))
+    assert any("bcrypt cost 13" in w for w in web.warnings)
+
+
+def test_a_certificate_that_is_a_fifo_is_refused_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    path = write(tmp_path / "web.yml", f"tls_server_config:\n  cert_file: {fifo}\n  key_file: {fifo}\n")
+    with pytest.raises(UserError, match="not a regular file"):  # returns at once: it would block on open
+        webconfig.load(path)
