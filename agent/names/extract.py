@@ -36,7 +36,10 @@ MAX_QUERIES = 65536  # queries awaiting an answer; the oldest are dropped first 
 MAX_TTL = 86400  # an answer names an address for at most a day, whatever TTL it claims
 # Counts of `stats()` that say a name was refused or forgotten (the metric's bounded `kind` label)
 NAME_EVENTS = ("dns_unsolicited", "dns_ttl_capped", "dns_queries_evicted", "dns_answers_evicted",
-               "quic_streams_evicted")
+               "quic_streams_evicted", "quic_not_first_flight", "quic_over_budget", "tls_streams_evicted",
+               "tls_orphans_evicted", "named_evicted")
+QUIC_BUDGET = 2000  # Initials opened per second of capture time at most (~87 us each): the rest are counted
+STREAM_TTL = 30.0  # seconds a split ClientHello may take to complete before its slot may be reused
 QUIC_MIN_DATAGRAM = 1200
 MAX_PENDING = 4096  # TCP streams waiting for the rest of a ClientHello
 MAX_NAMED = 262144  # 5-tuples named by a hello
@@ -68,12 +71,13 @@ def packed(text: str) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("next_seq", "buf", "held")
+    __slots__ = ("next_seq", "buf", "held", "started")
 
     def __init__(self, seq: int, data: bytes, held: dict[int, bytes] | None = None):
         self.next_seq = seq
         self.buf = bytearray()
         self.held: dict[int, bytes] = held or {}
+        self.started = 0.0  # when its first segment was seen (capture time)
         self.append(data)
 
     def append(self, data: bytes):
@@ -106,6 +110,7 @@ class NameExtractor:
         # segments that arrived before the start of their stream (reordering): {key: {seq: data}}
         self._orphans: OrderedDict[tuple, dict[int, bytes]] = OrderedDict()
         self._quic = quic.Assembler()
+        self._quic_second, self._quic_spent = 0, 0  # the QUIC budget: Initials opened this second
         # the live capture thread feeds while the worker names flows: one lock keeps the tables whole
         self._lock = threading.Lock()
 
@@ -124,10 +129,10 @@ class NameExtractor:
                 self._query(seg, at)
                 return None
             if len(seg.payload) >= QUIC_MIN_DATAGRAM and seg.payload[0] & 0xC0 == 0xC0:
-                return self._quic_initial(seg)
+                return self._quic_initial(seg, at)
             return None
         if seg.proto == TCP and seg.payload:
-            return self._tcp(seg)
+            return self._tcp(seg, at)
         return None
 
     def _query(self, seg: Segment, at: float):
@@ -164,7 +169,7 @@ class NameExtractor:
                 ttl = self.max_ttl
             self.answers.add(client, addr if len(addr) == 16 else bytes(12) + addr, r.qname, chain, ttl, at)
 
-    def _tcp(self, seg: Segment):
+    def _tcp(self, seg: Segment, at: float = 0.0):
         key = (TCP, seg.src, seg.sport, seg.dst, seg.dport)
         st = self._streams.get(key)
         if st is None:
@@ -179,6 +184,7 @@ class NameExtractor:
                     held = self._orphans[key] = {}
                     if len(self._orphans) > MAX_ORPHANS:
                         self._orphans.popitem(last=False)
+                        self.counts["tls_orphans_evicted"] += 1
                 if len(held) < ORPHAN_SEGMENTS:
                     held[seg.seq] = p
                 return None
@@ -199,10 +205,15 @@ class NameExtractor:
             return NoHello(key)
         if got == tls.NEED_MORE:
             if key not in self._streams:
-                self._streams[key] = st
-                if len(self._streams) > MAX_PENDING:
-                    self._streams.popitem(last=False)
+                if len(self._streams) >= MAX_PENDING:
+                    # Full: the oldest goes only when it is stale; otherwise the newest partial hello
+                    # goes, so a flood of partial hellos cannot push out a real one that began earlier.
+                    oldest = next(iter(self._streams))
+                    stale = at - self._streams[oldest].started > STREAM_TTL
+                    self._streams.popitem(last=not stale)
                     self.counts["tls_streams_evicted"] += 1
+                st.started = at
+                self._streams[key] = st
             return None
         self._streams.pop(key, None)
         if got == tls.NOT_TLS:
@@ -210,7 +221,23 @@ class NameExtractor:
         self.counts["tls_hellos"] += 1
         return self._remember(key, got.sni, "sni")
 
-    def _quic_initial(self, seg: Segment):
+    def _quic_initial(self, seg: Segment, at: float):
+        p = seg.payload
+        # Before any crypto: a client's first flight starts with an Initial whose destination
+        # connection ID is 8 to 20 bytes (RFC 9000 7.2; v1 type 0, v2 type 1); anything else
+        # cannot name a flow. Then a budget per second bounds what random-DCID floods cost.
+        ptype, dlen = (p[0] >> 4) & 0x03, p[5] if len(p) > 5 else 0
+        v2 = p[1:5] == b"\x6b\x33\x43\xcf"
+        if ptype != (1 if v2 else 0) or dlen < 8:  # (over 20 is malformed: the reader says so)
+            self.counts["quic_not_first_flight"] += 1
+            return None
+        second = int(at)
+        if second != self._quic_second:
+            self._quic_second, self._quic_spent = second, 0
+        if self._quic_spent >= QUIC_BUDGET:
+            self.counts["quic_over_budget"] += 1
+            return None
+        self._quic_spent += 1
         try:
             packets = quic.open_initials(seg.payload)
         except quic.Malformed:

@@ -251,3 +251,58 @@ def test_a_trusted_resolver_is_believed_without_the_query():
         ex.feed(seg, T)
         assert (ex.name_flow(6, CLIENT, 50000, "203.0.113.9", 443, T + 1) is not None) is named
     assert trusted_resolvers(None, resolv_conf="/nonexistent") == set()
+
+
+def test_a_flood_of_partial_hellos_cannot_push_out_a_real_one_that_began_earlier(monkeypatch):
+    """5,000 partial ClientHellos arrive between the two halves of a real split hello: the real one
+    keeps its slot (the newest partial ones are dropped, and counted) and is named when it completes."""
+    from agent.names import extract
+    from agent.names.packet import transport
+    from agent.wire.decode import ETHERNET
+
+    monkeypatch.setattr(extract, "MAX_PENDING", 64)
+    ex = extract.NameExtractor()
+    real = build.records(build.client_hello("real.vendor.example", pad=1800))
+    feed = lambda frame, at: ex.feed(transport(ETHERNET, frame), at)  # noqa: E731
+    feed(build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1000, real[:700]), T)
+    junk = build.records(build.client_hello("junk.example", pad=1800))[:700]
+    for i in range(5000):
+        feed(build.tcp(CLIENT, 10000 + i, "203.0.113.10", 443, 1, junk), T + 1)
+    got = feed(build.tcp(CLIENT, 50000, "203.0.113.9", 443, 1700, real[700:]), T + 2)
+    assert got is not None
+    assert ex.name_flow(6, CLIENT, 50000, "203.0.113.9", 443, T + 2).hostname == "real.vendor.example"
+    assert ex.stats()["tls_streams_evicted"] >= 5000 - 64
+
+
+def test_out_of_order_evictions_are_counted(monkeypatch):
+    from agent.names import extract
+    from agent.names.packet import transport
+    from agent.wire.decode import ETHERNET
+
+    monkeypatch.setattr(extract, "MAX_ORPHANS", 8)
+    ex = extract.NameExtractor()
+    for i in range(20):  # later parts of hellos whose starts never come
+        ex.feed(transport(ETHERNET, build.tcp(CLIENT, 20000 + i, "203.0.113.9", 443, 5000, b"\x01" * 100)), T)
+    assert ex.stats()["tls_orphans_evicted"] == 12
+
+
+def test_quic_initials_that_cannot_be_a_first_flight_cost_no_crypto(monkeypatch):
+    """A datagram whose DCID is shorter than a client's first Initial allows is dropped before any
+    key derivation; past the per-second budget, Initials are counted, not opened."""
+    from agent.names import extract, quic
+    from agent.names.packet import transport
+    from agent.wire.decode import ETHERNET
+
+    opened = []
+    real_open = quic.open_initials
+    monkeypatch.setattr(quic, "open_initials", lambda d: opened.append(1) or real_open(d))
+    ex = extract.NameExtractor()
+    short = build.seal_initial(b"\x07" * 4, build.crypto_frame(0, build.client_hello("s.example")))
+    ex.feed(transport(ETHERNET, build.udp(CLIENT, 50000, "203.0.113.9", 443, short)), T)
+    assert not opened and ex.stats()["quic_not_first_flight"] == 1
+    monkeypatch.setattr(extract, "QUIC_BUDGET", 3)
+    hello = build.crypto_frame(0, build.client_hello("b.example"))
+    for i in range(5):
+        sealed = build.seal_initial(bytes([i]) * 8, hello)
+        ex.feed(transport(ETHERNET, build.udp(CLIENT, 50001 + i, "203.0.113.9", 443, sealed)), T + 1)
+    assert len(opened) == 3 and ex.stats()["quic_over_budget"] == 2
