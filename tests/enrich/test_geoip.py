@@ -191,3 +191,30 @@ def test_network_cache_answers_as_a_fresh_lookup(tmp_path, monkeypatch):
     assert sum(len(s) for s, _, _ in cached._nets.values()) < len(set(addrs)) / 2  # the cache did answer
     cached.clear()
     assert cached._nets[4] == ([], [], []) and not cached._cache
+
+
+def test_embedded_data_in_bulk_equals_one_lookup_at_a_time():
+    """Without a database, `locate_many` asks iptocc once for all addresses and shares one Location
+    per registered country; each address's Location equals `locate`'s apart from `ip`, NAT64 and
+    unregistered addresses included."""
+    import dataclasses
+    import ipaddress
+    import random
+
+    from agent.enrich.scope import ip_int
+
+    rnd = random.Random(3)
+    addrs = {str(ipaddress.IPv4Address(rnd.randrange(1 << 24, 223 << 24))) for _ in range(3000)}
+    addrs |= {"8.8.8.8", "193.99.144.80", "64:ff9b::808:808", "2a00:1450:4001:80b::200e", "2001:4860::8888"}
+    scoper = Scoper()
+    public = [a for a in addrs if scoper.scope_int(*ip_int(a)) == "public"]
+    order = sorted(public, key=lambda a: (ip_int(a)[0], ip_int(a)[1]))
+    ints = [ip_int(a)[1] for a in order]
+    v4 = [ip_int(a)[0] == 4 for a in order]
+    bulk = Locator([], scoper)
+    cls, locs = bulk.locate_many(ints, v4, order)
+    one = Locator([], Scoper())
+    for a, c in zip(order, cls, strict=True):
+        want = one.locate(a)
+        assert dataclasses.replace(locs[c], ip=a) == want, a
+    assert len(locs) < len(order) / 5  # shared per country, not one per address
