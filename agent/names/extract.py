@@ -37,7 +37,7 @@ MAX_TTL = 86400  # an answer names an address for at most a day, whatever TTL it
 # Counts of `stats()` that say a name was refused or forgotten (the metric's bounded `kind` label)
 NAME_EVENTS = ("dns_unsolicited", "dns_ttl_capped", "dns_queries_evicted", "dns_answers_evicted",
                "quic_streams_evicted", "quic_not_first_flight", "quic_over_budget", "tls_streams_evicted",
-               "tls_orphans_evicted", "named_evicted")
+               "tls_orphans_evicted", "named_evicted", "quic_unknown_version")
 QUIC_BUDGET = 2000  # Initials opened per second of capture time at most (~87 us each): the rest are counted
 STREAM_TTL = 30.0  # seconds a split ClientHello may take to complete before its slot may be reused
 QUIC_MIN_DATAGRAM = 1200
@@ -245,6 +245,9 @@ class NameExtractor:
             return None
         except quic.Undecryptable:
             self.counts["quic_undecryptable"] += 1
+            return None
+        except quic.UnknownVersion:
+            self.counts["quic_unknown_version"] += 1  # greased or unknown, and not v1-sealed either
             return None
         key = (UDP, seg.src, seg.sport, seg.dst, seg.dport)
         for dcid, plain in packets:

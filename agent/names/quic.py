@@ -10,7 +10,10 @@ joins by (client, server, DCID).
 Contract: `open_initials(datagram)` -> list of (dcid, frames plaintext) for each client Initial in
 a UDP datagram that decrypts (coalesced packets are walked; other packet types are skipped).
 Raises `Malformed` for a long header that cannot be read; a packet that does not decrypt with
-client keys (a server's Initial, or garbage) is `Undecryptable`, which callers count apart.
+client keys (a server's Initial, or garbage) is `Undecryptable`, which callers count apart. A
+version we have no keys for (a reserved one sent to force version negotiation, 0x?a?a?a?a, RFC 9000
+section 15, or any other) is tried as v1, as Wireshark does: it counts only when its AEAD tag
+verifies under the v1 keys; otherwise `UnknownVersion`, counted apart too.
 `crypto_frames(plain)` -> [(offset, data)].
 """
 
@@ -40,6 +43,10 @@ class Malformed(ValueError):
 
 class Undecryptable(ValueError):
     """A packet that does not open with client Initial keys (a server Initial, or not QUIC)."""
+
+
+class UnknownVersion(ValueError):
+    """An Initial of a version we have no keys for that does not open with QUIC v1's either."""
 
 
 def version_params(version: int) -> tuple[bytes, bytes, int] | None:
@@ -108,6 +115,9 @@ def open_initials(dgram: bytes) -> list[tuple[bytes, bytes]]:
         if version == 0:
             break  # version negotiation
         params = version_params(version)
+        fallback = params is None  # a reserved (0x?a?a?a?a, RFC 9000 15) or unknown version: try v1's keys
+        if fallback:
+            params = version_params(V1)
         p = off + 5
         dlen = dgram[p]
         if dlen > 20 or p + 1 + dlen >= n:
@@ -119,10 +129,26 @@ def open_initials(dgram: bytes) -> list[tuple[bytes, bytes]]:
             raise Malformed(f"source connection ID length {slen}")
         p += 1 + slen
         ptype = (first >> 4) & 0x03
-        if params is None:
-            break  # a version we cannot read: its length field may mean anything
         if ptype == (3 if params[2] == 0 else 0):  # Retry: no length field, runs to the end
             break
+        if fallback:
+            # As Wireshark does: read it as a v1 Initial and open it with the v1 salt. Only a packet
+            # whose AEAD tag verifies under those keys counts (then its sender did seal it so);
+            # anything else is counted as an unknown version, never guessed at.
+            if ptype != 0:
+                raise UnknownVersion(f"version {version:#010x}: not an Initial in the v1 layout")
+            try:
+                tlen, p = _varint(dgram, p)
+                p += tlen
+                length, p = _varint(dgram, p)
+                end = p + length
+                if end > n:
+                    raise Malformed("length past the datagram")
+                out.append((dcid, _open(dgram, off, p, end, dcid, V1)))
+            except (Malformed, Undecryptable) as e:
+                raise UnknownVersion(f"version {version:#010x} does not open with the v1 Initial keys ({e})") \
+                    from None
+            break  # what follows would be of the same unknown version
         if ptype == params[2]:
             tlen, p = _varint(dgram, p)
             p += tlen

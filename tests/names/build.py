@@ -91,9 +91,10 @@ def crypto_frame(offset: int, data: bytes) -> bytes:
 
 
 def seal_initial(dcid: bytes, frames: bytes, version: int = 1, pn: int = 0, scid: bytes = b"\x01\x02\x03\x04",
-                 size: int = 1200) -> bytes:
-    """One client Initial packet, padded (PADDING frames) so the datagram is `size` octets."""
-    key, iv, hp = initial_keys(dcid, version)
+                 size: int = 1200, keys_of: int | None = None) -> bytes:
+    """One client Initial packet, padded (PADDING frames) so the datagram is `size` octets. `keys_of`:
+    seal with that version's keys while the header says `version` (a greased version, sealed as v1)."""
+    key, iv, hp = initial_keys(dcid, keys_of if keys_of is not None else version)
     ptype = 1 if version == 0x6B3343CF else 0
     pn_len = 2
     head = bytes([0xC0 | ptype << 4 | (pn_len - 1)]) + struct.pack(">I", version) + bytes([len(dcid)]) + dcid + \

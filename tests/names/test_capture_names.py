@@ -306,3 +306,18 @@ def test_quic_initials_that_cannot_be_a_first_flight_cost_no_crypto(monkeypatch)
         sealed = build.seal_initial(bytes([i]) * 8, hello)
         ex.feed(transport(ETHERNET, build.udp(CLIENT, 50001 + i, "203.0.113.9", 443, sealed)), T + 1)
     assert len(opened) == 3 and ex.stats()["quic_over_budget"] == 2
+
+
+def test_a_greased_version_sealed_with_v1_keys_is_named_and_others_are_counted(tmp_path):
+    """A client Initial with a reserved version (0x?a?a?a?a) that was sealed with the v1 salt, as
+    interop clients do, names its flow; one that does not open with v1's keys is counted, not guessed."""
+    hello = build.crypto_frame(0, build.client_hello("greased.vendor.example"))
+    greased = build.seal_initial(b"\x09" * 8, hello, version=0x1A2A3A4A, keys_of=1)
+    unknown = build.seal_initial(b"\x0a" * 8, hello, version=0x5A6A7A8A, keys_of=0x6B3343CF)  # not v1's keys
+    frames = [(T, build.udp(CLIENT, 50000, "203.0.113.30", 443, greased)),
+              (T + 1, build.udp(CLIENT, 50001, "203.0.113.31", 443, unknown))]
+    cap = read_capture(_capture(tmp_path, frames))
+    got = {f.dst: (f.hostname, f.hostname_source) for f in cap.flows}
+    assert got["203.0.113.30"] == ("greased.vendor.example", "quic-sni")
+    assert got["203.0.113.31"] == (None, None)
+    assert cap.stats.names["quic_unknown_version"] == 1
