@@ -103,3 +103,30 @@ def dumps(obj, pretty: bool) -> bytes:
         return orjson.dumps(obj, option=(orjson.OPT_INDENT_2 if pretty else 0) | orjson.OPT_APPEND_NEWLINE)
     except (ImportError, TypeError):
         return (json.dumps(obj, indent=2 if pretty else None, ensure_ascii=False) + "\n").encode()
+
+
+FULL_WIDTH = 1 << 16  # "no width": a line is never wrapped or cut for a pipe or a file
+
+
+def text_console(file=None):
+    """The rich Console a text report is rendered on. A terminal: its own width (tables stay
+    legible at 80 columns: see the report's renderers). A pipe, a file or `--output`: full lines,
+    no wrapping, no cutting, no colour codes, so `grep` finds whole verdict sentences."""
+    from rich.console import Console
+
+    if file is None and sys.stdout.isatty():
+        return Console()
+    return Console(file=file, width=FULL_WIDTH, soft_wrap=True, force_terminal=False, no_color=True,
+                   highlight=False, emoji=False)
+
+
+def render_text(render, path: str | None):
+    """Render a text report with `render(console)` to standard output or FILE (see write_output)."""
+    if not path or path == "-":
+        render(text_console())
+        return
+    import io
+
+    buf = io.StringIO()
+    render(text_console(buf))
+    write_output(buf.getvalue(), path)

@@ -183,3 +183,30 @@ def test_shipped_policies_are_the_default_outside_the_repo(cli, tmp_path, captur
     r = cli("audit", "--format", "json", capture, cwd=tmp_path)
     assert r.returncode in (0, 1), r.stderr
     assert {p["name"] for p in json.loads(r.stdout)["policies"]} >= {"gdpr-personal-data", "sovereign-operator"}
+
+
+def test_piped_text_reports_are_whole_lines(cli, capture, city_db):
+    """Piped or redirected, no line is wrapped or cut: a verdict sentence is one greppable line."""
+    r = cli("audit", "--flows", *DOC_PUBLIC, "--geoip-db", city_db, capture)
+    msgs = [line.strip() for line in r.stdout.splitlines() if "no exception applies" in line]
+    assert msgs and all(m.startswith("destination ") and m.endswith(")") for m in msgs), r.stdout
+    assert "…" not in r.stdout
+    assert any("2001:db8:5::1:443" in line for line in r.stdout.splitlines())  # the flows table, full width
+
+
+def test_an_80_column_terminal_gets_flows_one_per_entry_and_no_cut_address(cli, capture, city_db, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    r = cli("audit", "--format", "json", "--flows", *DOC_PUBLIC, "--geoip-db", city_db, capture)
+    from agent.sinks.report import AuditReport
+
+    rep = AuditReport([], [], with_flows=True)
+    rep.flows = json.loads(r.stdout)["flows"]
+    out = io.StringIO()
+    rep._render_flows(Console(file=out, width=80, force_terminal=True, color_system=None))
+    text = out.getvalue()
+    assert "…" not in text and "┃" not in text  # no squeezed table
+    for f in rep.flows:
+        assert f"{f['src']}:{f['sport']} -> {f['dst']}:{f['dport']}" in text

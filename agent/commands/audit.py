@@ -69,22 +69,13 @@ def _run_audit(args) -> int:
     report.warnings.extend(getattr(pipe, "register_warnings", []))
     for w in report.warnings + report._redated_warning():
         print(f"egress-agent: warning: {w}", file=sys.stderr)
-    from agent.output import dumps, write_output
+    from agent.output import dumps, render_text, write_output
 
     if args.format == "json":
         pretty = not args.output and sys.stdout.isatty()
         write_output(dumps(report.to_json(), pretty=True) if pretty else report.to_json_bytes(), args.output)
     else:
-        import io
-
-        from rich.console import Console
-
-        if args.output:
-            buf = io.StringIO()
-            report.render(Console(file=buf, width=160, force_terminal=False))
-            write_output(buf.getvalue(), args.output)
-        else:
-            report.render(Console())
+        render_text(report.render, args.output)
     if inv is not None:  # after the main report: a bad --html path must not cost the report itself
         write_report_html(args.html, "egress-agent audit", report, inv)
     return 1 if report.verdicts["violation"] else 0

@@ -203,7 +203,7 @@ def _run_inventory(args) -> int:
                     report.add(j)
     for w in getattr(pipe, "register_warnings", []) + pipe.locator.warnings:
         print(f"egress-agent: warning: {w}", file=sys.stderr)
-    from agent.output import dumps, write_output
+    from agent.output import dumps, render_text, write_output
 
     data = inv.to_json()
     if args.format == "json":
@@ -211,14 +211,7 @@ def _run_inventory(args) -> int:
     elif args.format == "csv":
         write_output(inv.to_csv(), args.output)
     else:
-        from rich.console import Console
-
-        if args.output:
-            buf = io.StringIO()
-            inv.render(Console(file=buf, width=160, force_terminal=False))
-            write_output(buf.getvalue(), args.output)
-        else:  # a pipe or file gets a wide table, not rich's 80 columns
-            inv.render(Console() if sys.stdout.isatty() else Console(width=160))
+        render_text(inv.render, args.output)
     if report is not None:  # after the main output, as in audit
         write_report_html(args.html, "egress-agent inventory", report, inv)
     return 1 if data["undeclared"] or data["outside_declared_locations"] else 0

@@ -23,6 +23,7 @@ from agent.judge.pipeline import Judged
 from agent.sinks.records import RecordBlock, sort_order
 
 MAX_TABLE_ROWS = 40
+FLOWS_TABLE_WIDTH = 150  # narrower terminals get the flows one per line
 MAX_FLOW_ROWS = 500
 _VALUE = {o: o.value for o in Outcome}
 
@@ -38,6 +39,18 @@ def local_counts(flow, inbound: bool) -> dict:
     sent = (flow.packets_reply, flow.bytes_reply) if inbound else (flow.packets, flow.bytes)
     got = (flow.packets, flow.bytes) if inbound else (flow.packets_reply, flow.bytes_reply)
     return {"packets_sent": sent[0], "bytes_sent": sent[1], "packets_received": got[0], "bytes_received": got[1]}
+
+
+def flow_line(r: dict) -> str:
+    """One `flows` entry as a few short lines (the connection, then key=value facts, then its
+    verdicts, indented): what `audit --flows` shows on a terminal too narrow for the table."""
+    where = r["country"] or ("unknown" if r["direction"] else "local")
+    host = f" host={r['hostname']}({r['hostname_source']})" if r["hostname"] else ""
+    verdicts = " ".join(f"{p}={o}" for p, o in r["verdicts"].items() if o != "not_applicable")
+    return (f"{r['first_seen'] or '-'} {r['proto']} {r['src']}:{r['sport']} -> {r['dst']}:{r['dport']} "
+            f"{r['direction'] or 'not-egress'}\n    country={where}{host} opened_by={r['opened_by'] or '-'} "
+            f"sent={r['packets_sent']}/{r['bytes_sent']}B received={r['packets_received']}/{r['bytes_received']}B"
+            + (f"\n    {verdicts}" if verdicts else ""))
 
 
 def flow_row(flow, j: Judged | None) -> dict:
@@ -330,7 +343,7 @@ class AuditReport:
 
         t = Table(title="Inputs", title_justify="left")
         for col in ("path", "format", "link types", "packets", "malformed", "truncated"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")  # a path folds onto the next line, never cut to "…"
         for i in self.inputs:
             t.add_row(i["path"], i["format"], ", ".join(i.get("link_types") or []) or "-",
                       str(i.get("packets") if i.get("packets") is not None else i.get("flows", "")),
@@ -369,7 +382,7 @@ class AuditReport:
                 g["srcs"].add(r["src"])
             if not groups:
                 continue
-            console.print(f"[bold {style}]{kind.capitalize()}s: {len(records)} flow(s) "
+            console.print(f"[bold {style}]{kind.capitalize()}s: {len(records)} connection(s) "
                           f"to {len(groups)} destination(s)[/]")
             ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"]))
             for (policy, dst, port, proto, direction), g in ranked[:MAX_TABLE_ROWS]:
@@ -394,6 +407,15 @@ class AuditReport:
         from rich.table import Table
 
         rows = self.to_json()["flows"]
+        if console.is_terminal and console.width < FLOWS_TABLE_WIDTH:
+            # a terminal too narrow for the table: one flow per line, key=value, as `conntrack -L`
+            # does, so no column is squeezed to "desti…" and no address is ever cut
+            console.print(f"[bold]Flows ({len(rows)})[/]")
+            for r in rows[:MAX_FLOW_ROWS]:
+                console.print(flow_line(r), highlight=False, markup=False)
+            if len(rows) > MAX_FLOW_ROWS:
+                console.print(f"… and {len(rows) - MAX_FLOW_ROWS} more flows (--format json lists all)")
+            return
         t = Table(title=f"Flows ({len(rows)})", title_justify="left")
         cols = ("first seen", "proto", "opened by", "source", "destination", "host name", "country", "packets",
                 "bytes", "verdicts")
