@@ -30,8 +30,6 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import jsonschema
-
 from agent import yamlio
 from agent.errors import UserError
 
@@ -115,6 +113,8 @@ def load_config(path: str | None) -> Config:
     problems = []
     if not isinstance(data, dict):
         raise UserError(f"{path}: the config is a mapping of settings")
+    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
+
     for err in sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
         line = yamlio.line_of(lines, err.absolute_path)
         problems.append(f"{path}:{line or '?'}: {yamlio.dotted(err.absolute_path)}: {err.message}")
@@ -181,6 +181,8 @@ def with_flags(cfg: Config, args) -> Config:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"listen: '{out.listen}' is not ADDRESS:PORT (e.g. 127.0.0.1:9807)")
     # Flags go through the same schema as the file, so a bad value is reported the same way.
+    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
+
     problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
                 for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
     if problems:

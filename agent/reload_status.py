@@ -20,9 +20,17 @@ NAME = "reload-status.json"
 _seq = 0
 
 
-def default_path() -> str | None:
+UNIT_RUNTIME = "/run/egress-agent"  # the shipped unit's RuntimeDirectory=egress-agent
+
+
+def default_path(for_reading: bool = False) -> str | None:
+    """$RUNTIME_DIRECTORY's status file (the daemon under systemd writes it); for `reload` from a
+    shell, where that variable is not set, the shipped unit's file when it exists."""
     base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return os.path.join(base, NAME) if base else None
+    if base:
+        return os.path.join(base, NAME)
+    unit = os.path.join(UNIT_RUNTIME, NAME)
+    return unit if for_reading and os.path.exists(unit) else None
 
 
 def write(ok: bool, message: str, path: str | None = None) -> None:
@@ -53,9 +61,11 @@ def run_reload(args) -> int:
     """`egress-agent reload`: SIGHUP the daemon and wait for its verdict on the new configuration."""
     from agent.errors import UserError
 
-    path = args.status or default_path()
+    path = args.status or default_path(for_reading=True)
     if not path:
-        raise UserError("reload: no status file; pass --status FILE or run under systemd (RuntimeDirectory=)")
+        raise UserError(f"reload: no status file: $RUNTIME_DIRECTORY is not set and {UNIT_RUNTIME}/{NAME} does "
+                        "not exist; pass --status FILE (the daemon writes it in its RuntimeDirectory), or use "
+                        "`systemctl reload egress-agent`")
     before = read(path)
     pid = args.pid or (before or {}).get("pid")
     if not isinstance(pid, int) or pid <= 0:

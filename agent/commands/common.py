@@ -7,9 +7,7 @@ from contextlib import contextmanager
 
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
-from agent.judge.pipeline import Pipeline
 from agent.policy.jurisdictions import Jurisdictions
-from agent.policy.load import load_policies
 
 
 @contextmanager
@@ -50,8 +48,11 @@ def build_locator(args) -> Locator:
     return Locator(getattr(args, "geoip_db", ()), scoper)
 
 
-def build_pipeline(args) -> Pipeline:
+def build_pipeline(args):
+    """The Pipeline of a front door's --policies, --recipients, GeoIP and scope flags."""
+    from agent.judge.pipeline import Pipeline  # here: `lookup` and `jurisdictions` need no engine
     from agent.output import shipped_policies
+    from agent.policy.load import load_policies
 
     jur = Jurisdictions.load()
     policies = load_policies(args.policies or shipped_policies(), jur)

@@ -140,7 +140,8 @@ class _Db:
             # next lookup would kill the process with SIGBUS.
             self.reader = maxminddb.open_database(f"/proc/self/fd/{fd}", maxminddb.MODE_AUTO)  # C reader if built
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as e:
-            raise UserError(f"{path}: not a readable MaxMind-format database ({e})") from None
+            why = str(e).replace(f"/proc/self/fd/{fd}", path)  # name the user's file, not our private copy
+            raise UserError(f"{path}: not a readable MaxMind-format database ({why})") from None
         finally:
             os.close(fd)
         meta = self.reader.metadata()

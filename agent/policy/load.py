@@ -15,8 +15,6 @@ from datetime import date
 from functools import lru_cache
 from pathlib import Path
 
-import jsonschema
-
 from agent import yamlio
 from agent.errors import UserError
 from agent.flow import PROTO_NUMBERS
@@ -94,6 +92,8 @@ def _load_file(f: Path, jur: Jurisdictions) -> tuple[Policy | None, list[str]]:
     if not isinstance(data, dict):
         probs.add((), "a policy file holds one mapping (version, name, home, ...)")
         return None, probs.items
+    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
+
     validator = jsonschema.Draft202012Validator(schema())
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
         probs.add(tuple(err.absolute_path), err.message)

@@ -34,8 +34,6 @@ from datetime import date, timedelta
 from functools import lru_cache
 from pathlib import Path
 
-import jsonschema
-
 from agent import yamlio
 from agent.errors import UserError
 from agent.policy.jurisdictions import Jurisdictions
@@ -160,6 +158,8 @@ def load_recipients(path, policies, jur: Jurisdictions, today: date) -> tuple[Re
             probs.add((), "a register file holds one mapping (version, recipients)")
             problems.extend(probs.items)
             continue
+        import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
+
         for err in sorted(jsonschema.Draft202012Validator(schema()).iter_errors(data),
                           key=lambda e: list(map(str, e.absolute_path))):
             probs.add(tuple(err.absolute_path), err.message)
