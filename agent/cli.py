@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge flows without a plausible time (none, before 1995, or more than a day after "
                         "DATE) as of DATE (default: today, UTC); the report lists them")
     a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
+    a.add_argument("--strict", action="store_true",
+                   help="exit 2 when connections were read but none was judged (no local host recognised: "
+                        "pass --local-net), instead of a silent pass")
 
     inv = sub.add_parser("inventory", help="observed transfers (exporter -> recipient -> countries) against the "
                                            "recipient register: undeclared, unseen, outside declared locations")
@@ -139,8 +142,23 @@ def _as_of(text):
     return as_of_date(text)
 
 
+def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """`parse_args`, but an unknown flag after a subcommand is reported with that subcommand's
+    usage (`egress-agent audit: error: ...`), not the top-level one, which lists no flags at all."""
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        p = ap
+        for dest in ("command", "policy_command"):
+            subs = next((a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(args, dest, None)
+            if subs and name in subs:
+                p = subs[name]
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         if args.command == "audit":
             from agent.commands.audit import run_audit

@@ -210,3 +210,28 @@ def test_an_80_column_terminal_gets_flows_one_per_entry_and_no_cut_address(cli, 
     assert "…" not in text and "┃" not in text  # no squeezed table
     for f in rep.flows:
         assert f"{f['src']}:{f['sport']} -> {f['dst']}:{f['dport']}" in text
+
+
+def test_a_capture_where_no_local_host_is_recognised_is_not_a_silent_pass(cli, tmp_path):
+    """The host has a public address: every connection is public -> public, nothing is egress. The
+    audit says so, names the busiest opener and the --local-net to pass; --strict makes it exit 2."""
+    t = 1750000000.0
+    frames = [(t + i, eth(IPv6(src="2001:db8:77::5", dst="2001:db8:5::1") / TCP(sport=40000 + i, dport=443, flags="S")))
+              for i in range(3)] + [(t + 9, eth(IPv6(src="2001:db8:5::1", dst="2001:db8:77::5") /
+                                                TCP(sport=443, dport=40000, flags="SA")))]
+    cap = write_pcap(tmp_path / "public.pcap", frames)
+    r = cli("audit", "--public-net", "2001:db8::/32", cap)
+    assert r.returncode == 0
+    assert "3 connection(s) read, none judged: no local host was recognised" in r.stderr
+    assert "2001:db8:77::5 (3 connection(s))" in r.stderr and "--local-net 2001:db8:77::/64" in r.stderr
+    r = cli("audit", "--strict", "--public-net", "2001:db8::/32", cap)
+    assert r.returncode == 2 and "audit --strict: 3 connection(s) read, none judged" in r.stderr
+    r = cli("audit", "--strict", "--public-net", "2001:db8::/32", "--local-net", "2001:db8:77::/64", cap)
+    assert r.returncode in (0, 1) and "none judged" not in r.stderr
+
+
+def test_a_wrong_flag_after_a_subcommand_shows_that_subcommands_usage(cli):
+    r = cli("audit", "--bogus", "examples/demo.pcap")
+    assert r.returncode == 2 and "usage: egress-agent audit" in r.stderr and "--bogus" in r.stderr
+    r = cli("policy", "check", "--nope")
+    assert r.returncode == 2 and "usage: egress-agent policy check" in r.stderr

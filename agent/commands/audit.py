@@ -65,6 +65,9 @@ def _run_audit(args) -> int:
                 report.add(j)
                 if inv is not None and not j.inbound:
                     inv.add(j)
+    unseen = nothing_judged(pipe, report, [s[0] for s in sources])
+    if unseen:
+        report.warnings.append(unseen)
     report.warnings.extend(pipe.locator.warnings)
     report.warnings.extend(getattr(pipe, "register_warnings", []))
     for w in report.warnings + report._redated_warning():
@@ -78,4 +81,36 @@ def _run_audit(args) -> int:
         render_text(report.render, args.output)
     if inv is not None:  # after the main report: a bad --html path must not cost the report itself
         write_report_html(args.html, "egress-agent audit", report, inv)
+    if unseen and getattr(args, "strict", False):
+        raise UserError(f"audit --strict: {unseen}")
     return 1 if report.verdicts["violation"] else 0
+
+
+def nothing_judged(pipe, report, tables) -> str | None:
+    """Why an audit that read connections judged none, naming the busiest openers that look like
+    this host (public addresses that opened connections) and the --local-net that would judge them;
+    None when something was judged or nothing was read. A pass that judged nothing is not a pass."""
+    tot = report.totals
+    if not tot["flows"] or tot["egress_flows"] or tot["inbound_flows"]:
+        return None
+    from collections import Counter
+
+    openers: Counter = Counter()
+    for t in tables:
+        src = t.src
+        public = [pipe.scoper.classify(a)[0] == "public" for a in src.text]
+        for i in src.inverse.tolist():
+            if public[i]:
+                openers[src.text[i]] += 1
+    if not openers:
+        return (f"{tot['flows']:,} connection(s) read, none judged: none was opened by a local host to a public "
+                "address (every endpoint is local or reserved; --public-net makes a range public)")
+    top = openers.most_common(3)
+    busiest = ", ".join(f"{a} ({n:,} connection(s))" for a, n in top)
+    import ipaddress
+
+    a = top[0][0]
+    net = ipaddress.ip_network(f"{a}/64" if ":" in a else f"{a}/32", strict=False)  # a host's usual IPv6 /64
+    return (f"{tot['flows']:,} connection(s) read, none judged: no local host was recognised (every opener is a "
+            f"public address). The busiest openers, which may be this host: {busiest}. If {a} is this host, pass "
+            f"--local-net {net}")
