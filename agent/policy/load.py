@@ -95,12 +95,50 @@ def _load_file(f: Path, jur: Jurisdictions) -> tuple[Policy | None, list[str]]:
     import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
 
     validator = jsonschema.Draft202012Validator(schema())
+    bad_paths = []
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        probs.add(tuple(err.absolute_path), err.message)
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            # at the key's own line, not the mapping's: one problem per unexpected key
+            known = set(err.schema.get("properties", {}))
+            for key in (k for k in err.instance if k not in known):
+                probs.add(path + (key,), f"unknown key '{key}'")
+                bad_paths.append(path + (key,))
+            continue
+        probs.add(path, err.message)
+        bad_paths.append(path)
     if probs.items:
+        # Report the semantic problems too (an unknown jurisdiction, a /33), not only the first
+        # kind found: check a copy without the values the schema refused, and keep what it finds.
+        try:
+            _build(_without(data, bad_paths), jur, probs, str(f), "")
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+            pass  # too broken to check further; the schema's problems stand
         return None, probs.items
     pol = _build(data, jur, probs, str(f), hashlib.sha256(raw).hexdigest())
     return (pol if not probs.items else None), probs.items
+
+
+def _without(data, paths) -> dict:
+    """A deep copy of `data` with the values at `paths` removed (the schema's refusals), so the
+    semantic checks can run on what is left."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for path in sorted(paths, key=len, reverse=True):
+        if not path:
+            continue
+        node = out
+        try:
+            for k in path[:-1]:
+                node = node[k]
+            if isinstance(node, dict):
+                node.pop(path[-1], None)
+            elif isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
+                node[path[-1]] = None
+        except (KeyError, IndexError, TypeError):
+            continue
+    return out
 
 
 def _jurs(values, path, jur: Jurisdictions, probs: _Problems, home=()) -> tuple[str, ...]:

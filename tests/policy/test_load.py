@@ -141,3 +141,18 @@ def test_policy_check_warns_on_look_alike_host_names(cli, tmp_path):
     assert "allow.hostnames: 'p\u0430ypal.example': label 'p\u0430ypal' mixes scripts (Cyrillic, Latin)" in r.stderr
     assert "deny.hostnames: '*.\u0430\u0440\u0440\u04cf\u0435.com': label" in r.stderr and "look Latin" in r.stderr
     assert "b\u00fccher" not in r.stderr  # one script (Latin with a diacritic): no warning
+
+
+def test_a_schema_error_does_not_hide_the_semantic_ones(tmp_path):
+    """`severity: hgih` (the schema's) and `EU-ADEQATE`, `/33` (the semantic checks') are reported
+    together; an unknown key is reported at its own line, not its mapping's."""
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nname: p\nhome: [EU]\nseverity: hgih\nallow:\n  jurisdictions: [EU-ADEQATE]\n"
+        "  networks: [10.0.0.0/33]\n  colour: red\n")
+    with pytest.raises(UserError) as e:
+        load_policies(tmp_path / "p.yaml", J)
+    text = "\n".join(e.value.problems)
+    assert "p.yaml:4: severity:" in text
+    assert "p.yaml:6: allow.jurisdictions[0]: unknown jurisdiction 'EU-ADEQATE'" in text
+    assert "p.yaml:7: allow.networks[0]: '10.0.0.0/33' is not an IP network" in text
+    assert "p.yaml:8: allow.colour: unknown key 'colour'" in text
