@@ -6,9 +6,9 @@ cost microseconds and a counter, never an exception that escapes. Tests prove th
 scapy's DNS layer.
 
 Contract: `parse_response(msg)` -> `Response` for a response (QR=1) with exactly one question,
-or raises `Malformed` (with what is wrong); `parse_query(msg)` -> (id, qname, qtype) of a query
-(QR=0) with exactly one question, or `Malformed`: an answer is only believed when it answers a
-query that was seen (`agent.names.extract`). Names are lowercase text without the trailing dot;
+or raises `Malformed` (with what is wrong); `question_key(msg, query)` is what pairs an answer with
+the query it answers: an answer is only believed when it answers a query that was seen
+(`agent.names.extract`). Names are lowercase text without the trailing dot;
 a label with bytes outside printable ASCII is written with `\\DDD` escapes (RFC 4343), so it can
 never match a policy name by accident. Only IN-class A, AAAA and CNAME answers are kept; the
 rcode is returned so the caller can ignore NXDOMAIN and friends.
@@ -148,16 +148,26 @@ def parse_response(msg: bytes) -> Response:
     return Response(qname, qtype, flags & 0x000F, tuple(answers), _id)
 
 
-def parse_query(msg: bytes) -> tuple[int, str, int]:
-    """(id, qname, qtype) of a query with exactly one question; Malformed otherwise."""
-    if len(msg) < 12:
-        raise Malformed("shorter than a DNS header")
-    qid, flags, qd, _an, _ns, _ar = _hdr(msg, 0)
-    if flags & 0x8000:
-        raise Malformed("a response, not a query")
-    if qd != 1:
-        raise Malformed(f"{qd} questions (a query asks exactly one)")
-    qname, off = read_name(msg, 12)
-    if off + 4 > len(msg):
-        raise Malformed("question cut off")
-    return qid, qname, struct.unpack_from(">H", msg, off)[0]
+def question_key(msg: bytes, query: bool) -> bytes | None:
+    """What matches an answer to its query: the id and the question section (name, type, class) as
+    sent, ASCII-lowercased (a resolver copies the question back; 0x20 case games change nothing).
+    None unless `msg` is a query (query=True) or a response with one uncompressed question. The C
+    walk computes the same key for the queries it hands over (`_walk.c` query_key)."""
+    if len(msg) < 17 or bool(msg[2] & 0x80) == query or msg[4] != 0 or msg[5] != 1:
+        return None
+    off = 12
+    while True:
+        if off >= len(msg):
+            return None
+        b = msg[off]
+        if b == 0:
+            break
+        if b & 0xC0:
+            return None
+        off += 1 + b
+        if off - 12 > 255:
+            return None
+    end = off + 5
+    if end > len(msg):
+        return None
+    return (bytes(msg[0:2]) + bytes(msg[12:end])).lower()

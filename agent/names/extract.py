@@ -136,12 +136,15 @@ class NameExtractor:
         return None
 
     def _query(self, seg: Segment, at: float):
-        try:
-            qid, qname, _qtype = dns.parse_query(seg.payload)
-        except dns.Malformed:
-            return  # not a query we could match an answer to; the answer will count as unsolicited
+        qkey = dns.question_key(seg.payload, True)
+        if qkey is None:
+            return  # not a query an answer could be matched to; its answer counts as unsolicited
+        self.add_query(seg.src, seg.sport, seg.dst, seg.dport, qkey, at)
+
+    def add_query(self, client: bytes, cport: int, resolver: bytes, rport: int, qkey: bytes, at: float):
+        """Remember a query (also as the C walk hands them over, already keyed)."""
         self.counts["dns_queries"] += 1
-        key = (seg.src, seg.sport, seg.dst, seg.dport, qid, qname)
+        key = (client, cport, resolver, rport, qkey)
         self._queries[key] = at
         self._queries.move_to_end(key)
         if len(self._queries) > MAX_QUERIES:
@@ -155,7 +158,8 @@ class NameExtractor:
             self.counts["dns_malformed"] += 1
             return
         self.counts["dns_responses"] += 1
-        asked = self._queries.pop((seg.dst, seg.dport, seg.src, seg.sport, r.id, r.qname), None)
+        qkey = dns.question_key(seg.payload, False)
+        asked = self._queries.pop((seg.dst, seg.dport, seg.src, seg.sport, qkey), None) if qkey else None
         if asked is None or not asked <= at <= asked + QUERY_WINDOW:
             if seg.src not in self.resolvers:
                 self.counts["dns_unsolicited"] += 1

@@ -321,3 +321,37 @@ def test_a_greased_version_sealed_with_v1_keys_is_named_and_others_are_counted(t
     assert got["203.0.113.30"] == ("greased.vendor.example", "quic-sni")
     assert got["203.0.113.31"] == (None, None)
     assert cap.stats.names["quic_unknown_version"] == 1
+
+
+def test_queries_keyed_in_c_match_answers_keyed_in_python(tmp_path):
+    """Queries the C walk keys itself (plain IPv4 and IPv6) and those left to Python (VLAN-tagged,
+    IPv6 with an extension header; all of them on the Python walk) match their answers, which Python
+    keys: mixed-case names (0x20), EDNS, and a query that is not one (too short) is ignored."""
+    from scapy.layers.dns import DNS, DNSQR, DNSRR, DNSRROPT
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    shapes = [(CLIENT, build.RESOLVER, False, False), (CLIENT, build.RESOLVER, False, True),
+              ("2001:db8::5", "2001:db8::53", False, False), ("2001:db8::6", "2001:db8::53", True, False)]
+    frames, t, want = [], T, {}
+    for i, (cl, rs, ext, vlan) in enumerate(shapes):
+        name, addr = f"Host{i}.ExAmple.EU", f"203.0.113.{60 + i}"
+        mk = (lambda s, d: IPv6(src=s, dst=d) / IPv6ExtHdrHopByHop()) if ext else \
+            (lambda s, d: IPv6(src=s, dst=d)) if ":" in cl else (lambda s, d: IP(src=s, dst=d))
+        l2 = eth / Dot1Q(vlan=7) if vlan else eth
+        q = DNS(id=200 + i, qr=0, rd=1, qd=[DNSQR(qname=name)], ar=[DNSRROPT()] if i % 2 else [])
+        r = DNS(id=200 + i, qr=1, rd=1, ra=1, qd=[DNSQR(qname=name)], an=[DNSRR(rrname=name, ttl=600, rdata=addr)])
+        frames += [(t, bytes(l2 / mk(cl, rs) / UDP(sport=41000 + i, dport=53) / q)),
+                   (t + 0.01, bytes(l2 / mk(rs, cl) / UDP(sport=53, dport=41000 + i) / r)),
+                   (t + 0.02, bytes(l2 / mk(cl, addr if ":" not in cl else "2001:db8::99") / TCP(sport=50100 + i,
+                                                                                              dport=443, flags="S")))]
+        if ":" not in cl:
+            want[(addr, 50100 + i)] = name.lower()
+        t += 1
+    frames.append((t, bytes(eth / IP(src=CLIENT, dst=build.RESOLVER) / UDP(sport=40009, dport=53) / (b"\x00" * 5))))
+    cap = read_capture(_capture(tmp_path, frames))
+    got = {(f.dst, f.sport): f.hostname for f in cap.flows if f.sport >= 50100}
+    assert {k: got[k] for k in want} == want
+    assert cap.stats.names["dns_queries"] == 4 and not cap.stats.names.get("dns_unsolicited")

@@ -44,44 +44,17 @@ static inline uint32_t be32(const uint8_t *p) {
 #define CAND_TUNNEL 2
 #define CAND_TLS_START 4
 #define CAND_TCP_DATA 8
+#define CAND_QUERY 16 /* a DNS query, handed over as its key (see query_key), not as a packet */
+#define QKEY_MAX 262  /* id (2) + question (at most 255 name octets + 1 + 4) */
 #define FIRST_SEGMENTS 6 /* TCP payload segments per direction per chunk offered to the TLS reader */
 
-/* Opener hints, as agent/wire/decode.py's hints(): TCP flags, SYN / SYN-ACK, ICMP echo and errors. */
-#define HINT_SYN 0x100
-#define HINT_SYNACK 0x200
-#define HINT_ECHO_REQUEST 0x400
-#define HINT_ECHO_REPLY 0x800
-#define HINT_ICMP_ERROR 0x1000
-
-static inline int64_t hints_of(uint32_t proto, const uint8_t *d, Py_ssize_t n, Py_ssize_t l4, int first) {
-    if (!first) return 0;
-    if (proto == 6) {
-        if (n < l4 + 14) return 0;
-        int64_t f = d[l4 + 13];
-        if ((f & 0x12) == 0x02) f |= HINT_SYN;
-        else if ((f & 0x12) == 0x12) f |= HINT_SYNACK;
-        return f;
-    }
-    if (proto == 1 || proto == 58) {
-        if (n < l4 + 1) return 0;
-        uint8_t k = d[l4];
-        if (proto == 1) {
-            if (k == 8) return HINT_ECHO_REQUEST;
-            if (k == 0) return HINT_ECHO_REPLY;
-            if (k == 3 || k == 4 || k == 5 || k == 11 || k == 12) return HINT_ICMP_ERROR;
-        } else {
-            if (k == 128) return HINT_ECHO_REQUEST;
-            if (k == 129) return HINT_ECHO_REPLY;
-            if (k >= 1 && k <= 4) return HINT_ICMP_ERROR;
-        }
-    }
-    return 0;
-}
+#include "_packet.h"
 
 /* Decode one packet; mirrors decode.decode(). Returns status; *named gets the CAND_ bits, *hints
- * the opener hints. */
+ * the opener hints; for a DNS query in a plain shape (IPv4 unfragmented, IPv6 without extension
+ * headers), *q_off / *q_end give its UDP payload (the bytes names/packet.py transport() would give). */
 static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint64_t *w, int64_t *iplen,
-                  int *named, int64_t *hints) {
+                  int *named, int64_t *hints, Py_ssize_t *q_off, Py_ssize_t *q_end) {
     Py_ssize_t off;
     int hint;
     uint32_t et;
@@ -180,8 +153,18 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
     if (proto == 47 || (proto == 17 && first && (sport == 2152 || dport == 2152))) *named |= CAND_TUNNEL;
     if (first && proto == 17) {
         Py_ssize_t payload = (Py_ssize_t)*iplen - (l4 - off) - 8;
-        if (sport == 53 || sport == 5353 || dport == 53 || dport == 5353) *named |= CAND_NAME; /* answers, queries */
-        else if (payload >= 1200 && (n <= l4 + 8 || (d[l4 + 8] & 0x80))) *named |= CAND_NAME;
+        if (sport == 53 || sport == 5353) *named |= CAND_NAME; /* answers */
+        else if (dport == 53 || dport == 5353) {
+            /* a query: its key in C where the packet's shape is plain (as transport() reads it) */
+            int plain = ver == 4 ? (be16(d + off + 6) & 0x3FFF) == 0 : l4 == off + 40;
+            Py_ssize_t end = off + (Py_ssize_t)*iplen;
+            if (end > n) end = n;
+            if (plain && end >= l4 + 8) {
+                *q_off = l4 + 8;
+                *q_end = end;
+                *named |= CAND_QUERY;
+            } else *named |= CAND_NAME;
+        } else if (payload >= 1200 && (n <= l4 + 8 || (d[l4 + 8] & 0x80))) *named |= CAND_NAME;
     } else if (first && proto == 6) {
         if (n > l4 + 12) {
             Py_ssize_t thl = (d[l4 + 12] >> 4) * 4;
@@ -322,7 +305,7 @@ static int has_u64(const uint64_t *v, size_t n, uint64_t x) {
 /* walk_pcap(buffer, offset, max_records, swapped, max_record, linktype, ts_unit, tls_before[, table])
  *   -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g], hints i64[g],
  *       (records, ip_packets, ip_bytes, non_ip, malformed, unsupported, named), next_offset, stop,
- *       candidates, tls_started)
+ *       candidates, tls_started, queries)
  * candidates: rows of (packet offset, caplen, wire length, ts as f64 bits, CAND_ bits) i64[c*5], in
  * capture order: UDP name carriers, tunnels, and the first FIRST_SEGMENTS TCP payload segments of
  * each flow direction that starts a TLS record in this chunk or whose key hash is in tls_before
@@ -360,6 +343,8 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     cands_t c = {NULL, 0, 0};
     uint64_t *tls = NULL;
     size_t n_tls = 0, cap_tls = 0, kept = 0;
+    uint8_t *qbuf = NULL; /* the chunk's DNS queries (see CAND_QUERY) */
+    size_t n_q = 0, cap_q = 0;
     if (!t.slots) { PyBuffer_Release(&view); PyBuffer_Release(&before); return PyErr_NoMemory(); }
     Py_BEGIN_ALLOW_THREADS
     while (off < end) {
@@ -371,7 +356,8 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         uint64_t k[5] = {0, 0, 0, 0, 0};
         int64_t len = 0, hints = 0;
         int named = 0;
-        int st = decode(lt, p + off + 16, caplen, wire, k, &len, &named, &hints);
+        Py_ssize_t q_off = 0, q_end = 0;
+        int st = decode(lt, p + off + 16, caplen, wire, k, &len, &named, &hints, &q_off, &q_end);
         Py_ssize_t at = off + 16;
         n++;
         off += 16 + caplen;
@@ -397,6 +383,32 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
             if (s->epoch != t.epoch) { s->epoch = t.epoch; s->segs = 0; } /* a new chunk: count again */
             if (s->segs >= FIRST_SEGMENTS) named &= ~(CAND_TCP_DATA | CAND_TLS_START);
             else s->segs++;
+        }
+        if (named & CAND_QUERY) { /* packet offset, ts, src, dst, sport, dport, key length, key */
+            uint8_t rec[16 + 32 + 4 + 2 + QKEY_MAX];
+            int klen = query_key(p + at + q_off, q_end - q_off, rec + 54);
+            named &= ~CAND_QUERY;
+            counts[6]++;
+            if (klen >= 0) {
+                int64_t pos = (int64_t)at;
+                memcpy(rec, &pos, 8);
+                memcpy(rec + 8, &ts, 8);
+                for (int j = 0; j < 4; j++)
+                    for (int b = 0; b < 8; b++) rec[16 + j * 8 + b] = (uint8_t)(k[1 + j] >> (56 - 8 * b));
+                rec[48] = (uint8_t)(k[0] >> 24); rec[49] = (uint8_t)(k[0] >> 16); /* sport */
+                rec[50] = (uint8_t)(k[0] >> 8); rec[51] = (uint8_t)k[0];         /* dport */
+                rec[52] = (uint8_t)(klen >> 8); rec[53] = (uint8_t)klen;
+                size_t need = 54 + (size_t)klen;
+                if (n_q + need > cap_q) {
+                    size_t cap = cap_q ? cap_q * 2 : 65536;
+                    while (cap < n_q + need) cap *= 2;
+                    uint8_t *v = realloc(qbuf, cap);
+                    if (!v) { oom = 1; break; }
+                    qbuf = v; cap_q = cap;
+                }
+                memcpy(qbuf + n_q, rec, need);
+                n_q += need;
+            }
         }
         if (named & (CAND_NAME | CAND_TUNNEL)) counts[6] += (named & CAND_NAME) != 0;
         if (named & CAND_TLS_START) {
@@ -438,17 +450,19 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         t.count = 0;
         t.cap = 0;
     }
-    if (oom) { free(t.slots); free(c.v); free(tls); return PyErr_NoMemory(); }
+    if (oom) { free(t.slots); free(c.v); free(tls); free(qbuf); return PyErr_NoMemory(); }
     counts[0] = n;
     /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3),
      * packets that can carry a name */
     PyObject *groups = groups_of(&t),
              *o_c = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)kept * 40),
-             *o_t = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_tls * 8);
+             *o_t = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_tls * 8),
+             *o_q = PyBytes_FromStringAndSize((const char *)qbuf, (Py_ssize_t)n_q);
     free(t.slots);
-    if (!groups || !o_c || !o_t) {
+    free(qbuf);
+    if (!groups || !o_c || !o_t || !o_q) {
         free(c.v); free(tls);
-        Py_XDECREF(groups); Py_XDECREF(o_c); Py_XDECREF(o_t);
+        Py_XDECREF(groups); Py_XDECREF(o_c); Py_XDECREF(o_t); Py_XDECREF(o_q);
         return NULL;
     }
     int64_t *co = (int64_t *)PyBytes_AS_STRING(o_c);
@@ -459,11 +473,11 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     }
     if (n_tls) memcpy(PyBytes_AS_STRING(o_t), tls, n_tls * 8);
     free(c.v); free(tls);
-    PyObject *out = Py_BuildValue("OOOOOO(LLLLLLL)niNN", PyTuple_GET_ITEM(groups, 0), PyTuple_GET_ITEM(groups, 1),
+    PyObject *out = Py_BuildValue("OOOOOO(LLLLLLL)niNNN", PyTuple_GET_ITEM(groups, 0), PyTuple_GET_ITEM(groups, 1),
                                   PyTuple_GET_ITEM(groups, 2), PyTuple_GET_ITEM(groups, 3), PyTuple_GET_ITEM(groups, 4),
                                   PyTuple_GET_ITEM(groups, 5),
                                   counts[0], counts[1], counts[2], counts[3], counts[4], counts[5], counts[6], off, stop,
-                                  o_c, o_t);
+                                  o_c, o_t, o_q);
     Py_DECREF(groups);
     return out;
 }

@@ -135,11 +135,11 @@ def _walk_pcap_window(mm, base, off, end, endian, unit, linktype, native, rec, d
             if _c_walk is not None and WALK["c"] and use_c:
                 prior = payload.tls.tobytes() if payload is not None else b""
                 kept = payload.flow_table if payload is not None else None
-                *groups, counts, off, _stop, cands, tls = _c_walk(mm, off, CHUNK, endian != _NATIVE, MAX_RECORD,
-                                                                  linktype, unit, prior, kept)
+                *groups, counts, off, _stop, cands, tls, queries = _c_walk(mm, off, CHUNK, endian != _NATIVE,
+                                                                           MAX_RECORD, linktype, unit, prior, kept)
                 n = counts[0]
-                if payload is not None and cands:
-                    payload.feed(mm, linktype, cands, tls)
+                if payload is not None and (cands or queries):
+                    payload.feed(mm, linktype, cands, tls, queries)
                 if n:
                     yield mm, linktype, None, None, None, None, (groups, counts, off)
                     if progress:
