@@ -36,3 +36,14 @@ def cli(tmp_path):
 
 def have(tool):
     return shutil.which(tool) is not None
+
+
+@pytest.fixture(params=["c", "python"])
+def capture_walk(request, monkeypatch):
+    """Run the test on the C walk of capture files and on the Python walk (skipped where unbuilt)."""
+    from agent.sources.capfile import walk as pcap_walk
+
+    if request.param == "c" and pcap_walk._c_walk is None:
+        pytest.skip("C accelerator not built")
+    monkeypatch.setitem(pcap_walk.WALK, "c", request.param == "c")
+    return request.param

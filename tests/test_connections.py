@@ -16,7 +16,6 @@ from scapy.layers.l2 import Ether
 from agent.connections import connections
 from agent.flow import Flow, flag_letters
 from agent.flowtable import FlowTable
-from agent.sources.capfile import walk as pcap_walk
 from agent.sources.capfile.reader import read_capture
 from agent.wire import decode as dec
 from tests.helpers import write_pcap, write_pcapng
@@ -104,15 +103,7 @@ def _got(table: FlowTable):
                   for f in connections(table).flows())
 
 
-@pytest.fixture(params=["c", "python"])
-def walk(request, monkeypatch):
-    if request.param == "c" and pcap_walk._c_walk is None:
-        pytest.skip("C accelerator not built")
-    monkeypatch.setitem(pcap_walk.WALK, "c", request.param == "c")
-    return request.param
-
-
-def test_every_opener_rule_on_pcap(tmp_path, walk):
+def test_every_opener_rule_on_pcap(tmp_path, capture_walk):
     cap = read_capture(write_pcap(tmp_path / "c.pcap", _frames()), names=False)
     assert _got(cap.table) == _expected()
 
@@ -122,7 +113,7 @@ def test_every_opener_rule_on_pcapng(tmp_path):
     assert _got(read_capture(path, names=False).table) == _expected()
 
 
-def test_hints_of_each_walk_equal_the_scalar_decoder(tmp_path, walk):
+def test_hints_of_each_walk_equal_the_scalar_decoder(tmp_path, capture_walk):
     """The C and numpy decoders give each one-way flow the OR of decode.hints over its packets."""
     want: dict = {}
     for _t, data in _frames():
