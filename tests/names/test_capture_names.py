@@ -355,3 +355,27 @@ def test_queries_keyed_in_c_match_answers_keyed_in_python(tmp_path):
     got = {(f.dst, f.sport): f.hostname for f in cap.flows if f.sport >= 50100}
     assert {k: got[k] for k in want} == want
     assert cap.stats.names["dns_queries"] == 4 and not cap.stats.names.get("dns_unsolicited")
+
+
+def test_name_table_refusals_and_evictions_reach_the_metrics():
+    """Counted is not enough: the capture source exports every refusal and eviction kind as
+    egress_agent_name_events_total{kind} (bounded labels), once, however often it exports."""
+    from prometheus_client import generate_latest
+
+    from agent.names.extract import NAME_EVENTS, NameExtractor
+    from agent.names.packet import transport
+    from agent.sinks.metrics import Metrics
+    from agent.sources.capture.source import CaptureNames
+    from agent.wire.decode import ETHERNET
+
+    ex = NameExtractor()
+    forged = build.dns_response("x.example", [("x.example", "A", 600, "203.0.113.9")])
+    for _ in range(3):
+        ex.feed(transport(ETHERNET, forged), T)
+    m = Metrics()
+    reader = CaptureNames(ex, metrics=m)
+    reader._export()
+    reader._export()
+    text = generate_latest(m.registry).decode()
+    assert 'egress_agent_name_events_total{kind="dns_unsolicited"} 3.0' in text
+    assert set(NAME_EVENTS) >= {"dns_unsolicited", "tls_streams_evicted", "quic_over_budget", "named_evicted"}
