@@ -235,3 +235,12 @@ def test_a_wrong_flag_after_a_subcommand_shows_that_subcommands_usage(cli):
     assert r.returncode == 2 and "usage: egress-agent audit" in r.stderr and "--bogus" in r.stderr
     r = cli("policy", "check", "--nope")
     assert r.returncode == 2 and "usage: egress-agent policy check" in r.stderr
+
+
+def test_violations_are_summed_up_by_policy_country_and_recipient_first(cli, capture, city_db):
+    r = cli("audit", *DOC_PUBLIC, "--geoip-db", city_db, capture)
+    out = r.stdout
+    head = out.index("Violations by policy, country and recipient")
+    assert head < out.index("Violations: ") < out.index("no exception applies")
+    row = next(line for line in out.splitlines()[out[:head].count("\n"):] if "gdpr-personal-data" in line)
+    assert "US" in row and "outbound" in row

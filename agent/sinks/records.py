@@ -92,6 +92,7 @@ class RecordBlock:
         return [{"policy": v.policy, "severity": v.severity, "reason": v.reason,
                  "message": rewrite_message(v.message, wf, dst[i], pre[i], False),
                  "exception": v.exception, "src": src[i], "sport": sport[i], "dst": dst[i], "dst_port": dport[i],
+                 "dport": dport[i],
                  "proto": proto[i], "direction": "outbound", "country": loc[g][0], "registered_country": loc[g][1],
                  "asn": loc[g][2], "as_org": loc[g][3], "packets": pk[i], "bytes": by[i], "packets_sent": pk[i],
                  "bytes_sent": by[i], "packets_received": pkr[i], "bytes_received": byr[i], "opened_by": ob[i],
@@ -132,7 +133,7 @@ class RecordBlock:
                 msg = f"{noun_j}{dst_j[i][1:-1]} {rest}"
             else:
                 msg = rest
-            out.append(f'{head}{msg}{mid}{src_j[i]},"sport":{sport[i]},"dst":{dst_j[i]},"dst_port":{dport[i]},'
+            out.append(f'{head}{msg}{mid}{src_j[i]},"sport":{sport[i]},"dst":{dst_j[i]},"dst_port":{dport[i]},"dport":{dport[i]},'
                        f'"proto":{proto_j[proto[i]]},{where}"packets":{pk[i]},"bytes":{by[i]},"packets_sent":{pk[i]},'
                        f'"bytes_sent":{by[i]},"packets_received":{pkr[i]},"bytes_received":{byr[i]},'
                        f'"opened_by":{ob_j[i]},'

@@ -183,7 +183,8 @@ class AuditReport:
             if records is None:
                 continue
             if base is None:  # the flow's part of a record, built once for all its reported verdicts
-                base = {"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport, "proto": proto_name(f.proto),
+                base = {"src": f.src, "sport": f.sport, "dst": f.dst, "dst_port": f.dport, "dport": f.dport,
+                        "proto": proto_name(f.proto),
                         "direction": "inbound" if j.inbound else "outbound",
                         "country": loc.country, "registered_country": loc.registered_country, "asn": loc.asn,
                         "as_org": loc.as_org, "packets": f.packets, "bytes": f.bytes, **counts,
@@ -382,6 +383,7 @@ class AuditReport:
                 g["srcs"].add(r["src"])
             if not groups:
                 continue
+            self._render_summary(console, kind, style, records)
             console.print(f"[bold {style}]{kind.capitalize()}s: {len(records)} connection(s) "
                           f"to {len(groups)} destination(s)[/]")
             ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"]))
@@ -402,6 +404,25 @@ class AuditReport:
                 console.print(f"  … and {len(ranked) - MAX_TABLE_ROWS} more destinations (--format json lists all)")
         if self.flows is not None:
             self._render_flows(console)
+
+    @staticmethod
+    def _render_summary(console, kind: str, style: str, records: list):
+        """What a reader wants first: counts by policy, country and recipient, before the sentences."""
+        from rich.table import Table
+
+        counts: dict = {}
+        for r in records:
+            key = (r["policy"], _where(r), r.get("recipient") or "-", r["direction"])
+            c = counts.setdefault(key, [0, set()])
+            c[0] += 1
+            c[1].add(r["dst"] if r["direction"] == "outbound" else r["src"])
+        t = Table(title=f"{kind.capitalize()}s by policy, country and recipient", title_justify="left",
+                  title_style=f"bold {style}")
+        for col in ("policy", "country", "recipient", "direction", "connections", "peers"):
+            t.add_column(col, justify="right" if col in ("connections", "peers") else "left", overflow="fold")
+        for (policy, where, rcp, direction), (n, peers) in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1][0])):
+            t.add_row(policy, where, rcp, direction, str(n), str(len(peers)))
+        console.print(t)
 
     def _render_flows(self, console):
         from rich.table import Table
