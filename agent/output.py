@@ -32,8 +32,9 @@ def shipped_policies() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def write_output(text: str | bytes, path: str | None):
-    """Write a report: standard output (no path, or `-`), or FILE.
+def write_output(text, path: str | None):
+    """Write a report (str, bytes, or an iterable of bytes written as it comes): standard output
+    (no path, or `-`), or FILE.
 
     A regular file (or a new one) is written whole, so a reader never sees half: a fresh temporary
     file in the same folder (mkstemp: O_EXCL, unpredictable name, so a planted symlink cannot
@@ -41,14 +42,18 @@ def write_output(text: str | bytes, path: str | None):
     /dev/null, a FIFO, /dev/stdout — is opened and written in place and never replaced or removed:
     renaming over /dev/null as root would break every program on the host.
     """
-    data = text if isinstance(text, bytes) else text.encode()
+    if isinstance(text, (bytes, str)):
+        chunks = [text if isinstance(text, bytes) else text.encode()]
+    else:  # an iterable of bytes: written as it comes (a large report is never held whole)
+        chunks = text
     if not path or path == "-":
         out = getattr(sys.stdout, "buffer", None)
         if out is None:  # a text-only stream (a test's StringIO)
-            sys.stdout.write(data.decode())
+            sys.stdout.write(b"".join(chunks).decode())
             return
         sys.stdout.flush()
-        out.write(data)
+        for c in chunks:
+            out.write(c)
         out.flush()
         return
     try:
@@ -63,7 +68,8 @@ def write_output(text: str | bytes, path: str | None):
                 raise UserError(f"{path}: cannot write report (is a folder)")
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                _write_all(fd, data)
+                for c in chunks:
+                    _write_all(fd, c)
             finally:
                 os.close(fd)
             return
@@ -73,7 +79,8 @@ def write_output(text: str | bytes, path: str | None):
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(fd, 0o640 & ~umask)
-            _write_all(fd, data)
+            for c in chunks:
+                _write_all(fd, c)
             os.fsync(fd)
             os.close(fd)
             fd = -1

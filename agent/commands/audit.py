@@ -76,7 +76,7 @@ def _run_audit(args) -> int:
 
     if args.format == "json":
         pretty = not args.output and sys.stdout.isatty()
-        write_output(dumps(report.to_json(), pretty=True) if pretty else report.to_json_bytes(), args.output)
+        write_output(dumps(report.to_json(), pretty=True) if pretty else report.json_chunks(), args.output)
     else:
         render_text(report.render, args.output)
     if inv is not None:  # after the main report: a bad --html path must not cost the report itself

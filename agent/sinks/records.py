@@ -67,7 +67,7 @@ def _quoted(col: list) -> list[str]:
 
 
 class RecordBlock:
-    __slots__ = ("per_group", "cols", "loc", "first_key", "_pairs")
+    __slots__ = ("per_group", "cols", "loc", "first_key", "_pairs", "_parts")
 
     def __init__(self, per_group: list[list[tuple]], cols: tuple[list, ...], loc: list[tuple], first_key=None):
         """`per_group[g]`: the (verdict, written_for) pairs of this kind for group g; `cols`: the
@@ -75,6 +75,7 @@ class RecordBlock:
         `first_key`: `iso_parts` of the rows' first_seen (int arrays), which sort as its text does."""
         self.per_group, self.cols, self.loc, self.first_key = per_group, cols, loc, first_key
         self._pairs: list[tuple[int, int, tuple]] | None = None
+        self._parts: tuple | None = None
 
     def pairs(self) -> list[tuple[int, int, tuple]]:
         """(row, group, (verdict, written_for)) of each record, in record order."""
@@ -101,8 +102,36 @@ class RecordBlock:
                  "recipient": loc[g][4]}
                 for i, g, (v, wf) in self.pairs()]
 
-    def json(self) -> list[str]:
-        """Each record's JSON text (compact, keys in the dict's order)."""
+    def json(self, select=None) -> list[str]:
+        """Each record's JSON text (compact, keys in the dict's order); with `select`, only the
+        records at those positions (in record order), so a large report is written a slice at a
+        time rather than held whole."""
+        _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
+        prep = self._prep()
+        forms, src_j, dst_j, host_j, hsrc_j, pre_j, ob_j, noun_j, proto_j, pr_j = prep
+        pairs = self.pairs()
+        out = []
+        for i, _g, e in (pairs if select is None else (pairs[k] for k in select)):
+            head, mode, rest, mid, where, tail = forms[id(e)]
+            if mode == 0:
+                msg = pre_j[i][1:-1] + rest
+            elif mode == 1:
+                msg = f"{noun_j}{dst_j[i][1:-1]} {rest}"
+            else:
+                msg = rest
+            out.append(f'{head}{msg}{mid}{src_j[i]},"sport":{sport[i]},"dst":{dst_j[i]},"dst_port":{dport[i]},'
+                       f'"dport":{dport[i]},'
+                       f'"proto":{proto_j[proto[i]]},{where}"packets":{pk[i]},"bytes":{by[i]},"packets_sent":{pk[i]},'
+                       f'"bytes_sent":{by[i]},"packets_received":{pkr[i]},"bytes_received":{byr[i]},'
+                       f'"opened_by":{ob_j[i]},'
+                       f'"first_seen":"{fs[i]}","last_seen":"{ls[i]}","process":{pr_j[i]},'
+                       f'"hostname":{host_j[i]},"hostname_source":{hsrc_j[i]},{tail}')
+        return out
+
+    def _prep(self) -> tuple:
+        """The per-group and per-row JSON parts every record is made of (made once per block)."""
+        if self._parts is not None:
+            return self._parts
         _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
         # per (group, verdict): the text before the message, how the message is made, the text
         # from the message's end to src, and the location part, each escaped once
@@ -124,22 +153,8 @@ class RecordBlock:
         proto_j = {p: _js(p) for p in set(proto)}
         pr_j = ["null"] * len(pr) if pr.count(None) == len(pr) else \
             ["null" if p is None else orjson.dumps(p).decode() for p in pr]
-        out = []
-        for i, _g, e in self.pairs():
-            head, mode, rest, mid, where, tail = forms[id(e)]
-            if mode == 0:
-                msg = pre_j[i][1:-1] + rest
-            elif mode == 1:
-                msg = f"{noun_j}{dst_j[i][1:-1]} {rest}"
-            else:
-                msg = rest
-            out.append(f'{head}{msg}{mid}{src_j[i]},"sport":{sport[i]},"dst":{dst_j[i]},"dst_port":{dport[i]},"dport":{dport[i]},'
-                       f'"proto":{proto_j[proto[i]]},{where}"packets":{pk[i]},"bytes":{by[i]},"packets_sent":{pk[i]},'
-                       f'"bytes_sent":{by[i]},"packets_received":{pkr[i]},"bytes_received":{byr[i]},'
-                       f'"opened_by":{ob_j[i]},'
-                       f'"first_seen":"{fs[i]}","last_seen":"{ls[i]}","process":{pr_j[i]},'
-                       f'"hostname":{host_j[i]},"hostname_source":{hsrc_j[i]},{tail}')
-        return out
+        self._parts = (forms, src_j, dst_j, host_j, hsrc_j, pre_j, ob_j, noun_j, proto_j, pr_j)
+        return self._parts
 
     def sort_keys(self):
         """Numeric sort keys of the records (int arrays: policy name's rank among `names`, seconds,

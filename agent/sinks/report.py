@@ -102,6 +102,38 @@ def _sorted_records(records: list, raw: bool = False) -> list:
     return [expanded[i] for i in order]
 
 
+CHUNK_RECORDS = 20000  # records made into JSON at a time when a report is written
+
+
+def _record_texts(records: list):
+    """The JSON of each record of a kind in its sorted order, as bytes, CHUNK_RECORDS at a time
+    (joined with commas). Blocks from the bulk path render only the slice asked for; a list that
+    holds dicts is sorted and dumped whole, as before."""
+    import orjson
+
+    order = sort_order(records) if all(isinstance(r, RecordBlock) for r in records) else None
+    if order is None:
+        for f in _sorted_records(records, raw=True):
+            yield orjson.dumps(f)
+        return
+    starts, total = [], 0  # each block's first position in the expanded list
+    for b in records:
+        starts.append(total)
+        total += len(b)
+    from bisect import bisect_right
+
+    for c in range(0, len(order), CHUNK_RECORDS):
+        part = order[c:c + CHUNK_RECORDS]
+        by_block: dict[int, list[int]] = {}
+        for k in part:
+            by_block.setdefault(bisect_right(starts, k) - 1, []).append(k)
+        text = {}
+        for bi, ks in by_block.items():
+            for k, s in zip(ks, records[bi].json([k - starts[bi] for k in ks]), strict=True):
+                text[k] = s
+        yield ",".join(text[k] for k in part).encode()
+
+
 def _expand(records: list) -> list[dict]:
     out: list[dict] = []
     for r in records:
@@ -293,9 +325,10 @@ class AuditReport:
     def inbound_by_country(self) -> list[dict]:
         return _country_rows(self.by_peer_country, "distinct_src")
 
-    def to_json(self, raw: bool = False) -> dict:
+    def to_json(self, raw: bool = False, placeholders: dict | None = None) -> dict:
         """The machine report. With `raw`, records the bulk path made are `orjson.Fragment`s (for
-        `to_json_bytes`); otherwise every record is a dict."""
+        `to_json_bytes`); otherwise every record is a dict. With `placeholders` (kind -> text), each
+        record list is that string instead, for `json_chunks` to splice the records in."""
         out = {
             "tool": {"name": "egress-agent", "version": __version__},
             "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
@@ -307,9 +340,11 @@ class AuditReport:
             "inbound_by_country": self.inbound_by_country(),
             "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
             "verdicts": dict(self.verdicts),
-            "violations": _sorted_records(self.records["violation"], raw),
-            "indeterminate": _sorted_records(self.records["indeterminate"], raw),
-            "exempt": _sorted_records(self.records["exempt"], raw),
+            "violations": placeholders["violation"] if placeholders else
+            _sorted_records(self.records["violation"], raw),
+            "indeterminate": placeholders["indeterminate"] if placeholders else
+            _sorted_records(self.records["indeterminate"], raw),
+            "exempt": placeholders["exempt"] if placeholders else _sorted_records(self.records["exempt"], raw),
             "redated": self.redated,
             "warnings": self.warnings + self._redated_warning(),
         }
@@ -321,14 +356,42 @@ class AuditReport:
     def to_json_bytes(self) -> bytes:
         """`orjson.dumps(to_json())` plus a newline, made without a dict per bulk record. Falls back to
         the dicts where orjson refuses a value (an integer beyond 64 bits)."""
+        return b"".join(self.json_chunks())
+
+    def json_chunks(self):
+        """`to_json_bytes` as pieces, so a report of a million records is written a slice at a time:
+        the record arrays are made CHUNK_RECORDS at a time (in their sorted order) and spliced into
+        the rest of the report where placeholders stood. The pieces join to exactly the bytes
+        `orjson.dumps(to_json())` makes."""
         from agent.output import dumps
 
         try:
             import orjson
+        except ImportError:
+            yield dumps(self.to_json(), pretty=False)
+            return
+        import secrets
 
-            return orjson.dumps(self.to_json(raw=True), option=orjson.OPT_APPEND_NEWLINE)
-        except (ImportError, TypeError):
-            return dumps(self.to_json(), pretty=False)
+        marks = {kind: f"egress-agent-records-{secrets.token_hex(8)}-{kind}" for kind in self.records}
+        try:
+            head = orjson.dumps(self.to_json(raw=True, placeholders=marks), option=orjson.OPT_APPEND_NEWLINE)
+            # dicts (records judged one by one) are dumped up front, where a refusal can still fall
+            # back; bulk blocks are made a slice at a time while writing
+            pieces = [(kind, _record_texts(recs) if all(isinstance(r, RecordBlock) for r in recs)
+                       else list(_record_texts(recs))) for kind, recs in self.records.items()]
+        except TypeError:  # a value orjson refuses (an integer beyond 64 bits): the dicts, through json
+            yield dumps(self.to_json(), pretty=False)
+            return
+        rest = head
+        for kind, texts in pieces:
+            before, sep, rest = rest.partition(f'"{marks[kind]}"'.encode())
+            assert sep, "placeholder missing from the report"
+            yield before
+            yield b"["
+            for k, chunk in enumerate(texts):
+                yield (b"," if k else b"") + chunk
+            yield b"]"
+        yield rest
 
     def _redated_warning(self) -> list[str]:
         if not self.redated:
