@@ -66,24 +66,26 @@ def _pair_key(t: FlowTable, src_ids: np.ndarray | None):
     return lower, words
 
 
-def _source_ids(t: FlowTable) -> np.ndarray | None:
+def _source_ids(t: FlowTable) -> tuple[np.ndarray | None, int]:
+    """(each row's source as a small integer, the id of "conntrack" or -1); (None, -1) for one source."""
     if isinstance(t.source, str):
-        return None
+        return None, -1
     ids: dict = {}
-    return np.fromiter((ids.setdefault(s, len(ids)) for s in t.source), dtype=np.int64, count=len(t))
+    col = np.fromiter((ids.setdefault(s, len(ids)) for s in t.source), dtype=np.int64, count=len(t))
+    return col, ids.get("conntrack", -1)
 
 
 def connections(t: FlowTable) -> FlowTable:
     n = len(t)
     known = t.opened > 0 if t.opened is not None else np.zeros(n, dtype=bool)
-    if not isinstance(t.source, str):
-        known = known | np.array([s == "conntrack" for s in t.source], dtype=bool)
+    src_ids, conntrack = _source_ids(t)  # one pass over the per-row sources, for both uses
+    if src_ids is not None:
+        known = known | (src_ids == conntrack)
     elif t.source == "conntrack":
         known = np.ones(n, dtype=bool)
     todo = np.flatnonzero(~known)
     if not len(todo):
-        return _as_connections(t, known)
-    src_ids = _source_ids(t)
+        return _as_connections(t)
     if src_ids is not None and src_ids.max(initial=0) >= 1 << 23:  # more sources than the key holds (never seen)
         src_ids = None
     lower, words = _pair_key(t.take(todo) if len(todo) < n else t, src_ids[todo] if src_ids is not None and
@@ -168,7 +170,7 @@ def _paired(t: FlowTable, known, todo, group, g, low, rep) -> FlowTable:
     paired = _table(out, source, obj)
     if not known.any():
         return paired
-    return concat([_as_connections(t.take(np.flatnonzero(known)), None), paired])
+    return concat([_as_connections(t.take(np.flatnonzero(known))), paired])
 
 
 def _who_opened(proto, a_port, b_port, ha, hb, fa, fb):
@@ -217,7 +219,7 @@ def _objects(values: list) -> np.ndarray:
     return object_column(values)
 
 
-def _as_connections(t: FlowTable, known) -> FlowTable:
+def _as_connections(t: FlowTable) -> FlowTable:
     """Rows that already are connections, with the connection columns filled where they lack them:
     a conntrack record's opener is the kernel's original direction."""
     n = len(t)

@@ -159,12 +159,10 @@ def test_config_with_bad_date_and_bomb(tmp_path, cli):
 
 
 # -- captures ----------------------------------------------------------------------------------
-@pytest.fixture(params=["c", "python"])
-def walk(request, monkeypatch):
-    if request.param == "c" and pcap_mod._c_walk is None:
-        pytest.skip("C accelerator not built")
-    monkeypatch.setitem(pcap_mod.WALK, "c", request.param == "c")
-    return request.param
+@pytest.fixture
+def walk(capture_walk):
+    """Both capture walks (tests/conftest.py)."""
+    return capture_walk
 
 
 PKT = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="192.0.2.10", dst="203.0.113.9")

@@ -379,3 +379,14 @@ def test_name_table_refusals_and_evictions_reach_the_metrics():
     text = generate_latest(m.registry).decode()
     assert 'egress_agent_name_events_total{kind="dns_unsolicited"} 3.0' in text
     assert set(NAME_EVENTS) >= {"dns_unsolicited", "tls_streams_evicted", "quic_over_budget", "named_evicted"}
+
+
+def test_a_configured_resolver_that_is_not_an_address_is_a_clear_error(tmp_path):
+    from agent.errors import UserError
+    from agent.sources.capture.source import trusted_resolvers
+
+    with pytest.raises(UserError, match="capture.resolvers: 'dns.example' is not an IP address"):
+        trusted_resolvers(["192.0.2.53", "dns.example"])
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\nnameserver fe80::1%eth0\nnameserver garbage\nsearch example\n")
+    assert trusted_resolvers(None, str(conf)) == {bytes.fromhex("fe800000000000000000000000000001")}
