@@ -390,3 +390,26 @@ def test_a_configured_resolver_that_is_not_an_address_is_a_clear_error(tmp_path)
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 127.0.0.53\nnameserver fe80::1%eth0\nnameserver garbage\nsearch example\n")
     assert trusted_resolvers(None, str(conf)) == {bytes.fromhex("fe800000000000000000000000000001")}
+
+
+def test_the_longest_dns_names_are_keyed_alike_in_c_and_python(tmp_path):
+    """Queries whose question fills the key buffer (a 255-octet name) and one a byte past it: the
+    longest is matched to its answer on both walks, the over-long one is ignored on both."""
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters: 255 octets on the wire
+    frames = []
+    q = DNS(id=300, qr=0, rd=1, qd=[DNSQR(qname=longest)])
+    r = DNS(id=300, qr=1, ra=1, qd=[DNSQR(qname=longest)], an=[DNSRR(rrname=longest, ttl=600, rdata="203.0.113.90")])
+    frames += [(T, bytes(eth / IP(src=CLIENT, dst=build.RESOLVER) / UDP(sport=42000, dport=53) / q)),
+               (T + 0.01, bytes(eth / IP(src=build.RESOLVER, dst=CLIENT) / UDP(sport=53, dport=42000) / r)),
+               (T + 0.02, bytes(eth / IP(src=CLIENT, dst="203.0.113.90") / TCP(sport=50200, dport=443, flags="S")))]
+    raw = bytes(q)
+    over = raw[:12] + b"\x3f" + b"a" * 63 + raw[12:]  # one more label: past 255 octets
+    frames.append((T + 1, bytes(eth / IP(src=CLIENT, dst=build.RESOLVER) / UDP(sport=42001, dport=53) / over)))
+    cap = read_capture(_capture(tmp_path, frames))
+    assert {f.sport: f.hostname for f in cap.flows if f.src == CLIENT}[50200] == longest
+    assert cap.stats.names["dns_queries"] == 1
