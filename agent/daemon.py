@@ -174,10 +174,10 @@ class Daemon:
     def _loaded(self):
         inbound = [p.name for p in self.pipeline.policies if "inbound" in p.directions]
         if inbound:
-            # said, not silently skipped: the live source's kernel filter and flow counter cover
-            # connections opened from local hosts; inbound ones are judged by `egress-agent audit`
-            log.warning("policies %s judge inbound connections too; the live conntrack source judges outbound "
-                        "connections only (audit captures or flow logs for inbound ones)", ", ".join(inbound))
+            # the sources then keep connections public peers open to local hosts as well (their kernel
+            # filter, scope table and counter follow `Pipeline.inbound`), judged by the peer's location
+            log.info("policies %s judge inbound connections too: connections public peers open to local "
+                     "hosts are judged as well", ", ".join(inbound))
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
         self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)
@@ -202,7 +202,8 @@ class Daemon:
             message = f"{type(e).__name__}: {e}"
             log.exception("reload failed (%s), keeping the policies in force", message)
         else:
-            rescoped = pipe.scoper.tables != self.pipeline.scoper.tables
+            # what "egress" (and, with inbound policies, "inbound") means changed
+            rescoped = pipe.scoper.tables != self.pipeline.scoper.tables or pipe.inbound != self.pipeline.inbound
             self.pipeline, self.cfg, self.web = pipe, cfg, web
             if rescoped:
                 # public_nets/local_nets changed what "egress" means: the kernel's filter and counter
@@ -332,7 +333,14 @@ class Daemon:
                 return  # seen already
             flow = e.flow(now)
             n = None
-            if self.names is not None:
+            # the original direction is who opened it: a public peer's connection to a local host is
+            # inbound (the sources keep those only while some policy judges them)
+            inbound = pipe.inbound and pipe.scoper.is_egress(flow.dst, flow.src)
+            if inbound:
+                if who is _ASK or who is None:  # the local socket is the accepted one: its tuple reversed
+                    who = self.attributor.who(Flow(flow.proto, flow.dst, flow.dport, flow.src, flow.sport, 0, 0)) \
+                        if self.attributor else None
+            elif self.names is not None:
                 n = self.names.name_flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                          flow.first_seen or now)
                 if n is not None:
@@ -344,9 +352,9 @@ class Daemon:
                 flow = Flow(f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes, f.first_seen, f.last_seen,
                             f.source, who if who is not None else f.who, n.hostname if n else f.hostname,
                             n.source if n else f.hostname_source, n.chain if n else f.hostname_chain)
-            j = pipe.judge(flow)
+            j = pipe.judge(flow, inbound=inbound)
             self.metrics.judged(j)
-            if pipe.register is not None:
+            if pipe.register is not None and not inbound:
                 self._recipient(j)
             reported = self._evidence(j, "open" if kind in ("dump", "resync") else "new", e, kind != "seen")
             if kind == "seen":

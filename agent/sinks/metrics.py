@@ -4,7 +4,8 @@
       listen: 127.0.0.1:9807   # loopback only by default; put a proxy or firewall in front otherwise
 
 Labels are bounded sets only: policy, verdict, severity, reason, country (ISO code or "unknown"),
-jurisdiction, source, event and drop kinds. Never an address, port, hostname or pid: those go to
+jurisdiction, source, event and drop kinds, direction (outbound or inbound: who opened the
+connection). Never an address, port, hostname or pid: those go to
 the evidence log. Port 9807 is this project's default; any free port works.
 """
 
@@ -31,14 +32,17 @@ class Metrics:
         self._children: dict = {}
         self._by_plan: dict = {}  # (ids of a judgement's tuples, country) -> [plan, flows, bytes] since the last flush
         self._plans: dict = {}  # see judged()
-        self.flows = Counter(f"{NS}_flows", "Egress flows judged, by policy, verdict and destination country.",
-                             ["policy", "verdict", "country"], registry=r)
-        self.bytes = Counter(f"{NS}_bytes", "IP-layer bytes sent on judged egress flows (original direction).",
-                             ["policy", "verdict", "country"], registry=r)
-        self.violations = Counter(f"{NS}_violations", "Flows judged a violation, by policy, severity and country.",
-                                  ["policy", "severity", "country"], registry=r)
-        self.indeterminate = Counter(f"{NS}_indeterminate", "Flows whose verdict could not be decided, by reason.",
-                                     ["policy", "reason"], registry=r)
+        self.flows = Counter(f"{NS}_flows", "Connections judged, by policy, verdict, the peer's country and "
+                             "direction (outbound: a local host opened it; inbound: a public peer did).",
+                             ["policy", "verdict", "country", "direction"], registry=r)
+        self.bytes = Counter(f"{NS}_bytes", "IP-layer bytes the opener sent on judged connections (original "
+                             "direction), by policy, verdict, the peer's country and direction.",
+                             ["policy", "verdict", "country", "direction"], registry=r)
+        self.violations = Counter(f"{NS}_violations", "Connections judged a violation, by policy, severity, the "
+                                  "peer's country and direction.", ["policy", "severity", "country", "direction"],
+                                  registry=r)
+        self.indeterminate = Counter(f"{NS}_indeterminate", "Connections whose verdict could not be decided, by "
+                                     "reason and direction.", ["policy", "reason", "direction"], registry=r)
         self.jurisdiction_bytes = Counter(f"{NS}_jurisdiction_bytes",
                                           "Egress bytes by destination jurisdiction group.", ["jurisdiction"],
                                           registry=r)
@@ -130,6 +134,7 @@ class Metrics:
     DROP_REASONS = ("sampled", "rate_limited", "queue_full", "overflow", "error")
     ERROR_KINDS = ("overflow", "io", "setup", "judge")
     EVENTS = ("dump", "resync", "new", "destroy")
+    DIRECTIONS = ("outbound", "inbound")  # the `direction` label: who opened the connection
 
     def source(self, source: str):
         """Create the bounded label sets of a source at zero, so every series exists from the start."""
@@ -163,29 +168,31 @@ class Metrics:
         four to eight per flow.
         """
         self.judged_counts(j.outcomes, j.jurisdictions, country_label(j.location),
-                           j.flow.bytes if nbytes is None else nbytes, bytes_only)
+                           j.flow.bytes if nbytes is None else nbytes, bytes_only,
+                           "inbound" if j.inbound else "outbound")
 
-    def judged_counts(self, outcomes: tuple, jurisdictions: tuple, cc: str, n: int, bytes_only: bool = False):
+    def judged_counts(self, outcomes: tuple, jurisdictions: tuple, cc: str, n: int, bytes_only: bool = False,
+                      direction: str = "outbound"):
         """`judged` from its parts: the judgement's outcomes and jurisdictions (the verdict cache's
-        tuples), its country label and the bytes to count."""
+        tuples), its country label, the bytes to count and its direction (DIRECTIONS)."""
         # the outcomes and jurisdictions tuples are the verdict cache's, shared by every flow of a
         # cache key: the label sets they count under are worked out once per (tuples, country)
         # Counted per plan (flows, bytes) until `flush` spreads them over the plan's label sets: two
         # additions per flow whatever the number of policies.
-        pk = (id(outcomes), id(jurisdictions), cc)
+        pk = (id(outcomes), id(jurisdictions), cc, direction)
         got = self._by_plan.get(pk)
         if got is None:
             plan = self._plans.get(pk)
             if plan is None or plan[2] is not outcomes or plan[3] is not jurisdictions:
                 if len(self._plans) >= 4096:
                     self._plans.clear()
-                plan = self._plans[pk] = self._plan(outcomes, jurisdictions, cc)
+                plan = self._plans[pk] = self._plan(outcomes, jurisdictions, cc, direction)
             got = self._by_plan[pk] = [plan, 0, 0]  # the plan keeps the tuples, so their ids stay theirs
         if not bytes_only:
             got[1] += 1
         got[2] += n
 
-    def _plan(self, outcomes, jurisdictions, cc) -> tuple:
+    def _plan(self, outcomes, jurisdictions, cc, direction) -> tuple:
         """(label sets counted once per flow, label sets that count its bytes, and the two tuples,
         kept so their ids stay theirs while the plan is cached)."""
         counts, nbytes = [], []
@@ -193,12 +200,12 @@ class Metrics:
             outcome = _VALUE[v.outcome]
             if outcome == "not_applicable":
                 continue
-            counts.append((self.flows, v.policy, outcome, cc))
+            counts.append((self.flows, v.policy, outcome, cc, direction))
             if outcome == "violation":
-                counts.append((self.violations, v.policy, v.severity, cc))
+                counts.append((self.violations, v.policy, v.severity, cc, direction))
             elif outcome == "indeterminate":
-                counts.append((self.indeterminate, v.policy, v.reason))
-            nbytes.append((self.bytes, v.policy, outcome, cc))
+                counts.append((self.indeterminate, v.policy, v.reason, direction))
+            nbytes.append((self.bytes, v.policy, outcome, cc, direction))
         nbytes += [(self.jurisdiction_bytes, g) for g in jurisdictions]
         return tuple(counts), tuple(nbytes), outcomes, jurisdictions
 

@@ -116,3 +116,38 @@ def test_ipv6_random(src, dst):
     s, d = v6(src), v6(dst)
     if SCOPER.is_egress(s, d):
         assert verdict(s, d) == ACCEPT
+
+
+PROG_IN = program(SCOPER, inbound=True)
+
+
+def test_inbound_mode_passes_the_mirror_of_egress_exactly_for_ipv4():
+    """With a policy judging inbound connections, a public peer's connection to a local host passes
+    too; IPv4 stays exact (egress or inbound, nothing else), at every scope boundary."""
+    assert run(PROG_IN, event("203.0.113.9", "192.0.2.1", proto=6, sport=50000, dport=22)) == ACCEPT
+    assert run(PROG_IN, event("203.0.113.9", "198.51.100.7")) == DROP  # public to public: neither
+    assert run(PROG_IN, event("192.0.2.1", "10.1.2.3")) == DROP
+    edges = _boundaries(4)
+    rnd = random.Random(11)
+    pairs = [(v4(rnd.choice(edges)), v4(rnd.choice(edges))) for _ in range(3000)]
+    for src, dst in pairs:
+        want = SCOPER.is_egress(src, dst) or SCOPER.is_egress(dst, src)
+        assert run(PROG_IN, event(src, dst)) == (ACCEPT if want else DROP), (src, dst)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, (1 << 128) - 1), st.integers(0, (1 << 128) - 1), st.booleans())
+def test_inbound_mode_never_drops_either_direction_for_ipv6(src, dst, near):
+    s, d = v6(src), v6(dst)
+    if near:  # the random pair next to this scope table's IPv6 boundaries, where mistakes would hide
+        edges = _boundaries(6)
+        s, d = v6(edges[src % len(edges)]), v6(edges[dst % len(edges)])
+    if SCOPER.is_egress(s, d) or SCOPER.is_egress(d, s):
+        assert run(PROG_IN, event(s, d)) == ACCEPT, (s, d)
+    assert run(PROG_IN, event(s, d)) == ACCEPT or not SCOPER.is_egress(s, d)
+
+
+def test_inbound_mode_still_filters():
+    assert run(PROG_IN, event("::1", "::1")) == DROP
+    assert run(PROG_IN, event("192.0.2.1", "127.0.0.1")) == DROP
+    assert len(PROG_IN) < 4096

@@ -18,8 +18,11 @@ lost to a full buffer is counted, not silent.
 With conntrack on, capture only names flows. Alone, it is also the flow source: the first packet of
 each connection becomes a flow (a TCP SYN without ACK; the first UDP datagram of a 5-tuple, kept in
 a bounded table of recent 5-tuples, so a datagram after eviction counts again), judged once with
-no end record (the capture sees no connection end). Its losses: kernel drops on the packet
-sockets (`source_events_lost_total{source="capture"}`), and `queue_full` drops; there is no
+no end record (the capture sees no connection end). The sender of that SYN or datagram opened the
+connection: a local host's connection to a public peer is egress; a public peer's to a local host is
+inbound (judged while some policy asks for inbound connections); the first datagram back on a
+5-tuple, or one from a service port to an ephemeral one, is an answer and no flow. Its losses:
+kernel drops on the packet sockets (`source_events_lost_total{source="capture"}`), and `queue_full` drops; there is no
 kernel flow counter to balance against, so `loss_accounting{source="capture"}` stays 0.
 
 Contract: `CaptureSource(daemon).open()` (the live-source interface, `live.py`) raises UserError
@@ -36,6 +39,7 @@ import struct
 import time
 from collections import OrderedDict
 
+from agent.connections import SERVICE_PORTS
 from agent.errors import UserError
 from agent.flow import Flow
 from agent.names.extract import MAX_TTL, NAME_EVENTS, NameExtractor
@@ -304,10 +308,18 @@ class CaptureSource:
             self._seen[key] = None
             if len(self._seen) > self.MAX_SEEN:
                 self._seen.popitem(last=False)
+            if (seg.proto, seg.dst, seg.dport, seg.src, seg.sport) in self._seen:
+                return  # the first datagram back: an answer, not a flow of its own
         src, dst = _text(seg.src), _text(seg.dst)
         d = self.d
-        if not d.pipeline.scoper.is_egress(src, dst):
-            return
+        pipe = d.pipeline
+        if not pipe.scoper.is_egress(src, dst):
+            # who opened it is the SYN's or the first datagram's sender; a datagram from a service
+            # port to an ephemeral one answers a request the capture missed (the port rule)
+            if not (pipe.inbound and pipe.scoper.is_egress(dst, src)):
+                return
+            if seg.proto == 17 and _service(seg.sport) and not _service(seg.dport):
+                return
         m = d.metrics
         m.source_events.labels(SOURCE, "new").inc()
         d.seen_new += 1
@@ -329,6 +341,14 @@ class CaptureSource:
         if self._batch:
             batch, self._batch = self._batch, []
             self.d._enqueue(batch, {"queue_full": self.d.metrics.drops.labels(SOURCE, "queue_full")})
+
+
+_SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
+
+
+def _service(port: int) -> bool:
+    """`agent.connections.service_port` for one port."""
+    return port < 1024 or port in _SERVICE
 
 
 def _text(a: bytes) -> str:

@@ -15,11 +15,14 @@
  *   table: a scope_table() capsule. Then NEW events whose flow is not egress (destination public,
  *           source not, as Scoper.classify says) are left out and counted in `skipped`, and the
  *           others carry accountable True or False (Scoper.classify's second answer, for both ends).
+ *           A table made with inbound 1 or 2 also keeps inbound flows (source public, destination
+ *           not): with 2 they are accountable as egress ones are, with 1 never (the kernel's
+ *           counter does not count them).
  *   datagrams: how many datagrams were read.
  *   status: 0 the socket is empty, 1 max_datagrams were read, 2 the kernel reported ENOBUFS
  *           (events were lost: resynchronise). Any other error raises OSError.
  * The socket must be non-blocking or the caller must know data is waiting: MSG_DONTWAIT is used.
- * scope_table(starts4, codes4, starts6, codes6): see scope_t below (conntrack.scope_table builds it).
+ * scope_table(starts4, codes4, starts6, codes6, inbound=0): see scope_t below (conntrack.scope_table builds it).
  * decode(message) -> entry or None: one whole netlink message (header included), for tests;
  * classify(table, packed address) -> (public, accountable) and ntop(packed address), for tests.
  */
@@ -115,7 +118,7 @@ static int same(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn
  * IP version and a code per interval: 0 public, 1 any other scope, 2 Teredo, 3 local-use NAT64
  * (the last two are resolved through the IPv4 table with the address they embed, and are not
  * accountable, as Scoper.classify says). */
-typedef struct { Py_ssize_t n4, n6; uint32_t *s4; uint64_t *s6; uint8_t *c4, *c6; } scope_t;
+typedef struct { Py_ssize_t n4, n6; uint32_t *s4; uint64_t *s6; uint8_t *c4, *c6; int inbound; } scope_t;
 #define SCOPE_CAPSULE "egress_agent.scope_table"
 
 static uint8_t scope4(const scope_t *t, uint32_t v) {
@@ -145,14 +148,21 @@ static void scope_free(PyObject *cap) {
     if (t) { PyMem_Free(t->s4); PyMem_Free(t->s6); PyMem_Free(t->c4); PyMem_Free(t->c6); PyMem_Free(t); }
 }
 
-/* scope_table(starts4, codes4, starts6, codes6): starts as lists of ints, ascending from 0. */
+/* scope_table(starts4, codes4, starts6, codes6, inbound=0): starts as lists of ints, ascending from 0;
+ * inbound as in the comment at the top. */
 static PyObject *scope_table(PyObject *self, PyObject *args) {
     PyObject *st4, *st6;
     Py_buffer c4, c6;
-    if (!PyArg_ParseTuple(args, "O!y*O!y*", &PyList_Type, &st4, &c4, &PyList_Type, &st6, &c6)) return NULL;
+    int inbound = 0;
+    if (!PyArg_ParseTuple(args, "O!y*O!y*|i", &PyList_Type, &st4, &c4, &PyList_Type, &st6, &c6, &inbound)) return NULL;
     scope_t *t = PyMem_Calloc(1, sizeof *t);
     PyObject *ret = NULL;
     if (!t) { PyErr_NoMemory(); goto done; }
+    if (inbound < 0 || inbound > 2) {
+        PyErr_SetString(PyExc_ValueError, "scope_table: inbound is 0, 1 or 2");
+        goto fail;
+    }
+    t->inbound = inbound;
     t->n4 = PyList_GET_SIZE(st4);
     t->n6 = PyList_GET_SIZE(st6);
     if (t->n4 < 1 || t->n6 < 1 || c4.len != t->n4 || c6.len != t->n6) {
@@ -201,7 +211,8 @@ done:
 
 /* The entry of one ctnetlink message payload p[off:end] (after the netlink header), or None when it
  * has no usable original tuple (conntrack.decode_entry). With a scope table, *egress and
- * *accountable say what Scoper.classify says of its original tuple. New reference, NULL on a
+ * *accountable say what Scoper.classify says of its original tuple (*egress: it is to be judged,
+ * egress or, with the table's inbound mode, inbound). New reference, NULL on a
  * Python error. */
 static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, PyTypeObject *cls,
                                 const scope_t *scope, int *egress, int *accountable) {
@@ -237,6 +248,10 @@ static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end
         classify_addr(scope, orig.dst, orig.dst_n, &dpub, &dacc);
         *egress = dpub && !spub;
         *accountable = sacc && dacc;
+        if (!*egress && scope->inbound && spub && !dpub) {  /* a public peer opened it to a local host */
+            *egress = 1;
+            *accountable = *accountable && scope->inbound == 2;
+        }
     }
     PyObject *e = cls->tp_alloc(cls, 11);
     if (!e) return NULL;

@@ -3,7 +3,9 @@
 Why: a storm of loopback, private or inbound connections would otherwise fill the socket buffer
 (the kernel then drops events, relevant ones included) and cost the agent CPU per event. The
 kernel runs this program on every event before queueing it; it drops an event only when it is
-*sure* the flow is not egress (`Scoper.is_egress` false), and passes everything it cannot read.
+*sure* the flow is not egress (`Scoper.is_egress` false) nor, when some policy judges inbound
+connections (`program(scoper, inbound=True)`), inbound (a public source, a non-public destination),
+and passes everything it cannot read.
 
 What it reads (ctnetlink event layout: nlmsghdr 16 | nfgenmsg 4 | CTA_TUPLE_ORIG first):
 
@@ -97,43 +99,67 @@ def _classes(scoper: Scoper, version: int):
     return merge_intervals(pub), merge_intervals(non)
 
 
-def program(scoper: Scoper) -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) instructions."""
+def program(scoper: Scoper, inbound: bool = False) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions. `inbound`: also pass the events of connections a
+    public peer opened to a local host (the mirror of egress; when some policy judges inbound)."""
     a = _Asm()
     a.op(LD_W_LEN)
     a.op(JGE, 44, 0, "accept")
     a.op(LD_B_ABS, 16)  # nfgenmsg.nfgen_family
     a.op(JEQ, AF_INET, "v4", 0)
     a.op(JEQ, AF_INET6, "v6", "accept")
+    a.label("accept")
+    a.op(RET_K, ACCEPT)
     for version, src_hdr, dst_hdr, tuple_len, src_at, dst_at, dst_hdr_at in (
             (4, _word(8, 1), _word(8, 2), 20, 32, 40, 36), (6, _word(20, 3), _word(20, 4), 44, 32, 52, 48)):
         pub, non = _classes(scoper, version)
-        a.label(f"v{version}")
+        v = f"v{version}"
+        # each block ends in its own return instructions: jumps stay short (8-bit offsets)
+        drop, accept = f"{v}.drop", f"{v}.accept"
+        a.label(v)
         if version == 6:
             a.op(LD_W_LEN)
-            a.op(JGE, 68, 0, "accept")
+            a.op(JGE, 68, 0, accept)
         a.op(LD_W_ABS, 24)
         a.op(ALU_AND_K, _NESTED_MASK)
-        a.op(JEQ, _word(tuple_len, 1) & _NESTED_MASK, 0, "accept")
+        a.op(JEQ, _word(tuple_len, 1) & _NESTED_MASK, 0, accept)
         a.op(LD_W_ABS, 28)
-        a.op(JEQ, src_hdr, 0, "accept")
+        a.op(JEQ, src_hdr, 0, accept)
         a.op(LD_W_ABS, dst_hdr_at)
-        a.op(JEQ, dst_hdr, 0, "accept")
+        a.op(JEQ, dst_hdr, 0, accept)
         a.op(LD_W_ABS, src_at)
-        _in_intervals(a, pub, "drop", f"v{version}dst")
-        a.label(f"v{version}dst")
+        _in_intervals(a, pub, f"{v}in" if inbound else drop, f"{v}dst")
+        a.label(f"{v}dst")
         if version == 6:  # ::1 exactly
             for i, want in enumerate((0, 0, 0, 1)):
                 a.op(LD_W_ABS, dst_at + 4 * i)
                 a.op(JEQ, want, 0, "v6top")
-            a.op(RET_K, DROP)
+            if inbound:  # to ::1 from a source surely not public
+                a.op(JGE, 0, "v6srcnon", "v6srcnon")
+            else:
+                a.op(RET_K, DROP)
             a.label("v6top")
         a.op(LD_W_ABS, dst_at)
-        _in_intervals(a, non, "drop", "accept")
-    a.label("accept")
-    a.op(RET_K, ACCEPT)
-    a.label("drop")
-    a.op(RET_K, DROP)
+        if inbound and version == 6:
+            # IPv6 classes are /32-coarse: a source not surely public may still be public (then the
+            # flow is inbound); drop only when the source is surely not public either
+            _in_intervals(a, non, f"{v}srcnon", accept)
+            a.label(f"{v}srcnon")
+            for i, want in enumerate((0, 0, 0, 1)):  # ::1 exactly
+                a.op(LD_W_ABS, src_at + 4 * i)
+                a.op(JEQ, want, 0, "v6srctop")
+            a.op(RET_K, DROP)
+            a.label("v6srctop")
+            a.op(LD_W_ABS, src_at)
+        _in_intervals(a, non, drop, accept)
+        if inbound:  # the source is public: an inbound connection unless the destination is public too
+            a.label(f"{v}in")
+            a.op(LD_W_ABS, dst_at)
+            _in_intervals(a, pub, drop, accept)
+        a.label(accept)
+        a.op(RET_K, ACCEPT)
+        a.label(drop)
+        a.op(RET_K, DROP)
     return a.program()
 
 

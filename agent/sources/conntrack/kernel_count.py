@@ -5,6 +5,11 @@
       set embedded6                   Teredo and local-use NAT64 space (scope per embedded IPv4: not countable)
       chain egress_output           hook output,  priority 300: ct state new, first packet, local -> public
       chain egress_forward          hook forward, priority 300: the same for forwarded (container) traffic
+      chain egress_input            hook input,   priority 300: public -> local (only with `inbound`)
+
+With `inbound` (some policy judges connections public peers open to local hosts) the input and
+forward chains also count those, under the comment `egress-agent:kernel-flows-inbound`; the
+daemon adds them to its books only while it judges inbound connections.
 
 Each counting rule carries the comment `egress-agent:kernel-flows` and matches the *original*
 tuple (`ct original ip saddr/daddr`), exactly what conntrack events report, and only the first
@@ -27,6 +32,7 @@ import subprocess
 from agent.enrich.scope import EMBEDDED_MARKERS, Scoper, merge_intervals
 
 COMMENT = "egress-agent:kernel-flows"
+COMMENT_IN = "egress-agent:kernel-flows-inbound"
 TABLE = "egress_agent"
 
 
@@ -59,23 +65,34 @@ def embedded(scoper: Scoper):
     return merge_intervals([(lo, hi) for lo, hi, s in scoper.ranges(6) if s in EMBEDDED_MARKERS])
 
 
-def nft_table(scoper: Scoper) -> str:
-    """The nftables table (text for `nft -f`): tracking on, and the kernel's count of egress flows.
+def nft_table(scoper: Scoper, inbound: bool = False) -> str:
+    """The nftables table (text for `nft -f`): tracking on, and the kernel's count of egress flows
+    (and, with `inbound`, of inbound ones).
 
     It is idempotent: it deletes and recreates the table, so a reload with other public/local
     networks replaces the sets (and resets the counters; the daemon notices and rebases).
     """
     t6 = embedded(scoper)
-    rule4 = (f"ct state new ct status & confirmed == 0 ct original ip saddr @nonpublic4 "
-             f"ct original ip daddr != @nonpublic4 counter comment \"{COMMENT}\"")
-    rule6 = ("ct state new ct status & confirmed == 0 ct original ip6 saddr @nonpublic6 "
-             "ct original ip6 daddr != @nonpublic6 "
-             + ("ct original ip6 saddr != @embedded6 ct original ip6 daddr != @embedded6 " if t6 else "")
-             + f"counter comment \"{COMMENT}\"")
+    new = "ct state new ct status & confirmed == 0"
+    no_t6 = "ct original ip6 saddr != @embedded6 ct original ip6 daddr != @embedded6 " if t6 else ""
+
+    def rules(local: str, comment: str) -> tuple[str, str]:
+        """(IPv4, IPv6) rules counting new connections opened from the `local` side ("saddr": egress)."""
+        peer = "daddr" if local == "saddr" else "saddr"
+        return (f"{new} ct original ip {local} @nonpublic4 ct original ip {peer} != @nonpublic4 counter "
+                f"comment \"{comment}\"",
+                f"{new} ct original ip6 {local} @nonpublic6 ct original ip6 {peer} != @nonpublic6 {no_t6}counter "
+                f"comment \"{comment}\"")
+
+    egress, inward = rules("saddr", COMMENT), rules("daddr", COMMENT_IN)
+    hooks = [("egress_output", "output", egress), ("egress_forward", "forward", egress + (inward if inbound else ()))]
+    if inbound:
+        hooks.append(("egress_input", "input", inward))
     chains = []
-    for chain, hook in (("egress_output", "output"), ("egress_forward", "forward")):
-        chains.append(f"  chain {chain} {{\n    type filter hook {hook} priority 300; policy accept;\n"
-                      f"    {rule4}\n    {rule6}\n  }}\n")
+    for chain, hook, body in hooks:
+        lines = "".join(f"    {r}\n" for r in body)
+        chains.append(f"  chain {chain} {{\n    type filter hook {hook} priority 300; policy accept;\n{lines}  }}\n")
+
     def one(name: str, kind: str, elements: str) -> str:
         return f"  set {name} {{ type {kind}; flags interval; elements = {{ {elements} }} }}\n"
 
@@ -93,34 +110,43 @@ def _nft(netns: str | None, *args: str, stdin: str | None = None) -> subprocess.
     return subprocess.run(pre + ["nft", *args], input=stdin, capture_output=True, text=True, timeout=10)
 
 
-def install(scoper: Scoper, netns: str | None = None) -> str | None:
+def install(scoper: Scoper, netns: str | None = None, inbound: bool = False) -> str | None:
     """Load `nft_table`; the error text when nft failed, else None."""
     try:
-        r = _nft(netns, "-f", "-", stdin=nft_table(scoper))
+        r = _nft(netns, "-f", "-", stdin=nft_table(scoper, inbound))
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
     return r.stderr.strip() or f"nft exited {r.returncode}" if r.returncode else None
 
 
-def counted(ruleset: dict) -> int | None:
-    """Sum of the packet counters of the agent's counting rules in `nft -j` output; None if none."""
-    total, found = 0, False
+def counted(ruleset: dict, comments: tuple[str, ...] = (COMMENT,)) -> int | None:
+    """Sum of the packet counters of the agent's counting rules (those with one of `comments`) in
+    `nft -j` output; None if there is none."""
+    return _sums(ruleset, comments)[0]
+
+
+def _sums(ruleset: dict, comments: tuple[str, ...]) -> tuple[int | None, set[str]]:
+    """(the sum as `counted` gives it, the comments of the counting rules found)."""
+    total, found = 0, set()
     for item in ruleset.get("nftables", ()):
         rule = item.get("rule") if isinstance(item, dict) else None
-        if not rule or rule.get("comment") != COMMENT:
+        if not rule or rule.get("comment") not in comments:
             continue
         for expr in rule.get("expr", ()):
             if isinstance(expr, dict) and "counter" in expr:
                 total += int(expr["counter"].get("packets", 0))
-                found = True
-    return total if found else None
+                found.add(rule["comment"])
+    return (total if found else None), found
 
 
 class KernelCounter:
-    """Reads the kernel's count of new egress connections in one network namespace."""
+    """Reads the kernel's count of new egress connections in one network namespace; with `inbound`,
+    of inbound ones too when the table counts them (`inbound_counted` says whether it does)."""
 
-    def __init__(self, netns: str | None = None):
+    def __init__(self, netns: str | None = None, inbound: bool = False):
         self.netns = netns
+        self.inbound = inbound
+        self.inbound_counted = False
         self.error: str | None = None
 
     def read(self) -> int | None:
@@ -133,9 +159,12 @@ class KernelCounter:
             self.error = (r.stderr.strip().splitlines() or [f"nft exited {r.returncode}"])[-1]
             return None
         try:
-            n = counted(json.loads(r.stdout))
+            n, found = _sums(json.loads(r.stdout), (COMMENT, COMMENT_IN) if self.inbound else (COMMENT,))
         except (ValueError, TypeError, AttributeError) as e:
             self.error = f"nft -j output not understood: {e}"
             return None
+        if COMMENT not in found:  # inbound rules alone do not make egress accountable
+            n = None
+        self.inbound_counted = COMMENT_IN in found
         self.error = None if n is not None else f"table inet {TABLE} has no rule commented {COMMENT}"
         return n

@@ -7,6 +7,12 @@ follows NEW and DESTROY events until `stop` is set, handing batches to the daemo
 counter (`kernel_count.py`) and the socket's drop counter and books the difference
 (`agent/accounting.py`), so every flow the kernel saw is judged, dropped for a stated reason,
 queued, or shown as unaccounted.
+
+Which flows: egress ones (a local source, a public destination, in the original direction), and,
+while some policy judges inbound connections (`Pipeline.inbound`), inbound ones too (a public peer
+opened it to a local host; the daemon judges them by the peer's location). The kernel's filter, the
+C reader's scope table and the nftables counter follow that setting through reloads; inbound flows
+enter the books only when the counter counts them (the table `source.enable` installs does).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ class ConntrackSource:
         if src.get("enable"):
             from agent.sources.conntrack.table import enable_tracking
 
-            for done in enable_tracking(src.get("netns"), self.d.pipeline.scoper):
+            for done in enable_tracking(src.get("netns"), self.d.pipeline.scoper, self.d.pipeline.inbound):
                 log.info("enabled %s", done)
         return self
 
@@ -77,7 +83,9 @@ class ConntrackSource:
 
         src = self.d.cfg.source
         netns = src.get("netns")
-        prog = program(self.d.pipeline.scoper) if src.get("kernel_filter", True) else None
+        inbound = self.d.pipeline.inbound
+        prog = program(self.d.pipeline.scoper, inbound) if src.get("kernel_filter", True) else None
+        self.kernel_counter.inbound = inbound
         ct = Conntrack(netns, prog)
         if src.get("rcvbuf"):
             import socket as _s
@@ -89,6 +97,9 @@ class ConntrackSource:
         else:
             ct.dumps = 1  # a reopened socket: what its dump finds was missed, count it as recovered
         m.loss_accounting.labels(SOURCE).set(0 if acct.kernel_base is None else 1)
+        if inbound and acct.kernel_base is not None and not self.kernel_counter.inbound_counted:
+            log.warning("inbound connections are judged but left out of loss accounting: the kernel's counter "
+                        "(table inet egress_agent) does not count them; source.enable: true installs one that does")
         if acct.kernel_base is None:
             log.warning("loss accounting is off: %s (set source.enable: true, or load "
                         "deploy/nftables/egress-agent.nft, so the kernel counts egress flows)",
@@ -202,7 +213,7 @@ class ConntrackSource:
                     if src.get("enable"):
                         from agent.sources.conntrack.table import enable_tracking
 
-                        enable_tracking(netns, self.d.pipeline.scoper)
+                        enable_tracking(netns, self.d.pipeline.scoper, self.d.pipeline.inbound)
                     log.info("public/local networks changed: the kernel's event filter and egress counter were "
                              "rebuilt from the new scope table")
                     ct.close()
@@ -222,10 +233,14 @@ class ConntrackSource:
                     kernel_now = self.kernel_counter.read() if acct.kernel_base is not None else None
                 scoper = self.d.pipeline.scoper
                 classify = scoper.classify
-                if scoper is not table_of:  # the C reader's copy of the scope table follows reloads
+                inbound = self.d.pipeline.inbound
+                # inbound connections count in the books only when the kernel's counter counts them
+                in_acct = inbound and self.kernel_counter.inbound_counted
+                mode = (scoper, 0 if not inbound else 2 if in_acct else 1)
+                if mode != table_of:  # the C reader's copy of the scope table follows reloads
                     from agent.sources.conntrack.table import scope_table
 
-                    table, table_of = scope_table(scoper), scoper
+                    table, table_of = scope_table(scoper, mode[1]), mode
                 batch = []
                 seen = dict.fromkeys(events, 0)  # events by kind, added to the counters once per drain
                 try:
@@ -252,12 +267,17 @@ class ConntrackSource:
                             continue
                         if acc is None:  # not classified by the C reader (which leaves out non-egress)
                             d_scope, d_acct = classify(e.dst)  # is_egress and accountable, one parse each
-                            if d_scope != "public":
+                            if d_scope != "public" and not inbound:
                                 continue
                             s_scope, s_acct = classify(e.src)
-                            if s_scope == "public":
+                            if d_scope == "public":
+                                if s_scope == "public":
+                                    continue
+                                acc = s_acct and d_acct
+                            elif inbound and s_scope == "public":  # a public peer opened it: inbound
+                                acc = s_acct and d_acct and in_acct
+                            else:
                                 continue
-                            acc = s_acct and d_acct
                         known[key] = None
                         if len(known) > MAX_KNOWN:
                             del known[next(iter(known))]

@@ -441,8 +441,9 @@ class Conntrack:
         self._last_drain = drained  # a full drain: no pause before the next one
 
 
-def scope_table(scoper):
-    """The C reader's form of `scoper`'s tables (see `Conntrack.events`), or None without it."""
+def scope_table(scoper, inbound: int = 0):
+    """The C reader's form of `scoper`'s tables (see `Conntrack.events`), or None without it.
+    `inbound`: 0 leave out inbound flows, 1 keep them (not accountable), 2 keep them accountable."""
     if _ctnl is None or not DRAIN["c"]:
         return None
     from agent.enrich.scope import LOCAL64, TEREDO
@@ -453,7 +454,7 @@ def scope_table(scoper):
     if any(c > 1 for c in c4):
         raise ValueError("the IPv4 scope table holds an embedded-address marker")
     return _ctnl.scope_table([s for s, _, _ in r4], c4, [s for s, _, _ in r6],
-                             bytes(codes.get(x, 1) for _, _, x in r6))
+                             bytes(codes.get(x, 1) for _, _, x in r6), inbound)
 
 
 def read_sysctl(name: str, netns: str | None = None) -> str | None:
@@ -469,19 +470,20 @@ def read_sysctl(name: str, netns: str | None = None) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def enable_tracking(netns: str | None = None, scoper=None) -> list[str]:
+def enable_tracking(netns: str | None = None, scoper=None, inbound: bool = False) -> list[str]:
     """Turn on tracking, the kernel flow counter and accounting; returns what was done.
 
-    Installs `kernel_count.nft_table(scoper)` (table inet egress_agent). Needs CAP_NET_ADMIN.
+    Installs `kernel_count.nft_table(scoper, inbound)` (table inet egress_agent). Needs CAP_NET_ADMIN.
     """
     from agent.enrich.scope import Scoper
     from agent.sources.conntrack.kernel_count import install
 
     done = []
-    err = install(scoper or Scoper(), netns)
+    err = install(scoper or Scoper(), netns, inbound)
     if err:
         raise UserError(f"conntrack enable: nft failed: {err}")
-    done.append("nftables table inet egress_agent (tracking and the kernel flow counter)")
+    done.append("nftables table inet egress_agent (tracking and the kernel flow counter"
+                + (", inbound connections counted too)" if inbound else ")"))
     pre = ["ip", "netns", "exec", netns] if netns else []
     for key in ("net.netfilter.nf_conntrack_acct", "net.netfilter.nf_conntrack_timestamp"):
         r = subprocess.run(pre + ["sysctl", "-q", "-w", f"{key}=1"], capture_output=True, text=True)
