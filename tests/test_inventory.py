@@ -129,3 +129,30 @@ def test_remembered_undeclared_recipients_survive_corrupt_or_hostile_files(tmp_p
     path.write_text(json.dumps(["host:a.example", 5, None] + [f"k{i}" for i in range(MAX_UNDECLARED + 50)]))
     got = load()
     assert "host:a.example" in got and len(got) <= MAX_UNDECLARED
+
+
+def test_rows_are_outbound_connections_with_what_came_back(cli, tmp_path, city_db, asn_db):
+    """A connection and its replies are one row: what the local side sent, what it received, and how
+    its opener is known; an inbound connection is no transfer of the inventory."""
+    write_setup(tmp_path, REGISTER)
+    path = write_pcap(tmp_path / "two-way.pcap", [
+        (T, build.tcp(CLIENT, 50010, "203.0.113.9", 443, 1, flags="S")),
+        (T + 0.1, build.tcp("203.0.113.9", 443, CLIENT, 50010, 1, flags="SA")),
+        (T + 0.2, build.tcp(CLIENT, 50010, "203.0.113.9", 443, 2, b"q" * 100, flags="PA")),
+        (T + 0.3, build.tcp("203.0.113.9", 443, CLIENT, 50010, 2, b"r" * 1000, flags="PA")),
+        (T + 1, build.tcp("198.51.100.7", 51000, CLIENT, 22, 1, flags="S")),  # inbound
+        (T + 1.1, build.tcp(CLIENT, 22, "198.51.100.7", 51000, 1, flags="SA")),
+    ])
+    args = ("inventory", *DOC_PUBLIC, "--geoip-db", city_db, "--geoip-db", asn_db, "--policies", tmp_path / "pol",
+            "--recipients", tmp_path / "reg.yaml", path)
+    r = cli(*args, "--format", "json")
+    rows = json.loads(r.stdout)["inventory"]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["direction"] == "outbound" and row["opened_by"] == {"syn": 1} and row["flows"] == 1
+    assert row["packets_sent"] == 2 and row["packets_received"] == 2
+    assert row["bytes_received"] > 1000 > row["bytes"] > 100
+    r = cli(*args, "--format", "csv")
+    got = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(c["direction"], c["opened_by"]) for c in got] == [("outbound", "syn=1")]
+    assert int(got[0]["bytes_received"]) == row["bytes_received"]

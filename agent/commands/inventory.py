@@ -13,6 +13,9 @@ the same pipeline, and aggregates egress into exporter -> recipient -> destinati
 Then the difference with the register, the three lists a data-protection officer needs:
 `undeclared` (recipients nobody declared), `unseen` (declared, never seen in these inputs), and
 `outside_declared_locations` (declared recipients seen in countries they did not declare).
+Rows are outbound connections (a local host opened them; inbound ones are not transfers of this
+inventory): `bytes`/`packets_sent` are what the local side sent, `bytes_received`/
+`packets_received` what came back, `opened_by` how each connection's opener is known (counts).
 Output: table (default), JSON, or CSV (one row per exporter, recipient and country, for a records
 tool). Exit 0 when everything seen is declared and inside its declared locations, 1 otherwise,
 2 for bad input.
@@ -76,11 +79,17 @@ class Inventory:
         if row is None:
             row = self.rows[key] = {"exporter": key[0], "recipient": key_r, "declared": rec is not None,
                                     "recipient_name": rec.name if rec is not None else None,
-                                    "countries": Counter(), "flows": 0, "bytes": 0, "first_seen": None,
+                                    "countries": Counter(), "flows": 0, "bytes": 0, "bytes_received": 0,
+                                    "packets_sent": 0, "packets_received": 0, "opened_by": Counter(),
+                                    "first_seen": None,
                                     "last_seen": None, "verdicts": Counter(), "bases": set(), "hostnames": set()}
         row["countries"][country] += f.bytes or 0
         row["flows"] += 1
-        row["bytes"] += f.bytes
+        row["bytes"] += f.bytes  # what the local side (the opener: rows are egress) sent
+        row["packets_sent"] += f.packets
+        row["bytes_received"] += f.bytes_reply
+        row["packets_received"] += f.packets_reply
+        row["opened_by"][f.opened_by or "unknown"] += 1
         first, last = iso_time(f.first_seen) if f.first_seen else None, iso_time(f.last_seen) if f.last_seen else None
         if first and (row["first_seen"] is None or first < row["first_seen"]):
             row["first_seen"] = first
@@ -95,6 +104,7 @@ class Inventory:
 
     def to_json(self) -> dict:
         rows = [{**r, "countries": dict(sorted(r["countries"].items())), "verdicts": dict(r["verdicts"]),
+                 "opened_by": dict(sorted(r["opened_by"].items())), "direction": "outbound",
                  "bases": sorted(r["bases"]), "hostnames": sorted(r["hostnames"])}
                 for r in sorted(self.rows.values(), key=lambda r: (-r["bytes"], r["exporter"], r["recipient"]))]
         by_recipient: dict[str, dict] = defaultdict(lambda: {"flows": 0, "bytes": 0, "countries": set(),
@@ -128,13 +138,14 @@ class Inventory:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["exporter", "recipient", "recipient_name", "declared", "country", "bytes", "flows", "first_seen",
-                    "last_seen", "bases", "verdicts", "hostnames"])
+                    "last_seen", "bases", "verdicts", "hostnames", "direction", "bytes_received", "opened_by"])
         for r in self.to_json()["inventory"]:
             for country, by in r["countries"].items():
                 w.writerow([r["exporter"], r["recipient"], r["recipient_name"] or "", "yes" if r["declared"] else "no",
                             country, by, r["flows"], r["first_seen"] or "", r["last_seen"] or "",
                             " ".join(r["bases"]), " ".join(f"{k}={v}" for k, v in sorted(r["verdicts"].items())),
-                            " ".join(r["hostnames"])])
+                            " ".join(r["hostnames"]), r["direction"], r["bytes_received"],
+                            " ".join(f"{k}={v}" for k, v in r["opened_by"].items())])
         return buf.getvalue()
 
     def render(self, console):
