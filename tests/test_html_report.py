@@ -107,7 +107,15 @@ def test_report_renders_in_chromium_without_network_or_errors(reports, cmd, tmp_
     assert len(re.findall(r'class="choroplethlocation', dom)) > 177  # every country, then the ones with traffic
     assert len(re.findall(r'class="sankey-node', dom)) >= 6  # an exporter, recipients and countries
     assert re.search(r'class="point', dom)  # the violation bars
-    assert dom.count('class="sortable"') == 5 and "data-dir" not in dom
+    assert dom.count('class="sortable"') == 6 and "data-dir" not in dom
+    # the summary comes first, and says what was judged against what
+    assert dom.index('id="summary"') < dom.index("ea-figure")
+    summary = re.search(r'<table class="summary" id="summary">(.*?)</table>', dom, re.S).group(1)
+    for want in ("Connections read", "Verdicts", "violation 3", "Time range", "Policies in force", "eu (",
+                 "GeoIP data", "GeoIP2-City, built", "Generated", "egress-agent 0."):
+        assert want in summary, (want, summary)
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ to ", summary)
+    assert len(text) < 2_600_000, len(text)  # plotly.js compressed: was 5.2 MB inline
     shot = tmp_path / "shot.png"
     chromium(f"--screenshot={shot}", path.as_uri())
     assert png_colours(shot) > 40, "the screenshot is (nearly) blank"
@@ -133,3 +141,41 @@ document.getElementById('f').onload = function () {{
     assert m, r.stdout[-500:]
     got = json.loads(m.group(1).replace("&quot;", '"'))
     assert len(got["after"]) >= 2 and got["after"] == sorted(got["before"], reverse=True)
+
+
+def test_violations_over_time_are_on_a_time_axis_and_the_map_says_what_it_shades(reports):
+    path, _rep = reports["audit"]
+    text = path.read_text()
+    figs = [json.loads(m) for m in re.findall(r'<script type="application/json" id="fig-\d+">(.*?)</script>',
+                                              text, re.S)]
+    assert len(figs) == 3
+    timeline = figs[2]
+    assert timeline["layout"]["xaxis"]["type"] == "date"
+    xs = [x for trace in timeline["data"] for x in trace["x"]]
+    assert len(set(xs)) >= 2  # the violations fall in different hours: bars at their own times
+    lo, hi = timeline["layout"]["xaxis"]["range"]
+    assert lo < min(xs) and max(xs) < hi  # a bucket of margin: one busy hour is a bar, not the whole chart
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:00:00", x) for x in xs), xs
+    assert "Shaded by destination country" in text
+
+
+def test_without_a_location_database_or_register_the_report_says_so(tmp_path):
+    """The embedded default: the map is by country of registration and its caption says so; with no
+    register loaded no recipient is listed as undeclared."""
+    import sys
+
+    from tests.conftest import REPO
+
+    cap = write_pcap(tmp_path / "c.pcap", [
+        (T, build.tcp(CLIENT, 50000, "8.8.8.8", 443, 1, flags="S")),
+        (T + 0.1, build.tcp("8.8.8.8", 443, CLIENT, 50000, 1, flags="SA"))])
+    path = tmp_path / "a.html"
+    r = subprocess.run([sys.executable, "-m", "agent", "audit", "--html", str(path), "--format", "json", str(cap)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "Traceback" not in r.stderr and r.returncode in (0, 1), r.stderr
+    text = path.read_text()
+    assert "by country of registration" in text and "not where the data went" in text
+    assert "Seen but undeclared recipients" not in text and "No recipient register was loaded" in text
+    assert "iptocc" in re.search(r'id="summary">(.*?)</table>', text, re.S).group(1)
+    dom = chromium("--dump-dom", path.as_uri()).stdout
+    assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) == 3

@@ -104,4 +104,6 @@ def write_report_html(path: str, title: str, report, inv):
     full = report.to_json()
     write_html(path, title, {"by_country": full["destinations_by_country"], "inventory": inv.to_json(),
                              "violations": full["violations"], "inputs": full["inputs"],
-                             "generated_at": full["generated_at"]})
+                             "generated_at": full["generated_at"], "inbound_by_country": full["inbound_by_country"],
+                             **{k: full[k] for k in ("totals", "verdicts", "policies", "geoip", "tool", "time_range",
+                                                     "warnings")}})

@@ -194,21 +194,24 @@ def _run_inventory(args) -> int:
 
         report = AuditReport(pipe.policies, pipe.locator.provenance())
     for path in expand_inputs(args.inputs):
-        flows, stats, _packets = read_input(path)
-        if report is not None:
-            report.add_input(stats)
+        flows, stats, packets = read_input(path)
+        if report is not None:  # the HTML report's summary counts what was read, as audit's does
+            report.add_input(stats, packets)
         if inputs.BULK:  # judged in bulk, then one Judged per egress flow (agent.judge.bulk.judged_rows)
             table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
-            for _i, j in judged_rows(table, judge_table(pipe, table)):
+            res = judge_table(pipe, table)
+            if report is not None:
+                report.add_table(table, res, count_packets=packets is None)
+            for _i, j in judged_rows(table, res):  # outbound rows only
                 inv.add(j)
-                if report is not None:
-                    report.add(j)
             continue
         if isinstance(flows, FlowTable):
             flows = flows.flows()
         for flow in flows:
-            if pipe.is_egress(flow):
-                j = pipe.judge(flow)
+            j = pipe.judge(flow) if pipe.is_egress(flow) else None
+            if report is not None:
+                report.add_flow(flow, count_packets=packets is None, judged=j)
+            if j is not None:
                 inv.add(j)
                 if report is not None:
                     report.add(j)

@@ -171,6 +171,7 @@ class AuditReport:
         self.redated: list[dict] = []
         self.warnings: list[str] = []
         self.flows: list[dict] | None = [] if with_flows else None
+        self.span: list[float] = []  # [earliest first seen, latest last seen] of the flows read (0: no time)
 
     def add_input(self, stats: dict, packets: int | None = None):
         self.inputs.append(stats)
@@ -183,9 +184,23 @@ class AuditReport:
         if self.flows is not None:
             self.flows.append(flow_row(flow, judged))
         self.totals["flows"] += 1
+        if flow.first_seen:
+            self._widen(flow.first_seen, flow.last_seen or flow.first_seen)
         self.totals["bytes"] += flow.bytes + flow.bytes_reply
         if count_packets:
             self.totals["packets"] += flow.packets + flow.packets_reply
+
+    def _widen(self, first: float, last: float):
+        if not self.span:
+            self.span = [first, last]
+        else:
+            self.span = [min(self.span[0], first), max(self.span[1], last)]
+
+    def time_range(self) -> dict:
+        """The span of the flows read ({first_seen, last_seen} in ISO time; None without times)."""
+        if not self.span:
+            return {"first_seen": None, "last_seen": None}
+        return {"first_seen": iso_time(self.span[0]), "last_seen": iso_time(self.span[1])}
 
     def add(self, j: Judged):
         f, loc = j.flow, j.location
@@ -239,6 +254,9 @@ class AuditReport:
 
         n = len(t)
         self.totals["flows"] += n
+        timed = t.first > 0
+        if timed.any():
+            self._widen(float(t.first[timed].min()), float(np.maximum(t.last, t.first)[timed].max()))
         pkr = t.packets_reply if t.packets_reply is not None else np.zeros(n, dtype=np.int64)
         byr = t.bytes_reply if t.bytes_reply is not None else np.zeros(n, dtype=np.int64)
         self.totals["bytes"] += int(t.bytes.sum()) + int(byr.sum())
@@ -336,6 +354,7 @@ class AuditReport:
             "geoip": self.geoip,
             "policies": self.policies,
             "totals": dict(self.totals),
+            "time_range": self.time_range(),
             "destinations_by_country": self.destinations_by_country(),
             "inbound_by_country": self.inbound_by_country(),
             "jurisdictions_by_bytes": [{"jurisdiction": k, "bytes": b} for k, b in self.by_jurisdiction.most_common()],
