@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge flows without a plausible time (none, before 1995, or more than a day after "
                         "DATE) as of DATE (default: today, UTC); the report lists them")
     a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
+    a.add_argument("--textfile", metavar="FILE",
+                   help="also write the run's result for node_exporter's textfile collector (violations per "
+                        "policy, success, last run, inputs read); a failed run writes success 0")
     a.add_argument("--strict", action="store_true",
                    help="exit 2 when connections were read but none was judged (no local host recognised: "
                         "pass --local-net), instead of a silent pass")

@@ -173,6 +173,16 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
         cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         cfg["rule_files"] = [str(DEPLOY / "prometheus/rules/egress-agent.rules.yml")]
         cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent.port}"]
+        # the nightly audit's result, served as node_exporter's textfile collector would (its file as is)
+        node = tmp_path / "node"
+        node.mkdir()
+        run = subprocess.run([sys.executable, "-m", "agent", "audit", "--textfile", str(node / "metrics"),
+                              str(REPO / "examples/demo.pcap")], capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 1, run.stderr
+        node_port = free_port()
+        textfile = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(node_port)],
+                                    cwd=node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg["scrape_configs"].append({"job_name": "node", "static_configs": [{"targets": [f"127.0.0.1:{node_port}"]}]})
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -206,7 +216,11 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
             assert values == [f"127.0.0.1:{agent.port}"]
             assert not problems, "\n".join(problems)
             print(f"end to end: {len(queries)} dashboard and Grafana alert queries evaluated, all returned data")
+            audit = wait_for(lambda: _alert(api, "EgressAuditViolations"), timeout=30,
+                             what="EgressAuditViolations firing from the audit's textfile")
+            assert audit["labels"]["policy"] == "gdpr-personal-data" and audit["labels"]["severity"] == "high"
         finally:
+            textfile.kill()
             for c in clients:
                 c.kill()
             prom.terminate()

@@ -284,6 +284,7 @@ def test_reload_good_and_broken(box):
 
 def test_audit_timer_service_succeeds(box):
     box.sh("install -d /var/spool/egress-agent && cp /src/examples/demo.pcap /var/spool/egress-agent/")
+    box.sh("install -d /var/lib/prometheus/node-exporter")  # node_exporter's textfile folder (Debian's path)
     assert "egress-agent-audit.timer" in box.sh("systemctl list-timers --all --no-pager").stdout
     r = box.sh("systemctl start egress-agent-audit.service", check=False, timeout=300)
     journal = box.journal("egress-agent-audit")
@@ -291,6 +292,19 @@ def test_audit_timer_service_succeeds(box):
     assert box.sh("systemctl show -p Result --value egress-agent-audit.service").stdout.strip() == "success"
     report = json.loads((box.root / "var/lib/private/egress-agent-audit/report.json").read_text())
     assert report["verdicts"]["violation"] == 2
+    # the result reached node_exporter's folder, readable by the collector, with the report's counts
+    prom = box.root / "var/lib/prometheus/node-exporter/egress-agent-audit.prom"
+    assert prom.stat().st_mode & 0o777 == 0o644
+    text = prom.read_text()
+    assert 'egress_agent_audit_violations{policy="gdpr-personal-data",severity="high"} 2.0' in text
+    assert "egress_agent_audit_success 1.0" in text and "egress_agent_audit_exit_code 1.0" in text
+    # a failed run (a file that is no capture) is exported too: success 0, no stale counts
+    box.sh("echo garbage > /var/spool/egress-agent/zz-not-a-capture")
+    box.sh("systemctl start egress-agent-audit.service", check=False, timeout=300)
+    assert box.sh("systemctl show -p Result --value egress-agent-audit.service").stdout.strip() != "success"
+    text = prom.read_text()
+    assert "egress_agent_audit_success 0.0" in text and "egress_agent_audit_violations{" not in text, text
+    box.sh("rm /var/spool/egress-agent/zz-not-a-capture")
     _note("audit timer's service (journal)", journal)
 
 

@@ -20,17 +20,45 @@ from agent.sinks.report import AuditReport
 
 
 def run_audit(args) -> int:
-    with batch_run():
-        return _run_audit(args)
+    """The audit; with `--textfile`, its result is also written for node_exporter, a failed run too."""
+    import time
+
+    started = time.time()
+    run = {"report": None, "policies": (), "inputs": 0}
+    code = 2
+    try:
+        with batch_run():
+            code = _run_audit(args, run)
+    except BaseException:
+        if getattr(args, "textfile", None):  # the failure is recorded; its own error stays the one shown
+            try:
+                _textfile(args, started, 2, run)
+            except UserError as e:
+                print(f"egress-agent: warning: {e}", file=sys.stderr)
+        raise
+    if getattr(args, "textfile", None):
+        _textfile(args, started, code, run)
+    return code
 
 
-def _run_audit(args) -> int:
+def _textfile(args, started: float, code: int, run: dict):
+    import time
+
+    from agent.sinks import textfile
+
+    textfile.write(args.textfile, started=started, ended=time.time(), exit_code=code,
+                   report=run["report"] if code in (0, 1) else None, policies=run["policies"], inputs=run["inputs"])
+
+
+def _run_audit(args, run: dict | None = None) -> int:
+    run = run if run is not None else {}
     if not args.inputs and not args.conntrack:
         raise UserError("audit: name at least one INPUT (capture, flow log or folder), or --conntrack")
     if args.netns and not args.conntrack:
         raise UserError("audit: --netns goes with --conntrack")
     pipe = build_pipeline(args)
     report = AuditReport(pipe.policies, pipe.locator.provenance(), with_flows=getattr(args, "flows", False))
+    run.update(report=report, policies=tuple(pipe.policies))
     inv = None
     if getattr(args, "html", None):
         from agent.commands.inventory import Inventory
@@ -47,6 +75,7 @@ def _run_audit(args) -> int:
     bulk = inputs.BULK and report.flows is None
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
+        run["inputs"] = run.get("inputs", 0) + 1
         if bulk:
             table = flows if isinstance(flows, FlowTable) else FlowTable.from_flows(flows)
             res = judge_table(pipe, table)

@@ -196,6 +196,17 @@ class AuditReport:
         else:
             self.span = [min(self.span[0], first), max(self.span[1], last)]
 
+    def record_counts(self, kind: str) -> Counter:
+        """(policy, severity) -> how many records of this outcome kind, without making the records."""
+        out: Counter = Counter()
+        for r in self.records[kind]:
+            if isinstance(r, RecordBlock):
+                for _i, _g, (v, _wf) in r.pairs():
+                    out[(v.policy, v.severity)] += 1
+            else:
+                out[(r["policy"], r["severity"])] += 1
+        return out
+
     def time_range(self) -> dict:
         """The span of the flows read ({first_seen, last_seen} in ISO time; None without times)."""
         if not self.span:
