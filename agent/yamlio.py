@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 import yaml
-from yaml.constructor import ConstructorError
+from yaml.constructor import ConstructorError, SafeConstructor
 
 from agent.errors import UserError
 from agent.fileio import open_regular
@@ -65,11 +65,11 @@ class _Loader(yaml.SafeLoader):
         if len(text.lstrip("+-")) > LIMITS.max_int_digits:
             raise ConstructorError(None, None, f"integer with more than {LIMITS.max_int_digits} digits",
                                    node.start_mark)
-        return super().construct_yaml_int(node)
+        return SafeConstructor.construct_yaml_int(self, node)
 
     def construct_yaml_timestamp(self, node):
         try:
-            return super().construct_yaml_timestamp(node)
+            return SafeConstructor.construct_yaml_timestamp(self, node)
         except (ValueError, OverflowError) as e:
             raise ConstructorError(None, None, f"'{node.value}' is not a valid date or time ({e})",
                                    node.start_mark) from None
@@ -166,6 +166,42 @@ def load_with_lines(text: str, where: str) -> tuple[object, dict]:
     lines: dict = {}
     _lines(node, (), lines)
     return data, lines
+
+
+_CBase = getattr(yaml, "CSafeLoader", None)
+if _CBase is not None:
+    class _TrustedLoader(_CBase):
+        """libyaml's parser with `_Loader`'s YAML 1.2 booleans and strict ints and dates."""
+
+    _TrustedLoader.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+    for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"):
+        _TrustedLoader.add_constructor(_tag, _Loader.yaml_constructors[_tag])
+
+
+def load_shipped(path) -> object:
+    """A YAML file that ships inside the package (jurisdiction data), parsed by libyaml when it is
+    there: ~10x faster than `load_file`, which `egress-agent lookup` would otherwise spend most of
+    its time in. Same data (a test holds every shipped file equal under both), duplicate keys still
+    refused; the depth and alias bounds are for files a user or an attacker wrote, which always go
+    through `load_file`. Without libyaml this is `load_file`."""
+    if _CBase is None:
+        return load_file(path, "jurisdiction group")[0]
+    where = str(path)
+    text = decode(read_file(path, "jurisdiction group"), where)
+    try:
+        loader = _TrustedLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_graph(node, where)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        raise UserError(f"{_at(where, e.problem_mark)}: invalid YAML: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: invalid YAML: {e}") from None
 
 
 def load(text: str, where: str):

@@ -43,9 +43,10 @@ def keep_freed_memory(pad: int) -> bool:
     return mallopt(-2, pad) == 1  # M_TOP_PAD
 
 
-def build_locator(args) -> Locator:
+def build_locator(args, typed: bool = False) -> Locator:
+    """`typed`: records read whole through geoip2's models (`lookup`); judged flows read raw."""
     scoper = Scoper(public_nets=getattr(args, "public_net", ()), local_nets=getattr(args, "local_net", ()))
-    return Locator(getattr(args, "geoip_db", ()), scoper)
+    return Locator(getattr(args, "geoip_db", ()), scoper, typed=typed)
 
 
 def build_pipeline(args):

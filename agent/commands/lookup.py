@@ -14,7 +14,7 @@ from agent.policy.jurisdictions import Jurisdictions
 
 
 def run_lookup(args) -> int:
-    locator = build_locator(args)
+    locator = build_locator(args, typed=True)  # one record per address, read whole: geoip2's models
     jur = Jurisdictions.load()
     today = flow_day(Flow(0, "0.0.0.0", 0, "0.0.0.0", 0, first_seen=time.time()))
     rows = []

@@ -147,7 +147,8 @@ class Jurisdictions:
 
 
 def _load_group(path: Path) -> Group:
-    doc = yamlio.load_file(path, "jurisdiction group")[0]
+    # the shipped files are part of the program: parsed by libyaml; a user's folder by the bounded loader
+    doc = yamlio.load_shipped(path) if path.parent == DATA_DIR else yamlio.load_file(path, "jurisdiction group")[0]
     if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
         raise UserError(f"{path}: a jurisdiction group needs a 'name'")
     members = []

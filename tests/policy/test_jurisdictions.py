@@ -137,3 +137,32 @@ def test_a_policy_allowing_only_the_eea_allows_croatia_on_its_accession_day(tmp_
         "  - {name: the day before, flow: {dst: 203.0.113.12, time: 2013-06-30}, expect: violation}\n")
     results = run_test_file(tmp_path / "eea-only.test.yaml", J)
     assert len(results) == 2 and all(r.passed for r in results), results
+
+
+def test_shipped_files_parse_the_same_with_libyaml_and_the_bounded_loader(tmp_path):
+    """`load_shipped` (libyaml, for the package's own files) gives the data `load_file` gives, and
+    still refuses a duplicate key and reads `NO` as Norway."""
+    import pytest
+
+    from agent import yamlio
+    from agent.errors import UserError
+    from agent.policy.jurisdictions import DATA_DIR
+
+    files = sorted(DATA_DIR.glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        assert yamlio.load_shipped(path) == yamlio.load_file(path, "jurisdiction group")[0], path
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("name: X\nmembers: [{country: NO, from: 2020-01-01}]\nreviewed: 2026-01-01\n")
+    assert yamlio.load_shipped(odd)["members"][0]["country"] == "NO"
+    odd.write_text("name: X\nname: Y\n")
+    with pytest.raises(UserError, match="duplicate key"):
+        yamlio.load_shipped(odd)
+
+
+def test_the_embedded_datas_version_is_the_installed_packages():
+    from importlib import metadata
+
+    from agent.enrich.geoip import _iptocc_version
+
+    assert _iptocc_version() == metadata.version("iptocc")
