@@ -13,7 +13,12 @@ flows/s for `jq -c . > /dev/null` (the peer: parse and print each line, in C) an
 `egress-agent audit` on that file (target >= 100,000 flows/s), and on the same flows as an evidence
 log (two or three records per flow, merged back by conntrack id).
 
-    python bench/bench_audit.py [--packets N] [--tshark-packets N] [--workdir DIR]
+Then a table of input shapes (issue 25): captures of 20k, 200k and 1M distinct flows, the embedded
+default beside an MMDB, flow logs with epoch and ISO times, distinct sources and unknown locations;
+flows/s, peak RSS and the ratio to the shape's peer (tcpdump -r, jq -c .) measured in the same
+round, and a line naming the slowest shape against the fastest.
+
+    python bench/bench_audit.py [--packets N] [--tshark-packets N] [--workdir DIR] [--shape-flows N]
 
 The audit's wall time includes ~0.4 s of interpreter start-up, imports and policy loading. The
 agent runs with its bytecode cached (PYTHONPYCACHEPREFIX in the work folder, warmed by a first
@@ -128,6 +133,8 @@ def main():
     ap.add_argument("--tshark-packets", type=int, default=100_000)
     ap.add_argument("--workdir")
     ap.add_argument("--rounds", type=int, default=3, help="alternate tcpdump/agent rounds (best of each)")
+    ap.add_argument("--shape-flows", type=int, default=200_000, help="flows per flow-log shape in the table")
+    ap.add_argument("--no-shapes", action="store_true", help="skip the table of input shapes")
     a = ap.parse_args()
     for tool in ("tcpdump", "tshark", "editcap"):
         if not shutil.which(tool):
@@ -178,6 +185,8 @@ def main():
     print(f"peak RSS: {rss_half / 1024:.0f} MiB at {a.packets // 2:,} packets, "
           f"{rss_full / 1024:.0f} MiB at {a.packets:,} packets")
     jsonl_replay(work, cap, agent, a.rounds)
+    if not a.no_shapes:
+        shapes(work, mmdb, agent, a.shape_flows, a.rounds)
     if not a.workdir:
         shutil.rmtree(work)
 
@@ -225,6 +234,86 @@ def jsonl_replay(work: Path, cap: Path, agent: list[str], rounds: int = 3):
                 lines += 1
     best = min(timed(agent + [str(ev)], env)[0] for _ in range(2))
     print(f"{'evidence log':14s} {n:>10,} flows    {best:7.2f} s  {n / best:>12,.0f} flows/s  ({lines:,} records)")
+
+
+def timed_rss(cmd, env=None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one run, both from /usr/bin/time (one run, not the maximum
+    over every child so far, as RUSAGE_CHILDREN would give)."""
+    r = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       env=env)
+    last = r.stderr.decode().strip().splitlines()[-1].split()
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"{cmd[0]} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return float(last[0]), int(last[1])
+
+
+def write_flow_log(path: Path, n: int, seed: int, iso: bool = False, distinct_sources: bool = False,
+                   unknown_share: float = 0.0):
+    """n JSON-lines flows: distinct destinations over the bench MMDB's countries; `unknown_share` of
+    them in IPv6 space the MMDB does not cover (judged as unknown locations)."""
+    import json
+    from datetime import UTC, datetime
+
+    rnd = random.Random(seed)
+    t0 = 1750000000
+    with open(path, "w") as f:
+        for i in range(n):
+            if rnd.random() < unknown_share:
+                dst = f"2400:{i >> 16:x}:{i & 0xFFFF:x}::{rnd.randint(1, 0xFFFF):x}"
+            else:
+                dst = f"{rnd.randint(11, 222)}.{rnd.randint(0, 255)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}"
+            src = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255 or 1}" if distinct_sources else "10.0.0.5"
+            first = t0 + i * 0.01
+            rec = {"proto": "tcp" if i % 3 else "udp", "src": src, "sport": 1024 + i % 60000, "dst": dst,
+                   "dport": 443, "packets": 5, "bytes": 2000 + i % 1000,
+                   "first_seen": datetime.fromtimestamp(first, UTC).isoformat().replace("+00:00", "Z") if iso
+                   else first}
+            f.write(json.dumps(rec) + "\n")
+
+
+def shapes(work: Path, mmdb: Path, agent: list[str], n: int, rounds: int):
+    """The table of issue 25: flows/s and peak RSS per input shape, each beside its peer measured on
+    the same file in the same round (tcpdump -r for captures, jq -c . for flow logs)."""
+    env = agent_env(work)
+    default = [x for i, x in enumerate(agent) if x != "--geoip-db" and (i == 0 or agent[i - 1] != "--geoip-db")]
+    cases = []  # (shape, file, flows, agent command, peer command)
+    for flows in (20_000, 200_000, 1_000_000):
+        cap = work / f"shape-{flows}.pcap"
+        build_capture(cap, flows * (5 if flows < 1_000_000 else 1), flows=flows, seed=11)
+        peer = ["tcpdump", "-r", str(cap), "-w", os.devnull]
+        cases.append((f"capture {flows:,} flows, MMDB", cap, flows, agent, peer))
+        if flows == 200_000:
+            cases.append((f"capture {flows:,} flows, embedded", cap, flows, default, peer))
+    logs = {"flow log, epoch, MMDB": ({}, agent), "flow log, epoch, embedded": ({}, default),
+            "flow log, ISO times, MMDB": ({"iso": True}, agent),
+            "flow log, ISO times, embedded": ({"iso": True}, default),
+            "flow log, distinct sources, MMDB": ({"distinct_sources": True}, agent),
+            "flow log, 30% unknown locations, MMDB": ({"unknown_share": 0.3}, agent)}
+    jq = ["jq", "-c", "."] if shutil.which("jq") else None
+    for i, (shape, (kw, cmd)) in enumerate(logs.items()):
+        path = work / f"shape-log-{i}.jsonl"
+        write_flow_log(path, n, seed=20 + i, **kw)
+        cases.append((shape, path, n, cmd, jq + [str(path)] if jq else None))
+    rows = []
+    for shape, path, flows, cmd, peer in cases:
+        best, rss, peer_best = float("inf"), 0, float("inf")
+        for _ in range(rounds):  # alternate with the peer, best of each
+            if peer:
+                peer_best = min(peer_best, timed_rss(peer)[0])
+            t, r = timed_rss(cmd + [str(path)], env)
+            best, rss = min(best, t), max(rss, r)
+        rows.append((shape, flows, flows / best, rss, flows / peer_best if peer else None))
+        print(f"  measured: {shape}", flush=True)
+    print(f"\n{'input shape':42s} {'flows':>10s} {'flows/s':>10s} {'peak RSS':>9s} {'vs peer':>8s}")
+    for shape, flows, rate, rss, peer in rows:
+        vs = f"{rate / peer:.3f}" if peer else "-"
+        print(f"{shape:42s} {flows:>10,} {rate:>10,.0f} {rss / 1024:>6.0f} MiB {vs:>8s}")
+    slow, fast = min(rows, key=lambda r: r[2]), max(rows, key=lambda r: r[2])
+    print(f"slowest shape: {slow[0]} at {slow[2]:,.0f} flows/s, {fast[2] / slow[2]:.1f}x slower than the fastest "
+          f"({fast[0]}, {fast[2]:,.0f} flows/s); peers: tcpdump -r for captures, jq -c . for flow logs")
+    per_flow = [(shape, rss * 1024 / flows) for shape, flows, _r, rss, _p in rows if flows >= 200_000]
+    worst = max(per_flow, key=lambda x: x[1])
+    print(f"most memory per flow: {worst[0]}, {worst[1]:.0f} bytes/flow (peak RSS / flows, fixed cost included)")
 
 
 if __name__ == "__main__":

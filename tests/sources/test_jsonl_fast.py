@@ -196,11 +196,13 @@ _C_VALUES = {
     "dport": [443, 53, 0, None, 100000],
     "packets": [None, 0, 1, 2**63 - 1, 2**63, 18446744073709551615],
     "bytes": [None, 0, 1500, 2**63 - 1, 2**64],
-    "first_seen": ["2025-06-15T12:00:00Z", "2025-06-15T12:00:00.123456Z", "2024-02-29T23:59:59.999999Z",
+    "first_seen": ["2025-06-15T12:00:00Z", "2025-06-15T12:00:00.123456Z", 1750000000.25,
+                   "2024-02-29T23:59:59.999999Z", 0, 0.1, 1750000000.123456789, 1.5e9, -1, 253402300799,
+                   253402300800.5, 12345678901234567890123456789012345678901.5, 1750000000.0,
                    "2025-02-29T00:00:00Z", "2025-06-15T24:00:00Z", "2025-06-15T12:00:60Z", "1969-12-31T23:59:59Z",
                    "1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2025-06-15T12:00:00.5Z",
                    "2025-06-15T12:00:00.123456Zjunk", "2025-06-15t12:00:00Z", 1750000000, None],
-    "last_seen": ["2025-06-15T12:00:01Z", "2025-06-15T12:00:01.000001Z", None, 1750000001.5],
+    "last_seen": ["2025-06-15T12:00:01Z", "2025-06-15T12:00:01.000001Z", 1750000001.5, None, 1750000001, 1e10],
     "source": [None, "pcap", "", "conntrack", 5],
     "hostname": [None, "api.example", "API.Example.", "b\u00fccher.example", "", "*.x", 5],
     "hostname_source": [None, "sni", "dns", 5],
@@ -252,6 +254,25 @@ def test_c_columns_read_the_usual_log(tmp_path):
         path.write_text(text)
         assert jsonl_table._c_columns(text.encode(), jsonl_table.MAX_LINE) is not None
         assert _c_vs_python(str(path)) is not None
+
+
+def test_c_columns_read_numeric_times(tmp_path):
+    """POSIX seconds (integers and decimals, as flow exporters write them) stay on the C reader, with
+    the values float() gives the same text; a sign or an exponent is sent to the Python reader."""
+    from agent.sources.flowlog import table as jsonl_table
+
+    if jsonl_table._c_columns is None:
+        pytest.skip("the C module is not built")
+    times = ["1750000000", "1750000000.5", "1750000000.123456789", "0.000001", "1750000000.10000000000000001"]
+    text = "".join(f'{{"proto": "udp", "src": "10.0.0.2", "dst": "203.0.113.{i + 1}", "first_seen": {t}, '
+                   f'"last_seen": {t}}}\n' for i, t in enumerate(times))
+    path = tmp_path / "epoch.jsonl"
+    path.write_text(text)
+    assert jsonl_table._c_columns(text.encode(), jsonl_table.MAX_LINE) is not None
+    got = _c_vs_python(str(path))
+    assert [f.first_seen for f in got[0].flows()] == [float(t) for t in times]
+    for odd in ("1.75e9", "-1", "01750000000"):
+        assert jsonl_table._c_columns(text.replace(times[0], odd, 1).encode(), jsonl_table.MAX_LINE) is None
 
 
 def test_c_columns_equal_the_python_reader_on_varied_logs(tmp_path_factory):

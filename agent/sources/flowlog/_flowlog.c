@@ -9,18 +9,20 @@
  *   n rows; proto (int64: 0..255 a number, 256 + i the i-th distinct proto string); per string
  *   column (proto, address, source, hostname, hostname_source) its distinct strings as a list and
  *   each row's index in it (int32, -1 null or absent); sport, dport, packets, bytes (int64, absent or
- *   null as 0, 0, 1, 0); first, last (float64 POSIX seconds; absent or null: 0 and first); the
+ *   null as 0, 0, 1, 0); first, last (float64 POSIX seconds, from RFC 3339 "...Z" text or a number
+ *   without sign or exponent; absent or null: 0 and first); the
  *   addresses as key words (v4 uint8, hi, lo uint64; `ok` 0 where Python must spell it: inet_pton
  *   refused it, or an IPv6 address whose first five groups are zero).
  * None means "not this case": the caller reads the file as before (flowlog/table.py, then flowlog/jsonl.py), so what
  * is accepted, and every error message, keeps one definition. Returned for: any byte sequence that is
  * not a JSON object of known keys with plain values on one line (keys: proto, src, sport, dst, dport,
  * packets, bytes, first_seen, last_seen, source, hostname, hostname_source); a repeated key; a string
- * with a backslash, a control character or a non-ASCII byte; a number with a sign, fraction or
- * exponent, or beyond its field's range; true/false, objects, arrays; a time not exactly
- * "YYYY-MM-DDTHH:MM:SS[.ffffff]Z" of a real date from 1970 on with fewer than 2^53 microseconds;
+ * with a backslash, a control character or a non-ASCII byte; a number with a sign or exponent, a
+ * fraction outside the times, or beyond its field's range; true/false, objects, arrays; a time
+ * text not exactly "YYYY-MM-DDTHH:MM:SS[.ffffff]Z" of a real date from 1970 on with fewer than
+ * 2^53 microseconds, or a numeric time longer than 40 characters;
  * proto, src or dst absent or null; an empty line or one longer than max_line.
- * tests/sources/test_jsonl_columns.py proves it equal to the Python reader on random and mutated logs.
+ * tests/sources/test_jsonl_fast.py proves it equal to the Python reader on random and mutated logs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -159,6 +161,27 @@ static const char *plain_int(const char *p, const char *end, uint64_t max, int64
     return p;
 }
 
+/* A JSON number that is a time: digits, an optional fraction, no sign or exponent (those take the
+ * Python reader), at most 40 characters; strtod rounds correctly, as float() of the same text does
+ * (orjson and the line reader); NULL otherwise. */
+static const char *plain_time(const char *p, const char *end, double *out) {
+    const char *s = p;
+    while (p < end && *p >= '0' && *p <= '9') p++;
+    if (p == s || (*s == '0' && p - s > 1 && s[1] != '.')) return NULL;
+    if (p < end && *p == '.') {
+        const char *f = ++p;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+        if (p == f) return NULL;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) return NULL;
+    if (p - s > 40) return NULL;
+    char buf[48];
+    memcpy(buf, s, (size_t)(p - s));
+    buf[p - s] = 0;
+    *out = strtod(buf, NULL);
+    return p;
+}
+
 static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
     y -= m <= 2;
     const int64_t era = (y >= 0 ? y : y - 399) / 400;
@@ -252,6 +275,10 @@ static int parse_line(cols_t *c, const char *base, const char *p, const char *en
             }
             if (sv[k] < 0) return -1;
             p = e + 1;
+        } else if (*p >= '0' && *p <= '9' && (k == K_FIRST || k == K_LAST)) {
+            p = plain_time(p, end, &tv[k]);  /* POSIX seconds (the range is checked with the columns) */
+            if (!p) return 1;
+            sv[k] = 0;
         } else if (*p >= '0' && *p <= '9') {
             uint64_t max;
             switch (k) {
