@@ -129,6 +129,9 @@ def _record_texts(records: list):
             by_block.setdefault(bisect_right(starts, k) - 1, []).append(k)
         text = {}
         for bi, ks in by_block.items():
+            # made in record order (the block's rows in memory order: ~3x faster than the sorted order's
+            # jumps across its columns), then joined in the sorted order
+            ks.sort()
             for k, s in zip(ks, records[bi].json([k - starts[bi] for k in ks]), strict=True):
                 text[k] = s
         yield ",".join(text[k] for k in part).encode()
