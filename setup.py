@@ -14,4 +14,5 @@ setup(ext_modules=[Extension("agent.sources.capfile._walk", ["agent/sources/capf
                    Extension("agent.sources.conntrack._ctnl", ["agent/sources/conntrack/_ctnl.c"], depends=_H,
                              optional=True),
                    Extension("agent.sources.flowlog._flowlog", ["agent/sources/flowlog/_flowlog.c"], optional=True),
-                   Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], optional=True)])
+                   Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], optional=True),
+                   Extension("agent.sinks._records", ["agent/sinks/_records.c"], optional=True)])

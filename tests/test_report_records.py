@@ -70,6 +70,37 @@ def test_json_text_is_orjsons_of_the_dict(block):
 
 
 @settings(max_examples=150, deadline=None)
+@given(blocks(), st.data())
+def test_the_c_writer_equals_the_python_loop(block, data):
+    """agent.sinks._records makes the Python loop's text, for every record and for any selection;
+    a count beyond 64 bits (which it refuses) takes the loop."""
+    import pytest
+
+    from agent.sinks import records as mod
+
+    if mod._c_json is None:
+        pytest.skip("the C module is not built")
+    n = len(block.pairs())
+    select = data.draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=6)) if n else []
+    got = block.json(), block.json(select)
+    assert block.json(select, as_bytes=True) == [t.encode() for t in got[1]]
+    c, mod._c_json = mod._c_json, None
+    try:
+        want = block.json(), block.json(select)
+    finally:
+        mod._c_json = c
+    assert got == want
+    if n:
+        block.cols[7][block.pairs()[0][0]] = 2**64 + 1
+        got = block.json()
+        c, mod._c_json = mod._c_json, None
+        try:
+            assert got == block.json() and f'"bytes":{2**64 + 1},' in got[0]
+        finally:
+            mod._c_json = c
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.lists(blocks(), max_size=3))
 def test_numeric_sort_is_the_dict_sort(bs):
     dicts = [d for b in bs for d in b.dicts()]

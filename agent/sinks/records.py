@@ -18,6 +18,11 @@ from __future__ import annotations
 import orjson
 
 from agent.judge.pipeline import rewrite_message
+
+try:  # the C writer of `RecordBlock.json` (optional: the Python loop below makes the same text)
+    from agent.sinks._records import json as _c_json
+except ImportError:
+    _c_json = None
 from agent.policy.engine import PEER_NOUN
 
 # Columns of a block, one entry per row (in this order): group, src, sport, dst, dport, proto name,
@@ -67,7 +72,7 @@ def _quoted(col: list) -> list[str]:
 
 
 class RecordBlock:
-    __slots__ = ("per_group", "cols", "loc", "first_key", "_pairs", "_parts")
+    __slots__ = ("per_group", "cols", "loc", "first_key", "_pairs", "_parts", "_proto_j")
 
     def __init__(self, per_group: list[list[tuple]], cols: tuple[list, ...], loc: list[tuple], first_key=None):
         """`per_group[g]`: the (verdict, written_for) pairs of this kind for group g; `cols`: the
@@ -76,6 +81,7 @@ class RecordBlock:
         self.per_group, self.cols, self.loc, self.first_key = per_group, cols, loc, first_key
         self._pairs: list[tuple[int, int, tuple]] | None = None
         self._parts: tuple | None = None
+        self._proto_j: list[str] | None = None
 
     def pairs(self) -> list[tuple[int, int, tuple]]:
         """(row, group, (verdict, written_for)) of each record, in record order."""
@@ -102,14 +108,21 @@ class RecordBlock:
                  "recipient": loc[g][4]}
                 for i, g, (v, wf) in self.pairs()]
 
-    def json(self, select=None) -> list[str]:
+    def json(self, select=None, as_bytes: bool = False) -> list:
         """Each record's JSON text (compact, keys in the dict's order); with `select`, only the
         records at those positions (in record order), so a large report is written a slice at a
-        time rather than held whole."""
+        time rather than held whole. `as_bytes`: UTF-8 bytes instead of str."""
         _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
         prep = self._prep()
         forms, src_j, dst_j, host_j, hsrc_j, pre_j, ob_j, noun_j, proto_j, pr_j = prep
         pairs = self.pairs()
+        if _c_json is not None:
+            try:
+                return _c_json(select if select is None or type(select) is list else list(select), pairs, forms,
+                               (src_j, sport, dst_j, dport, self._proto_col(proto_j, proto), pk, by, pkr, byr, ob_j,
+                                fs, ls, pr_j, host_j, hsrc_j, pre_j), noun_j, as_bytes)
+            except (TypeError, ValueError):  # a value the C writer does not take (a count beyond 64 bits)
+                pass
         out = []
         for i, _g, e in (pairs if select is None else (pairs[k] for k in select)):
             head, mode, rest, mid, where, tail = forms[id(e)]
@@ -126,7 +139,14 @@ class RecordBlock:
                        f'"opened_by":{ob_j[i]},'
                        f'"first_seen":"{fs[i]}","last_seen":"{ls[i]}","process":{pr_j[i]},'
                        f'"hostname":{host_j[i]},"hostname_source":{hsrc_j[i]},{tail}')
-        return out
+        return [t.encode() for t in out] if as_bytes else out
+
+    def _proto_col(self, proto_j: dict, proto: list) -> list[str]:
+        """Each row's protocol as JSON text (for the C writer), made once per block."""
+        got = self._proto_j
+        if got is None:
+            got = self._proto_j = [proto_j[p] for p in proto]
+        return got
 
     def _prep(self) -> tuple:
         """The per-group and per-row JSON parts every record is made of (made once per block)."""

@@ -102,7 +102,7 @@ def _sorted_records(records: list, raw: bool = False) -> list:
     return [expanded[i] for i in order]
 
 
-CHUNK_RECORDS = 20000  # records made into JSON at a time when a report is written
+CHUNK_RECORDS = 100_000  # records made into JSON at a time when a report is written (~75 MB of text)
 
 
 def _record_texts(records: list):
@@ -116,25 +116,28 @@ def _record_texts(records: list):
         for f in _sorted_records(records, raw=True):
             yield orjson.dumps(f)
         return
+    import numpy as np
+
     starts, total = [], 0  # each block's first position in the expanded list
     for b in records:
         starts.append(total)
         total += len(b)
-    from bisect import bisect_right
-
+    starts.append(total)
     for c in range(0, len(order), CHUNK_RECORDS):
-        part = order[c:c + CHUNK_RECORDS]
-        by_block: dict[int, list[int]] = {}
-        for k in part:
-            by_block.setdefault(bisect_right(starts, k) - 1, []).append(k)
-        text = {}
-        for bi, ks in by_block.items():
-            # made in record order (the block's rows in memory order: ~3x faster than the sorted order's
-            # jumps across its columns), then joined in the sorted order
-            ks.sort()
-            for k, s in zip(ks, records[bi].json([k - starts[bi] for k in ks]), strict=True):
-                text[k] = s
-        yield ",".join(text[k] for k in part).encode()
+        part = np.asarray(order[c:c + CHUNK_RECORDS], dtype=np.int64)
+        # made in record order (each block's rows in memory order: ~3x faster than the sorted
+        # order's jumps across its columns), then put in the sorted order
+        perm = np.argsort(part, kind="stable")
+        ks = part[perm]
+        cut = np.searchsorted(ks, starts).tolist()  # ks[cut[b]:cut[b + 1]] lie in block b
+        texts: list[bytes] = []
+        for bi, blk in enumerate(records):
+            lo, hi = cut[bi], cut[bi + 1]
+            if hi > lo:
+                texts += blk.json((ks[lo:hi] - starts[bi]).tolist(), as_bytes=True)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        yield b",".join([texts[j] for j in inv.tolist()])
 
 
 def _expand(records: list) -> list[dict]:
