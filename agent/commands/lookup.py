@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import time
+from datetime import UTC, datetime
 
 from agent.commands.common import build_locator
 from agent.errors import UserError
-from agent.flow import Flow
-from agent.policy.engine import flow_day
 from agent.policy.jurisdictions import Jurisdictions
 
 
 def run_lookup(args) -> int:
     locator = build_locator(args, typed=True)  # one record per address, read whole: geoip2's models
     jur = Jurisdictions.load()
-    today = flow_day(Flow(0, "0.0.0.0", 0, "0.0.0.0", 0, first_seen=time.time()))
+    today = datetime.now(UTC).date()  # memberships change at UTC midnight (as the engine's flow_day)
     rows = []
     for a in args.addresses:
         try:
