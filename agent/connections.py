@@ -16,8 +16,10 @@ Who opened it, in this order (Zeek's and tshark's rules, stated so they can be c
 - TCP `syn`: the sender of a SYN without ACK; `syn-ack`: the receiver of a SYN-ACK whose SYN the
   capture missed.
 - ICMP/ICMPv6 `icmp-echo`: the sender of an echo request (the receiver of a reply);
-  `icmp-error`: an error's receiver sent what the error answers (the error is not quoted back into
-  that connection: its bytes stay on a connection of its own, opened by its receiver).
+  `icmp-error`: an error's receiver sent what the error answers. The decoders put an error whose
+  quoted header was captured into the connection it quotes (`wire.decode.quoted`: a packet from the
+  quoted destination's side, so a router's "unreachable" is never a connection to the router);
+  one whose quote was cut off stays an ICMP connection of its own, opened by its receiver.
 - TCP, UDP, SCTP without those, `port`: a service port (below 1024, or a registered server port
   in SERVICE_PORTS) against an ephemeral one: the ephemeral side opened. A datagram from port 53,
   123 or 443 is an answer.
@@ -197,8 +199,9 @@ def _who_opened(proto, a_port, b_port, ha, hb, fa, fb):
     decide(icmp & ((hb & HINT_ECHO_REQUEST) != 0), False, "icmp-echo")
     decide(icmp & ((hb & HINT_ECHO_REPLY) != 0), True, "icmp-echo")
     decide(icmp & ((ha & HINT_ECHO_REPLY) != 0), False, "icmp-echo")
-    decide(icmp & ((hb & HINT_ICMP_ERROR) != 0), True, "icmp-error")  # B's error answers what A sent
-    decide(icmp & ((ha & HINT_ICMP_ERROR) != 0), False, "icmp-error")
+    # an error (ICMP, or one decoded into the connection it quotes) from B's side answers what A sent
+    decide((hb & HINT_ICMP_ERROR) != 0, True, "icmp-error")
+    decide((ha & HINT_ICMP_ERROR) != 0, False, "icmp-error")
     ports = np.isin(proto, PORT_PROTOS)
     sa_, sb_ = service_port(a_port), service_port(b_port)
     decide(ports & sb_ & ~sa_, True, "port")  # B serves: A opened

@@ -10,7 +10,7 @@ import json
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Ether
 
 from agent.connections import connections
@@ -36,6 +36,13 @@ def _udp(src, sport, dst, dport, payload=b"x"):
 
 def _icmp(src, dst, kind, code=0):
     return ETH / IP(src=src, dst=dst) / ICMP(type=kind, code=code)
+
+
+def _quoting(src, dst, quoted):
+    """An ICMP (ICMPv6) destination-unreachable from `src` to `dst` quoting the packet `quoted`."""
+    if ":" in src:
+        return ETH / IPv6(src=src, dst=dst) / ICMPv6DestUnreach(code=4) / quoted
+    return ETH / IP(src=src, dst=dst) / ICMP(type=3, code=3) / quoted
 
 
 L1, R1 = "10.86.1.5", "203.0.113.70"
@@ -73,6 +80,20 @@ SCENARIOS = [
      ("10.86.1.14", 0, "203.0.113.79", 0, "icmp-echo", 0, 1)),
     ("an icmp error alone", [_icmp("203.0.113.80", "10.86.1.15", 3, 1)],
      ("10.86.1.15", 0, "203.0.113.80", 0, "icmp-error", 0, 1)),
+    ("a router's port unreachable belongs to the datagram it quotes", [
+        _udp("10.86.1.16", 40100, "203.0.113.81", 33434),
+        _quoting("203.0.113.200", "10.86.1.16", IP(src="10.86.1.16", dst="203.0.113.81") /
+                 UDP(sport=40100, dport=33434) / b"x")],
+     ("10.86.1.16", 40100, "203.0.113.81", 33434, "icmp-error", 1, 1)),
+    ("an icmp error whose datagram the capture missed", [
+        _quoting("203.0.113.201", "10.86.1.17", IP(src="10.86.1.17", dst="203.0.113.82") /
+                 UDP(sport=40101, dport=33435) / b"x")],
+     ("10.86.1.17", 40101, "203.0.113.82", 33435, "icmp-error", 0, 1)),
+    ("icmpv6 unreachable quoting a syn", [
+        _tcp("2001:db8::7", 40003, "2001:db8:1::11", 443, S, v6=True),
+        _quoting("2001:db8:ff::1", "2001:db8::7", IPv6(src="2001:db8::7", dst="2001:db8:1::11") /
+                 TCP(sport=40003, dport=443, flags=S))],
+     ("2001:db8::7", 40003, "2001:db8:1::11", 443, "syn", 1, 1)),
     ("ipv6 handshake", [
         _tcp("2001:db8::5", 40001, "2001:db8:1::9", 443, S, v6=True),
         _tcp("2001:db8:1::9", 443, "2001:db8::5", 40001, SA, v6=True)],

@@ -13,6 +13,10 @@ as bits that aggregate with OR over a direction: the TCP flags byte (low 8 bits)
 (HINT_SYN: its sender opened), a SYN-ACK (HINT_SYNACK: its receiver opened), an ICMP/ICMPv6 echo
 request or reply, and an ICMP error (its receiver sent what it answers). Only a first fragment
 whose header bytes were captured has hints; anything else has 0 (no hint, never malformed).
+
+An ICMP error whose quoted header was captured is decoded as part of the connection it quotes
+(`quoted`: that packet's tuple, reversed, with HINT_ICMP_ERROR as its only hint), so a router's
+"unreachable" is a packet of the connection it answers, never a connection of its own to the router.
 """
 
 from __future__ import annotations
@@ -71,6 +75,38 @@ def hints(proto: int, data, l4: int, first_fragment: bool = True) -> int:
         return HINT_ECHO_REQUEST if kind == request else HINT_ECHO_REPLY if kind == reply else \
             HINT_ICMP_ERROR if kind in ICMP_ERRORS[proto] else 0
     return 0
+
+
+def quoted(data, l4: int, version: int) -> tuple[int, bytes, bytes, int, int] | None:
+    """The connection an ICMP/ICMPv6 error (header at `l4`) belongs to: the tuple of the packet it
+    quotes, reversed (proto, src, sport, dst, dport: the error travels back to that packet's sender,
+    as a reply would); None when the quoted header cannot be read (the error keeps its own tuple).
+    Ports as `decode` reads them (0 beyond a first fragment, and for other protocols); a quoted
+    IPv6 packet with extension headers is not followed."""
+    n, q = len(data), l4 + 8
+    first = True
+    if version == 4:
+        if n < q + 20 or data[q] >> 4 != 4:
+            return None
+        ihl = (data[q] & 0x0F) * 4
+        if ihl < 20 or n < q + ihl:
+            return None
+        proto = data[q + 9]
+        first = (_be16(data, q + 6)[0] & 0x1FFF) == 0
+        src, dst, ql4 = V4_PREFIX + data[q + 12:q + 16], V4_PREFIX + data[q + 16:q + 20], q + ihl
+    else:
+        if n < q + 40 or data[q] >> 4 != 6:
+            return None
+        proto = data[q + 6]
+        if proto in IPV6_EXT or proto == IPV6_FRAG:
+            return None
+        src, dst, ql4 = bytes(data[q + 8:q + 24]), bytes(data[q + 24:q + 40]), q + 40
+    sport = dport = 0
+    if proto in PORT_PROTOS and first:
+        if n < ql4 + 4:
+            return None
+        sport, dport = _be16(data, ql4)[0], _be16(data, ql4 + 2)[0]
+    return proto, bytes(dst), dport, bytes(src), sport
 
 
 def l3_start(linktype: int, data: bytes) -> tuple[int, int] | str:
@@ -162,7 +198,12 @@ def decode(linktype: int, data: bytes, wirelen: int | None = None) -> Decoded | 
         if n < l4 + 4:
             return "malformed"
         sport, dport = _be16(data, l4)[0], _be16(data, l4 + 2)[0]
-    return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen, hints(proto, data, l4, first_fragment))
+    h = hints(proto, data, l4, first_fragment)
+    if h & HINT_ICMP_ERROR:  # an error belongs to the connection it quotes
+        q = quoted(data, l4, version)
+        if q is not None:
+            return Decoded(version, q[0], q[1], q[3], q[2], q[4], iplen, HINT_ICMP_ERROR)
+    return Decoded(version, proto, bytes(src), bytes(dst), sport, dport, iplen, h)
 
 
 GRE, GTPU_PORT = 47, 2152

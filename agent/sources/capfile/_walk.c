@@ -149,6 +149,7 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
     }
     w[0] = ((uint64_t)ver << 40) | ((uint64_t)proto << 32) | ((uint64_t)sport << 16) | dport;
     *hints = hints_of(proto, d, n, l4, first);
+    if ((*hints & HINT_ICMP_ERROR) && quoted_key(d, n, l4, ver, w)) *hints = HINT_ICMP_ERROR;
     *named = 0;
     if (proto == 47 || (proto == 17 && first && (sport == 2152 || dport == 2152))) *named |= CAND_TUNNEL;
     if (first && proto == 17) {

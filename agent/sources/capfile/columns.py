@@ -165,5 +165,8 @@ def decode_chunk(buf: np.ndarray, linktype: int, off, cap, wire, w=None, l4_out:
         hints |= np.where(icmp & (kind == np.where(v6i, 129, 0)), dec.HINT_ECHO_REPLY, 0)
         err = np.where(v6i, np.isin(kind, dec.ICMP_ERRORS[58]), np.isin(kind, dec.ICMP_ERRORS[1]))
         hints |= np.where(icmp & err, dec.HINT_ICMP_ERROR, 0)
+        # an error takes the tuple of the packet it quotes (decode.quoted): rare, so the scalar path
+        fallback |= icmp & err
+        good &= ~(icmp & err)
     return status, (good, words, iplen, hints), fallback
 
