@@ -4,7 +4,8 @@ documentation addresses only).
 Real TCP (IPv4 and IPv6), UDP and ICMP connections are opened in both directions between the client
 namespace and the peer namespace of `tests/netns.py` while tcpdump records the client's interface
 and `conntrack -E` records every new connection's original direction. Two connections are opened
-before tcpdump starts, so the capture misses their handshakes. For every connection the kernel
+before tcpdump starts, so the capture misses their handshakes; two datagrams go to closed ports, so
+the answers are ICMP port unreachables, which belong to them. For every connection the kernel
 saw, the audit's connection (`agent.connections` over the capture) must be opened by the same side
 to the same port.
 """
@@ -133,6 +134,13 @@ def test_the_audit_names_the_opener_the_kernel_names(tmp_path):
             data, back = u_client.recvfrom(64)
             u_client.sendto(b"answer", back)
             v.recv(64)
+            # to closed ports both ways: the answer is the other kernel's ICMP port unreachable, which
+            # conntrack relates to the datagram (no connection of its own) and so must the audit
+            w = _sock(c, socket.AF_INET, socket.SOCK_DGRAM)
+            w.sendto(b"anyone?", ("203.0.113.11", 9))
+            x = _sock(p, socket.AF_INET, socket.SOCK_DGRAM, ("203.0.113.11", 0))
+            x.sendto(b"anyone?", (CLIENT4, 7))
+            time.sleep(0.3)
             _echo_request(c, "203.0.113.9", 0x1234)
             _echo_request(p, CLIENT4, 0x4321, src="203.0.113.10")
             for s in (*late_out, *late_in):
@@ -143,7 +151,7 @@ def test_the_audit_names_the_opener_the_kernel_names(tmp_path):
             dump.wait(10)
             events.terminate()
             kernel = _kernel_openers(events.communicate(timeout=10)[0].splitlines())
-    assert len(kernel) == 9, sorted(kernel.values())  # 5 TCP, 2 UDP, 2 ICMP
+    assert len(kernel) == 11, sorted(kernel.values())  # 5 TCP, 4 UDP, 2 ICMP (errors are RELATED)
     audit = {}
     for f in connections(read_capture(str(pcap), names=False).table).flows():
         if {f.src, f.dst} & PEERS:
@@ -154,4 +162,6 @@ def test_the_audit_names_the_opener_the_kernel_names(tmp_path):
     assert not disagree, disagree
     how = sorted(v[4] for v in audit.values())
     assert how == sorted(["port", "port", "syn", "syn", "syn", "first-packet", "first-packet", "icmp-echo",
-                          "icmp-echo"]), how
+                          "icmp-echo", "icmp-error", "icmp-error"]), how
+    assert not any(f.proto == 1 and f.opened_by == "icmp-error" for f in
+                   connections(read_capture(str(pcap), names=False).table).flows())  # no error on its own
