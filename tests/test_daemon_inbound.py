@@ -92,6 +92,7 @@ def test_inbound_connections_are_judged_once_by_the_peers_location(topo, tmp_pat
         assert len(recs) == 2 and {r["flow"]["src"] for r in recs} == {"203.0.113.9"}
         assert {r["flow"]["dst"] for r in recs} == {"192.0.2.1"}
         assert all("inbound peer 203.0.113.9" in r["message"] for r in recs), recs[0]["message"]
+        assert {r["direction"] for r in recs} == {"inbound"}
         assert {r["flow"]["dport"] for r in recs} == {2222, 7777}
         # an outbound connection beside them is judged outbound, by the outbound policy
         topo.serve()
@@ -99,6 +100,7 @@ def test_inbound_connections_are_judged_once_by_the_peers_location(topo, tmp_pat
         wait_for(lambda: v("egress_agent_violations_total", policy="eu-data", direction="outbound") == 1,
                  what="the outbound connection judged outbound")
         assert v("egress_agent_flows_total", policy="eu-access", direction="inbound") == 4
+        assert {r["direction"] for r in a.lines() if r.get("policy") == "eu-data"} == {"outbound"}
         p.kill()
     finally:
         server.kill()

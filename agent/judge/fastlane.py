@@ -45,7 +45,7 @@ _MEMO_MAX = 4096
 _PREFIX = f"{PEER_NOUN[False]} ".encode()
 if _PREFIX != b"destination ":  # the noun agent.sinks._evidence writes
     _c_records = None
-_EVENT = {k: b',"event":"%b",' % k for k in (b"new", b"end")}
+_EVENT = {k: b',"event":"%b","direction":"outbound",' % k for k in (b"new", b"end")}  # eventlog.record_body's
 
 
 class _Where:

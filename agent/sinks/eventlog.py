@@ -82,6 +82,7 @@ def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
     rec = {
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "event": event,
+        "direction": "inbound" if getattr(judged, "inbound", False) else "outbound",  # who opened it
         **vpart,
         "message": judged.message(verdict),  # the cached verdict's text, naming this flow's destination
         "flow": judged.flow.to_json(),
@@ -96,7 +97,7 @@ def record(judged, verdict, event: str, extra: dict | None = None) -> dict:
     return rec
 
 
-_EVENTS: dict[str, bytes] = {}
+_EVENTS: dict[tuple, bytes] = {}
 
 
 def _shared_bytes(judged, verdict) -> tuple[bytes, bytes, bytes]:
@@ -124,9 +125,11 @@ def record_body(judged, verdict, event: str, extra: bytes, flow: bytes, time: by
     and location class. `extra` is `record`'s extra members serialised (b"" for none: see
     `extra_members`), `flow` the flow's JSON, `time` the time's JSON string."""
     head, tail, where = _shared_bytes(judged, verdict)
-    ev = _EVENTS.get(event)
+    inbound = bool(getattr(judged, "inbound", False))
+    ev = _EVENTS.get((event, inbound))
     if ev is None:
-        ev = _EVENTS[event] = b',"event":' + _dumps(event) + b","
+        ev = _EVENTS[(event, inbound)] = (b',"event":' + _dumps(event) + b',"direction":'
+                                          + (b'"inbound",' if inbound else b'"outbound",'))
     body = b"".join((b'{"time":', time, ev, head, _dumps(judged.message(verdict)), tail, b',"flow":', flow, b",",
                      where))
     r = getattr(judged, "recipient", None)

@@ -273,7 +273,8 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
 
     def whole(judged, verdict, event, extra):  # the record as made before parts were shared
         f, loc = judged.flow, judged.location
-        rec = {"time": "T", "event": event, **verdict.to_json(), "message": judged.message(verdict),
+        rec = {"time": "T", "event": event, "direction": "inbound" if judged.inbound else "outbound",
+               **verdict.to_json(), "message": judged.message(verdict),
                "flow": f.to_json(), "country": loc.country if loc.unknown_reason is None else None,
                "jurisdictions": list(judged.jurisdictions),
                "location": {k: v for k, v in loc.to_json().items() if k not in ("ip",)},
