@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge flows without a plausible time (none, before 1995, or more than a day after "
                         "DATE) as of DATE (default: today, UTC); the report lists them")
     a.add_argument("--netns", metavar="NAME", help="with --conntrack: the named network namespace")
+    a.add_argument("--export-ports", type=_ports, metavar="PORTS",
+                   help="read captures as NetFlow v5/v9 and IPFIX exports to these UDP ports (comma-separated, "
+                        "e.g. 2055,4739): the flows routers exported, judged as a collector would")
     a.add_argument("--textfile", metavar="FILE",
                    help="also write the run's result for node_exporter's textfile collector (violations per "
                         "policy, success, last run, inputs read); a failed run writes success 0")
@@ -137,6 +140,17 @@ def _error(text: str):
     """One error line; under journald at priority err (3), so `journalctl -p err` shows it."""
     prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
     print("\n".join(f"{prefix}{line}" for line in f"egress-agent: error: {text}".splitlines()), file=sys.stderr)
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    """`--export-ports 2055,4739`: UDP ports 1-65535."""
+    try:
+        ports = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of ports") from None
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"'{text}': ports are 1 to 65535")
+    return ports
 
 
 def _as_of(text):

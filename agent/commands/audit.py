@@ -70,8 +70,9 @@ def _run_audit(args, run: dict | None = None) -> int:
 
         flows, stats = snapshot(netns=args.netns)
         sources.append((connections(FlowTable.from_flows(flows)), stats, None))
+    ports = getattr(args, "export_ports", None) or ()
     for path in expand_inputs(args.inputs):
-        sources.append(read_input(path))
+        sources.append(read_input(path, ports))
     bulk = inputs.BULK and report.flows is None
     for flows, stats, packets in sources:
         report.add_input(stats, packets)

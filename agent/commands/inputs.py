@@ -54,8 +54,10 @@ def _progress(path: str):
     return bar, lambda done: bar.update(task, completed=done)
 
 
-def read_input(path: str):
-    """(flows, stats dict, packets or None) for one input file; a capture's flows come as a FlowTable."""
+def read_input(path: str, export_ports: tuple[int, ...] = ()):
+    """(flows, stats dict, packets or None) for one input file; a capture's flows come as a FlowTable.
+    `export_ports`: a capture is read as NetFlow/IPFIX exports to those UDP ports (the flows they
+    describe), not as the packets in it."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -75,6 +77,11 @@ def read_input(path: str):
     if fmt is None:
         raise UserError(f"{path}: unknown file format (first bytes {head[:8].hex()}); "
                         "expected pcap, pcapng or JSON lines")
+    if export_ports:
+        from agent.sources.netflow.exports import read_exports
+
+        flows, stats = read_exports(path, export_ports)
+        return connections(FlowTable.from_flows(flows)), stats, None
     bar, cb = _progress(path)
     try:
         cap = read_capture(path, progress=cb)

@@ -1,0 +1,211 @@
+"""NetFlow v5/v9 and IPFIX exports: a real exporter's datagrams (softflowd) against the audit of the
+capture they describe, and hand-built datagrams for what exporters do at the edges (templates late,
+withdrawn, re-used; sequence gaps; sampling; variable-length and enterprise fields; damage).
+Documentation addresses only; softflowd sends to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from agent.sources.netflow.decode import Collector
+from tests.helpers import write_pcap
+
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+LOCAL = "10.20.0.5"
+
+
+def _conversation(t0: float) -> list:
+    """TCP and UDP both ways between a local host and documentation peers, with recent times (an
+    exporter's clock must place them: softflowd stamps flows from the packets)."""
+    frames, t = [], t0
+    def add(pkt):
+        nonlocal t
+        t += 0.01
+        frames.append((t, bytes(ETH / pkt)))
+    for i, (peer, port) in enumerate((("203.0.113.9", 443), ("198.51.100.7", 443), ("203.0.113.140", 8443))):
+        sp = 40000 + i
+        add(IP(src=LOCAL, dst=peer) / TCP(sport=sp, dport=port, flags="S"))
+        add(IP(src=peer, dst=LOCAL) / TCP(sport=port, dport=sp, flags="SA"))
+        add(IP(src=LOCAL, dst=peer) / TCP(sport=sp, dport=port, flags="PA") / (b"q" * (100 + i)))
+        add(IP(src=peer, dst=LOCAL) / TCP(sport=port, dport=sp, flags="PA") / (b"r" * 1000))
+        add(IP(src=LOCAL, dst=peer) / TCP(sport=sp, dport=port, flags="FA"))
+        add(IP(src=peer, dst=LOCAL) / TCP(sport=port, dport=sp, flags="FA"))
+    add(IP(src=LOCAL, dst="203.0.113.10") / UDP(sport=50000, dport=53) / b"query")
+    add(IP(src="203.0.113.10", dst=LOCAL) / UDP(sport=53, dport=50000) / b"answer")
+    add(IP(src="198.51.100.130", dst=LOCAL) / TCP(sport=51000, dport=22, flags="S"))  # inbound
+    add(IP(src=LOCAL, dst="198.51.100.130") / TCP(sport=22, dport=51000, flags="SA"))
+    return frames
+
+
+def _softflowd(pcap, version: int) -> list[bytes]:
+    """softflowd's export of a capture, received on a loopback socket."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    port = rx.getsockname()[1]
+    r = subprocess.run(["softflowd", "-r", str(pcap), "-v", str(version), "-n", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = []
+    rx.settimeout(1)
+    try:
+        while True:
+            got.append(rx.recv(65535))
+    except TimeoutError:
+        pass
+    rx.close()
+    return got
+
+
+def _flows_of(records):
+    return sorted((r.proto, r.src, r.sport, r.dst, r.dport, r.packets, r.bytes) for r in records)
+
+
+@pytest.mark.skipif(shutil.which("softflowd") is None, reason="softflowd is not installed (Debian: softflowd)")
+@pytest.mark.parametrize("version", [5, 9, 10])
+def test_softflowds_exports_decode_to_the_captures_one_way_flows(tmp_path, version):
+    from agent.sources.capfile.reader import read_capture
+
+    pcap = write_pcap(tmp_path / "c.pcap", _conversation(time.time() - 120))
+    coll = Collector()
+    records = []
+    for d in _softflowd(pcap, version):
+        records += coll.datagram(d, "127.0.0.1", time.time())
+    assert records and not any(coll.counts.values()), coll.counts
+    assert coll.lost == {}
+    cap = read_capture(str(pcap), names=False)
+    want = sorted((f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes) for f in cap.flows)
+    assert _flows_of(records) == want
+    firsts = {(f.src, f.sport): f.first_seen for f in cap.flows}
+    assert all(abs(r.first - firsts[(r.src, r.sport)]) < 1.5 for r in records)
+    assert {r.sampled for r in records} == {1}
+
+
+@pytest.mark.skipif(shutil.which("softflowd") is None, reason="softflowd is not installed (Debian: softflowd)")
+def test_audit_of_a_capture_of_exports_equals_the_audit_of_the_capture(cli, tmp_path, city_db):
+    """`audit --export-ports`: the collector's dry run judges what the capture's own audit judges."""
+    frames = _conversation(time.time() - 120)
+    pcap = write_pcap(tmp_path / "c.pcap", frames)
+    exports = [(time.time(), bytes(ETH / IP(src="192.0.2.254", dst="192.0.2.1") / UDP(sport=9995, dport=2055) / d))
+               for d in _softflowd(pcap, 10)]
+    exp = write_pcap(tmp_path / "exports.pcap", exports)
+    pub = ("--public-net", "203.0.113.0/24", "--public-net", "198.51.100.0/24", "--geoip-db", city_db)
+    direct = json.loads(cli("audit", "--format", "json", *pub, pcap).stdout)
+    r = cli("audit", "--format", "json", "--export-ports", "2055,4739", *pub, exp)
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    via = json.loads(r.stdout)
+    assert via["inputs"][0]["format"] == "netflow-exports" and via["inputs"][0]["exporters"] == ["192.0.2.254"]
+    for k in ("totals", "verdicts", "destinations_by_country", "inbound_by_country"):
+        assert via[k] == direct[k], k
+    key = lambda v: (v["policy"], v["src"], v["sport"], v["dst"], v["dst_port"])  # noqa: E731
+    assert sorted(map(key, via["violations"])) == sorted(map(key, direct["violations"]))
+    # the same openers; known by the port rule here (a flow record's flags are the OR of its
+    # packets', so both sides of a handshake show SYN) and by the SYN in the capture
+    assert {v["opened_by"] for v in via["violations"]} == {"port"}
+    assert cli("audit", "--export-ports", "0", exp).returncode == 2
+
+
+# ---- hand-built datagrams -------------------------------------------------------------------
+
+def _v9(seq, flowsets, domain=7, uptime=100_000, secs=1_750_000_000):
+    body = b"".join(flowsets)
+    return struct.pack("!HHIIII", 9, len(flowsets), uptime, secs, seq, domain) + body
+
+
+def _set(sid, payload):
+    pad = -(4 + len(payload)) % 4
+    return struct.pack("!HH", sid, 4 + len(payload) + pad) + payload + b"\0" * pad
+
+
+V9_FIELDS = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (2, 4), (1, 4), (22, 4), (21, 4)]
+
+
+def _v9_template(tid=300, fields=V9_FIELDS):
+    return _set(0, struct.pack("!HH", tid, len(fields)) + b"".join(struct.pack("!HH", *f) for f in fields))
+
+
+def _v9_record(src="10.20.0.5", dst="203.0.113.9", sport=40000, dport=443, proto=6, pk=3, by=300, first=99_000,
+               last=99_500):
+    return (socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HHBIIII", sport, dport, proto, pk, by,
+                                                                        first, last))
+
+
+def test_v9_data_before_its_template_waits_for_it():
+    c = Collector()
+    assert c.datagram(_v9(1, [_set(300, _v9_record())]), "192.0.2.254", 0) == []
+    got = c.datagram(_v9(2, [_v9_template()]), "192.0.2.254", 0)
+    assert [(r.dst, r.packets, r.bytes) for r in got] == [("203.0.113.9", 3, 300)]
+    assert got[0].first == pytest.approx(1_750_000_000 - 1.0) and got[0].sampled is None
+    assert c.counts["sampling_unknown"] == 1 and c.lost == {}
+
+
+def test_v9_sampling_options_scale_and_sequence_gaps_are_lost_records():
+    c = Collector()
+    opt_tmpl = _set(1, struct.pack("!HHH", 400, 4, 8) + struct.pack("!HH", 1, 4) + struct.pack("!HHHH", 34, 4, 35, 1))
+    opt_data = _set(400, struct.pack("!IIB", 0, 100, 2))
+    c.datagram(_v9(10, [_v9_template(), opt_tmpl, opt_data]), "192.0.2.254", 0)
+    got = c.datagram(_v9(11, [_set(300, _v9_record() + _v9_record(sport=40001))]), "192.0.2.254", 0)
+    assert [(r.packets, r.bytes, r.sampled) for r in got] == [(300, 30000, 100)] * 2
+    c.datagram(_v9(15, [_set(300, _v9_record())]), "192.0.2.254", 0)  # packets 12-14 never came
+    assert c.lost == {"192.0.2.254": 3}
+    other = c.datagram(_v9(11, [_set(300, _v9_record())]), "192.0.2.253", 0)  # another exporter: no template
+    assert other == [] and c.lost == {"192.0.2.254": 3}
+
+
+def _ipfix(seq, sets, domain=1, t=1_750_000_000):
+    body = b"".join(sets)
+    return struct.pack("!HHIII", 10, 16 + len(body), t, seq, domain) + body
+
+
+def _ipfix_template(tid=256, extra=()):
+    fields = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (2, 8), (1, 8), (152, 8), (153, 8), *extra]
+    spec = b""
+    for f in fields:
+        spec += struct.pack("!HH", f[0], f[1]) + (struct.pack("!I", f[2]) if len(f) > 2 else b"")
+    return _set(2, struct.pack("!HH", tid, len(fields)) + spec)
+
+
+def _ipfix_record(dst="203.0.113.9", pk=2, by=120, start_ms=1_749_999_999_000, extra=b""):
+    return (socket.inet_aton("10.20.0.5") + socket.inet_aton(dst) + struct.pack("!HHBQQQQ", 40000, 443, 6, pk, by,
+                                                                                 start_ms, start_ms + 500) + extra)
+
+
+def test_ipfix_variable_and_enterprise_fields_are_skipped_and_withdrawal_forgets():
+    c = Collector()
+    extra = ((0x8000 | 5, 65535, 29305), (82, 65535))  # an enterprise field and interfaceName, both variable
+    tmpl = _ipfix_template(extra=extra)
+    rec = _ipfix_record(extra=b"\x03abc" + b"\xff\x00\x04eth0")
+    got = c.datagram(_ipfix(0, [tmpl, _set(256, rec + rec)]), "192.0.2.254", 0)  # records 0 and 1
+    assert [(r.dst, r.packets, r.first) for r in got] == [("203.0.113.9", 2, 1_749_999_999.0)] * 2
+    withdraw = _set(2, struct.pack("!HH", 256, 0))
+    assert c.datagram(_ipfix(2, [withdraw, _set(256, rec)]), "192.0.2.254", 0) == []  # waits again
+    got = c.datagram(_ipfix(3, [tmpl]), "192.0.2.254", 0)  # the template again: the waiting set decodes
+    assert len(got) == 1 and c.lost == {}  # (a count that cannot be known is not called a loss)
+    c.datagram(_ipfix(3, [_set(256, rec)]), "192.0.2.254", 0)  # record 3 (a template-only datagram has none)
+    c.datagram(_ipfix(7, [_set(256, rec)]), "192.0.2.254", 0)  # 4, 5, 6 never came
+    assert c.lost == {"192.0.2.254": 3}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([5, 9, 10]))
+def test_hostile_datagrams_never_raise_and_are_counted(junk, version):
+    c = Collector()
+    c.datagram(_v9(1, [_v9_template()]), "192.0.2.254", 0)
+    c.datagram(_ipfix(0, [_ipfix_template()]), "192.0.2.254", 0)
+    data = struct.pack("!H", version) + junk
+    got = c.datagram(data, "192.0.2.254", 0)
+    assert isinstance(got, list)
+    for r in got:
+        assert 0 <= r.proto < 256 and 0 <= r.sport < 65536 and r.packets >= 0
