@@ -147,14 +147,23 @@ def load_with_lines(text: str, where: str) -> tuple[object, dict]:
     """Parse one YAML document within LIMITS; any problem is a UserError with file:line:column."""
     if len(text) > LIMITS.max_bytes:
         raise UserError(f"{where}: larger than {LIMITS.max_bytes >> 20} MiB; not loaded")
+    node, data = _parse(_Loader, text, where)
+    lines: dict = {}
+    if node is not None:
+        _lines(node, (), lines)
+    return data, lines
+
+
+def _parse(loader_class, text: str, where: str):
+    """(root node, data) of one document (None, None when empty), problems as UserErrors."""
     try:
-        loader = _Loader(text)
+        loader = loader_class(text)
         try:
             node = loader.get_single_node()
             if node is None:
-                return None, {}
+                return None, None
             _check_graph(node, where)
-            data = loader.construct_document(node)
+            return node, loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
@@ -163,9 +172,6 @@ def load_with_lines(text: str, where: str) -> tuple[object, dict]:
         raise UserError(f"{where}: invalid YAML: {e}") from None
     except RecursionError:  # belt and braces: the depth bound should stop this first
         raise UserError(f"{where}: invalid YAML: nested too deeply") from None
-    lines: dict = {}
-    _lines(node, (), lines)
-    return data, lines
 
 
 _CBase = getattr(yaml, "CSafeLoader", None)
@@ -187,21 +193,7 @@ def load_shipped(path) -> object:
     if _CBase is None:
         return load_file(path, "jurisdiction group")[0]
     where = str(path)
-    text = decode(read_file(path, "jurisdiction group"), where)
-    try:
-        loader = _TrustedLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_graph(node, where)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as e:
-        raise UserError(f"{_at(where, e.problem_mark)}: invalid YAML: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{where}: invalid YAML: {e}") from None
+    return _parse(_TrustedLoader, decode(read_file(path, "jurisdiction group"), where), where)[1]
 
 
 def load(text: str, where: str):

@@ -214,13 +214,7 @@ class Collector:
         self._advance((exp, 9, domain), seq + 1)
         facts = (9, exp, domain, uptime, float(secs))
         out: list[Record] = []
-        p = 20
-        while p + 4 <= len(data):
-            sid, length = _H16(data, p)[0], _H16(data, p + 2)[0]
-            if length < 4 or p + length > len(data):
-                self.counts["malformed"] += 1
-                break
-            body = data[p + 4:p + length]
+        for sid, body in self._sets(data, 20):
             if sid == 0:
                 q = 0
                 while q + 4 <= len(body):
@@ -246,8 +240,18 @@ class Collector:
                     self._wait((exp, domain, sid), body, facts, 1)
                 else:
                     out += self._data(body, facts, t)
-            p += length
         return out
+
+    def _sets(self, data: bytes, p: int):
+        """(set id, body) of each flowset / set from offset p; a length that does not fit ends the
+        datagram (counted malformed)."""
+        while p + 4 <= len(data):
+            sid, length = _H16(data, p)[0], _H16(data, p + 2)[0]
+            if length < 4 or p + length > len(data):
+                self.counts["malformed"] += 1
+                return
+            yield sid, data[p + 4:p + length]
+            p += length
 
     # -- IPFIX ------------------------------------------------------------------------------------
     def _ipfix(self, data: bytes, exp: str) -> list[Record]:
@@ -261,13 +265,7 @@ class Collector:
         out: list[Record] = []
         ndata = 0
         waited = False
-        p = 16
-        while p + 4 <= len(data):
-            sid, length = _H16(data, p)[0], _H16(data, p + 2)[0]
-            if length < 4 or p + length > len(data):
-                self.counts["malformed"] += 1
-                break
-            body = data[p + 4:p + length]
+        for sid, body in self._sets(data, 16):
             if sid in (2, 3):
                 q = 0
                 while q + 4 <= len(body):
@@ -300,7 +298,6 @@ class Collector:
                     got = self._data(body, facts, t)
                     out += got
                     ndata += self._last_count
-            p += length
         if waited:  # records not counted yet (no template): the next number cannot be known, so the
             self.next_seq.pop((exp, 10, domain), None)  # next datagram starts the count again
         else:
