@@ -68,7 +68,7 @@ class _Daemon:
         self.metrics = Metrics()
         self.metrics.source(cs.SOURCE)
         self.stop, self.rescope = threading.Event(), threading.Event()
-        self.pipeline = type("P", (), {"scoper": Scoper()})()
+        self.pipeline = type("P", (), {"scoper": Scoper(), "inbound": False})()
         self.seen_new = self.kept_new = self.pending_flows = 0
         self.batches: list = []
 
@@ -83,6 +83,8 @@ def _run(drains, as_list: bool, monkeypatch):
 
     def _open(m, acct):  # a second open means the loop failed: it gets nothing more, and stops
         opened.append(1)
+        if len(opened) > 1:
+            d.stop.set()
         return _Ct(drains if len(opened) == 1 else [], as_list, d.stop)
 
     monkeypatch.setattr(src, "_open", _open)
@@ -91,6 +93,7 @@ def _run(drains, as_list: bool, monkeypatch):
 
     class _Counter:
         error = None
+        inbound = inbound_counted = False
 
         def __init__(self, netns):
             pass
@@ -103,7 +106,7 @@ def _run(drains, as_list: bool, monkeypatch):
     monkeypatch.setattr(kc, "KernelCounter", _Counter)
     import agent.sources.conntrack.table as ct_mod
 
-    monkeypatch.setattr(ct_mod, "scope_table", lambda scoper: "table")  # what the C reader is handed
+    monkeypatch.setattr(ct_mod, "scope_table", lambda scoper, inbound=0: "table")  # what the C reader is handed
     src.run(d.stop)
     assert len(opened) == 1, "the source loop failed and reopened"
     events = {k: d.metrics.source_events.labels(cs.SOURCE, k)._value.get() for k in ("new", "destroy")}
