@@ -209,3 +209,15 @@ def test_hostile_datagrams_never_raise_and_are_counted(junk, version):
     assert isinstance(got, list)
     for r in got:
         assert 0 <= r.proto < 256 and 0 <= r.sport < 65536 and r.packets >= 0
+
+
+def test_an_ipfix_exporters_numbering_convention_is_learnt_not_taken_for_loss():
+    """softflowd numbers a message by the flow records up to and including it (RFC 7011: those sent
+    before it); either way a gap after the first two messages is a loss."""
+    tmpl, rec = _ipfix_template(), _ipfix_record()
+    for seqs, lost in (((0, 2, 4, 9), 3), ((2, 4, 6, 11), 3)):  # RFC numbering, then softflowd's
+        c = Collector()
+        c.datagram(_ipfix(seqs[0], [tmpl, _set(256, rec + rec)]), "192.0.2.254", 0)
+        for seq in seqs[1:]:
+            c.datagram(_ipfix(seq, [_set(256, rec + rec)]), "192.0.2.254", 0)
+        assert c.lost == {"192.0.2.254": lost}, seqs

@@ -109,6 +109,8 @@ class Collector:
         self.pending: dict[tuple, list] = {}  # (exp, domain, tid) -> [(set bytes, header facts)]
         self.npending = 0
         self.next_seq: OrderedDict[tuple, int] = OrderedDict()  # (exp, version, domain) -> next sequence number
+        self.ipfix_prev: OrderedDict[tuple, tuple | None] = OrderedDict()  # (exp, 10, domain) -> last message's
+        self.ipfix_mode: dict[tuple, str] = {}  # (seq, records, flow records); its numbering convention
         self.counts = dict.fromkeys(KINDS, 0)
         self.lost: dict[str, int] = {}  # exporter -> records the sequence numbers say were lost
         self.datagrams: dict[str, int] = {}  # exporter -> datagrams read
@@ -261,9 +263,8 @@ class Collector:
             return []
         data = data[:total]
         facts = (10, exp, domain, None, float(export_time))
-        self._gap((exp, 10, domain), seq)
         out: list[Record] = []
-        ndata = 0
+        ndata = nflows = 0
         waited = False
         for sid, body in self._sets(data, 16):
             if sid in (2, 3):
@@ -298,11 +299,33 @@ class Collector:
                     got = self._data(body, facts, t)
                     out += got
                     ndata += self._last_count
-        if waited:  # records not counted yet (no template): the next number cannot be known, so the
-            self.next_seq.pop((exp, 10, domain), None)  # next datagram starts the count again
-        else:
-            self._advance((exp, 10, domain), seq + ndata)
+                    nflows += 0 if t[1] else self._last_count
+        self._ipfix_sequence((exp, 10, domain), seq, ndata, nflows, waited)
         return out
+
+    # How an IPFIX exporter numbers its messages, learnt at its first two: RFC 7011 counts the data
+    # records sent before the message (options records included); some exporters (softflowd) count
+    # those up to and including it, or only flow records. Measured from how the second message's
+    # number follows the first, so a convention is never taken for a loss.
+    _CONVENTIONS = ("rfc", "rfc-flows", "inclusive", "inclusive-flows")
+
+    def _ipfix_sequence(self, key: tuple, seq: int, n_all: int, n_flows: int, waited: bool):
+        prev = self.ipfix_prev.get(key)
+        if prev is not None:
+            pseq, pa, pf = prev
+            want = dict(zip(self._CONVENTIONS, (pseq + pa, pseq + pf, pseq + n_all, pseq + n_flows), strict=True))
+            mode = self.ipfix_mode.get(key)
+            if mode is None:
+                mode = next((m for m, w in want.items() if (seq - w) % (1 << 32) == 0), "rfc")
+                self.ipfix_mode[key] = mode
+            gap = (seq - want[mode]) % (1 << 32)
+            if 0 < gap < (1 << 31):  # ahead: lost; behind (reordered or restarted): nothing to count
+                self.lost[key[0]] = self.lost.get(key[0], 0) + gap
+        # records that waited for a template are not counted yet: the next number cannot be checked
+        self.ipfix_prev[key] = None if waited else (seq, n_all, n_flows)
+        self.ipfix_prev.move_to_end(key)
+        while len(self.ipfix_prev) > TEMPLATES_MAX:
+            self.ipfix_mode.pop(self.ipfix_prev.popitem(last=False)[0], None)
 
     def _withdraw(self, exp: str, domain: int, tid: int, options: bool):
         if tid in (2, 3):
