@@ -215,9 +215,9 @@ def test_an_ipfix_exporters_numbering_convention_is_learnt_not_taken_for_loss():
     """softflowd numbers a message by the flow records up to and including it (RFC 7011: those sent
     before it); either way a gap after the first two messages is a loss."""
     tmpl, rec = _ipfix_template(), _ipfix_record()
-    for seqs, lost in (((0, 2, 4, 9), 3), ((2, 4, 6, 11), 3)):  # RFC numbering, then softflowd's
+    sizes = (2, 3, 1, 2)  # records per message: unequal, so the two conventions differ
+    for seqs in ((0, 2, 5, 9), (2, 5, 6, 11)):  # RFC numbering, then softflowd's; 3 records lost before the last
         c = Collector()
-        c.datagram(_ipfix(seqs[0], [tmpl, _set(256, rec + rec)]), "192.0.2.254", 0)
-        for seq in seqs[1:]:
-            c.datagram(_ipfix(seq, [_set(256, rec + rec)]), "192.0.2.254", 0)
-        assert c.lost == {"192.0.2.254": lost}, seqs
+        for i, (seq, n) in enumerate(zip(seqs, sizes, strict=True)):
+            c.datagram(_ipfix(seq, ([tmpl] if i == 0 else []) + [_set(256, rec * n)]), "192.0.2.254", 0)
+        assert c.lost == {"192.0.2.254": 3}, seqs
