@@ -33,7 +33,11 @@ def settled(a, kernel_expected):
     def ok():
         k, j, d, q, u = books(a)
         return k == kernel_expected and q == 0 and u == 0 and j + sum(d.values()) == k and (k, j, d)
-    return wait_for(ok, timeout=40, what=f"books to balance at {kernel_expected} kernel flows: {books(a)}")
+    try:
+        return wait_for(ok, timeout=40, what=f"books to balance at {kernel_expected} kernel flows")
+    except AssertionError as e:  # say what the books were at the end, not at the start
+        raise AssertionError(f"{e}: (kernel, judged, drops, queued, unaccounted) = {books(a)}\n{a.logtext()[-3000:]}") \
+            from None
 
 
 def test_storm_of_short_flows_into_a_tiny_buffer_adds_up(topo, tmp_path):

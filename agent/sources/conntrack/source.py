@@ -65,6 +65,7 @@ class ConntrackSource:
         self.kernel_counter = None
         self._socket_drops = 0
         self._counter_ok = True  # the last reading of the kernel's counter worked
+        self._base_ns = 0  # when the kernel counter's baseline was read (CLOCK_REALTIME ns, as conntrack's)
 
     def open(self):
         self.d.metrics.source(SOURCE)
@@ -94,6 +95,9 @@ class ConntrackSource:
         # produces an event we can receive
         if acct.kernel_base is None:
             acct.kernel_reading(self.kernel_counter.read())
+            # flows the kernel counts from here on: one the first dump lists that started after
+            # this moment was counted too, and its NEW event is skipped as seen (see `run`)
+            self._base_ns = time.time_ns()
         else:
             ct.dumps = 1  # a reopened socket: what its dump finds was missed, count it as recovered
         m.loss_accounting.labels(SOURCE).set(0 if acct.kernel_base is None else 1)
@@ -281,9 +285,11 @@ class ConntrackSource:
                         known[key] = None
                         if len(known) > MAX_KNOWN:
                             del known[next(iter(known))]
-                        counted = kind != "dump" and acc
+                        # a dumped flow is counted when it started after the baseline: the kernel
+                        # counted it, and its NEW event (if it comes) is skipped as already seen
+                        counted = acc and (kind != "dump" or 0 < self._base_ns <= e.start_ns)
                         if counted:
-                            if kind == "new":
+                            if kind in ("new", "dump"):
                                 acct.arrived += 1
                             else:
                                 acct.recovered += 1
