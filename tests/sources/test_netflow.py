@@ -221,3 +221,24 @@ def test_an_ipfix_exporters_numbering_convention_is_learnt_not_taken_for_loss():
         for i, (seq, n) in enumerate(zip(seqs, sizes, strict=True)):
             c.datagram(_ipfix(seq, ([tmpl] if i == 0 else []) + [_set(256, rec * n)]), "192.0.2.254", 0)
         assert c.lost == {"192.0.2.254": 3}, seqs
+
+
+def test_a_capture_of_exports_cut_inside_a_record_keeps_what_came_before(cli, tmp_path):
+    tmpl, rec = _ipfix_template(), _ipfix_record()
+    frames = [(1_750_000_000.0 + i, bytes(ETH / IP(src="192.0.2.254", dst="192.0.2.1") / UDP(sport=9995, dport=4739)
+                                          / _ipfix(i * 2, ([tmpl] if i == 0 else []) + [_set(256, rec * 2)])))
+              for i in range(3)]
+    whole = write_pcap(tmp_path / "exports.pcap", frames)
+    data = open(whole, "rb").read()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-40])  # the last datagram's record ends early
+    r = cli("audit", "--format", "json", "--export-ports", "4739", cut)
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    got = json.loads(r.stdout)["inputs"][0]
+    assert got["truncated"] and got["datagrams"] == 2 and got["records"] == 4
+    assert "ends in the middle of a record" in r.stderr and "WARNING: Pcap" not in r.stderr
+    r = cli("audit", "--format", "json", "--export-ports", "4739", whole)
+    assert json.loads(r.stdout)["inputs"][0]["records"] == 6 and not json.loads(r.stdout)["inputs"][0]["truncated"]
+    for bad in ("abc", "0", "70000", ""):
+        r = cli("audit", "--export-ports", bad, whole)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "--export-ports" in r.stderr

@@ -7,11 +7,13 @@ file (scapy's raw readers: they take both, and no dissection is needed), hands i
 returns (flows, stats): one-way `Flow`s (source `netflow:EXPORTER`, for the connection pairing the
 other inputs go through) and the input's stats dict (datagrams, records, lost records per
 exporter, what the decoder refused by kind, sampling). Fragmented datagrams (IPv4 offsets) cannot
-be reassembled here and are counted. A file that is no capture is a UserError naming it.
+be reassembled here and are counted. A file that is no capture is a UserError naming it; one cut
+inside a record keeps what came before and says so (`truncated`, a warning), as the capture reader does.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from agent.errors import UserError
@@ -50,6 +52,19 @@ def _udp_payload(linktype: int, data: bytes):
     return src, int.from_bytes(data[l4 + 2:l4 + 4], "big"), bytes(data[l4 + 8:end])
 
 
+class _Truncation(logging.Handler):
+    """scapy's readers end a capture cut inside a record quietly (a log warning, then no more
+    records): caught here, so the cut is reported with the input instead of passing for its end."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = 0
+
+    def emit(self, record):
+        if "truncated" in record.getMessage():
+            self.seen += 1
+
+
 def read_exports(path: str, ports: tuple[int, ...]) -> tuple[list[Flow], dict]:
     from scapy.error import Scapy_Exception
     from scapy.utils import RawPcapReader
@@ -57,10 +72,27 @@ def read_exports(path: str, ports: tuple[int, ...]) -> tuple[list[Flow], dict]:
     coll = Collector()
     flows: list[Flow] = []
     datagrams = incomplete = 0
+    scapy_log = logging.getLogger("scapy.runtime")
+    cut = _Truncation()
+    scapy_log.addHandler(cut)
+    propagate, scapy_log.propagate = scapy_log.propagate, False  # said once, in our words, below
     try:
-        reader = RawPcapReader(path)
-    except (Scapy_Exception, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable pcap or pcapng capture of exports ({e})") from None
+        try:
+            reader = RawPcapReader(path)
+        except (Scapy_Exception, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable pcap or pcapng capture of exports ({e})") from None
+        datagrams, incomplete = _read(reader, path, ports, coll, flows)
+    finally:
+        scapy_log.removeHandler(cut)
+        scapy_log.propagate = propagate
+    return flows, _stats(path, ports, coll, flows, datagrams, incomplete, cut.seen > 0)
+
+
+def _read(reader, path: str, ports: tuple[int, ...], coll: Collector, flows: list) -> tuple[int, int]:
+    """(export datagrams decoded, datagrams that could not be) of one capture, in capture order."""
+    from scapy.error import Scapy_Exception
+
+    datagrams = incomplete = 0
     try:
         for data, meta in reader:
             linktype = getattr(meta, "linktype", None) or getattr(reader, "linktype", dec.ETHERNET)
@@ -83,7 +115,14 @@ def read_exports(path: str, ports: tuple[int, ...]) -> tuple[list[Flow], dict]:
                         f"{datagrams:,} export datagram(s) read before it") from None
     finally:
         reader.close()
+    return datagrams, incomplete
+
+
+def _stats(path: str, ports, coll: Collector, flows: list, datagrams: int, incomplete: int, truncated: bool) -> dict:
     warnings = []
+    if truncated:
+        warnings.append(f"{path}: the capture ends in the middle of a record (cut short, or damaged after "
+                        f"{datagrams:,} export datagram(s)): what follows was not read")
     if not datagrams:
         warnings.append(f"{path}: no UDP datagram to port(s) {', '.join(map(str, ports))}: is this a capture of "
                         "collector traffic, and are these the export ports?")
@@ -101,5 +140,5 @@ def read_exports(path: str, ports: tuple[int, ...]) -> tuple[list[Flow], dict]:
     stats = {"path": path, "format": "netflow-exports", "ports": list(ports), "datagrams": datagrams,
              "records": len(flows), "exporters": sorted(coll.datagrams),
              "lost_records": dict(sorted(coll.lost.items())),
-             "refused": refused, "incomplete_datagrams": incomplete, "warnings": warnings}
-    return flows, stats
+             "refused": refused, "incomplete_datagrams": incomplete, "truncated": truncated, "warnings": warnings}
+    return stats
