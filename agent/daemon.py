@@ -316,17 +316,22 @@ class Daemon:
         if kind != "new" or fast is None:
             self._handle(kind, e, now)
             return
+        pipe = self.pipeline
+        if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
+            self._handle(kind, e, now, inbound=True)  # the full path: judged by the peer's location
+            return
         who = None
         if self.attributor is not None:
             if e[:6] in self.open:
                 return  # seen already: no lookup
             who = self.attributor.who(e)  # reads proto, src, sport, dst, dport, as of a Flow
         if not fast(e, now, today, who):
-            self._handle(kind, e, now, who)
+            self._handle(kind, e, now, who, inbound=False)
 
-    def _handle(self, kind: str, e, now: float, who=_ASK):
-        """Judge a new flow (the source has checked it is egress), or close one on DESTROY. `who`:
-        the flow's process when the caller looked it up already."""
+    def _handle(self, kind: str, e, now: float, who=_ASK, inbound: bool | None = None):
+        """Judge a new flow (the source has checked it is egress or, with an inbound policy,
+        inbound), or close one on DESTROY. `who`: the flow's process when the caller looked it up
+        already; `inbound`: whether a public peer opened it, when the caller knows."""
         pipe = self.pipeline
         if kind != "destroy":
             if e[:6] in self.open:
@@ -335,9 +340,10 @@ class Daemon:
             n = None
             # the original direction is who opened it: a public peer's connection to a local host is
             # inbound (the sources keep those only while some policy judges them)
-            inbound = pipe.inbound and pipe.scoper.is_egress(flow.dst, flow.src)
+            if inbound is None:
+                inbound = pipe.inbound and pipe.scoper.is_egress(flow.dst, flow.src)
             if inbound:
-                if who is _ASK or who is None:  # the local socket is the accepted one: its tuple reversed
+                if who is _ASK:  # the local socket is the accepted one: its tuple reversed
                     who = self.attributor.who(Flow(flow.proto, flow.dst, flow.dport, flow.src, flow.sport, 0, 0)) \
                         if self.attributor else None
             elif self.names is not None:

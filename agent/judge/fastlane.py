@@ -9,8 +9,9 @@ It takes an event only when everything it needs is cached already: the destinati
 locator's network cache (so the database answer is known), a plausible first-seen time (judged on
 its own day), and the verdict cache entry for the flow's facts; and only when no per-flow input
 exists that the verdict or the records could depend on beyond the event and its process (no host
-names, no policy that selects on processes, no recipient register, no NAT on the entry), and
-only outbound connections (an inbound one, kept while some policy judges them, takes the full path).
+names, no policy that selects on processes, no recipient register, no NAT on the entry). It is
+handed outbound connections only: `Daemon._dispatch` sends an inbound one (kept while some policy
+judges them) down the full path, where it is judged by the peer's location.
 `end(state, e, now)` closes a flow this lane opened, as the full path closes one.
 tests/test_fastlane.py holds both lanes equal, metric for metric and record byte for byte.
 
@@ -111,8 +112,6 @@ class FastLane:
             self._pipe = pipe
         if e.nat_src or e.nat_dst:
             return False
-        if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
-            return False  # a public peer opened it: judged inbound, by the peer's location (the full path)
         first = e.start_ns / 1e9 if e.start_ns else now
         day_n = int(first // 86400)
         if first < PLAUSIBLE_FROM or day_n - today > 1:

@@ -414,8 +414,7 @@ class Collector:
             sport = dport = 0  # as the capture decoder keys ICMP (type and code are no ports)
         packets = _uint(v["packets"]) if "packets" in v else _uint(v.get("out_packets", b"\x01"))
         nbytes = _uint(v["bytes"]) if "bytes" in v else _uint(v.get("out_bytes", b"\x00"))
-        rate = None
-        if "interval" in v or "pkt_interval" in v:
+        if "interval" in v or "pkt_interval" in v:  # sampling said on the record itself
             self._option(exp, domain, v)
         rate = self.sampling.get((exp, domain))
         if rate is None:
