@@ -268,3 +268,39 @@ GOLDEN = __import__("pathlib").Path(__file__).parent / "cases" / "connection-ope
 
 def write_golden():
     write_pcap(GOLDEN, _frames())
+
+
+def test_damaged_quotes_decode_the_same_on_every_walk(tmp_path):
+    """An ICMP error's quote cut anywhere, or full of junk, gives the C walk, the numpy walk and
+    the scalar decoder the same flows, and never breaks any of them."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agent.sources.capfile import walk as pcap_walk
+
+    inner4 = bytes(IP(src="10.86.1.20", dst="203.0.113.90") / UDP(sport=40200, dport=33434) / b"x")
+    inner6 = bytes(IPv6(src="2001:db8::20", dst="2001:db8:1::90") / TCP(sport=40201, dport=443, flags=S))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.booleans(), st.integers(0, 60), st.binary(max_size=24))
+    def check(v6, cut, junk):
+        inner = (inner6 if v6 else inner4)[:cut] + junk
+        outer = (ETH / IPv6(src="2001:db8:ff::1", dst="2001:db8::20") / ICMPv6DestUnreach(code=4) if v6 else
+                 ETH / IP(src="203.0.113.200", dst="10.86.1.20") / ICMP(type=3, code=3))
+        frames = [(1_750_000_000.0, bytes(outer / inner))]
+        path = write_pcap(tmp_path / "q.pcap", frames)
+        got = []
+        c = pcap_walk._c_walk
+        for use_c in ((True, False) if c is not None else (False,)):
+            if not use_c:
+                pcap_walk._c_walk = None
+            try:
+                got.append(sorted((f.proto, f.src, f.sport, f.dst, f.dport, f.packets, f.bytes)
+                                  for f in read_capture(path, names=False).flows))
+            finally:
+                pcap_walk._c_walk = c
+        d = dec.decode(dec.ETHERNET, frames[0][1])
+        assert all(g == got[0] for g in got), got
+        assert len(got[0]) == (0 if isinstance(d, str) else 1)
+
+    check()
