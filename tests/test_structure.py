@@ -207,3 +207,13 @@ def test_each_accelerator_lives_beside_its_source_and_loads_when_built(name, sou
         bound = [k for k, v in vars(mod).items() if v is ext or getattr(v, "__module__", None) == name]
         if not bound and m != "agent.sources.capfile.payload":  # payload imports it inside __init__
             pytest.fail(f"{m} names {name} but holds nothing of it: its import fell back to Python")
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages a non-editable install (README command 1) ships: a package
+    left out works in the editable checkout and is missing once installed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in AGENT.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
