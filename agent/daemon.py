@@ -318,8 +318,7 @@ class Daemon:
             return
         pipe = self.pipeline
         if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
-            self._handle(kind, e, now, inbound=True)  # the full path: judged by the peer's location
-            return
+            return self._handle(kind, e, now, inbound=True)  # the full path: judged by the peer's location
         who = None
         if self.attributor is not None:
             if e[:6] in self.open:
@@ -329,9 +328,8 @@ class Daemon:
             self._handle(kind, e, now, who, inbound=False)
 
     def _handle(self, kind: str, e, now: float, who=_ASK, inbound: bool | None = None):
-        """Judge a new flow (the source has checked it is egress or, with an inbound policy,
-        inbound), or close one on DESTROY. `who`: the flow's process when the caller looked it up
-        already; `inbound`: whether a public peer opened it, when the caller knows."""
+        """Judge a new flow (egress, or inbound with an inbound policy), or close one on DESTROY.
+        `who`: its process, `inbound`: whether a public peer opened it, when the caller knows."""
         pipe = self.pipeline
         if kind != "destroy":
             if e[:6] in self.open:
