@@ -5,9 +5,11 @@ Contract: `connections(table)` takes a FlowTable of one-way flows (a capture's, 
 lines) and gives one row per connection: `src`/`sport` is the opener, `dst`/`dport` the responder;
 `packets`/`bytes`/`hints` are what the opener sent, `packets_reply`/`bytes_reply`/`hints_reply` what
 the responder sent; first/last seen span both directions; `opened` is the index in OPENED_BY of how
-the opener is known. Two one-way flows are one connection when one's 5-tuple is the other's reversed
-(and they come from the same source); a 5-tuple seen on several rows in one direction (a flow log
-with a line per interval) is left as rows of its own, each oriented by the same rules. Rows that
+the opener is known. One-way flows are one connection when their 5-tuples are the same or one is
+the other's reversed (and they come from the same source), unless their times show the 5-tuple
+idle for longer than its timeout (`flowtable.IDLE_TCP`, `IDLE_OTHER`: Zeek's 5 and 1 minutes)
+between them: then each busy stretch is a connection of its own. So a flow log with a line per
+interval gives one connection for a busy 5-tuple, and a port reused an hour later gives two. Rows that
 already know their opener (`opened` set, or a conntrack record: the kernel's original direction)
 are kept as they are. Every source goes through this one function: the C walk, the Python walk,
 pcapng and flow logs all hand it the same one-way table.
@@ -32,7 +34,7 @@ import numpy as np
 
 from agent.flow import OPENED_BY
 from agent.flow import OPENED_CODE as CODE
-from agent.flowtable import FlowTable, concat, group_words, object_column
+from agent.flowtable import FlowTable, concat, first_rows, group_words, idle_timeouts, object_column, split_idle
 from agent.wire.decode import HINT_ECHO_REPLY, HINT_ECHO_REQUEST, HINT_ICMP_ERROR, HINT_SYN, HINT_SYNACK
 
 __all__ = ["OPENED_BY", "connections", "service_port"]
@@ -95,17 +97,16 @@ def connections(t: FlowTable) -> FlowTable:
     low = lower
     rep, group = group_words(words)  # rep: a row of each group
     g = len(rep)
-    # rows per group and direction: a connection is at most one row each way; more, and each row
-    # stands alone (its own group)
-    n_low = np.bincount(group, weights=low, minlength=g)
-    n_high = np.bincount(group, weights=~low, minlength=g)
-    alone = (n_low > 1) | (n_high > 1)
-    if alone[group].any():
-        solo = alone[group]
-        group = np.where(solo, g + np.arange(len(group)), group)
-        _, rep, group = np.unique(group, return_index=True, return_inverse=True)
-        group = group.ravel()
-        g = len(rep)
+    # a 5-tuple used again after its idle timeout is a new connection: cut groups at idle gaps
+    first, last = t.first[todo], t.last[todo]
+    timeout = idle_timeouts(t.proto[todo[rep]])
+    g_first, g_last = np.full(g, np.inf), np.full(g, -np.inf)
+    np.minimum.at(g_first, group, first)
+    np.maximum.at(g_last, group, last)
+    maybe = (g_last - g_first) > timeout
+    if maybe.any():
+        group, g = split_idle(group, g, first, last, timeout[group], maybe)
+        rep = first_rows(group, g)
     return _paired(t, known, todo, group, g, low, rep)
 
 

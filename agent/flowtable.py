@@ -75,6 +75,59 @@ def group_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inv
 
 
+# Idle timeouts (Zeek's inactivity timeouts): a 5-tuple quiet for longer than this is a new
+# connection when it is used again. _walk.c splits its flow table at the same values.
+IDLE_TCP, IDLE_OTHER = 300.0, 60.0
+
+
+def idle_timeouts(proto: np.ndarray) -> np.ndarray:
+    """The idle timeout of each row's protocol, in seconds."""
+    return np.where(np.asarray(proto) == 6, IDLE_TCP, IDLE_OTHER)
+
+
+def split_idle(group: np.ndarray, g: int, first: np.ndarray, last: np.ndarray, timeout: np.ndarray,
+               maybe: np.ndarray) -> tuple[np.ndarray, int]:
+    """Groups of rows (5-tuples) cut where their times show an idle gap.
+
+    Within a group, rows taken in order of first seen start a new group where their first seen
+    is more than `timeout` (per row) after the latest last seen of the rows before them: exact
+    whatever the rows' order or overlap. Only groups marked in `maybe` (their span exceeds the
+    timeout; no other group can hold a gap) are looked at. Returns (group of each row, number of
+    groups): unsplit rows keep their group, the later parts of a split group are numbered from `g`
+    on. A group holding a row of unknown time (NaN) is not split."""
+    rows = np.flatnonzero(maybe[group])
+    if not len(rows):
+        return group, g
+    gr, f = group[rows], first[rows]
+    order = np.lexsort((f, gr))
+    rows, gr, f, lst, tmo = rows[order], gr[order], f[order], last[rows][order], timeout[rows][order]
+    m = len(rows)
+    # the running maximum of last seen within each group: as ranks (exact), offset by the group's
+    # place so that one accumulate never carries a maximum from one group into the next
+    by_last = np.argsort(lst, kind="stable")
+    rank = np.empty(m, dtype=np.int64)
+    rank[by_last] = np.arange(m)
+    start = np.r_[True, gr[1:] != gr[:-1]]
+    place = np.cumsum(start) - 1
+    latest = lst[by_last][np.maximum.accumulate(place * m + rank) - place * m]
+    new = np.zeros(m, dtype=bool)
+    new[1:] = ~start[1:] & (f[1:] > latest[:-1] + tmo[1:])
+    if not new.any():
+        return group, g
+    cuts = np.cumsum(new)  # cuts so far, over all groups
+    within = cuts - cuts[np.flatnonzero(start)[place]]
+    out = group.copy()
+    out[rows] = np.where(within > 0, g + cuts - 1, gr)
+    return out, g + int(cuts[-1])
+
+
+def first_rows(group: np.ndarray, g: int) -> np.ndarray:
+    """The first row of each of `g` groups (every group has a row)."""
+    out = np.empty(g, dtype=np.int64)
+    out[group[::-1]] = np.arange(len(group) - 1, -1, -1)
+    return out
+
+
 class Addresses:
     """The distinct addresses of a column: sorted (IPv4 first, then by value), with the index of each
     row's address in them (`inverse`) and their text, made once per distinct address."""

@@ -189,13 +189,111 @@ def test_flow_log_lines_are_paired_like_packets():
         ("10.86.1.21", 40001, R1, 443, "syn", 2, 200, 5, 500, 4.0, 5.0)])
 
 
-def test_repeated_one_way_lines_stand_alone():
-    """A 5-tuple on several lines one way (a log with a line per interval) is not merged: each line
-    is its own connection, oriented by the same rules."""
-    lines = [Flow(17, "10.86.1.30", 40000, R1, 53, 1, 70, float(t), float(t), "jsonl") for t in (10, 20)] + \
+def test_lines_of_one_busy_five_tuple_are_one_connection():
+    """A 5-tuple on several lines (a log with a line per interval) is one connection while it is
+    never idle for longer than its timeout; a line after a longer quiet starts another."""
+    lines = [Flow(17, "10.86.1.30", 40000, R1, 53, 1, 70, float(t), float(t), "jsonl") for t in (10, 20, 200)] + \
         [Flow(17, R1, 53, "10.86.1.30", 40000, 1, 90, 10.5, 10.5, "jsonl")]
-    got = connections(FlowTable.from_flows(lines)).flows()
-    assert len(got) == 3 and {(f.src, f.dst, f.opened_by) for f in got} == {("10.86.1.30", R1, "port")}
+    got = sorted((f.first_seen, f.last_seen, f.src, f.dst, f.opened_by, f.packets, f.packets_reply)
+                 for f in connections(FlowTable.from_flows(lines)).flows())
+    assert got == [(10.0, 20.0, "10.86.1.30", R1, "port", 2, 1), (200.0, 200.0, "10.86.1.30", R1, "port", 1, 0)]
+
+
+# A port reused after its idle timeout, on TCP (5 minutes) and UDP (1 minute), and stretches that
+# stay one connection: each packet (seconds from the start, packet), in capture order.
+L2, R2 = "10.86.1.40", "203.0.113.90"
+IDLE = [
+    (0, _tcp(L2, 40000, R2, 443, S)), (0.01, _tcp(R2, 443, L2, 40000, SA)), (0.02, _tcp(L2, 40000, R2, 443, FA)),
+    (301, _tcp(L2, 40000, R2, 443, S)), (301.01, _tcp(R2, 443, L2, 40000, SA)),  # the same port, 5 min later
+    # a long download: the server sends every 200 s for 10 minutes, the client is quiet
+    (0, _tcp(L2, 40001, R2, 443, S)), (0.01, _tcp(R2, 443, L2, 40001, SA)), (200, _tcp(R2, 443, L2, 40001, PA, b"x")),
+    (400, _tcp(R2, 443, L2, 40001, PA, b"x")), (600, _tcp(L2, 40001, R2, 443, A)),
+    (0, _udp(L2, 40002, R2, 53)), (0.1, _udp(R2, 53, L2, 40002)), (61, _udp(L2, 40002, R2, 53)),
+    # out of order: the packet at 30 s joins the one at 0 s, not the one at 100 s
+    (0, _udp(L2, 40003, R2, 123)), (100, _udp(L2, 40003, R2, 123)), (30, _udp(L2, 40003, R2, 123)),
+]
+IDLE_WANT = sorted([
+    (40000, 0.0, 0.02, "syn", 2, 1), (40000, 301.0, 301.01, "syn", 1, 1),
+    (40001, 0.0, 600.0, "syn", 2, 3),
+    (40002, 0.0, 0.1, "port", 1, 1), (40002, 61.0, 61.0, "port", 1, 0),
+    (40003, 0.0, 30.0, "port", 2, 0), (40003, 100.0, 100.0, "port", 1, 0)])
+
+
+def _idle_got(table: FlowTable, t0: float):
+    return sorted((f.sport, round(f.first_seen - t0, 3), round(f.last_seen - t0, 3), f.opened_by, f.packets,
+                   f.packets_reply) for f in connections(table).flows())
+
+
+def test_idle_timeouts_on_every_walk(tmp_path, capture_walk):
+    t0 = 1_750_000_000.0
+    frames = [(t0 + dt, bytes(p)) for dt, p in IDLE]
+    assert _idle_got(read_capture(write_pcap(tmp_path / "i.pcap", frames), names=False).table, t0) == IDLE_WANT
+    pcapng = write_pcapng(tmp_path / "i.pcapng", [(1, 9)], [(0, t, d) for t, d in frames])
+    assert _idle_got(read_capture(pcapng, names=False).table, t0) == IDLE_WANT
+
+
+def test_idle_timeouts_across_chunks(tmp_path, capture_walk, monkeypatch):
+    """Packets of one connection read in different chunks, and chunk groups merged before the end,
+    are joined or cut exactly as when read at once."""
+    from agent.sources.capfile import flows as flows_mod
+    from agent.sources.capfile import walk as walk_mod
+
+    monkeypatch.setattr(walk_mod, "CHUNK", 3)
+    monkeypatch.setattr(flows_mod.FlowAccumulator, "MERGE_ROWS", 2)
+    t0 = 1_750_000_000.0
+    frames = [(t0 + dt, bytes(p)) for dt, p in IDLE]
+    assert _idle_got(read_capture(write_pcap(tmp_path / "i.pcap", frames), names=False).table, t0) == IDLE_WANT
+
+
+def test_idle_timeouts_of_the_scalar_decoder():
+    """Packets the bulk decoders hand to the scalar one (IPv6 extension headers) are cut the same way."""
+    from agent.sources.capfile.flows import FlowAccumulator
+
+    acc = FlowAccumulator()
+    for dt in (0, 30, 100, 250, 251):
+        acc.add_one(dec.decode(dec.ETHERNET, bytes(_tcp("2001:db8::6", 40002, "2001:db8:1::10", 9999, A, ext=True))),
+                    float(dt))
+    acc.add_one(dec.decode(dec.ETHERNET, bytes(_udp(L2, 40004, R2, 5000))), 0.0)
+    acc.add_one(dec.decode(dec.ETHERNET, bytes(_udp(L2, 40004, R2, 5000))), 61.0)
+    got = sorted((f.proto, f.first_seen, f.last_seen, f.packets) for f in acc.table("pcap").flows())
+    assert got == [(6, 0.0, 251.0, 5), (17, 0.0, 0.0, 1), (17, 61.0, 61.0, 1)]
+
+
+def test_split_idle_equals_a_plain_reading():
+    """split_idle against the definition, on random rows: sort a group's rows by first seen and cut
+    where one starts more than the timeout after every earlier one has ended."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agent.flowtable import split_idle
+
+    row = st.tuples(st.integers(0, 3), st.floats(0, 1000), st.floats(0, 200))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(row, min_size=1, max_size=40), st.sampled_from([10.0, 60.0, 300.0]))
+    def check(rows, timeout):
+        import numpy as np
+
+        _, group = np.unique(np.array([r[0] for r in rows]), return_inverse=True)
+        g = int(group.max()) + 1
+        first = np.array([r[1] for r in rows])
+        last = first + np.array([r[2] for r in rows])
+        out, n = split_idle(group, g, first, last, np.full(len(rows), timeout), np.ones(g, dtype=bool))
+        want = {}
+        for grp in range(g):
+            idx = sorted(np.flatnonzero(group == grp).tolist(), key=lambda i: (first[i], i))
+            part, end = 0, -np.inf
+            for i in idx:
+                if first[i] > end + timeout and end != -np.inf:
+                    part += 1
+                want[i] = (grp, part)
+                end = max(end, last[i])
+        # same partition of the rows, numbered densely
+        assert sorted(set(out.tolist())) == list(range(n))
+        pairs = {(int(out[i]), want[i]) for i in range(len(rows))}
+        assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs)
+
+    check()
 
 
 def test_audit_judges_the_connection_once_and_never_a_reply(tmp_path, cli):

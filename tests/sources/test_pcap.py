@@ -118,8 +118,14 @@ def scapy_flows(pkts):
 
 
 def ours(path):
+    """Packets and bytes per one-way 5-tuple (summed over its connections, should it idle out)."""
     cap = read_capture(str(path))
-    return {(f.proto, f.src, f.sport, f.dst, f.dport): [f.packets, f.bytes] for f in cap.flows}, cap.stats
+    out: dict = {}
+    for f in cap.flows:
+        row = out.setdefault((f.proto, f.src, f.sport, f.dst, f.dport), [0, 0])
+        row[0] += f.packets
+        row[1] += f.bytes
+    return out, cap.stats
 
 
 def frames_for(link, pkts):

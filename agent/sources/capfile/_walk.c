@@ -176,26 +176,13 @@ static int decode(int lt, const uint8_t *d, Py_ssize_t n, Py_ssize_t wire, uint6
     return 0;
 }
 
-/* Flow table: open addressing on the five key words, grown at half load. */
-typedef struct {
-    uint64_t k[5];
-    int64_t packets, bytes, hints; /* hints: OR of the packets' opener hints */
-    double first, last;
-    int used, segs; /* segs: TCP payload segments seen in this chunk (FIRST_SEGMENTS are offered) */
-    long epoch;     /* the chunk `segs` counts for (a table kept across chunks) */
-} slot_t;
-
-typedef struct {
-    slot_t *slots;
-    size_t cap, count;
-    long epoch;
-} table_t;
+#include "_flowtable.h"
 
 /* A flow table kept across walk_pcap calls (a capsule from table_new): every chunk's flows land in
  * one table, so Python has no per-chunk groups to merge; table_dump hands them over at the end. */
 static void table_free(PyObject *cap) {
     table_t *t = (table_t *)PyCapsule_GetPointer(cap, "egress_agent.flow_table");
-    if (t) { free(t->slots); free(t); }
+    if (t) { free(t->slots); free(t->old); free(t); }
 }
 
 static PyObject *table_new(PyObject *self, PyObject *args) {
@@ -208,32 +195,6 @@ static PyObject *table_new(PyObject *self, PyObject *args) {
     PyObject *cap = PyCapsule_New(t, "egress_agent.flow_table", table_free);
     if (!cap) { free(t->slots); free(t); }
     return cap;
-}
-
-static inline size_t hash5(const uint64_t *k) {
-    uint64_t h = k[0] * 0x9E3779B97F4A7C15ULL ^ k[1] * 0xC2B2AE3D27D4EB4FULL ^ k[2] * 0x165667B19E3779F9ULL ^
-                 k[3] * 0xD6E8FEB86659FD93ULL ^ k[4] * 0xFF51AFD7ED558CCDULL;
-    h ^= h >> 29; h *= 0xBF58476D1CE4E5B9ULL; h ^= h >> 32;
-    return (size_t)h;
-}
-
-static slot_t *find(table_t *t, const uint64_t *k) {
-    size_t i = hash5(k) & (t->cap - 1);
-    for (;;) {
-        slot_t *s = &t->slots[i];
-        if (!s->used || memcmp(s->k, k, 40) == 0) return s;
-        i = (i + 1) & (t->cap - 1);
-    }
-}
-
-static int grow(table_t *t) {
-    table_t n = {calloc(t->cap * 2, sizeof(slot_t)), t->cap * 2, t->count, t->epoch};
-    if (!n.slots) return -1;
-    for (size_t i = 0; i < t->cap; i++)
-        if (t->slots[i].used) *find(&n, t->slots[i].k) = t->slots[i];
-    free(t->slots);
-    *t = n;
-    return 0;
 }
 
 /* The record at `off`, if whole: its captured length in *caplen and -1; else the stop code (see
@@ -249,9 +210,9 @@ static inline int record_at(const uint8_t *p, Py_ssize_t off, Py_ssize_t end, Py
 }
 
 /* The flows of a table as (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g],
- * hints i64[g]). */
+ * hints i64[g]): the slots' flows, then those cut off by an idle gap. */
 static PyObject *groups_of(const table_t *t) {
-    Py_ssize_t g = (Py_ssize_t)t->count;
+    Py_ssize_t g = (Py_ssize_t)(t->count + t->n_old);
     PyObject *o_w = PyBytes_FromStringAndSize(NULL, g * 40), *o_p = PyBytes_FromStringAndSize(NULL, g * 8),
              *o_b = PyBytes_FromStringAndSize(NULL, g * 8), *o_f = PyBytes_FromStringAndSize(NULL, g * 8),
              *o_l = PyBytes_FromStringAndSize(NULL, g * 8), *o_h = PyBytes_FromStringAndSize(NULL, g * 8);
@@ -264,9 +225,9 @@ static PyObject *groups_of(const table_t *t) {
     int64_t *hi = (int64_t *)PyBytes_AS_STRING(o_h);
     double *fi = (double *)PyBytes_AS_STRING(o_f), *la = (double *)PyBytes_AS_STRING(o_l);
     Py_ssize_t j = 0;
-    for (size_t i = 0; i < t->cap; i++) {
-        const slot_t *s = &t->slots[i];
-        if (!s->used) continue;
+    for (size_t i = 0; i < t->cap + t->n_old; i++) {
+        const slot_t *s = i < t->cap ? &t->slots[i] : &t->old[i - t->cap];
+        if (i < t->cap && !s->used) continue;
         memcpy(w + j * 5, s->k, 40);
         pk[j] = s->packets; by[j] = s->bytes; fi[j] = s->first; la[j] = s->last; hi[j] = s->hints;
         j++;
@@ -333,7 +294,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
     Py_ssize_t end = view.len, n = 0;
     int stop = 1, oom = 0;
     long long counts[7] = {0, 0, 0, 0, 0, 0, 0};
-    table_t t = {NULL, 0, 0, 0};
+    table_t t = {NULL, 0, 0, 0, NULL, 0, 0};
     if (kept_t) {
         t = *kept_t;
         t.epoch++;
@@ -374,6 +335,10 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
                 if (grow(&t) < 0) { oom = 1; break; }
                 s = find(&t, k);
             }
+        } else if (ts > s->last + idle_of(k) || ts < s->first - idle_of(k)) { /* quiet too long: a new connection */
+            if (retire(&t, s) < 0) { oom = 1; break; }
+            s->packets = 0; s->bytes = 0; s->hints = 0; s->first = ts; s->last = ts; s->segs = 0;
+            s->epoch = t.epoch;
         }
         s->packets++;
         s->bytes += len;
@@ -450,8 +415,10 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
         t.slots = NULL;
         t.count = 0;
         t.cap = 0;
+        t.old = NULL;
+        t.n_old = 0;
     }
-    if (oom) { free(t.slots); free(c.v); free(tls); free(qbuf); return PyErr_NoMemory(); }
+    if (oom) { free(t.slots); free(t.old); free(c.v); free(tls); free(qbuf); return PyErr_NoMemory(); }
     counts[0] = n;
     /* counts: records, ip_packets, ip_bytes, non_ip(st 1), malformed(st 2), unsupported(st 3),
      * packets that can carry a name */
@@ -460,6 +427,7 @@ static PyObject *walk_pcap(PyObject *self, PyObject *args) {
              *o_t = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n_tls * 8),
              *o_q = PyBytes_FromStringAndSize((const char *)qbuf, (Py_ssize_t)n_q);
     free(t.slots);
+    free(t.old);
     free(qbuf);
     if (!groups || !o_c || !o_t || !o_q) {
         free(c.v); free(tls);
@@ -511,14 +479,21 @@ static PyObject *pcap_offsets(PyObject *self, PyObject *args) {
     return Py_BuildValue("Nni", out, off, stop);
 }
 
-/* table_dump(table) -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g], hints i64[g]) */
+/* table_dump(table) -> (words u64[g*5], packets i64[g], bytes i64[g], first f64[g], last f64[g], hints i64[g],
+ *                       parts): parts, how many of the g flows were cut off by an idle gap (0: no key repeats) */
 static PyObject *table_dump(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *keep;
     if (!PyArg_ParseTuple(args, "O", &keep)) return NULL;
     table_t *t = (table_t *)PyCapsule_GetPointer(keep, "egress_agent.flow_table");
     if (!t) return NULL;
-    return groups_of(t);
+    PyObject *g = groups_of(t);
+    if (!g) return NULL;
+    PyObject *out = Py_BuildValue("OOOOOOn", PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1), PyTuple_GET_ITEM(g, 2),
+                                  PyTuple_GET_ITEM(g, 3), PyTuple_GET_ITEM(g, 4), PyTuple_GET_ITEM(g, 5),
+                                  (Py_ssize_t)t->n_old);
+    Py_DECREF(g);
+    return out;
 }
 
 /* addr_texts(v4 bool[n], hi u64[n], lo u64[n]) -> list of n str or None: each address's text as

@@ -86,11 +86,12 @@ def read_capture(path: str, progress=None, names: bool = True) -> Capture:
             stats.warnings.append(f"{path}: the file shrank from {st.st_size:,} to {read:,} bytes while being read; "
                                   "audited what was read")
         if payload is not None:
-            words, pk, by, first, last, hints = _c_table_dump(payload.flow_table)
+            words, pk, by, first, last, hints, parts = _c_table_dump(payload.flow_table)
             if words:
                 flows.add_groups(np.frombuffer(words, dtype=np.uint64).reshape(-1, 5),
                                  np.frombuffer(pk, dtype=np.int64), np.frombuffer(by, dtype=np.int64),
-                                 np.frombuffer(first), np.frombuffer(last), np.frombuffer(hints, dtype=np.int64))
+                                 np.frombuffer(first), np.frombuffer(last), np.frombuffer(hints, dtype=np.int64),
+                                 distinct=parts == 0)
         outer = flows.table(fmt)
         if payload is not None and stats.name_candidates is not None:
             # the C walk handed over every packet the payload passes read: no second walk
