@@ -113,9 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--queue-size", type=int, metavar="N", help="bounded event queue (default 65536)")
     r.add_argument("--rcvbuf", type=int, metavar="BYTES", help="netlink event socket buffer")
     r.add_argument("--no-attribution", action="store_true", default=None, help="do not look up processes")
-    r.add_argument("--source", action="append", choices=("conntrack", "capture"),
+    r.add_argument("--source", action="append", choices=("conntrack", "capture", "netflow", "sflow"),
                    help="flow sources (repeatable; default conntrack). capture with conntrack: names on "
-                        "conntrack's flows from DNS answers and TLS/QUIC hellos (needs CAP_NET_RAW)")
+                        "conntrack's flows from DNS answers and TLS/QUIC hellos (needs CAP_NET_RAW); "
+                        "netflow, sflow: collect what routers export (NetFlow v5/v9, IPFIX; sFlow v5)")
+    r.add_argument("--netflow-listen", action="append", metavar="HOST:PORT",
+                   help="netflow source: UDP address for NetFlow v5/v9 and IPFIX (repeatable; e.g. 0.0.0.0:2055)")
+    r.add_argument("--sflow-listen", action="append", metavar="HOST:PORT",
+                   help="sflow source: UDP address for sFlow v5 (repeatable; e.g. 0.0.0.0:6343)")
+    r.add_argument("--unknown-exporters", choices=("judge", "refuse"),
+                   help="flows from exporters not listed under `exporters:` (default judge; counted either way)")
     r.add_argument("--interface", action="append", metavar="IFACE",
                    help="capture source: listen here (repeatable; default every interface but loopback)")
     r.add_argument("--no-host-addresses", action="store_true", default=None,

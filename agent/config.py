@@ -14,7 +14,12 @@ Example (every key optional; flags of `egress-agent run` override):
     source: {type: conntrack, netns: null, enable: false, rcvbuf: 8388608,
              kernel_filter: true,          # drop non-egress events in the kernel (socket BPF filter)
              accounting_interval: 1}       # seconds between readings of the kernel's flow counter
-    sources: [conntrack]            # add capture: names on flows from DNS, TLS and QUIC (agent/sources/capture.py)
+    sources: [conntrack]            # add capture: names on flows from DNS, TLS and QUIC (agent/sources/capture.py);
+                                    # netflow, sflow: a collector of routers' exports (agent/sources/netflow/source.py)
+    netflow: {listen: ["0.0.0.0:2055"], rcvbuf: 33554432}
+    sflow: {listen: ["0.0.0.0:6343"]}
+    exporters: [{address: 192.0.2.1, site: paris, local_nets: [10.1.0.0/16]}]
+    unknown_exporters: judge        # or refuse
     capture: {interfaces: [], tls_ports: [443], name_wait: 0.5, dns_grace: 30}
     host_addresses: true            # the host's own addresses are local, even public ones (pyroute2)
     sampling: {one_in: 1, per_destination_per_second: 0}
@@ -33,6 +38,10 @@ from pathlib import Path
 from agent import yamlio
 from agent.errors import UserError
 
+_LISTEN = r"^(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}$"
+_COLLECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "listen": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": _LISTEN}},
+    "rcvbuf": {"type": "integer", "minimum": 1024}}}
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -53,7 +62,16 @@ SCHEMA = {
             "type": {"enum": ["conntrack"]}, "netns": {"type": ["string", "null"]}, "enable": {"type": "boolean"},
             "rcvbuf": {"type": "integer", "minimum": 1024}, "kernel_filter": {"type": "boolean"},
             "accounting_interval": {"type": "number", "minimum": 0.2, "maximum": 3600}}},
-        "sources": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": ["conntrack", "capture"]}},
+        "sources": {"type": "array", "minItems": 1, "uniqueItems": True,
+                    "items": {"enum": ["conntrack", "capture", "netflow", "sflow"]}},
+        "netflow": _COLLECTOR,
+        "sflow": _COLLECTOR,
+        "exporters": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                                 "required": ["address"], "properties": {
+                                                     "address": {"type": "string"},
+                                                     "site": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+                                                     "local_nets": {"type": "array", "items": {"type": "string"}}}}},
+        "unknown_exporters": {"enum": ["judge", "refuse"]},
         "capture": {"type": "object", "additionalProperties": False, "properties": {
             "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
@@ -93,7 +111,15 @@ class Config:
     attribution: bool = True
     queue_size: int = 65536
     reload_check_interval: float = 0.0
+    netflow: dict = field(default_factory=dict)
+    sflow: dict = field(default_factory=dict)
+    exporters: tuple = ()
+    unknown_exporters: str = "judge"
     file: str | None = None
+
+    def exporter_nets(self) -> tuple[str, ...]:
+        """Every exporter's own local_nets: local to the engine too, so it sees what the collector judged."""
+        return tuple(n for e in self.exporters for n in (e.get("local_nets") or ()))
 
     @property
     def evidence_path(self) -> str:
@@ -118,10 +144,33 @@ def load_config(path: str | None) -> Config:
     for err in sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
         line = yamlio.line_of(lines, err.absolute_path)
         problems.append(f"{path}:{line or '?'}: {yamlio.dotted(err.absolute_path)}: {err.message}")
+    problems += [f"{path}:{yamlio.line_of(lines, ('exporters', i)) or '?'}: {p}"
+                 for i, p in _exporter_problems(data.get("exporters"))]
     if problems:
         raise UserError(f"{len(problems)} problem(s) in config {path}", problems)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return Config(**data, file=path)
+
+
+def _exporter_problems(exporters) -> list[tuple[int, str]]:
+    """(index, problem) for exporter addresses and networks that are not IP addresses / networks."""
+    import ipaddress
+
+    out = []
+    for i, e in enumerate(exporters if isinstance(exporters, list | tuple) else ()):
+        if not isinstance(e, dict):
+            continue
+        try:
+            if "address" in e:  # a missing one is the schema's to say
+                ipaddress.ip_address(str(e["address"]))
+        except ValueError:
+            out.append((i, f"exporters[{i}].address: '{e.get('address')}' is not an IP address"))
+        for j, n in enumerate(e.get("local_nets") or () if isinstance(e.get("local_nets"), list) else ()):
+            try:
+                ipaddress.ip_network(str(n), strict=False)
+            except ValueError:
+                out.append((i, f"exporters[{i}].local_nets[{j}]: '{n}' is not a network"))
+    return out
 
 
 def _as_dict(cfg: Config) -> dict:
@@ -158,6 +207,11 @@ def with_flags(cfg: Config, args) -> Config:
             changes[key] = getattr(args, flag)
     if getattr(args, "source", None):
         changes["sources"] = tuple(dict.fromkeys(args.source))
+    if getattr(args, "unknown_exporters", None):
+        changes["unknown_exporters"] = args.unknown_exporters
+    for kind in ("netflow", "sflow"):
+        if getattr(args, f"{kind}_listen", None):
+            changes[kind] = {**getattr(cfg, kind), "listen": list(args.__dict__[f"{kind}_listen"])}
     if getattr(args, "interface", None):
         changes["capture"] = {**cfg.capture, "interfaces": list(args.interface)}
     if getattr(args, "no_host_addresses", None):
@@ -185,6 +239,7 @@ def with_flags(cfg: Config, args) -> Config:
 
     problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
                 for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
+    problems += [p for _i, p in _exporter_problems(list(out.exporters))]
     if problems:
         raise UserError("invalid settings", problems)
     return out

@@ -33,6 +33,7 @@ from agent.config import Config, load_config, with_flags
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
+from agent.fileio import files_signature
 from agent.flow import Flow, Outcome, iso_time
 from agent.judge.fastlane import FastLane, Opened
 from agent.judge.pipeline import Pipeline
@@ -43,6 +44,7 @@ from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, extra_members, json_bytes, record_body
 from agent.sinks.eventlog import Options as EvidenceOptions
 from agent.sinks.metrics import Metrics
+from agent.sources.netflow.source import NetflowEntry
 from agent.threadname import named
 
 log = logging.getLogger("egress-agent")
@@ -82,7 +84,8 @@ def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipelin
 
     jur = Jurisdictions.load()
     policies = load_policies(cfg.policies or shipped_policies(), jur)
-    scoper = Scoper(public_nets=cfg.public_nets, local_nets=tuple(cfg.local_nets) + tuple(host_addresses))
+    scoper = Scoper(public_nets=cfg.public_nets,
+                    local_nets=tuple(cfg.local_nets) + tuple(host_addresses) + cfg.exporter_nets())
     register = None
     if cfg.recipients:
         from datetime import UTC, datetime
@@ -152,6 +155,7 @@ class Daemon:
         self.kept_new = 0
         self.open: OrderedDict[int, list] = OrderedDict()
         self.threads: list[threading.Thread] = []
+        self._feeding: list[threading.Thread] = []  # the sources' threads
         self._loaded()
 
     def _warn_exposed(self):
@@ -242,11 +246,14 @@ class Daemon:
     # -- worker -------------------------------------------------------------------------------
     def _worker(self):
         last_geo = time.monotonic()
-        # "seen" items come from a source that only sees flows begin (capture); the rest from conntrack
+        # "seen" items come from a source that only sees flows begin (capture), "flow" items from the
+        # collector (the entry names netflow or sflow); the rest from conntrack
         judged = {k: self.metrics.judged_flows.labels(k) for k in (SOURCE, "capture")}
         errors = {k: self.metrics.drops.labels(k, "error") for k in (SOURCE, "capture")}
         last_flush = 0.0
-        while not (self.stop.is_set() and self.queue.empty()):
+        # at stop: what is queued is judged, and so is what the sources hand over as they end (the
+        # collector's last connections and their final counters)
+        while not (self.stop.is_set() and self.queue.empty() and not any(t.is_alive() for t in self._feeding)):
             try:
                 batch, now = self.queue.get(timeout=0.25)
             except queue.Empty:
@@ -274,7 +281,11 @@ class Daemon:
                     log.exception("could not ask about a batch's sockets at once")
             for kind, e, counted in batch:
                 flows += counted
-                label = "capture" if kind == "seen" else SOURCE
+                label = "capture" if kind == "seen" else SOURCE if type(e) is not NetflowEntry else e.collector
+                if label not in judged:
+                    judged[label], errors[label] = self.metrics.judged_flows.labels(label), \
+                        self.metrics.drops.labels(label, "error")
+                    done[label] = 0
                 try:
                     self._dispatch(kind, e, now, today, fast)
                 except Exception:  # a bug must not stop judging the other flows
@@ -314,7 +325,7 @@ class Daemon:
         """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`.
         The process behind a new flow is looked up once, for whichever lane judges it."""
         if kind != "new" or fast is None:
-            self._handle(kind, e, now)
+            self._handle(kind, e, now, None if kind == "flow" else _ASK)  # a router's flow: no local process
             return
         pipe = self.pipeline
         if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
@@ -381,8 +392,9 @@ class Daemon:
         if not reported:
             return  # no verdict of this flow is recorded: no `end` record either
         f = j.flow  # the flow at its end: final counters (a Flow built directly: replace() costs ~3x)
+        both = (e.opened_by, e.packets_reply, e.bytes_reply, e.flags, e.flags_reply) if type(e) is NetflowEntry else ()
         ended = j.with_flow(Flow(f.proto, f.src, f.sport, f.dst, f.dport, e.packets, e.bytes, f.first_seen, now,
-                                 f.source, f.who, f.hostname, f.hostname_source, f.hostname_chain))
+                                 f.source, f.who, f.hostname, f.hostname_source, f.hostname_chain, *both))
         self._evidence(ended, "end", e)
 
     def _recipient(self, j):
@@ -432,7 +444,7 @@ class Daemon:
         reported = [v for v in j.outcomes if v.outcome in _REPORTED]
         if not reported:
             return False
-        extra = {"conntrack_id": e.ct_id} if tracked else {}
+        extra = (e.ids() if type(e) is NetflowEntry else {"conntrack_id": e.ct_id}) if tracked else {}
         if e.nat_dst or e.nat_src:
             extra["nat"] = {"dst": e.nat_dst, "src": e.nat_src}
         extra = extra_members(extra)
@@ -501,6 +513,8 @@ class Daemon:
             t = threading.Thread(target=named(target, f"ea-{name}"), name=name, daemon=True)
             t.start()
             self.threads.append(t)
+            if name.startswith("source-"):
+                self._feeding.append(t)
         log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
                  len(self.pipeline.policies), self.cfg.listen, self.cfg.evidence_path)
 
@@ -522,25 +536,6 @@ class Daemon:
             self.attributor.close()
         if getattr(self, "http", None):
             self.http.stop()
-
-
-def files_signature(*paths) -> tuple:
-    """What changes when a policy folder or config file is replaced (ConfigMap updates swap a symlink)."""
-    sig = []
-    for p in paths:
-        if not p:
-            continue
-        try:
-            entries = [os.path.join(p, n) for n in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
-        except OSError:
-            entries = [p]
-        for e in entries:
-            try:
-                st = os.stat(e)
-                sig.append((e, os.path.realpath(e), st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                sig.append((e, None))
-    return tuple(sig)
 
 
 def run_daemon(args) -> int:

@@ -30,3 +30,22 @@ def open_regular(path, what: str = "file") -> tuple[int, os.stat_result]:
         os.close(fd)
         raise UserError(f"{path}: cannot read {what}: not a regular file")
     return fd, st
+
+
+def files_signature(*paths) -> tuple:
+    """What changes when a policy folder or config file is replaced (ConfigMap updates swap a symlink)."""
+    sig = []
+    for p in paths:
+        if not p:
+            continue
+        try:
+            entries = [os.path.join(p, n) for n in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
+        except OSError:
+            entries = [p]
+        for e in entries:
+            try:
+                st = os.stat(e)
+                sig.append((e, os.path.realpath(e), st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append((e, None))
+    return tuple(sig)

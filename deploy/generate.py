@@ -59,6 +59,10 @@ GRAFANA = {
     "EgressExceptionExpiringSoon": ({"A": "egress_agent_exception_expiry_timestamp_seconds - time()"},
                                     "$A < 1209600 && $A > 0"),
     "EgressPolicyReloadFailed": ({"A": "egress_agent_config_last_reload_successful"}, "$A < 1"),
+    "EgressExportLoss": (
+        {"A": "sum by (instance, source, exporter) (increase(egress_agent_exporter_lost_records_total[10m]))"},
+        "$A > 0"),
+    "EgressExporterSilent": ({"A": "time() - egress_agent_exporter_last_datagram_timestamp_seconds"}, "$A > 600"),
     "EgressAuditViolations": ({"A": "max by (instance, policy, severity) (egress_agent_audit_violations)"}, "$A > 0"),
     "EgressAuditFailed": ({"A": "egress_agent_audit_success"}, "$A < 1"),
     "EgressAuditNotRun": ({"A": "time() - egress_agent_audit_last_run_timestamp_seconds"}, "$A > 93600"),

@@ -44,7 +44,9 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "3", "--evidence-max-bytes", "8192", "--evidence-backups", "2",
                                       "--evidence-fsync", "--sample", "4", "--evidence", str(tmp_path / "e.jsonl"),
                                       "--web-config", "/etc/w.yml", "--source", "conntrack", "--source", "capture",
-                                      "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r"])
+                                      "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r",
+                                      "--netflow-listen", "0.0.0.0:2055", "--sflow-listen", "[::]:6343",
+                                      "--unknown-exporters", "refuse"])
     cfg = with_flags(load_config(None), args)
     assert cfg.sampling == {"per_destination_per_second": 5, "one_in": 4} and cfg.queue_size == 32
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
@@ -53,8 +55,25 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
     assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (("conntrack", "capture"), ["eth0"], False)
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
                "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
-               "sources", "capture", "host_addresses", "recipients"}
-    assert set(SCHEMA["properties"]) == covered
+               "sources", "capture", "host_addresses", "recipients", "netflow", "sflow", "unknown_exporters"}
+    assert cfg.netflow == {"listen": ["0.0.0.0:2055"]} and cfg.sflow == {"listen": ["[::]:6343"]}
+    assert cfg.unknown_exporters == "refuse"
+    # `exporters` is a list of mappings (address, site, local_nets): the config file's alone
+    assert set(SCHEMA["properties"]) == covered | {"exporters"}
     bad = build_parser().parse_args(["run", "--queue-size", "1"])
     with pytest.raises(UserError, match="queue_size"):
         with_flags(load_config(None), bad)
+
+
+def test_exporters_are_checked_with_their_line(tmp_path):
+    p = tmp_path / "agent.yaml"
+    p.write_text("sources: [netflow]\nexporters:\n  - {address: 192.0.2.1, site: paris}\n"
+                 "  - {address: router-7, site: lyon, local_nets: [10.2.0.0/16, 10.300.0.0/16]}\n"
+                 "  - {site: nowhere}\nunknown_exporters: maybe\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(p))
+    text = "\n".join(e.value.problems)
+    assert f"{p}:4: exporters[1].address: 'router-7' is not an IP address" in text
+    assert f"{p}:4: exporters[1].local_nets[1]: '10.300.0.0/16' is not a network" in text
+    assert f"{p}:5: exporters[2]: 'address' is a required property" in text
+    assert f"{p}:6: unknown_exporters:" in text and len(e.value.problems) == 4

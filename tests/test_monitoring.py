@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -168,11 +169,19 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
         server = topo.serve()
         (tmp_path / "agent").mkdir()
         agent = Agent(tmp_path / "agent", topo).start()
+        # a collector beside it (the dashboard's per-exporter row, the export-loss alerts): one exporter
+        # on loopback sends two NetFlow v5 datagrams, two records apart (two lost)
+        (tmp_path / "collector").mkdir()
+        nf_port = free_port()
+        collector = Agent(tmp_path / "collector", SimpleNamespace(client=None), config={
+            "sources": ["netflow"], "netflow": {"listen": [f"127.0.0.1:{nf_port}"]}, "attribution": False,
+            "host_addresses": False, "exporters": [{"address": "127.0.0.1", "site": "lab"}]}).start()
         prom_port = free_port()
         cfg = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
         cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         cfg["rule_files"] = [str(DEPLOY / "prometheus/rules/egress-agent.rules.yml")]
-        cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent.port}"]
+        cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent.port}",
+                                                                    f"127.0.0.1:{collector.port}"]
         # the nightly audit's result, served as node_exporter's textfile collector would (its file as is)
         node = tmp_path / "node"
         node.mkdir()
@@ -193,6 +202,9 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
         try:
             wait_for(lambda: _up(api), timeout=30, what="prometheus scraping the agent")
             time.sleep(2)  # a few samples before traffic, so increase() sees the counters move
+            from tests.sources.test_collector import BACK, OUT, _send, _v5
+
+            _send(nf_port, [_v5(0, [OUT]), _v5(3, [BACK])])
             for dst in ("203.0.113.9", "203.0.113.250", "203.0.113.10", "198.51.100.7"):
                 clients.append(topo.connect("tcp", dst, hold=60)[0])
             # One flow ends, so byte counters (counted at DESTROY) have data too.
@@ -213,12 +225,14 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
                 elif not r["data"]["result"]:
                     problems.append(f"{title}: {expr}: no data")
             values = api.get("label/instance/values", **{"match[]": "egress_agent_build_info"})["data"]
-            assert values == [f"127.0.0.1:{agent.port}"]
+            assert sorted(values) == sorted([f"127.0.0.1:{agent.port}", f"127.0.0.1:{collector.port}"])
             assert not problems, "\n".join(problems)
             print(f"end to end: {len(queries)} dashboard and Grafana alert queries evaluated, all returned data")
             audit = wait_for(lambda: _alert(api, "EgressAuditViolations"), timeout=30,
                              what="EgressAuditViolations firing from the audit's textfile")
             assert audit["labels"]["policy"] == "gdpr-personal-data" and audit["labels"]["severity"] == "high"
+            loss = wait_for(lambda: _alert(api, "EgressExportLoss"), timeout=30, what="EgressExportLoss firing")
+            assert loss["labels"]["exporter"] == "lab" and loss["labels"]["source"] == "netflow"
         finally:
             textfile.kill()
             for c in clients:
@@ -226,6 +240,7 @@ def test_end_to_end_alert_fires_and_every_query_returns_data(tmp_path):
             prom.terminate()
             prom.wait(timeout=20)
             agent.stop()
+            collector.stop()
             server.kill()
 
 

@@ -1,6 +1,6 @@
 import os
 
-from agent.daemon import files_signature
+from agent.fileio import files_signature
 
 
 def test_signature_changes_when_a_configmap_swaps_its_data_symlink(tmp_path):

@@ -92,8 +92,9 @@ class Metrics:
                                    registry=r)
         self.recovered = Counter(f"{NS}_source_flows_recovered", "Flows found by a resynchronising dump after "
                                  "lost events (judged; their NEW event never arrived).", ["source"], registry=r)
-        self.loss_accounting = Gauge(f"{NS}_loss_accounting", "1 when the kernel's flow counter can be read, so "
-                                     "losses are measured against it.", ["source"], registry=r)
+        self.loss_accounting = Gauge(f"{NS}_loss_accounting", "1 when the source's losses are measured: "
+                                     "against the kernel's flow counter (conntrack), or by the exporters' "
+                                     "sequence numbers (netflow, sflow).", ["source"], registry=r)
         self.state_evicted = Counter(f"{NS}_state_evicted", "Open flows forgotten because the open-flow table was "
                                      "full (judged when new; their final byte count is lost).", ["source"],
                                      registry=r)
@@ -150,6 +151,58 @@ class Metrics:
             m.labels(source)
         self.queued.labels(source).set(0)
         self.loss_accounting.labels(source).set(0)
+
+    def collector(self, source: str, exporters: list[str], outcomes: tuple, kinds: tuple):
+        """The flow collector's series (`agent.sources.netflow.source`), made at zero for every
+        configured exporter (by site) and `other`: records by outcome, datagrams, records the
+        exporters' sequence numbers say were lost, and what the decoder refused by kind."""
+        r = self.registry
+        if not hasattr(self, "exporter_records_c"):
+            self.exporter_records_c = Counter(f"{NS}_exporter_records", "Flow records an exporter sent, by "
+                                              "outcome: connection (a new connection: judged, queued or dropped "
+                                              "as source_drops_total says), merged (part of a connection already "
+                                              "counted: its reverse, or a later record), not_egress, refused "
+                                              "(an unknown exporter, refused by unknown_exporters).",
+                                              ["source", "exporter", "outcome"], registry=r)
+            self.exporter_datagrams_c = Counter(f"{NS}_exporter_datagrams", "Export datagrams received, per "
+                                                "exporter (configured site, or other).", ["source", "exporter"],
+                                                registry=r)
+            self.exporter_lost_c = Counter(f"{NS}_exporter_lost_records", "Flow records (sFlow: samples) the "
+                                           "exporter's sequence numbers say were lost before they reached the "
+                                           "agent.", ["source", "exporter"], registry=r)
+            self.exporter_last_c = Gauge(f"{NS}_exporter_last_datagram_timestamp_seconds", "When the exporter "
+                                         "last sent a datagram.", ["source", "exporter"], registry=r)
+            self.collector_refused_c = Counter(f"{NS}_collector_refused", "What the collector's decoder could not "
+                                               "use, by kind (malformed, unknown_version, no_template, "
+                                               "templates_evicted, sampling_unknown, no_time, not_ip, no_header, "
+                                               "counter_samples).", ["source", "kind"], registry=r)
+            self._refused_seen: dict = {}
+        for e in exporters:
+            for o in outcomes:
+                self.exporter_records_c.labels(source, e, o)
+            for m in (self.exporter_datagrams_c, self.exporter_lost_c):
+                m.labels(source, e)
+        for k in kinds:
+            self.collector_refused_c.labels(source, k)
+        self.drops.labels(source, "export_loss")
+
+    def exporter_records(self, source: str, exporter: str, outcome: str, n: int = 1):
+        self._child(self.exporter_records_c, source, exporter, outcome).inc(n)
+
+    def exporter_datagrams(self, source: str, exporter: str):
+        self._child(self.exporter_datagrams_c, source, exporter).inc()
+        self._child(self.exporter_last_c, source, exporter).set_to_current_time()
+
+    def export_lost(self, source: str, exporter: str, n: int):
+        self._child(self.exporter_lost_c, source, exporter).inc(n)
+        self._child(self.drops, source, "export_loss").inc(n)
+
+    def collector_refused(self, source: str, kind: str, total: int):
+        """`total`: the decoder's running count of this kind; the counter takes its increase."""
+        grew = total - self._refused_seen.get((source, kind), 0)
+        if grew > 0:
+            self._refused_seen[(source, kind)] = total
+            self._child(self.collector_refused_c, source, kind).inc(grew)
 
     def _child(self, metric, *labels):
         """Label children cached by value: `labels()` costs microseconds per call on the hot path."""

@@ -1,6 +1,7 @@
 """Live flow sources of the daemon: one module each, found by name, one small interface.
 
     sources: [conntrack, capture]     # config; or --source conntrack --source capture
+    sources: [netflow, sflow]         # a collector of what routers export (agent/sources/netflow/source.py)
 
 Interface (what `Daemon` relies on, nothing more):
 - `Source(daemon)`: built with the daemon, whose `cfg`, `pipeline`, `metrics`, `stop` and
@@ -14,7 +15,8 @@ Interface (what `Daemon` relies on, nothing more):
 Health metrics per source: `source_up`, `source_errors_total`, `source_drops_total{reason}`,
 `source_events_lost_total`.
 
-A NetFlow/IPFIX collector is one more module and one more line in SOURCES.
+The flow collector (`netflow`, `sflow`) sends "flow" items: a connection a router exported, judged
+once, then "destroy" when it goes quiet, with its final counters (`NetflowEntry`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 from importlib import import_module
 
 SOURCES = {"conntrack": "agent.sources.conntrack.source:ConntrackSource",
-           "capture": "agent.sources.capture.source:CaptureSource"}
+           "capture": "agent.sources.capture.source:CaptureSource",
+           "netflow": "agent.sources.netflow.source:NetflowSource",
+           "sflow": "agent.sources.netflow.source:SflowSource"}
 
 
 def build(name: str, daemon):

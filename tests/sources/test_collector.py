@@ -1,0 +1,273 @@
+"""The live collector (`--source netflow`, `--source sflow`): a real agent on loopback judges what
+real exporters send (softflowd's NetFlow v5/v9/IPFIX, pmacctd's sFlow) as the audit judges the
+capture they describe; hand-built datagrams for loss, exporters and damage; the sFlow decoder
+against the capture reader. Documentation addresses only; every datagram goes to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from agent.sources.netflow.sflow import SflowDecoder
+from tests.agent_process import Agent, free_port, wait_for
+from tests.conftest import have
+from tests.helpers import write_pcap
+from tests.sources.test_netflow import _conversation
+
+NO_NETNS = SimpleNamespace(client=None)
+PUBLIC = ("198.51.100.0/24", "203.0.113.0/24")
+# _conversation: three TCP connections and a DNS query a local host opened (to US, DE, CN; the
+# query to 203.0.113.10 is covered by the policy's exception) and an inbound SSH connection
+EGRESS = 4
+
+
+def _udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent(tmp_path, kind: str, port: int, **config) -> Agent:
+    cfg = {"sources": [kind], kind: {"listen": [f"127.0.0.1:{port}"]}, "attribution": False,
+           "host_addresses": False, **config}
+    return Agent(tmp_path, NO_NETNS, config=cfg)
+
+
+def _send(port: int, datagrams):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+def _audit(cli, agent: Agent, pcap) -> dict:
+    pub = [x for n in PUBLIC for x in ("--public-net", n)]
+    r = cli("audit", "--format", "json", "--flows", "--policies", agent.policies, "--geoip-db", agent.db, *pub, pcap)
+    assert r.returncode == 1, r.stderr
+    return json.loads(r.stdout)
+
+
+def _same_as_audit(agent: Agent, rep: dict, kind: str, byte_metrics: bool = True):
+    """The agent's verdicts and countries equal the audit's of the same capture, and (whole flow
+    records: NetFlow) its bytes per country; sampled packets keep coming after a connection is
+    judged, so sFlow's bytes are checked at its end (`_ends_carry_the_captures_bytes`)."""
+    wait_for(lambda: agent.value("egress_agent_flows_judged_total", source=kind) == EGRESS, what="judged flows")
+    assert rep["totals"]["egress_flows"] == EGRESS
+    violations = {(r["flow"]["src"], r["flow"]["sport"], r["flow"]["dst"], r["flow"]["dport"])
+                  for r in agent.lines() if r.get("verdict") == "violation"}
+    assert violations == {(v["src"], v["sport"], v["dst"], v["dst_port"]) for v in rep["violations"]}
+    for row in rep["destinations_by_country"]:
+        assert agent.value("egress_agent_flows_total", policy="eu-data", country=row["country"],
+                           direction="outbound") == row["flows"], row
+        if byte_metrics:
+            assert agent.value("egress_agent_bytes_total", policy="eu-data", country=row["country"],
+                               direction="outbound") == row["bytes_sent"], row
+    rec = next(r for r in agent.lines() if r.get("verdict") == "violation")
+    assert rec["exporter"] == "lab" and rec["exporter_address"] == "127.0.0.1" and rec["sampled"] == 1
+    assert rec["flow"]["source"] == f"{kind}:lab"
+
+
+def _ends_carry_the_captures_bytes(agent: Agent, rep: dict):
+    """After the agent stops: every reported connection has an `end` record with the capture's
+    counters both ways (the collector hands its open connections over as it stops)."""
+    want = {(f["src"], f["sport"], f["dst"], f["dport"]): (f["bytes_sent"], f["bytes_received"]) for f in rep["flows"]}
+    ends = [r for r in agent.lines() if r.get("event") == "end"]
+    assert {r["flow"]["dst"] for r in ends} == {v["dst"] for v in rep["violations"]} | {"203.0.113.10"}
+    for r in ends:
+        f = r["flow"]
+        assert (f["bytes"], f["bytes_reply"]) == want[(f["src"], f["sport"], f["dst"], f["dport"])], r
+
+
+@pytest.mark.skipif(not have("softflowd"), reason="softflowd is not installed (Debian: softflowd)")
+@pytest.mark.parametrize("version", [5, 9, 10])
+def test_netflow_from_softflowd_is_judged_as_the_audit_judges_the_capture(tmp_path, cli, version):
+    pcap = write_pcap(tmp_path / "c.pcap", _conversation(time.time() - 120))
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port, exporters=[{"address": "127.0.0.1", "site": "lab"}]).start()
+    try:
+        r = subprocess.run(["softflowd", "-r", str(pcap), "-v", str(version), "-n", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        _same_as_audit(a, _audit(cli, a, pcap), "netflow")
+        # the books: a record per direction; the inbound SSH connection is judged by no policy here
+        got = {o: a.value("egress_agent_exporter_records_total", exporter="lab", outcome=o)
+               for o in ("connection", "merged", "not_egress", "refused")}
+        assert got == {"connection": 4, "merged": 4, "not_egress": 2, "refused": 0}
+        assert a.value("egress_agent_exporter_datagrams_total", exporter="lab") >= 1
+        assert a.value("egress_agent_exporter_lost_records_total", exporter="lab") == 0
+        rep = _audit(cli, a, pcap)
+    finally:
+        assert a.stop() == 0, a.logtext()
+    _ends_carry_the_captures_bytes(a, rep)
+
+
+@pytest.mark.skipif(not have("pmacctd"), reason="pmacct is not installed (Debian: pmacct)")
+def test_sflow_from_pmacctd_is_judged_as_the_audit_judges_the_capture(tmp_path, cli):
+    pcap = write_pcap(tmp_path / "c.pcap", _conversation(time.time() - 120))
+    port = _udp_port()
+    a = _agent(tmp_path, "sflow", port, exporters=[{"address": "127.0.0.1", "site": "lab"}]).start()
+    conf = tmp_path / "pmacctd.conf"
+    conf.write_text(f"daemonize: false\npcap_savefile: {pcap}\nplugins: sfprobe\n"
+                    f"sfprobe_receiver: 127.0.0.1:{port}\nsampling_rate: 1\n")
+    try:
+        # pmacctd's exit code at the end of a savefile depends on which of its processes stops first;
+        # what it sent is what counts
+        r = subprocess.run(["pmacctd", "-f", str(conf)], capture_output=True, text=True, timeout=60)
+        assert "Exporting flows to" in r.stdout + r.stderr, r.stdout + r.stderr
+        rep = _audit(cli, a, pcap)
+        _same_as_audit(a, rep, "sflow", byte_metrics=False)
+        # every packet is a sample at 1 in 1: 20 of the egress connections, 2 of the SSH one
+        wait_for(lambda: a.value("egress_agent_exporter_records_total", exporter="lab", outcome="merged") == 16,
+                 what="every sample")
+        got = {o: a.value("egress_agent_exporter_records_total", exporter="lab", outcome=o)
+               for o in ("connection", "merged", "not_egress")}
+        assert got == {"connection": 4, "merged": 16, "not_egress": 2}
+        openers = {r["flow"]["opened_by"] for r in a.lines() if "flow" in r}
+        assert openers == {"syn", "port"}  # the sampled SYNs; the DNS query by its service port
+    finally:
+        assert a.stop() == 0, a.logtext()
+    _ends_carry_the_captures_bytes(a, rep)
+
+
+# ---- hand-built datagrams -------------------------------------------------------------------
+
+def _v5(seq: int, records, secs=None, uptime=1_000_000, rate=0):
+    secs = int(time.time()) if secs is None else secs
+    body = b""
+    for src, sport, dst, dport, proto, pk, by in records:
+        body += struct.pack("!4s4s4sHHIIIIHHxBBBHHBBxx", socket.inet_aton(src), socket.inet_aton(dst), bytes(4), 0, 0,
+                            pk, by, uptime - 2000, uptime - 1000, sport, dport, 0x1A, proto, 0, 0, 0, 0, 0)
+    return struct.pack("!HHIIIIBBH", 5, len(records), uptime, secs, 0, seq, 0, 0, rate) + body
+
+
+OUT = ("10.20.0.5", 40100, "203.0.113.9", 443, 6, 10, 1000)
+BACK = ("203.0.113.9", 443, "10.20.0.5", 40100, 6, 12, 9000)
+
+
+def test_export_loss_unknown_exporters_and_junk_are_counted_never_fatal(tmp_path):
+    """A sequence gap is lost records (per exporter and as source_drops{export_loss}); junk is
+    counted by kind and the collector goes on; an exporter not configured is `other`."""
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port, exporters=[{"address": "192.0.2.99", "site": "elsewhere"}]).start()
+    try:
+        _send(port, [_v5(0, [OUT]), b"\x00\x05junk", b"\x00\x07" + bytes(30), _v5(4, [BACK])])  # 1, 2, 3 lost
+        wait_for(lambda: a.value("egress_agent_exporter_records_total", exporter="other", outcome="merged") == 1,
+                 what="the second record")
+        assert a.value("egress_agent_exporter_lost_records_total", exporter="other") == 3
+        assert a.value("egress_agent_source_drops_total", source="netflow", reason="export_loss") == 3
+        assert a.value("egress_agent_collector_refused_total", kind="malformed") == 1
+        assert a.value("egress_agent_collector_refused_total", kind="unknown_version") == 1
+        assert a.value("egress_agent_exporter_records_total", exporter="elsewhere", outcome="connection") == 0
+        assert a.value("egress_agent_flows_judged_total", source="netflow") == 1
+    finally:
+        assert a.stop() == 0, a.logtext()
+    new, end = [r for r in a.lines() if r.get("verdict") == "violation"]  # judged, then ended at the stop
+    assert (new["event"], new["flow"]["bytes"], new["flow"]["opened_by"], new["exporter"]) == ("new", 1000, "port",
+                                                                                               "other")
+    assert (end["event"], end["flow"]["bytes"], end["flow"]["bytes_reply"], end["flow"]["tcp_flags"]) == (
+        "end", 1000, 9000, "SPA")
+
+
+def test_unknown_exporters_refused_and_an_exporters_own_local_nets(tmp_path):
+    """`unknown_exporters: refuse` judges nothing from an exporter not listed; a listed one's
+    local_nets make its public sources local (its flows egress)."""
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port, unknown_exporters="refuse").start()
+    try:
+        _send(port, [_v5(0, [OUT])])
+        wait_for(lambda: a.value("egress_agent_exporter_records_total", exporter="other", outcome="refused") == 1,
+                 what="refused record")
+        assert a.value("egress_agent_flows_judged_total", source="netflow") in (None, 0)
+    finally:
+        a.stop()
+    port = _udp_port()
+    own = [{"address": "127.0.0.1", "site": "dc1", "local_nets": ["198.51.100.0/25"]}]
+    second = tmp_path / "second"
+    second.mkdir()
+    a = _agent(second, "netflow", port, exporters=own, unknown_exporters="refuse").start()
+    try:
+        _send(port, [_v5(0, [("198.51.100.20", 40200, "203.0.113.140", 443, 6, 1, 60)])])  # public, but dc1's
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 1, what="judged")
+        assert a.value("egress_agent_flows_total", policy="eu-data", country="CN", verdict="violation") == 1
+    finally:
+        a.stop()
+
+
+def test_a_bad_listen_address_is_exit_2_before_anything_runs(cli, tmp_path):
+    common = ("--listen", f"127.0.0.1:{free_port()}", "--evidence", tmp_path / "e.jsonl", "--no-attribution",
+              "--no-host-addresses")
+    for bad in ("nonsense", "999.1.1.1:2055", "127.0.0.1:0", "127.0.0.1:99999", "[::1]:x"):
+        r = cli("run", "--source", "netflow", "--netflow-listen", bad, *common, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "netflow.listen" in r.stderr and bad in r.stderr, r.stderr
+    r = cli("run", "--source", "netflow", *common, timeout=60)
+    assert r.returncode == 2 and "no listen address" in r.stderr, r.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        r = cli("run", "--source", "sflow", "--sflow-listen", f"127.0.0.1:{port}", *common, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"sflow.listen: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+# ---- the sFlow decoder ----------------------------------------------------------------------
+
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+def _sample(seq: int, frame: bytes, rate: int = 10, drops: int = 0, expanded: bool = False, header: int = 128):
+    hdr = frame[:header]
+    rec = struct.pack("!IIII", 1, len(frame) + 4, 4, len(hdr)) + hdr + b"\0" * (-len(hdr) % 4)
+    records = struct.pack("!II", 1, len(rec)) + rec
+    if expanded:
+        body = struct.pack("!IIIIIIIIIII", seq, 0, 3, rate, seq * rate, drops, 0, 1, 0, 2, 1) + records
+        return struct.pack("!II", 3, len(body)) + body
+    body = struct.pack("!IIIIIIII", seq, 3, rate, seq * rate, drops, 1, 2, 1) + records
+    return struct.pack("!II", 1, len(body)) + body
+
+
+def _sflow(samples, seq=1, agent="192.0.2.1"):
+    return struct.pack("!II4sIIII", 5, 1, socket.inet_aton(agent), 0, seq, 1000, len(samples)) + b"".join(samples)
+
+
+def test_sflow_samples_decode_like_the_capture_reader_and_loss_is_counted():
+    syn = bytes(ETH / IP(src="10.20.0.5", dst="203.0.113.9") / TCP(sport=40000, dport=443, flags="S"))
+    big = bytes(ETH / IP(src="203.0.113.9", dst="10.20.0.5") / TCP(sport=443, dport=40000, flags="A") / (b"x" * 1400))
+    counters = struct.pack("!II", 2, 8) + bytes(8)
+    d = SflowDecoder()
+    got = d.datagram(_sflow([_sample(1, syn), counters, _sample(2, big, expanded=True)]), "192.0.2.1", 5.0)
+    assert [(r.src, r.sport, r.dst, r.dport, r.packets, r.bytes, r.sampled) for r in got] == [
+        ("10.20.0.5", 40000, "203.0.113.9", 443, 10, 400, 10),
+        ("203.0.113.9", 443, "10.20.0.5", 40000, 10, 14400, 10)]  # IP length from the header, cut at 128
+    assert got[0].tcp_flags & 0xFF == 0x02 and d.counts["counter_samples"] == 1 and d.lost == {}
+    d.datagram(_sflow([_sample(6, syn, drops=2)]), "192.0.2.1", 6.0)  # samples 3-5 missing, 2 dropped
+    assert d.lost == {"192.0.2.1": 5}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 400))
+def test_hostile_sflow_datagrams_never_raise(junk, cut):
+    syn = bytes(ETH / IP(src="10.20.0.5", dst="203.0.113.9") / TCP(sport=40000, dport=443, flags="S"))
+    good = _sflow([_sample(1, syn), _sample(2, syn, expanded=True)])
+    d = SflowDecoder()
+    for data in (junk, good[:cut], good[:cut] + junk, struct.pack("!I", 5) + junk):
+        assert len(d.datagram(data, "192.0.2.1", 0.0)) <= 2
+    cut_short = SflowDecoder()
+    got = cut_short.datagram(good[:cut], "192.0.2.1", 0.0)
+    assert len(got) == 2 or cut_short.counts["malformed"] == 1  # a cut is noticed unless nothing was lost
+
+
+def test_sflow_of_a_udp_answer_decodes_its_ports():
+    pkt = bytes(ETH / IP(src="203.0.113.10", dst="10.20.0.5") / UDP(sport=53, dport=50000) / b"answer")
+    (r,) = SflowDecoder().datagram(_sflow([_sample(1, pkt, rate=1)]), "192.0.2.1", 1.0)
+    assert (r.proto, r.sport, r.dport, r.packets, r.bytes) == (17, 53, 50000, 1, 34)
