@@ -9,11 +9,12 @@ evidence log its Python record writer (same results, slower).
 from setuptools import Extension, setup
 
 _H = ["agent/sources/_addrtext.h"]  # the address formatter both the capture walk and the netlink reader use
+_ISO = ["agent/sinks/_isotime.h"]  # RFC 3339 times, shared by the evidence and report writers
 _WALK_H = ["agent/sources/capfile/_packet.h", "agent/sources/capfile/_flowtable.h"]
 setup(ext_modules=[Extension("agent.sources.capfile._walk", ["agent/sources/capfile/_walk.c"],
                              depends=[*_H, *_WALK_H], optional=True),
                    Extension("agent.sources.conntrack._ctnl", ["agent/sources/conntrack/_ctnl.c"], depends=_H,
                              optional=True),
                    Extension("agent.sources.flowlog._flowlog", ["agent/sources/flowlog/_flowlog.c"], optional=True),
-                   Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], optional=True),
-                   Extension("agent.sinks._records", ["agent/sinks/_records.c"], optional=True)])
+                   Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], depends=_ISO, optional=True),
+                   Extension("agent.sinks._records", ["agent/sinks/_records.c"], depends=_ISO, optional=True)])

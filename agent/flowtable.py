@@ -67,8 +67,7 @@ def group_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h ^= h >> np.uint64(29)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(32)
-    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
-    inv = inv.ravel()
+    first, inv = _unique_first(h)
     if not (words == words[first][inv]).all():
         _, first, inv = np.unique(words, axis=0, return_index=True, return_inverse=True)
         inv = inv.ravel()
@@ -126,6 +125,23 @@ def first_rows(group: np.ndarray, g: int) -> np.ndarray:
     out = np.empty(g, dtype=np.int64)
     out[group[::-1]] = np.arange(len(group) - 1, -1, -1)
     return out
+
+
+def _unique_first(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first index of each distinct value, in value order; the group of each row): np.unique's
+    return_index and return_inverse, from one stable argsort (numpy 2.4's hashing unique costs
+    ~3x more on a million distinct values)."""
+    n = len(h)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(hs[1:], hs[:-1], out=new[1:])
+    inv = np.empty(n, dtype=np.int64)
+    inv[order] = np.cumsum(new) - 1
+    return order[new], inv
 
 
 class Addresses:

@@ -351,3 +351,21 @@ def test_a_report_written_a_slice_at_a_time_is_the_same_report(tmp_path, monkeyp
     assert a == b and len(a["violations"]) > 14
     raw = (tmp_path / "bulk.json").read_bytes()
     assert raw == orjson.dumps(json.loads(raw), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def test_group_words_equals_numpys_unique_of_rows():
+    """group_words' own sort gives np.unique's first rows and inverse (groups in hash order), and
+    collisions still fall back to exact rows."""
+    import numpy as np
+
+    from agent.flowtable import _unique_first, group_words
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 7, 5000):
+        h = rng.integers(0, 50, n).astype(np.uint64)
+        want_u, want_first, want_inv = np.unique(h, return_index=True, return_inverse=True)
+        first, inv = _unique_first(h)
+        assert first.tolist() == want_first.tolist() and inv.tolist() == want_inv.ravel().tolist()
+        words = rng.integers(0, 4, (n, 5)).astype(np.uint64)
+        first, inv = group_words(words)
+        assert (words[first][inv] == words).all() and len(first) == len({tuple(r) for r in words.tolist()})

@@ -110,3 +110,36 @@ def test_numeric_sort_is_the_dict_sort(bs):
 
 def test_a_dict_among_the_records_leaves_the_sort_to_the_caller():
     assert sort_order([{"policy": "p", "first_seen": None, "dst": "x", "dst_port": 1}]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(0, 253402300798.0), st.integers(0, 4_000_000_000).map(float),
+                          st.sampled_from([0.0, 1e-7, 0.5e-6, 1.5e-6, 0.9999995, 951782400.0, 253402300798.0])),
+                max_size=60))
+def test_c_iso_texts_equal_iso_times(ts):
+    """The C column formatter spells every time as agent.flow.iso_times does (with and without a
+    fraction, rounding carries, leap days, the last second of 9999)."""
+    import pytest
+
+    from agent.sinks import records as mod
+
+    if mod._c_iso_texts is None:
+        pytest.skip("C report writer not built")
+    arr = np.array(ts, dtype=np.float64)
+    assert mod.iso_texts(arr) == iso_times(arr)
+    assert mod.iso_texts(arr, iso_parts(arr)) == iso_times(arr)
+
+
+def test_times_outside_the_c_range_fall_back_to_numpy():
+    from agent.sinks import records as mod
+
+    arr = np.array([1.5, 253402300800.5, -3.25])
+    assert mod.iso_texts(arr) == iso_times(arr)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(max_size=12)), max_size=30))
+def test_quoted_columns_are_each_values_json(col):
+    from agent.sinks.records import _quoted
+
+    assert _quoted(col) == [orjson.dumps(x).decode() for x in col]

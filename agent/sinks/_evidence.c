@@ -23,40 +23,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define MAX_TS 253402300798.0
-
-static void civil_from_days(int64_t z, int *y, unsigned *m, unsigned *d) {
-    z += 719468;
-    const int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-    const unsigned doe = (unsigned)(z - era * 146097);
-    const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    const unsigned mp = (5 * doy + 2) / 153;
-    *d = doy - (153 * mp + 2) / 5 + 1;
-    *m = mp < 10 ? mp + 3 : mp - 9;
-    *y = (int)(yoe + era * 400 + (*m <= 2));
-}
-
-/* The text of iso_time(ts) into out (at least 28 bytes); its length, or -1 outside the range. */
-static int iso_text(double ts, char *out) {
-    if (!(ts >= 0.0 && ts <= MAX_TS)) return -1;
-    double whole;
-    double frac = modf(ts, &whole);
-    int64_t sec = (int64_t)whole, us = (int64_t)nearbyint(frac * 1e6); /* ties to even, as round() */
-    if (us >= 1000000) {
-        sec += 1;
-        us -= 1000000;
-    }
-    int64_t days = sec / 86400, rem = sec % 86400;
-    int y;
-    unsigned mo, d;
-    civil_from_days(days, &y, &mo, &d);
-    int n = snprintf(out, 28, "%04d-%02u-%02uT%02d:%02d:%02d", y, mo, d, (int)(rem / 3600), (int)(rem / 60 % 60),
-                     (int)(rem % 60));
-    if (us) n += snprintf(out + n, 28 - (size_t)n, ".%06d", (int)us);
-    out[n++] = 'Z';
-    return n;
-}
+#include "_isotime.h"
 
 static PyObject *iso_time(PyObject *self, PyObject *arg) {
     (void)self;

@@ -19,6 +19,8 @@
 #include <Python.h>
 #include <string.h>
 
+#include "_isotime.h"
+
 typedef struct { char *p; Py_ssize_t n, cap; } buf_t;
 
 static int put(buf_t *b, const char *s, Py_ssize_t n) {
@@ -160,8 +162,45 @@ fail:
     return NULL;
 }
 
+/* iso_texts(whole, us) -> list of str: agent.flow.iso_times of a column given as its iso_parts (two
+ * int64 buffers of equal length); ValueError for a time outside 0..MAX_TS (the caller uses numpy's). */
+static PyObject *iso_texts(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer wb, ub;
+    if (!PyArg_ParseTuple(args, "y*y*", &wb, &ub)) return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t n = wb.len / 8;
+    if (ub.len != wb.len || wb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "iso_texts: two int64 buffers of one length");
+        goto done;
+    }
+    const int64_t *w = (const int64_t *)wb.buf, *u = (const int64_t *)ub.buf;
+    out = PyList_New(n);
+    if (!out) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (w[i] < 0 || w[i] > (int64_t)MAX_TS || u[i] < 0 || u[i] >= 1000000) {
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_ValueError, "iso_texts: a time outside 0..9999-12-31");
+            goto done;
+        }
+        char text[32];
+        int len = iso_parts_text(w[i], u[i], text);
+        PyObject *s = PyUnicode_FromStringAndSize(text, len);
+        if (!s) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, s);
+    }
+done:
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&ub);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"json", records_json, METH_VARARGS, "The JSON text of bulk report records (see the comment at the top)."},
+    {"iso_texts", iso_texts, METH_VARARGS, "agent.flow.iso_times of a column's iso_parts (see above)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,10 +19,11 @@ import orjson
 
 from agent.judge.pipeline import rewrite_message
 
-try:  # the C writer of `RecordBlock.json` (optional: the Python loop below makes the same text)
+try:  # the C writers of `RecordBlock.json` and `iso_texts` (optional: Python makes the same text)
+    from agent.sinks._records import iso_texts as _c_iso_texts
     from agent.sinks._records import json as _c_json
 except ImportError:
-    _c_json = None
+    _c_json = _c_iso_texts = None
 from agent.policy.engine import PEER_NOUN
 
 # Columns of a block, one entry per row (in this order): group, src, sport, dst, dport, proto name,
@@ -67,8 +68,26 @@ def _quoted(col: list) -> list[str]:
         except TypeError:
             joined = None
         if joined is not None and joined.isprintable() and '"' not in joined and "\\" not in joined:
-            return [f'"{x}"' for x in col]
+            # each value between quotes: one join and one split (no NUL in printable text), ~4x
+            # faster than a quoted f-string per value
+            return ('"' + '"\0"'.join(col) + '"').split("\0")
     return [_js(x) for x in col]
+
+
+def iso_texts(ts, parts=None) -> list[str]:
+    """`agent.flow.iso_times` of a column (parts: its `iso_parts`, when made already), in C where
+    built (~10x faster; tests hold both equal)."""
+    import numpy as np
+
+    from agent.flow import iso_parts, iso_times
+
+    if _c_iso_texts is not None:
+        whole, us = iso_parts(ts) if parts is None else parts
+        try:
+            return _c_iso_texts(np.ascontiguousarray(whole, dtype=np.int64), np.ascontiguousarray(us, dtype=np.int64))
+        except ValueError:  # a time outside the years 1970-9999: numpy's formatter spells it
+            pass
+    return iso_times(ts, parts)
 
 
 class RecordBlock:

@@ -20,7 +20,7 @@ from operator import itemgetter
 from agent import __version__
 from agent.flow import Outcome, flag_letters, iso_time, proto_name
 from agent.judge.pipeline import Judged
-from agent.sinks.records import RecordBlock, sort_order
+from agent.sinks.records import RecordBlock, iso_texts, sort_order
 
 MAX_TABLE_ROWS = 40
 FLOWS_TABLE_WIDTH = 150  # narrower terminals get the flows one per line
@@ -266,7 +266,7 @@ class AuditReport:
         flow. Rows judged one by one (`res.scalar`) go through `add` itself."""
         import numpy as np
 
-        from agent.flow import iso_parts, iso_times
+        from agent.flow import iso_parts
         from agent.policy.engine import PEER_NOUN, peer_prefix
 
         n = len(t)
@@ -345,7 +345,7 @@ class AuditReport:
 
         opened = [OPENED_BY[o] for o in t.opened[rr].tolist()] if t.opened is not None else [None] * len(rows)
         cols = (groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
-                t.bytes[rr].tolist(), iso_times(t.first[rr], first), iso_times(t.last[rr]), process, host, hsrc,
+                t.bytes[rr].tolist(), iso_texts(t.first[rr], first), iso_texts(t.last[rr]), process, host, hsrc,
                 prefix, pkr[rr].tolist(), byr[rr].tolist(), opened)
         loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
                 rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
