@@ -271,3 +271,21 @@ def test_sflow_of_a_udp_answer_decodes_its_ports():
     pkt = bytes(ETH / IP(src="203.0.113.10", dst="10.20.0.5") / UDP(sport=53, dport=50000) / b"answer")
     (r,) = SflowDecoder().datagram(_sflow([_sample(1, pkt, rate=1)]), "192.0.2.1", 1.0)
     assert (r.proto, r.sport, r.dport, r.packets, r.bytes) == (17, 53, 50000, 1, 34)
+
+
+def test_a_biflow_is_one_connection_with_both_directions(tmp_path):
+    from tests.sources.test_netflow import _biflow, _biflow_template, _ipfix, _set
+
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port).start()
+    try:
+        rec = _biflow("10.20.0.5", 40000, "203.0.113.9", 443, 4, 400, 6, 9000, start_ms=int(time.time() * 1000))
+        _send(port, [_ipfix(0, [_biflow_template(), _set(257, rec)])])
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 1, what="judged")
+        assert a.value("egress_agent_exporter_records_total", outcome="connection") == 1
+        assert a.value("egress_agent_bytes_total", policy="eu-data", country="US") == 400
+    finally:
+        assert a.stop() == 0, a.logtext()
+    new = next(r for r in a.lines() if r.get("event") == "new")
+    assert (new["flow"]["opened_by"], new["flow"]["bytes_reply"], new["flow"]["tcp_flags_reply"]) == (
+        "first-packet", 9000, "SA")

@@ -242,3 +242,45 @@ def test_a_capture_of_exports_cut_inside_a_record_keeps_what_came_before(cli, tm
     for bad in ("abc", "0", "70000", ""):
         r = cli("audit", "--export-ports", bad, whole)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "--export-ports" in r.stderr
+
+
+def _biflow_template(tid=257):
+    """IPFIX biflow (RFC 5103): forward fields, then reverse octets, packets and TCP flags (PEN 29305)."""
+    fields = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (6, 1), (2, 8), (1, 8), (152, 8), (153, 8),
+              (0x8000 | 1, 8, 29305), (0x8000 | 2, 8, 29305), (0x8000 | 6, 1, 29305)]
+    spec = b"".join(struct.pack("!HH", f[0], f[1]) + (struct.pack("!I", f[2]) if len(f) > 2 else b"")
+                    for f in fields)
+    return _set(2, struct.pack("!HH", tid, len(fields)) + spec)
+
+
+def _biflow(src, sport, dst, dport, pk, by, rpk, rby, start_ms=1_749_999_999_000):
+    return (socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HHBBQQQQQQB", sport, dport, 6, 0x1A, pk, by,
+                                                                        start_ms, start_ms + 500, rby, rpk, 0x12))
+
+
+def test_ipfix_biflows_carry_both_directions():
+    """RFC 5103 reverse elements (enterprise 29305) make a record a biflow: what its destination sent
+    back is on the record; a plain enterprise field is still skipped."""
+    c = Collector()
+    rec = _biflow("10.20.0.5", 40000, "203.0.113.9", 443, 4, 400, 6, 9000)
+    (r,) = c.datagram(_ipfix(0, [_biflow_template(), _set(257, rec)]), "192.0.2.254", 0)
+    assert (r.packets, r.bytes, r.packets_reply, r.bytes_reply, r.tcp_flags, r.tcp_flags_reply) == (
+        4, 400, 6, 9000, 0x1A, 0x12)
+    (one_way,) = c.datagram(_ipfix(1, [_ipfix_template(), _set(256, _ipfix_record())]), "192.0.2.254", 0)
+    assert one_way.packets_reply is None and one_way.bytes_reply is None
+
+
+def test_audit_of_biflow_exports_is_one_connection_each(cli, tmp_path, city_db):
+    """A biflow exported from the responder's side is still opened by its source (the initiator):
+    judged once, with both directions' counters."""
+    recs = [_biflow("10.20.0.5", 40000, "203.0.113.9", 443, 4, 400, 6, 9000),
+            _biflow("10.20.0.6", 40001, "198.51.100.7", 443, 2, 200, 2, 300)]
+    d = _ipfix(0, [_biflow_template(), _set(257, b"".join(recs))])
+    exp = write_pcap(tmp_path / "bi.pcap", [(time.time(), bytes(ETH / IP(src="192.0.2.254", dst="192.0.2.1") /
+                                                                 UDP(sport=9995, dport=4739) / d))])
+    r = cli("audit", "--format", "json", "--flows", "--export-ports", "4739", "--public-net", "203.0.113.0/24",
+            "--public-net", "198.51.100.0/24", "--geoip-db", city_db, exp)
+    rep = json.loads(r.stdout)
+    assert rep["totals"]["egress_flows"] == 2 and rep["totals"]["flows"] == 2, r.stderr
+    got = sorted((f["dst"], f["bytes_sent"], f["bytes_received"], f["opened_by"]) for f in rep["flows"])
+    assert got == [("198.51.100.7", 200, 300, "first-packet"), ("203.0.113.9", 400, 9000, "first-packet")]

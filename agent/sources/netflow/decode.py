@@ -19,7 +19,10 @@ header's clock (unix_secs at sys_uptime; the difference as a signed 32-bit count
 every 49.7 days); IPFIX flowStart/End Seconds, Milliseconds, Microseconds
 and Nanoseconds (NTP format) are absolute; sysUptime-relative IPFIX times use the domain's
 systemInitTimeMilliseconds, else the record is given the export time (and counted `no_time`).
-Variable-length fields (length 65535) and enterprise fields are skipped by their lengths.
+Variable-length fields (length 65535) and enterprise fields are skipped by their lengths, but for
+RFC 5103's reverse elements (enterprise 29305: reverse octets, packets and TCP flags), which make a
+record a biflow: `Record.packets_reply` / `bytes_reply` are what its destination sent back, and its
+source is the initiator.
 
 Sampling: packets and bytes are multiplied by the interval (v5 header; v9/IPFIX sampling options:
 samplingInterval 34, samplerRandomInterval 50, samplingPacketInterval 305 with 306 space; or those
@@ -70,6 +73,11 @@ class Record(NamedTuple):
     direction: int | None  # flowDirection (0 ingress, 1 egress) when the record has it
     in_if: int | None
     out_if: int | None
+    # a biflow (RFC 5103): what the destination sent back (reverse information elements), scaled;
+    # None for a one-way record. Its source is the initiator (the sender of the first packet).
+    packets_reply: int | None = None
+    bytes_reply: int | None = None
+    tcp_flags_reply: int = 0
 
 
 # field id -> name, for the fields a flow record needs (v9 and IPFIX share these numbers)
@@ -79,6 +87,11 @@ _FIELDS = {1: "bytes", 2: "packets", 4: "proto", 6: "flags", 7: "sport", 8: "src
            139: "icmp", 150: "start_s", 151: "end_s", 152: "start_ms", 153: "end_ms", 154: "start_us",
            155: "end_us", 156: "start_ns", 157: "end_ns", 160: "init_ms", 305: "pkt_interval",
            306: "pkt_space", 23: "out_bytes", 24: "out_packets"}
+
+
+# RFC 5103 biflows: reverse information elements are the forward ones under this enterprise number
+REVERSE_PEN = 29305
+_REVERSE = {1: "rbytes", 2: "rpackets", 85: "rbytes", 86: "rpackets", 6: "rflags"}
 
 
 def _uint(b: bytes) -> int:
@@ -369,8 +382,8 @@ class Collector:
                 if q + length > len(body):
                     ok = False
                     break
-                if ent == 0:
-                    name = _FIELDS.get(fid)
+                if ent == 0 or ent == REVERSE_PEN:
+                    name = _FIELDS.get(fid) if ent == 0 else _REVERSE.get(fid)
                     if name is not None:
                         vals[name] = body[q:q + length]
                 q += length
@@ -421,10 +434,14 @@ class Collector:
             self.counts["sampling_unknown"] += 1
         first, last = self._times(v, exp, domain, uptime, export_time)
         scale = rate or 1
+        biflow = "rbytes" in v or "rpackets" in v
         return Record(proto, src, sport, dst, dport, packets * scale, nbytes * scale, first, last,
                       _uint(v["flags"]) & 0xFF if "flags" in v else 0, exp, rate,
                       _uint(v["direction"]) if "direction" in v else None,
-                      _uint(v["in_if"]) if "in_if" in v else None, _uint(v["out_if"]) if "out_if" in v else None)
+                      _uint(v["in_if"]) if "in_if" in v else None, _uint(v["out_if"]) if "out_if" in v else None,
+                      _uint(v.get("rpackets", b"\0")) * scale if biflow else None,
+                      _uint(v.get("rbytes", b"\0")) * scale if biflow else None,
+                      _uint(v["rflags"]) & 0xFF if "rflags" in v else 0)
 
     def _times(self, v: dict, exp: str, domain: int, uptime, export_time: float) -> tuple[float, float]:
         def absolute(prefix: str):

@@ -108,8 +108,11 @@ def _read(reader, path: str, ports: tuple[int, ...], coll: Collector, flows: lis
             datagrams += 1
             ts = float(getattr(meta, "sec", 0)) + getattr(meta, "usec", 0) / 1e6 if hasattr(meta, "sec") else 0.0
             for r in coll.datagram(payload, exporter, ts):
+                both = {} if r.packets_reply is None else {  # a biflow (RFC 5103): its source initiated it
+                    "opened_by": "first-packet", "packets_reply": r.packets_reply, "bytes_reply": r.bytes_reply,
+                    "tcp_flags": r.tcp_flags, "tcp_flags_reply": r.tcp_flags_reply}
                 flows.append(Flow(r.proto, r.src, r.sport, r.dst, r.dport, r.packets, r.bytes, r.first, r.last,
-                                  f"netflow:{r.exporter}"))
+                                  f"netflow:{r.exporter}", **both))
     except (Scapy_Exception, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path}: capture ends in the middle of a record ({e}); "
                         f"{datagrams:,} export datagram(s) read before it") from None

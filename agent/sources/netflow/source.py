@@ -160,6 +160,8 @@ class _Conn:
 
 def _opener_is_sender(r) -> tuple[bool, str]:
     """Whether a connection's first record was sent by its opener, and how that is known."""
+    if r.packets_reply is not None:
+        return True, "first-packet"  # a biflow (RFC 5103): its source is the initiator
     if r.proto == 6 and r.tcp_flags & (HINT_SYN | 0x12) in (HINT_SYN, 0x02, HINT_SYN | 0x02):
         return True, "syn"  # a SYN without ACK (sampled), or a direction that never acknowledged
     if r.proto in (6, 17, 132):
@@ -327,14 +329,15 @@ class NetflowSource:
         else:
             self.conns.move_to_end(key)
             outcome = "merged" if c.entry is not None else "not_egress"
-        if (r.src, r.sport) == (c.src, c.sport):
-            c.packets += r.packets
-            c.bytes += r.bytes
-            c.flags |= r.tcp_flags & 0xFF
-        else:
-            c.packets_reply += r.packets
-            c.bytes_reply += r.bytes
-            c.flags_reply |= r.tcp_flags & 0xFF
+        fwd = (r.src, r.sport) == (c.src, c.sport)
+        sent = (r.packets, r.bytes, r.tcp_flags & 0xFF)
+        back = (r.packets_reply or 0, r.bytes_reply or 0, r.tcp_flags_reply)  # a biflow's reverse direction
+        for (pk, by, fl), mine in ((sent, fwd), (back, not fwd)):
+            if mine:
+                c.packets, c.bytes, c.flags = c.packets + pk, c.bytes + by, c.flags | fl
+            else:
+                c.packets_reply, c.bytes_reply = c.packets_reply + pk, c.bytes_reply + by
+                c.flags_reply |= fl
         c.first, c.last = min(c.first, r.first), max(c.last, r.last)
         m.exporter_records(self.KIND, site, outcome)
 
