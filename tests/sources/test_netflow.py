@@ -284,3 +284,28 @@ def test_audit_of_biflow_exports_is_one_connection_each(cli, tmp_path, city_db):
     assert rep["totals"]["egress_flows"] == 2 and rep["totals"]["flows"] == 2, r.stderr
     got = sorted((f["dst"], f["bytes_sent"], f["bytes_received"], f["opened_by"]) for f in rep["flows"])
     assert got == [("198.51.100.7", 200, 300, "first-packet"), ("203.0.113.9", 400, 9000, "first-packet")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([(8, 4), (12, 4), (27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (6, 1), (6, 2),
+                                 (2, 4), (2, 8), (1, 8), (1, 3), (152, 8), (153, 8), (156, 8), (22, 4), (21, 4),
+                                 (10, 2), (14, 4), (61, 1), (99, 5), (0x8000 | 1, 8, 29305), (0x8000 | 7, 4, 9)]),
+                min_size=1, max_size=14), st.binary(min_size=0, max_size=400), st.booleans())
+def test_template_structs_read_records_as_the_field_loop_does(fields, body, options):
+    """A fixed-length template read with one struct gives the records, options and counts the
+    general field-by-field loop gives."""
+    spec = b"".join(struct.pack("!HH", f[0], f[1]) + (struct.pack("!I", f[2]) if len(f) > 2 else b"")
+                    for f in fields)
+    if options:
+        tmpl = _set(3, struct.pack("!HHH", 258, len(fields), 1) + spec)
+    else:
+        tmpl = _set(2, struct.pack("!HH", 258, len(fields)) + spec)
+    data = _ipfix(0, [tmpl, _set(258, body)]) if len(body) < 60000 else None
+    got = []
+    for fast in (True, False):
+        c = Collector()
+        c.STRUCTS = fast
+        recs = c.datagram(data, "192.0.2.254", 1_750_000_000.0)
+        recs += c.datagram(_ipfix(1, [_set(258, body)]), "192.0.2.254", 1_750_000_000.0)
+        got.append((recs, c.counts, c.sampling, c.init_ms, c.lost))
+    assert got[0] == got[1]
