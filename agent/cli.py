@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="netflow source: UDP address for NetFlow v5/v9 and IPFIX (repeatable; e.g. 0.0.0.0:2055)")
     r.add_argument("--sflow-listen", action="append", metavar="HOST:PORT",
                    help="sflow source: UDP address for sFlow v5 (repeatable; e.g. 0.0.0.0:6343)")
+    r.add_argument("--enforce", choices=("observe", "dry-run"),
+                   help="the host's enforcement switch (default observe): dry-run counts what policies with "
+                        "`enforce: dry-run` would refuse, touching no traffic")
     r.add_argument("--unknown-exporters", choices=("judge", "refuse"),
                    help="flows from exporters not listed under `exporters:` (default judge; counted either way)")
     r.add_argument("--interface", action="append", metavar="IFACE",

@@ -20,6 +20,7 @@ Example (every key optional; flags of `egress-agent run` override):
     sflow: {listen: ["0.0.0.0:6343"]}
     exporters: [{address: 192.0.2.1, site: paris, local_nets: [10.1.0.0/16]}]
     unknown_exporters: judge        # or refuse
+    enforce: observe                # dry-run: count what policies with enforce: dry-run would refuse
     capture: {interfaces: [], tls_ports: [443], name_wait: 0.5, dns_grace: 30}
     host_addresses: true            # the host's own addresses are local, even public ones (pyroute2)
     sampling: {one_in: 1, per_destination_per_second: 0}
@@ -72,6 +73,7 @@ SCHEMA = {
                                                      "site": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                                                      "local_nets": {"type": "array", "items": {"type": "string"}}}}},
         "unknown_exporters": {"enum": ["judge", "refuse"]},
+        "enforce": {"enum": ["observe", "dry-run"]},
         "capture": {"type": "object", "additionalProperties": False, "properties": {
             "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
@@ -115,6 +117,7 @@ class Config:
     sflow: dict = field(default_factory=dict)
     exporters: tuple = ()
     unknown_exporters: str = "judge"
+    enforce: str = "observe"  # the host's switch: policies' dry-run counts only with enforce: dry-run
     file: str | None = None
 
     def exporter_nets(self) -> tuple[str, ...]:
@@ -207,6 +210,8 @@ def with_flags(cfg: Config, args) -> Config:
             changes[key] = getattr(args, flag)
     if getattr(args, "source", None):
         changes["sources"] = tuple(dict.fromkeys(args.source))
+    if getattr(args, "enforce", None):
+        changes["enforce"] = args.enforce
     if getattr(args, "unknown_exporters", None):
         changes["unknown_exporters"] = args.unknown_exporters
     for kind in ("netflow", "sflow"):

@@ -183,6 +183,10 @@ class Daemon:
             log.info("policies %s judge inbound connections too: connections public peers open to local "
                      "hosts are judged as well", ", ".join(inbound))
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
+        self.metrics.enforcement(self.pipeline.policies, self.cfg.enforce)
+        if asking := [p.name for p in self.pipeline.policies if p.enforce == "dry-run"]:
+            log.info("policies %s: enforcement dry-run %s", ", ".join(asking), "on (violations count as would-refuse;"
+                     " no traffic touched)" if self.cfg.enforce == "dry-run" else "asked; the enforce switch is off")
         self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)
         self.metrics.reload_time.set(time.time())

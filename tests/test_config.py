@@ -46,7 +46,7 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "--web-config", "/etc/w.yml", "--source", "conntrack", "--source", "capture",
                                       "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r",
                                       "--netflow-listen", "0.0.0.0:2055", "--sflow-listen", "[::]:6343",
-                                      "--unknown-exporters", "refuse"])
+                                      "--unknown-exporters", "refuse", "--enforce", "dry-run"])
     cfg = with_flags(load_config(None), args)
     assert cfg.sampling == {"per_destination_per_second": 5, "one_in": 4} and cfg.queue_size == 32
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
@@ -55,9 +55,10 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
     assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (("conntrack", "capture"), ["eth0"], False)
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
                "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
-               "sources", "capture", "host_addresses", "recipients", "netflow", "sflow", "unknown_exporters"}
+               "sources", "capture", "host_addresses", "recipients", "netflow", "sflow", "unknown_exporters",
+               "enforce"}
     assert cfg.netflow == {"listen": ["0.0.0.0:2055"]} and cfg.sflow == {"listen": ["[::]:6343"]}
-    assert cfg.unknown_exporters == "refuse"
+    assert cfg.unknown_exporters == "refuse" and cfg.enforce == "dry-run"
     # `exporters` is a list of mappings (address, site, local_nets): the config file's alone
     assert set(SCHEMA["properties"]) == covered | {"exporters"}
     bad = build_parser().parse_args(["run", "--queue-size", "1"])

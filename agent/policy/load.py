@@ -251,6 +251,9 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
             probs.add(path + ("expires",), f"expires {expires} is not after from {start}")
         exceptions.append(Exemption(e["id"], e["basis"], e["reference"], e["owner"], dest or Destinations(),
                                     expires or date.min, start))
+    if d.get("enforce") == "refuse":
+        probs.add(("enforce",), "refuse is not available in this version: the agent cannot block connections "
+                                "yet; use dry-run to count what would be refused (its violations stay violations)")
     eff = d.get("effective") or {}
     eff_from = _day(eff.get("from"), ("effective", "from"), probs)
     eff_until = _day(eff.get("until"), ("effective", "until"), probs)
@@ -264,6 +267,7 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
                   names_override_location=bool(d.get("names_override_location", False)),
                   trust_names=tuple(d["trust_names"]) if d.get("trust_names") is not None else None,
                   recipient_location=d.get("recipient_location", "observed"),
+                  enforce=d.get("enforce", "observe"),
                   directions=tuple(d.get("directions") or ("outbound",)),
                   exceptions=tuple(exceptions), file=file, sha256=sha,
                   effective_from=eff_from, effective_until=eff_until)

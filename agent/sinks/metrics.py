@@ -47,6 +47,13 @@ class Metrics:
                                           "Egress bytes by destination jurisdiction group.", ["jurisdiction"],
                                           registry=r)
         self.source_up = Gauge(f"{NS}_source_up", "1 when the flow source is running.", ["source"], registry=r)
+        self.dry_run: frozenset = frozenset()  # policies whose violations count as would-refuse (enforcement)
+        self.would_refuse = Counter(f"{NS}_enforcement_would_refuse", "Outbound connections a policy in dry-run "
+                                    "enforcement would have refused (its violations; no traffic is touched), by "
+                                    "policy and the peer's country.", ["policy", "country"], registry=r)
+        self.enforcement_mode = Gauge(f"{NS}_enforcement_mode", "1 for each policy's effective enforcement mode "
+                                      "(its `enforce`, capped by the agent's `enforce` switch).", ["policy", "mode"],
+                                      registry=r)
         self.source_errors = Counter(f"{NS}_source_errors", "Errors reading the flow source.", ["source", "kind"],
                                      registry=r)
         self.source_events = Counter(f"{NS}_source_events", "Events read from the flow source.", ["source", "event"],
@@ -204,6 +211,20 @@ class Metrics:
             self._refused_seen[(source, kind)] = total
             self._child(self.collector_refused_c, source, kind).inc(grew)
 
+    def enforcement(self, policies, switch: str):
+        """Each policy's effective mode (`enforce`, capped by the host's switch) as
+        `egress_agent_enforcement_mode{policy,mode}`; dry-run policies' outbound violations count in
+        `egress_agent_enforcement_would_refuse_total{policy,country}` from now on."""
+        modes = {p.name: (p.enforce if switch == "dry-run" else "observe") for p in policies}
+        self.dry_run = frozenset(n for n, m in modes.items() if m == "dry-run")
+        self._plans.clear()  # cached plans hold the previous set
+        self.enforcement_mode.clear()
+        for name, mode in modes.items():
+            for m in ("observe", "dry-run"):
+                self.enforcement_mode.labels(name, m).set(1 if m == mode else 0)
+        for name in self.dry_run:
+            self.would_refuse.labels(name, "unknown")
+
     def _child(self, metric, *labels):
         """Label children cached by value: `labels()` costs microseconds per call on the hot path."""
         key = (metric, labels)
@@ -256,6 +277,8 @@ class Metrics:
             counts.append((self.flows, v.policy, outcome, cc, direction))
             if outcome == "violation":
                 counts.append((self.violations, v.policy, v.severity, cc, direction))
+                if v.policy in self.dry_run and direction == "outbound":
+                    counts.append((self.would_refuse, v.policy, cc))
             elif outcome == "indeterminate":
                 counts.append((self.indeterminate, v.policy, v.reason, direction))
             nbytes.append((self.bytes, v.policy, outcome, cc, direction))

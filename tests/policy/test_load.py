@@ -156,3 +156,17 @@ def test_a_schema_error_does_not_hide_the_semantic_ones(tmp_path):
     assert "p.yaml:6: allow.jurisdictions[0]: unknown jurisdiction 'EU-ADEQATE'" in text
     assert "p.yaml:7: allow.networks[0]: '10.0.0.0/33' is not an IP network" in text
     assert "p.yaml:8: allow.colour: unknown key 'colour'" in text
+
+
+def test_enforce_modes(tmp_path):
+    """`enforce: dry-run` loads; `refuse` is refused at load with its place (not built: a policy must
+    never look enforced when it is not)."""
+    base = "version: 1\nname: {n}\nhome: [EU]\nallow: {{jurisdictions: [EEA]}}\n"
+    write(tmp_path, "a.yaml", base.format(n="dry") + "enforce: dry-run\n")
+    (p,) = load_policies(tmp_path, J)
+    assert p.enforce == "dry-run"
+    write(tmp_path, "b.yaml", base.format(n="hard") + "enforce: refuse\n")
+    (msg,) = problems(tmp_path)
+    assert "b.yaml:5: enforce: refuse is not available in this version" in msg
+    write(tmp_path, "b.yaml", base.format(n="hard"))
+    assert [p.enforce for p in sorted(load_policies(tmp_path, J), key=lambda p: p.name)] == ["dry-run", "observe"]

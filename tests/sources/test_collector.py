@@ -289,3 +289,25 @@ def test_a_biflow_is_one_connection_with_both_directions(tmp_path):
     new = next(r for r in a.lines() if r.get("event") == "new")
     assert (new["flow"]["opened_by"], new["flow"]["bytes_reply"], new["flow"]["tcp_flags_reply"]) == (
         "first-packet", 9000, "SA")
+
+
+def test_enforcement_dry_run_counts_what_would_be_refused(tmp_path):
+    """A live agent with `enforce: dry-run` (the switch) and a dry-run policy counts its outbound
+    violations as would-refuse; compliant and exempt connections are not, and no traffic is touched."""
+    from tests.agent_process import POLICY
+
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port, enforce="dry-run")
+    (a.policies / "eu-data.yaml").write_text(POLICY + "enforce: dry-run\n")
+    a.start()
+    try:
+        _send(port, [_v5(0, [OUT, ("10.20.0.5", 40101, "198.51.100.7", 443, 6, 1, 60),
+                             ("10.20.0.5", 40102, "203.0.113.10", 443, 6, 1, 60)])])
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 3, what="judged")
+        assert a.value("egress_agent_enforcement_would_refuse_total", policy="eu-data", country="US") == 1
+        assert a.value("egress_agent_enforcement_would_refuse_total") == 1
+        assert a.value("egress_agent_enforcement_mode", policy="eu-data", mode="dry-run") == 1
+        assert a.value("egress_agent_flows_total", policy="eu-data", verdict="exempt") == 1
+    finally:
+        assert a.stop() == 0, a.logtext()
+    assert "enforcement dry-run on" in a.logtext()
