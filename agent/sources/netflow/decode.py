@@ -380,6 +380,15 @@ class Collector:
         fixed = all(length != 65535 for _f, length, _e in fields)
         size = sum(length for _f, length, _e in fields) if fixed else 0
         out: list[Record] = []
+
+        def take(vals: dict):  # one record's fields: an options record updates state, a flow record is kept
+            if options:
+                self._option(exp, domain, vals)
+            else:
+                rec = self._record(vals, version, exp, domain, uptime, export_time)
+                if rec is not None:
+                    out.append(rec)
+
         if size and self.STRUCTS:  # fixed-length records: one struct per template (below: the general case)
             lay = self._layouts.get(fields)
             if lay is None:
@@ -389,13 +398,7 @@ class Collector:
             n = len(body) // size
             st, names = lay
             for values in st.iter_unpack(body[:n * size]):
-                vals = dict(zip(names, values, strict=True))
-                if options:
-                    self._option(exp, domain, vals)
-                else:
-                    rec = self._record(vals, version, exp, domain, uptime, export_time)
-                    if rec is not None:
-                        out.append(rec)
+                take(dict(zip(names, values, strict=True)))
             self._last_count = n
             return out
         q, n = 0, 0
@@ -433,12 +436,7 @@ class Collector:
                     self.counts["malformed"] += 1
                 break  # the rest is padding
             n += 1
-            if options:
-                self._option(exp, domain, vals)
-            else:
-                rec = self._record(vals, version, exp, domain, uptime, export_time)
-                if rec is not None:
-                    out.append(rec)
+            take(vals)
         self._last_count = n
         return out
 

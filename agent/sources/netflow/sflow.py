@@ -78,20 +78,27 @@ class SflowDecoder:
         sub, _seq, _uptime, n = _HEAD_TAIL.unpack_from(data, 8 + alen)
         p = 8 + alen + 16
         out: list[Record] = []
-        for _ in range(n):
-            fmt, length = _U32(data, p)[0], _U32(data, p + 4)[0]
-            body = data[p + 8:p + 8 + length]
-            if len(body) < length:
-                self.counts["malformed"] += 1
-                break
-            p += 8 + length
-            if fmt >> 12:
+        for fmt, body in self._items(data, p, n):
+            if fmt is None or fmt >> 12:
                 continue  # another enterprise's sample: skipped by its length
             if fmt in (1, 3):
                 self._flow_sample(body, fmt == 3, (agent, sub), exp, now, out)
             elif fmt in (2, 4):
                 self.counts["counter_samples"] += 1
         return out
+
+    def _items(self, buf: memoryview, p: int, n: int):
+        """(format, body) of n XDR items (samples, flow records) from offset p; an item cut short
+        ends the walk, counted malformed, with a last (None, None)."""
+        for _ in range(n):
+            fmt, length = _U32(buf, p)[0], _U32(buf, p + 4)[0]
+            body = buf[p + 8:p + 8 + length]
+            if len(body) < length:
+                self.counts["malformed"] += 1
+                yield None, None
+                return
+            p += 8 + length
+            yield fmt, body
 
     def _flow_sample(self, b: memoryview, expanded: bool, agent: tuple, exp: str, now: float, out: list):
         if expanded:
@@ -104,13 +111,9 @@ class SflowDecoder:
         self._sequence((*agent, source), seq, drops, exp)
         rate = max(rate, 1)
         fallback = None
-        for _ in range(n):
-            fmt, length = _U32(b, p)[0], _U32(b, p + 4)[0]
-            rec = b[p + 8:p + 8 + length]
-            if len(rec) < length:
-                self.counts["malformed"] += 1
-                return
-            p += 8 + length
+        for fmt, rec in self._items(b, p, n):
+            if fmt is None:
+                return  # cut short: counted malformed
             if fmt == 1:
                 got = self._raw_header(rec, rate, exp, now, in_if, out_if)
                 if got is not None:
