@@ -16,7 +16,7 @@ Example (every key optional; flags of `egress-agent run` override):
              accounting_interval: 1}       # seconds between readings of the kernel's flow counter
     sources: [conntrack]            # add capture: names on flows from DNS, TLS and QUIC (agent/sources/capture.py);
                                     # netflow, sflow: a collector of routers' exports (agent/sources/netflow/source.py)
-    netflow: {listen: ["0.0.0.0:2055"], rcvbuf: 33554432}
+    netflow: {listen: ["0.0.0.0:2055"], rcvbuf: 33554432, workers: 1}   # workers > 1: SO_REUSEPORT processes
     sflow: {listen: ["0.0.0.0:6343"]}
     exporters: [{address: 192.0.2.1, site: paris, local_nets: [10.1.0.0/16]}]
     unknown_exporters: judge        # or refuse
@@ -42,7 +42,8 @@ from agent.errors import UserError
 _LISTEN = r"^(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}$"
 _COLLECTOR = {"type": "object", "additionalProperties": False, "properties": {
     "listen": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": _LISTEN}},
-    "rcvbuf": {"type": "integer", "minimum": 1024}}}
+    "rcvbuf": {"type": "integer", "minimum": 1024},
+    "workers": {"type": "integer", "minimum": 1, "maximum": 64}}}
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",

@@ -14,7 +14,11 @@ and prints, per rate and collector: records sent, the CPU seconds the collector'
 books: records decoded by outcome + records lost (sequence gaps, i.e. kernel socket drops) =
 records sent, with what is left unaccounted (should be 0). Then the CPU ratio agent / nfacctd.
 
-    python bench/bench_collector.py [--rates 5000,20000,50000] [--seconds 5]
+    python bench/bench_collector.py [--rates 5000,20000,50000] [--seconds 5] [--workers N]
+
+With --workers N the agent runs N SO_REUSEPORT worker processes; their CPU counts (the process
+group's), and the stream comes from one exporter port, so one worker decodes it all (as one
+router's stream would): the bench shows the per-worker rate, and what the judging thread costs.
 
 Targets (issue 22): >= 50,000 records per CPU-second per worker, CPU <= 2x nfacctd's, zero
 unaccounted records at the rates reached. Loopback only; documentation and private addresses in
@@ -146,13 +150,15 @@ def total(m: dict, name: str, **labels) -> float:
     return sum(v for (n, lab), v in m.items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
 
 
-def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: int) -> dict:
+def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: int, workers: int = 1) -> dict:
     port, mport = free_port(socket.SOCK_DGRAM), free_port()
     log = open(work / "agent.log", "ab")
-    p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", "netflow", "--netflow-listen",
-                          f"127.0.0.1:{port}", "--geoip-db", str(mmdb), "--listen", f"127.0.0.1:{mport}",
-                          "--evidence", str(work / "evidence.jsonl"), "--no-attribution", "--no-host-addresses",
-                          "--queue-size", "1000000"],
+    cfg = work / "agent.yaml"
+    cfg.write_text(json.dumps({"sources": ["netflow"], "netflow": {"listen": [f"127.0.0.1:{port}"],
+                                                                   "workers": workers}}))
+    p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg), "--geoip-db", str(mmdb),
+                          "--listen", f"127.0.0.1:{mport}", "--evidence", str(work / "evidence.jsonl"),
+                          "--no-attribution", "--no-host-addresses", "--queue-size", "1000000"],
                          cwd=REPO, stdout=log, stderr=log, start_new_session=True)
     try:
         for _ in range(200):
@@ -216,6 +222,7 @@ def main():
     ap.add_argument("--rates", default="5000,20000,50000", help="records per second sent")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--workdir")
+    ap.add_argument("--workers", type=int, default=1, help="the agent's netflow.workers (SO_REUSEPORT processes)")
     a = ap.parse_args()
     if not shutil.which("nfacctd"):
         raise SystemExit("bench needs nfacctd (apt-get install pmacct)")
@@ -229,7 +236,7 @@ def main():
     for rate in (float(r) for r in a.rates.split(",")):
         n = int(rate * a.seconds) // RECORDS_PER_DATAGRAM * RECORDS_PER_DATAGRAM
         datagrams = stream(n)
-        ag = run_agent(work, mmdb, datagrams, rate, n)
+        ag = run_agent(work, mmdb, datagrams, rate, n, a.workers)
         nf = run_nfacctd(work, mmdb, datagrams, rate)
         books = (f"judged {ag['judged']:,.0f}, merged {ag['merged']:,.0f}, not_egress {ag['not_egress']:,.0f}, "
                  f"lost {ag['lost']:,.0f}, dropped {ag['dropped']:,.0f}, unaccounted {ag['unaccounted']:,.0f}")

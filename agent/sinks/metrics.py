@@ -183,7 +183,6 @@ class Metrics:
                                                "use, by kind (malformed, unknown_version, no_template, "
                                                "templates_evicted, sampling_unknown, no_time, not_ip, no_header, "
                                                "counter_samples).", ["source", "kind"], registry=r)
-            self._refused_seen: dict = {}
         for e in exporters:
             for o in outcomes:
                 self.exporter_records_c.labels(source, e, o)
@@ -196,20 +195,18 @@ class Metrics:
     def exporter_records(self, source: str, exporter: str, outcome: str, n: int = 1):
         self._child(self.exporter_records_c, source, exporter, outcome).inc(n)
 
-    def exporter_datagrams(self, source: str, exporter: str):
-        self._child(self.exporter_datagrams_c, source, exporter).inc()
-        self._child(self.exporter_last_c, source, exporter).set_to_current_time()
+    def exporter_datagrams(self, source: str, exporter: str, n: int = 1):
+        self._child(self.exporter_datagrams_c, source, exporter).inc(n)
+
+    def exporter_seen(self, source: str, exporter: str, when: float):
+        self._child(self.exporter_last_c, source, exporter).set(when)
 
     def export_lost(self, source: str, exporter: str, n: int):
         self._child(self.exporter_lost_c, source, exporter).inc(n)
         self._child(self.drops, source, "export_loss").inc(n)
 
-    def collector_refused(self, source: str, kind: str, total: int):
-        """`total`: the decoder's running count of this kind; the counter takes its increase."""
-        grew = total - self._refused_seen.get((source, kind), 0)
-        if grew > 0:
-            self._refused_seen[(source, kind)] = total
-            self._child(self.collector_refused_c, source, kind).inc(grew)
+    def collector_refused(self, source: str, kind: str, n: int):
+        self._child(self.collector_refused_c, source, kind).inc(n)
 
     def enforcement(self, policies, switch: str):
         """Each policy's effective mode (`enforce`, capped by the host's switch) as

@@ -38,8 +38,8 @@ def _udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _agent(tmp_path, kind: str, port: int, **config) -> Agent:
-    cfg = {"sources": [kind], kind: {"listen": [f"127.0.0.1:{port}"]}, "attribution": False,
+def _agent(tmp_path, kind: str, port: int, workers: int = 1, **config) -> Agent:
+    cfg = {"sources": [kind], kind: {"listen": [f"127.0.0.1:{port}"], "workers": workers}, "attribution": False,
            "host_addresses": False, **config}
     return Agent(tmp_path, NO_NETNS, config=cfg)
 
@@ -141,13 +141,13 @@ def test_sflow_from_pmacctd_is_judged_as_the_audit_judges_the_capture(tmp_path, 
 
 # ---- hand-built datagrams -------------------------------------------------------------------
 
-def _v5(seq: int, records, secs=None, uptime=1_000_000, rate=0):
+def _v5(seq: int, records, secs=None, uptime=1_000_000, rate=0, engine=0):
     secs = int(time.time()) if secs is None else secs
     body = b""
     for src, sport, dst, dport, proto, pk, by in records:
         body += struct.pack("!4s4s4sHHIIIIHHxBBBHHBBxx", socket.inet_aton(src), socket.inet_aton(dst), bytes(4), 0, 0,
                             pk, by, uptime - 2000, uptime - 1000, sport, dport, 0x1A, proto, 0, 0, 0, 0, 0)
-    return struct.pack("!HHIIIIBBH", 5, len(records), uptime, secs, 0, seq, 0, 0, rate) + body
+    return struct.pack("!HHIIIIBBH", 5, len(records), uptime, secs, 0, seq, 0, engine, rate) + body
 
 
 OUT = ("10.20.0.5", 40100, "203.0.113.9", 443, 6, 10, 1000)
@@ -311,3 +311,57 @@ def test_enforcement_dry_run_counts_what_would_be_refused(tmp_path):
     finally:
         assert a.stop() == 0, a.logtext()
     assert "enforcement dry-run on" in a.logtext()
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()]
+
+
+def test_worker_processes_share_one_port_one_endpoint_and_one_log(tmp_path):
+    """`workers: 2`: datagrams from many exporter streams (one engine id each, each from its own port)
+    spread over two SO_REUSEPORT worker processes; the books and judged connections add up on the
+    agent's one endpoint and one evidence log; a worker killed is started again and judging goes on;
+    at stop every connection's end is written."""
+    port = _udp_port()
+    a = _agent(tmp_path, "netflow", port, workers=2, exporters=[{"address": "127.0.0.1", "site": "lab"}]).start()
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+
+    def send_round(seq: int):
+        for i, s in enumerate(senders):
+            recs = [(f"10.20.{seq}.{i}", 40000 + k, "203.0.113.9", 443, 6, 1, 100) for k in range(2)]
+            s.sendto(_v5(seq * 2, recs, engine=i), ("127.0.0.1", port))
+
+    try:
+        workers = _children(a.proc.pid)
+        assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker, if any)
+        send_round(0)
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 32, what="first round")
+        import os
+        import signal as sig
+
+        worker = max(workers)
+        os.kill(worker, sig.SIGKILL)
+        wait_for(lambda: a.value("egress_agent_source_errors_total", source="netflow", kind="io") == 1,
+                 what="the killed worker noticed")
+        send_round(1)
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 64, what="second round")
+        assert a.value("egress_agent_exporter_records_total", exporter="lab", outcome="connection") == 64
+        assert a.value("egress_agent_exporter_lost_records_total", exporter="lab") == 0
+        assert a.value("egress_agent_exporter_datagrams_total", exporter="lab") == 32
+        assert a.value("egress_agent_source_up", source="netflow") == 1
+        # the killed worker's open connections ended at once, their later counters lost: counted
+        evicted = a.value("egress_agent_state_evicted_total", source="netflow")
+        ended = len({(r["flow"]["src"], r["flow"]["sport"]) for r in a.lines() if r.get("event") == "end"})
+        assert evicted >= 1 and ended == evicted
+    finally:
+        for s in senders:
+            s.close()
+        assert a.stop() == 0, a.logtext()
+    lines = a.lines()
+    ids = {r["flow"]["src"] + ":" + str(r["flow"]["sport"]) for r in lines if r.get("event") == "new"}
+    ends = {r["flow"]["src"] + ":" + str(r["flow"]["sport"]) for r in lines if r.get("event") == "end"}
+    assert len(ids) == 64 and ends == ids  # the killed worker's connections too, with what it had sent
+    assert "ended (exit code -9); starting it again" in a.logtext()

@@ -1,0 +1,281 @@
+"""The flow collector's state, with no daemon in sight: decoder, exporters, connections.
+
+Contract: `Collecting(kind, exporters, inbound)` takes export datagrams (`datagrams([(payload,
+exporter address)], now)`) and the passing of time (`sweep(now)`), and gives, through `take()`,
+what the daemon's worker is to judge (items `("flow" | "destroy", NetflowEntry, counted)`) and a
+tally of what happened since the last call (deltas, keyed: `("records", site, outcome)`,
+`("datagrams", site)`, `("last", site)` a time, `("lost", site)`, `("refused", kind)`,
+`("evicted",)`, `("new",)`). The source thread applies both itself; each worker process of a
+collector with `workers: N` ships them to it (`agent.sources.netflow.workers`). See `source.py` for
+how records become connections.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import NamedTuple
+
+from agent.connections import SERVICE_PORTS
+from agent.enrich.scope import Scoper
+from agent.errors import UserError
+from agent.flow import Flow
+from agent.flowtable import IDLE_OTHER, IDLE_TCP
+from agent.wire.decode import HINT_SYN
+
+DRAIN = 256  # datagrams read from one socket per wake-up at most
+SWEEP_EVERY = 5.0  # seconds between looks for connections gone quiet
+MAX_CONNECTIONS = 262144  # connections remembered (their counters); the oldest ends early past this
+EXPORT_GRACE = 60.0  # seconds an exporter may take to send a record after its flow's last packet
+OTHER = "other"  # the metric label of exporters not configured
+ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
+OUTCOMES = ("connection", "merged", "not_egress", "refused")
+_SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
+
+
+class NetflowEntry(NamedTuple):
+    """One connection the collector saw, as the daemon's worker takes it: `CtEntry`'s fields (the
+    open-flow key is entry[:6]), then the exporter's facts and the connection's own."""
+
+    ct_id: int
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    packets: int
+    bytes: int
+    start_ns: int
+    nat_src: str | None
+    nat_dst: str | None
+    last: float
+    collector: str  # netflow or sflow: the `source` metric label
+    exporter: str  # the exporter's site (OTHER when it is not configured)
+    exporter_address: str
+    in_if: int | None
+    out_if: int | None
+    sampled: int | None
+    opened_by: str
+    packets_reply: int
+    bytes_reply: int
+    flags: int  # TCP flags the opener's records carried (OR), and the responder's
+    flags_reply: int
+
+    def flow(self, now: float, last: float | None = None) -> Flow:
+        return Flow(self.proto, self.src, self.sport, self.dst, self.dport, self.packets, self.bytes,
+                    self.start_ns / 1e9, last or self.last, f"{self.collector}:{self.exporter}",
+                    opened_by=self.opened_by, packets_reply=self.packets_reply, bytes_reply=self.bytes_reply,
+                    tcp_flags=self.flags, tcp_flags_reply=self.flags_reply)
+
+    def ids(self) -> dict:
+        """What evidence records say of where the flow was seen."""
+        out = {"exporter": self.exporter, "exporter_address": self.exporter_address}
+        if self.in_if is not None or self.out_if is not None:
+            out["interfaces"] = {"in": self.in_if, "out": self.out_if}
+        out["sampled"] = self.sampled
+        return out
+
+
+class Exporters:
+    """Configured exporters by address: their metric label and the scope their flows are judged in."""
+
+    def __init__(self, cfg, scoper: Scoper):
+        self.by_addr: dict[str, tuple[str, Scoper]] = {}
+        self.refuse = cfg.unknown_exporters == "refuse"
+        self.default = scoper
+        for i, e in enumerate(cfg.exporters):
+            try:
+                addr = str(ipaddress.ip_address(e["address"]))
+            except ValueError:
+                raise UserError(f"exporters[{i}].address: '{e['address']}' is not an IP address") from None
+            own = tuple(e.get("local_nets") or ())
+            sc = Scoper(public_nets=cfg.public_nets, local_nets=tuple(cfg.local_nets) + own) if own else scoper
+            self.by_addr[addr] = (e.get("site") or addr, sc)
+
+    def labels(self) -> list[str]:
+        return sorted({site for site, _ in self.by_addr.values()} | {OTHER})
+
+    def of(self, addr: str) -> tuple[str, Scoper | None]:
+        """(metric label, scoper) of an exporter; scoper None: refused."""
+        got = self.by_addr.get(addr)
+        if got is not None:
+            return got
+        return OTHER, (None if self.refuse else self.default)
+
+
+class _Conn:
+    """A connection's state: the entry sent to the worker (None: not judged) and its counters."""
+
+    __slots__ = ("key", "entry", "src", "sport", "packets", "bytes", "packets_reply", "bytes_reply", "first", "last",
+                 "idle", "judged", "flags", "flags_reply")
+
+    def __init__(self, key, entry, src, sport, first, last, idle):
+        self.key, self.entry, self.src, self.sport = key, entry, src, sport
+        self.packets = self.bytes = self.packets_reply = self.bytes_reply = self.flags = self.flags_reply = 0
+        self.first, self.last, self.idle = first, last, idle
+        self.judged = False  # its "flow" item was sent
+
+
+def _opener_is_sender(r) -> tuple[bool, str]:
+    """Whether a connection's first record was sent by its opener, and how that is known."""
+    if r.packets_reply is not None:
+        return True, "first-packet"  # a biflow (RFC 5103): its source is the initiator
+    if r.proto == 6 and r.tcp_flags & (HINT_SYN | 0x12) in (HINT_SYN, 0x02, HINT_SYN | 0x02):
+        return True, "syn"  # a SYN without ACK (sampled), or a direction that never acknowledged
+    if r.proto in (6, 17, 132):
+        s, d = r.sport < 1024 or r.sport in _SERVICE, r.dport < 1024 or r.dport in _SERVICE
+        if s != d:
+            return d, "port"
+    return True, "first-packet"
+
+
+
+def read(sock, limit: int = DRAIN) -> list[tuple[bytes, str]]:
+    """Up to `limit` datagrams waiting on a socket, as (payload, exporter address)."""
+    got = []
+    for _ in range(limit):
+        try:
+            data, peer = sock.recvfrom(65535)
+        except (BlockingIOError, InterruptedError):
+            break
+        exporter = peer[0].split("%")[0]
+        if exporter.startswith("::ffff:") and "." in exporter:
+            exporter = exporter[7:]
+        got.append((data, exporter))
+    return got
+
+
+def decoder_of(kind: str):
+    """(decoder, its refusal kinds) of a collector kind."""
+    if kind == "sflow":
+        from agent.sources.netflow.sflow import KINDS, SflowDecoder
+
+        return SflowDecoder(), KINDS
+    from agent.sources.netflow.decode import KINDS, Collector
+
+    return Collector(), KINDS
+
+
+class Collecting:
+    """One collector's decoder and connections; see the module doc."""
+
+    def __init__(self, kind: str, exporters: Exporters, inbound: bool, id_base: int = ID_BASE):
+        self.kind, self.exporters, self.inbound = kind, exporters, inbound
+        self.decoder, self.kinds = decoder_of(kind)
+        self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
+        self._next_id = id_base
+        self.items: list = []
+        self.tally: dict = {}
+        self._lost_seen: dict[str, int] = {}
+        self._refused_seen: dict[str, int] = {}
+
+    def take(self) -> tuple[list, dict]:
+        items, tally = self.items, self.tally
+        self.items, self.tally = [], {}
+        return items, tally
+
+    def _count(self, key: tuple, n: int = 1):
+        self.tally[key] = self.tally.get(key, 0) + n
+
+    def datagrams(self, got: list, now: float):
+        """Decode (payload, exporter address) pairs read together; their connections' items follow."""
+        records = []
+        for data, exporter in got:
+            site, scoper = self.exporters.of(exporter)
+            self._count(("datagrams", site))
+            self.tally[("last", site)] = now
+            for r in self.decoder.datagram(data, exporter, now):
+                records.append((r, site, scoper))
+        self._account()
+        records.sort(key=lambda x: x[0].first)  # the earlier record of a pair opened it (first-packet)
+        fresh: list[_Conn] = []
+        for r, site, scoper in records:
+            self._record(r, site, scoper, fresh)
+        for c in fresh:  # judged once the round's records are in: a reply in the same round counts too
+            if c.entry is not None and not c.judged:
+                self._emit("flow", c)
+
+    def _account(self):
+        """Export loss and decoder refusals, by their increase since the last read."""
+        dec = self.decoder
+        if len(dec.datagrams) > MAX_CONNECTIONS:  # per-exporter tallies: spoofed sources never grow them unbounded
+            dec.datagrams.clear()
+        for exp, n in dec.lost.items():
+            grew = n - self._lost_seen.get(exp, 0)
+            if grew > 0:
+                self._lost_seen[exp] = n
+                self._count(("lost", self.exporters.of(exp)[0]), grew)
+        for kind, n in dec.counts.items():
+            grew = n - self._refused_seen.get(kind, 0)
+            if grew > 0:
+                self._refused_seen[kind] = n
+                self._count(("refused", kind), grew)
+        if len(self._lost_seen) > 4 * MAX_CONNECTIONS:  # exporters come and go: never unbounded
+            self._lost_seen.clear()
+            dec.lost.clear()
+
+    def _record(self, r, site: str, scoper: Scoper | None, fresh: list):
+        if scoper is None:
+            self._count(("records", site, "refused"))
+            return
+        a, b = (r.src, r.sport), (r.dst, r.dport)
+        key = (site, r.exporter, r.proto, *(a + b if a <= b else b + a))
+        c = self.conns.get(key)
+        if c is not None and r.first > c.last + c.idle:
+            self._end(c)  # quiet for longer than its timeout: this record starts a new connection
+            c = None
+        if c is None:
+            c = self._open(key, r, site, scoper)
+            fresh.append(c)
+            outcome = "connection" if c.entry is not None else "not_egress"
+        else:
+            self.conns.move_to_end(key)
+            outcome = "merged" if c.entry is not None else "not_egress"
+        fwd = (r.src, r.sport) == (c.src, c.sport)
+        sent = (r.packets, r.bytes, r.tcp_flags & 0xFF)
+        back = (r.packets_reply or 0, r.bytes_reply or 0, r.tcp_flags_reply)  # a biflow's reverse direction
+        for (pk, by, fl), mine in ((sent, fwd), (back, not fwd)):
+            if mine:
+                c.packets, c.bytes, c.flags = c.packets + pk, c.bytes + by, c.flags | fl
+            else:
+                c.packets_reply, c.bytes_reply = c.packets_reply + pk, c.bytes_reply + by
+                c.flags_reply |= fl
+        c.first, c.last = min(c.first, r.first), max(c.last, r.last)
+        self._count(("records", site, outcome))
+
+    def _open(self, key, r, site: str, scoper: Scoper) -> _Conn:
+        sender, how = _opener_is_sender(r)
+        src, sport, dst, dport = (r.src, r.sport, r.dst, r.dport) if sender else (r.dst, r.dport, r.src, r.sport)
+        idle = (IDLE_TCP if r.proto == 6 else IDLE_OTHER) + EXPORT_GRACE
+        c = _Conn(key, None, src, sport, r.first, r.last, idle)
+        if scoper.is_egress(src, dst) or (self.inbound and scoper.is_egress(dst, src)):
+            self._next_id += 1
+            c.entry = NetflowEntry(self._next_id, r.proto, src, sport, dst, dport, 0, 0, int(r.first * 1e9), None,
+                                   None, r.last, self.kind, site, r.exporter, r.in_if, r.out_if, r.sampled, how,
+                                   0, 0, 0, 0)
+        self.conns[key] = c
+        if len(self.conns) > MAX_CONNECTIONS:
+            self._end(next(iter(self.conns.values())))
+            self._count(("evicted",))
+        return c
+
+    def _emit(self, kind: str, c: _Conn):
+        e = c.entry._replace(packets=c.packets, bytes=c.bytes, packets_reply=c.packets_reply,
+                             bytes_reply=c.bytes_reply, start_ns=int(c.first * 1e9), last=c.last, flags=c.flags,
+                             flags_reply=c.flags_reply)
+        if kind == "flow":
+            c.judged = True
+            self._count(("new",))
+        self.items.append((kind, e, kind == "flow"))
+
+    def _end(self, c: _Conn):
+        self.conns.pop(c.key, None)
+        if c.entry is not None:
+            if not c.judged:  # ended in the round that opened it: judged now, with what it carried
+                self._emit("flow", c)
+            self._emit("destroy", c)
+
+    def sweep(self, now: float):
+        """End the connections whose exporters have said nothing of them for their idle timeout."""
+        for c in [c for c in self.conns.values() if now - c.last > c.idle]:
+            self._end(c)
