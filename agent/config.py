@@ -218,6 +218,8 @@ def with_flags(cfg: Config, args) -> Config:
     for kind in ("netflow", "sflow"):
         if getattr(args, f"{kind}_listen", None):
             changes[kind] = {**getattr(cfg, kind), "listen": list(args.__dict__[f"{kind}_listen"])}
+            if kind not in changes.get("sources", cfg.sources):  # a listen address nothing would read
+                raise UserError(f"--{kind}-listen: add --source {kind} (or `{kind}` to sources in the config)")
     if getattr(args, "interface", None):
         changes["capture"] = {**cfg.capture, "interfaces": list(args.interface)}
     if getattr(args, "no_host_addresses", None):

@@ -190,6 +190,7 @@ def test_unknown_exporters_refused_and_an_exporters_own_local_nets(tmp_path):
         assert a.value("egress_agent_flows_judged_total", source="netflow") in (None, 0)
     finally:
         a.stop()
+    assert "every record will be refused" in a.logtext()
     port = _udp_port()
     own = [{"address": "127.0.0.1", "site": "dc1", "local_nets": ["198.51.100.0/25"]}]
     second = tmp_path / "second"
@@ -212,6 +213,8 @@ def test_a_bad_listen_address_is_exit_2_before_anything_runs(cli, tmp_path):
         assert "netflow.listen" in r.stderr and bad in r.stderr, r.stderr
     r = cli("run", "--source", "netflow", *common, timeout=60)
     assert r.returncode == 2 and "no listen address" in r.stderr, r.stderr
+    r = cli("run", "--netflow-listen", "127.0.0.1:2055", *common, timeout=60)  # no --source netflow
+    assert r.returncode == 2 and "--netflow-listen: add --source netflow" in r.stderr, r.stderr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]

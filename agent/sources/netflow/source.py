@@ -159,6 +159,9 @@ class NetflowSource:
         else:
             self.sockets = bind(addrs, rcvbuf, self.KIND)
             self.col = Collecting(self.KIND, exporters, d.pipeline.inbound)
+        if exporters.refuse and not exporters.by_addr:
+            log.warning("%s source: unknown_exporters is refuse and no exporter is configured: every record "
+                        "will be refused (counted as outcome=refused); list them under exporters:", self.KIND)
         log.info("%s source: listening on %s (%d exporter(s) configured, unknown ones %s%s)", self.KIND,
                  ", ".join(f"{h}:{p}" for h, p, _ in addrs), len(exporters.by_addr),
                  "refused" if exporters.refuse else "judged", f"; {workers} worker processes" if workers > 1 else "")
