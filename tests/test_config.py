@@ -45,6 +45,7 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "--evidence-fsync", "--sample", "4", "--evidence", str(tmp_path / "e.jsonl"),
                                       "--web-config", "/etc/w.yml", "--source", "conntrack", "--source", "capture",
                                       "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r",
+                                      "--source", "netflow", "--source", "sflow",
                                       "--netflow-listen", "0.0.0.0:2055", "--sflow-listen", "[::]:6343",
                                       "--unknown-exporters", "refuse", "--enforce", "dry-run"])
     cfg = with_flags(load_config(None), args)
@@ -52,7 +53,8 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
     assert (cfg.geoip_check_interval, cfg.reload_check_interval) == (2, 3)
     assert cfg.evidence == {"path": str(tmp_path / "e.jsonl"), "max_bytes": 8192, "backups": 2, "fsync": True}
-    assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (("conntrack", "capture"), ["eth0"], False)
+    assert (cfg.sources, cfg.capture["interfaces"], cfg.host_addresses) == (
+        ("conntrack", "capture", "netflow", "sflow"), ["eth0"], False)
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
                "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
                "sources", "capture", "host_addresses", "recipients", "netflow", "sflow", "unknown_exporters",
