@@ -326,16 +326,17 @@ class Daemon:
                       "previous one, retrying in %g s: %s", self.cfg.geoip_check_interval, loc.refresh_error)
 
     def _dispatch(self, kind: str, e, now: float, today: int, fast):
-        """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`.
-        The process behind a new flow is looked up once, for whichever lane judges it."""
-        if kind != "new" or fast is None:
-            self._handle(kind, e, now, None if kind == "flow" else _ASK)  # a router's flow: no local process
+        """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`. The
+        process behind a new flow is looked up once, for whichever lane judges it; a router's flow has none."""
+        ask = None if kind == "flow" else _ASK
+        if (kind != "new" and kind != "flow") or fast is None:
+            self._handle(kind, e, now, ask)
             return
         pipe = self.pipeline
         if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
-            return self._handle(kind, e, now, inbound=True)  # the full path: judged by the peer's location
+            return self._handle(kind, e, now, ask, inbound=True)  # the full path: judged by the peer's location
         who = None
-        if self.attributor is not None:
+        if self.attributor is not None and kind == "new":
             if e[:6] in self.open:
                 return  # seen already: no lookup
             who = self.attributor.who(e)  # reads proto, src, sport, dst, dport, as of a Flow

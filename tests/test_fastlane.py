@@ -255,3 +255,49 @@ def test_a_failing_batch_lookup_leaves_every_flow_judged(daemon_factory):
     d.metrics.flush()
     assert d.metrics.judged_flows.labels("conntrack")._value.get() == len(events)
     assert d.attributor.calls > 0 and d.pending == 0
+
+
+def _collector_events(n: int, seed: int):
+    """The same flows as a collector's items (NetflowEntry): no NAT, reply counters, flags, exporter."""
+    from agent.sources.netflow.collect import ID_BASE, NetflowEntry
+
+    rnd = random.Random(seed)
+    out = []
+    for e in _events(n, seed):
+        out.append(NetflowEntry(ID_BASE + e.ct_id, e.proto, e.src, e.sport, e.dst, e.dport, e.packets, e.bytes,
+                                e.start_ns, None, None, NOW - 1, "netflow", rnd.choice(["paris", "other"]),
+                                "192.0.2.1", rnd.choice([None, 3]), rnd.choice([None, 7]), rnd.choice([None, 1, 64]),
+                                rnd.choice(["port", "syn", "first-packet"]), rnd.randrange(0, 9),
+                                rnd.randrange(0, 9000), rnd.choice([0, 0x1A, 0x02]), rnd.choice([0, 0x12])))
+    return out
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_collector_items_take_the_fast_lane_and_write_what_the_full_path_writes(daemon_factory, seed, records_in):
+    """A collector's connections ("flow" items, then "destroy" with final counters both ways): the
+    fast lane's records carry the connection's members and the exporter's facts byte for byte as the
+    full path's do, with the same metrics."""
+    events = _collector_events(1200, seed)
+    slow, fast = daemon_factory("slow"), daemon_factory("fast")
+    today = int(NOW // 86400)
+    took = 0
+    for d, use_fast in ((slow, False), (fast, True)):
+        for phase in ("flow", "destroy"):
+            for i, e in enumerate(events):
+                if phase == "destroy":
+                    e = e._replace(packets=e.packets + i % 3, bytes=e.bytes + 100 * (i % 2),
+                                   packets_reply=e.packets_reply + 1, bytes_reply=e.bytes_reply + 7)
+                    d._handle("destroy", e, NOW + 5)
+                elif use_fast and d.fast.new(e, NOW, today):
+                    took += 1
+                else:
+                    d._handle("flow", e, NOW, None)
+                if i % 50 == 49:
+                    d._write_evidence()
+            d._write_evidence()
+        d.metrics.flush()
+    assert took > len(events) // 3, "the fast lane took too few collector items to be tested"
+    slow_lines = Path(slow.cfg.evidence_path).read_bytes()
+    assert Path(fast.cfg.evidence_path).read_bytes() == slow_lines
+    assert b'"exporter":"paris"' in slow_lines and b'"source":"netflow:' in slow_lines
+    assert _metrics(fast) == _metrics(slow)

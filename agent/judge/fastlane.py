@@ -1,10 +1,11 @@
 """The live worker's lane for conntrack flows whose verdict is already known: the common case.
 
-Contract: `FastLane(daemon).new(e, now, today, who)` handles a NEW conntrack event exactly as
-`Daemon._handle("new", e, now, who)` would (same metrics, same evidence bytes, same state for its
-end) and returns True; or it returns False having changed nothing, and the caller takes the full
-path. `who` is the flow's process when the daemon attributes flows (looked up once by the caller,
-`Daemon._dispatch`), else None.
+Contract: `FastLane(daemon).new(e, now, today, who)` handles a NEW conntrack event (or a
+collector's "flow" item, a `NetflowEntry`: its records then carry the connection's members and the
+exporter's facts as the full path writes them) exactly as `Daemon._handle(kind, e, now, who)` would
+(same metrics, same evidence bytes, same state for its end) and returns True; or it returns False
+having changed nothing, and the caller takes the full path. `who` is the flow's process when the
+daemon attributes flows (looked up once by the caller, `Daemon._dispatch`), else None.
 It takes an event only when everything it needs is cached already: the destination's network in the
 locator's network cache (so the database answer is known), a plausible first-seen time (judged on
 its own day), and the verdict cache entry for the flow's facts; and only when no per-flow input
@@ -29,13 +30,14 @@ from socket import AF_INET6 as _AF6
 from socket import inet_pton as _pton
 
 from agent.enrich.scope import embedded_int, ip_int
-from agent.flow import Location, _process_json, iso_time, proto_name
+from agent.flow import Location, _process_json, flag_letters, iso_time, proto_name
 from agent.judge.pipeline import PLAUSIBLE_FROM
 from agent.policy.compiled import location_class
 from agent.policy.engine import PEER_NOUN, _day
 from agent.sinks.eventlog import _dumps, _shared_bytes, extra_members
 from agent.sinks.metrics import country_label
 from agent.sinks.records import _message_form
+from agent.sources.netflow.collect import NetflowEntry
 
 try:
     from agent.sinks._evidence import records as _c_records
@@ -165,8 +167,9 @@ class FastLane:
         d.metrics.judged_counts(entry[1], entry[2], entry[3], e.bytes)
         reported = entry[0]
         process = None if who is None else self._process(who)
-        if reported:
-            self._records(entry, b"new", e, e.packets, e.bytes, first, now, process)
+        if reported:  # last seen: now for a conntrack event, the records' own time for a collector's item
+            self._records(entry, b"new", e, e.packets, e.bytes, first, e.last if type(e) is NetflowEntry else now,
+                          process)
         d.open[k] = [Opened(entry, first, reported, process), e.bytes, bool(reported)]
         if len(d.open) > self.max_open:
             d.open.popitem(last=False)
@@ -221,22 +224,27 @@ class FastLane:
         pj = self._proto.get(e.proto)
         if pj is None:
             pj = self._proto[e.proto] = _dumps(proto_name(e.proto))
-        extra = None if not (e.nat_src or e.nat_dst) else \
-            extra_members({"conntrack_id": e.ct_id, "nat": {"dst": e.nat_dst, "src": e.nat_src}})
+        conn = None
+        if type(e) is NetflowEntry:  # a collector's connection: its members and the exporter's facts
+            conn, extra = _collector_parts(e)
+        else:
+            extra = None if not (e.nat_src or e.nat_dst) else \
+                extra_members({"conntrack_id": e.ct_id, "nat": {"dst": e.nat_dst, "src": e.nat_src}})
         now = self.d.stamp()
         ev = _EVENT[event]
         if _c_records is None or not _c_records(self.d._records, entry[0], ev, now, e, packets, nbytes, first, last,
-                                                pj, extra, process):
-            self._py_records(entry[0], ev, now, e, packets, nbytes, first, last, pj, extra, process)
+                                                pj, extra, process, conn):
+            self._py_records(entry[0], ev, now, e, packets, nbytes, first, last, pj, extra, process, conn)
 
     def _py_records(self, parts, ev: bytes, now: bytes, e, packets: int, nbytes: int, first: float, last: float,
-                    pj: bytes, extra: bytes | None, process: bytes | None = None):
+                    pj: bytes, extra: bytes | None, process: bytes | None = None, conn: bytes | None = None):
         src, dst = e.src.encode(), e.dst.encode()
         fs = iso_time(first).encode()
         ls = fs if last == first else iso_time(last).encode()
         flow = b'{"proto":%b,"src":"%b","sport":%d,"dst":"%b","dport":%d,"packets":%d,"bytes":%d,' \
-               b'"first_seen":"%b","last_seen":"%b","source":"conntrack"%b}' % (
+               b'"first_seen":"%b","last_seen":"%b",%b%b}' % (
                    pj, src, e.sport, dst, e.dport, packets, nbytes, fs, ls,
+                   b'"source":"conntrack"' if conn is None else conn,
                    b',"process":' + process if process is not None else b"")
         if extra is None:
             extra = b',"conntrack_id":%d' % e.ct_id
@@ -249,3 +257,14 @@ class FastLane:
             else:
                 msg = message
             out.append(b"".join((b'{"time":', now, ev, head, msg, tail, b',"flow":', flow, where)) + extra)
+
+
+def _collector_parts(e) -> tuple[bytes, bytes]:
+    """A collector connection's flow members from opened_by to its source, as `Flow.to_json` writes
+    them, and its evidence members (`NetflowEntry.ids`), as the full path writes them."""
+    conn = b'"opened_by":%b,"packets_reply":%d,"bytes_reply":%d' % (_dumps(e.opened_by), e.packets_reply,
+                                                                     e.bytes_reply)
+    if e.proto == 6:
+        conn += b',"tcp_flags":%b,"tcp_flags_reply":%b' % (_dumps(flag_letters(e.flags)),
+                                                           _dumps(flag_letters(e.flags_reply)))
+    return conn + b',"source":' + _dumps(f"{e.collector}:{e.exporter}"), extra_members(e.ids())

@@ -6,14 +6,16 @@
  *
  * iso_time(ts) -> str or None: agent.flow.iso_time for 0 <= ts < 253402300799 (the fraction rounded
  *   half to even to the microsecond, left out when zero); None outside (the caller uses Python's).
- * records(out, parts, event, time, entry, packets, nbytes, first, last, proto_json, extra, process) -> bool:
+ * records(out, parts, event, time, entry, packets, nbytes, first, last, proto_json, extra, process[, conn]) -> bool:
  *   appends to the list `out` one record (bytes) per element of `parts`, each
  *     {"time":TIME,"event":EVENT,HEAD MESSAGE TAIL,"flow":FLOW WHERE EXTRA
  *   as fastlane.FastLane._py_records writes it (tests hold the two equal, and both equal to
  *   eventlog.record_body). parts: tuple of (head, mode, rest, tail, where, message_json) with
  *   mode 0: message "destination DST (" + rest; 1: "destination DST " + rest; 2: message_json.
  *   entry: a conntrack.CtEntry (ct_id, proto, src, sport, dst, dport, ...); extra: bytes, or None for
- *   ,"conntrack_id":ID; process: the flow's "process" member's JSON (bytes) or None for none.
+ *   ,"conntrack_id":ID; process: the flow's "process" member's JSON (bytes) or None for none; conn: the
+ *   flow's members after last_seen up to its source (a collector's connection: opened_by, the reply
+ *   counters, flags, "source":"netflow:SITE"), bytes, or None for "source":"conntrack".
  *   False (nothing appended) when a time is outside iso_time's range.
  */
 #define PY_SSIZE_T_CLEAN
@@ -55,8 +57,8 @@ static int bytes_of(PyObject *o, const char **p, Py_ssize_t *n) {
 
 static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "records takes 12 arguments");
+    if (nargs != 12 && nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "records takes 12 or 13 arguments");
         return NULL;
     }
     PyObject *out = args[0], *parts = args[1], *entry = args[4];
@@ -71,6 +73,9 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     const char *pr = "";
     Py_ssize_t npr = 0;
     if (args[11] != Py_None && bytes_of(args[11], &pr, &npr)) return NULL;
+    const char *cn = "\"source\":\"conntrack\"";
+    Py_ssize_t ncn = 20;
+    if (nargs == 13 && args[12] != Py_None && bytes_of(args[12], &cn, &ncn)) return NULL;
     long long packets = PyLong_AsLongLong(args[5]), nbytes = PyLong_AsLongLong(args[6]);
     double first = PyFloat_AsDouble(args[7]), last = PyFloat_AsDouble(args[8]);
     if (PyErr_Occurred()) return NULL;
@@ -90,9 +95,9 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int nflow = snprintf(flow, sizeof flow,
                          "{\"proto\":%.*s,\"src\":\"%.*s\",\"sport\":%lld,\"dst\":\"%.*s\",\"dport\":%lld,"
                          "\"packets\":%lld,\"bytes\":%lld,\"first_seen\":\"%.*s\",\"last_seen\":\"%.*s\","
-                         "\"source\":\"conntrack\"%s%.*s}",
+                         "%.*s%s%.*s}",
                          (int)npj, pj, (int)nsrc, src, sport, (int)ndst, dst, dport, packets, nbytes, nfs, fs, nls, ls,
-                         npr ? ",\"process\":" : "", (int)npr, pr);
+                         (int)ncn, cn, npr ? ",\"process\":" : "", (int)npr, pr);
     if (nflow < 0 || nflow >= (int)sizeof flow) Py_RETURN_FALSE; /* a very long process: Python's twin */
     char idtext[40];
     if (!ex) {

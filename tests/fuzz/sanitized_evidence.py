@@ -39,9 +39,13 @@ def main(so: str, cases: int, seed: int) -> int:
         last = rnd.choice([first, first + 1.5, 1e12])
         extra = rnd.choice([None, b"", b',"nat":{"dst":"192.0.2.1","src":null}'])
         process = rnd.choice([None, b'{"pid":7}', b'{"comm":"' + b"x" * rnd.choice([10, 5000]) + b'"}'])
+        # a collector connection's members (13th argument), or conntrack's source (none given)
+        conn = rnd.choice([None, b'"opened_by":"port","packets_reply":3,"source":"netflow:paris"', b"",
+                           b'"source":"' + b"y" * rnd.choice([10, 5000]) + b'"'])
         out: list = []
-        ok = mod.records(out, parts, b',"event":"new",', b'"2025-06-15T15:06:40.123456Z"', e, e.packets, e.bytes,
-                         first, last, b'"tcp"', extra, process)
+        args = (out, parts, b',"event":"new",', b'"2025-06-15T15:06:40.123456Z"', e, e.packets, e.bytes, first, last,
+                b'"tcp"', extra, process)
+        ok = mod.records(*args, conn) if conn is not None or rnd.random() < 0.5 else mod.records(*args)
         if not ok:
             if out:
                 print(f"case {i}: refused, yet wrote records")
@@ -52,7 +56,7 @@ def main(so: str, cases: int, seed: int) -> int:
             return 1
         twin = SimpleNamespace(d=SimpleNamespace(_records=[]))
         FastLane._py_records(twin, parts, b',"event":"new",', b'"2025-06-15T15:06:40.123456Z"', e, e.packets,
-                             e.bytes, first, last, b'"tcp"', extra, process)
+                             e.bytes, first, last, b'"tcp"', extra, process, conn)
         if out != twin.d._records:
             print(f"case {i}: C and Python disagree:\n{out!r}\n{twin.d._records!r}")
             return 1

@@ -63,7 +63,8 @@ class NetflowEntry(NamedTuple):
 
     def flow(self, now: float, last: float | None = None) -> Flow:
         return Flow(self.proto, self.src, self.sport, self.dst, self.dport, self.packets, self.bytes,
-                    self.start_ns / 1e9, last or self.last, f"{self.collector}:{self.exporter}",
+                    self.start_ns / 1e9 if self.start_ns else now, last or self.last,
+                    f"{self.collector}:{self.exporter}",
                     opened_by=self.opened_by, packets_reply=self.packets_reply, bytes_reply=self.bytes_reply,
                     tcp_flags=self.flags, tcp_flags_reply=self.flags_reply)
 
