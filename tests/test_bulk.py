@@ -1,6 +1,7 @@
 """The bulk judging path (agent.judge.bulk, AuditReport.add_table) against the per-flow path, report for report.
 
-`audit` judges flow-heavy inputs in bulk; `--flows`, `--html` and inventories judge flow by flow.
+`audit` judges flow-heavy inputs in bulk (`--flows` included: its rows are made from the table's
+columns, a chunk at a time); `--html` and inventories take a Judged per flow from the bulk results.
 Both must write the same report for the same input, down to the order of records and of equal
 byte counts. Every building block is also checked against its scalar twin on its own.
 """
@@ -130,9 +131,13 @@ def _both(argv, monkeypatch, tmp_path):
     return a, b
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed):
+@pytest.mark.parametrize("seed,flows", [(1, False), (2, False), (3, True)])
+def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed, flows):
+    with_flows = flows
     flows = random_flows(3000, seed)
+    if with_flows:  # rows of equal sort keys (same first seen and 5-tuple, other counters) keep their order
+        flows += [f.__class__(**{**{k: getattr(f, k) for k in f.__slots__}, "bytes": f.bytes + 1})
+                  for f in flows[:40]]
     log = tmp_path / "flows.jsonl"
     log.write_text("".join(json.dumps(f.to_json()) + "\n" for f in flows[:2000]))
     log2 = tmp_path / "more.jsonl"  # a second input: a second block of records, merged by the sort
@@ -146,10 +151,12 @@ def test_flow_log_reports_are_equal_both_ways(tmp_path, monkeypatch, dbs, seed):
             (pol / p.name).write_text(p.read_text())
     argv = ["audit", "--policies", str(pol), "--geoip-db", dbs[0], "--geoip-db", dbs[1], "--as-of", "2025-07-01",
             "--public-net", "198.51.100.0/24", "--public-net", "203.0.113.0/24", "--public-net", "2001:db8::/32",
-            str(log), str(log2)]
+            *(["--flows"] if with_flows else []), str(log), str(log2)]
     a, b = _both(argv, monkeypatch, tmp_path)
     assert a == b
     assert a["verdicts"]["violation"] and a["redated"] and a["totals"]["inbound_flows"]
+    if with_flows:
+        assert len(a["flows"]) == len(flows) and {f["direction"] for f in a["flows"]} == {None, "outbound", "inbound"}
     assert any(v["hostname"] for v in a["violations"]) and any(not v["message"].isascii() for v in a["violations"])
 
 

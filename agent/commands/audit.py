@@ -73,7 +73,7 @@ def _run_audit(args, run: dict | None = None) -> int:
     ports = getattr(args, "export_ports", None) or ()
     for path in expand_inputs(args.inputs):
         sources.append(read_input(path, ports))
-    bulk = inputs.BULK and report.flows is None
+    bulk = inputs.BULK
     for flows, stats, packets in sources:
         report.add_input(stats, packets)
         run["inputs"] = run.get("inputs", 0) + 1

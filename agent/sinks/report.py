@@ -177,6 +177,7 @@ class AuditReport:
         self.redated: list[dict] = []
         self.warnings: list[str] = []
         self.flows: list[dict] | None = [] if with_flows else None
+        self.flow_tables: list[tuple] = []  # (FlowTable, TableJudgement) of the bulk path, with `flows`
         self.span: list[float] = []  # [earliest first seen, latest last seen] of the flows read (0: no time)
 
     def add_input(self, stats: dict, packets: int | None = None):
@@ -270,6 +271,8 @@ class AuditReport:
         from agent.policy.engine import PEER_NOUN, peer_prefix
 
         n = len(t)
+        if self.flows is not None:  # `flows` rows are made from the table when written (flow_rows)
+            self.flow_tables.append((t, res))
         self.totals["flows"] += n
         timed = t.first > 0
         if timed.any():
@@ -385,8 +388,105 @@ class AuditReport:
             "warnings": self.warnings + self._redated_warning(),
         }
         if self.flows is not None:
-            out["flows"] = sorted(self.flows, key=lambda r: (r["first_seen"] or "", r["src"], r["sport"], r["dst"],
-                                                             r["dport"], r["proto"]))
+            out["flows"] = placeholders["flows"] if placeholders else [r for c in self.flow_rows() for r in c]
+        return out
+
+    def flow_rows(self, chunk: int = 20_000):
+        """The `flows` list (`audit --flows`) in its sorted order, `chunk` rows at a time: rows of
+        flows added one by one (`add_flow`) and rows of bulk tables made from their columns and
+        group judgements, so a million flows never stand as a million dicts at once. Sorted by
+        (first seen or "", src, sport, dst, dport, proto), ties in the order the flows came."""
+        from agent.flow import iso_parts
+        from agent.sinks.records import iso_texts
+
+        keys = [(r["first_seen"] or "", r["src"], r["sport"], r["dst"], r["dport"], r["proto"], -1, k)
+                for k, r in enumerate(self.flows or ())]
+        for b, (t, _res) in enumerate(self.flow_tables):
+            first = t.first.tolist()
+            texts = iso_texts(t.first, iso_parts(t.first))
+            names = {p: proto_name(p) for p in set(t.proto.tolist())}
+            src, dst = t.src, t.dst
+            keys += [(texts[i] if first[i] else "", src.text[si], sp, dst.text[di], dp, names[p], b, i)
+                     for i, (si, sp, di, dp, p) in enumerate(zip(src.inverse.tolist(), t.sport.tolist(),
+                                                                  dst.inverse.tolist(), t.dport.tolist(),
+                                                                  t.proto.tolist(), strict=True))]
+        keys.sort()
+        for c in range(0, len(keys), chunk):
+            part = keys[c:c + chunk]
+            out: list = [None] * len(part)
+            by_table: dict[int, tuple[list, list]] = {}
+            for pos, (*_, b, k) in enumerate(part):
+                if b < 0:
+                    out[pos] = self.flows[k]
+                else:
+                    at, rows = by_table.setdefault(b, ([], []))
+                    at.append(pos)
+                    rows.append(k)
+            for b, (at, rows) in by_table.items():
+                for pos, row in zip(at, self._table_rows(b, rows), strict=True):
+                    out[pos] = row
+            yield out
+
+    def _table_rows(self, b: int, rows: list[int]) -> list[dict]:
+        """`flow_row` of these rows of bulk table b, each with its judgement as the per-row path
+        makes it, from the table's columns (no Flow or Judged per row)."""
+        import numpy as np
+
+        from agent.flow import OPENED_BY, iso_parts
+        from agent.sinks.records import iso_texts
+
+        t, res = self.flow_tables[b]
+        ix = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        proto = t.proto[ix].tolist()
+        names = {p: proto_name(p) for p in set(proto)}
+        src = [t.src.text[k] for k in t.src.inverse[ix].tolist()]
+        dst = [t.dst.text[k] for k in t.dst.inverse[ix].tolist()]
+        col = lambda c: [None] * n if c is None else c[ix].tolist()  # noqa: E731
+        sport, dport, pk, by = col(t.sport), col(t.dport), col(t.packets), col(t.bytes)
+        opened = [OPENED_BY[o] for o in t.opened[ix].tolist()] if t.opened is not None else [None] * n
+        zero = [0] * n
+        pkr, byr = (col(t.packets_reply), col(t.bytes_reply)) if t.opened is not None else (zero, zero)
+        hints, hints_r = (col(t.hints) if t.hints is not None else zero), \
+            (col(t.hints_reply) if t.hints_reply is not None else zero)
+        firsts, lasts = t.first[ix], t.last[ix]
+        fs = iso_texts(firsts, iso_parts(firsts))
+        ls = iso_texts(lasts, iso_parts(lasts))
+        fz, lz = (firsts != 0).tolist(), (lasts != 0).tolist()
+        host, hsrc = col(t.hostname), col(t.hostname_source)
+        direction, keys = res.direction[ix].tolist(), res.key[ix].tolist()
+        per_group: dict[int, tuple] = {}
+        out = []
+        for k in range(n):
+            ob = opened[k]
+            p, q, b_, r_ = pk[k], by[k], (pkr[k] if ob is not None else 0), (byr[k] if ob is not None else 0)
+            j = res.scalar.get(rows[k]) if direction[k] else None
+            if j is not None:
+                facts = (j.inbound, j.location, j.recipient, {v.policy: v.outcome.value for v in j.outcomes})
+            elif direction[k]:
+                facts = per_group.get(keys[k])
+                if facts is None:
+                    g = res.reps[keys[k]]
+                    facts = per_group[keys[k]] = (False, g.location, g.recipient,
+                                                  {v.policy: v.outcome.value for v in g.outcomes})
+            else:
+                facts = None
+            inbound = facts is not None and facts[0]
+            loc = facts[1] if facts is not None else None
+            flags = proto[k] == 6 and ob is not None
+            out.append({"proto": names[proto[k]], "src": src[k], "sport": sport[k], "dst": dst[k], "dport": dport[k],
+                        "dst_port": dport[k], "packets": p, "bytes": q,
+                        "packets_sent": b_ if inbound else p, "bytes_sent": r_ if inbound else q,
+                        "packets_received": p if inbound else b_, "bytes_received": q if inbound else r_,
+                        "opened_by": ob, "tcp_flags": flag_letters(hints[k] & 0xFF) if flags else None,
+                        "tcp_flags_reply": flag_letters(hints_r[k] & 0xFF) if flags else None,
+                        "first_seen": fs[k] if fz[k] else None, "last_seen": ls[k] if lz[k] else None,
+                        "egress": facts is not None and not inbound,
+                        "direction": ("inbound" if inbound else "outbound") if facts is not None else None,
+                        "country": loc.country if loc is not None and loc.unknown_reason is None else None,
+                        "hostname": host[k], "hostname_source": hsrc[k],
+                        "recipient": facts[2].id if facts is not None and facts[2] is not None else None,
+                        "verdicts": dict(facts[3]) if facts is not None else {}})
         return out
 
     def to_json_bytes(self) -> bytes:
@@ -408,7 +508,7 @@ class AuditReport:
             return
         import secrets
 
-        marks = {kind: f"egress-agent-records-{secrets.token_hex(8)}-{kind}" for kind in self.records}
+        marks = {kind: f"egress-agent-records-{secrets.token_hex(8)}-{kind}" for kind in (*self.records, "flows")}
         try:
             head = orjson.dumps(self.to_json(raw=True, placeholders=marks), option=orjson.OPT_APPEND_NEWLINE)
             # dicts (records judged one by one) are dumped up front, where a refusal can still fall
@@ -418,6 +518,8 @@ class AuditReport:
         except TypeError:  # a value orjson refuses (an integer beyond 64 bits): the dicts, through json
             yield dumps(self.to_json(), pretty=False)
             return
+        if self.flows is not None:  # the flows list last, as it stands last in the report
+            pieces.append(("flows", (b",".join(map(orjson.dumps, rows)) for rows in self.flow_rows() if rows)))
         rest = head
         for kind, texts in pieces:
             before, sep, rest = rest.partition(f'"{marks[kind]}"'.encode())
@@ -526,17 +628,18 @@ class AuditReport:
     def _render_flows(self, console):
         from rich.table import Table
 
-        rows = self.to_json()["flows"]
+        total = len(self.flows) + sum(len(t) for t, _res in self.flow_tables)
+        rows = next(self.flow_rows(MAX_FLOW_ROWS), [])  # the first ones shown: no dict for the rest
         if console.is_terminal and console.width < FLOWS_TABLE_WIDTH:
             # a terminal too narrow for the table: one flow per line, key=value, as `conntrack -L`
             # does, so no column is squeezed to "desti…" and no address is ever cut
-            console.print(f"[bold]Flows ({len(rows)})[/]")
-            for r in rows[:MAX_FLOW_ROWS]:
+            console.print(f"[bold]Flows ({total})[/]")
+            for r in rows:
                 console.print(flow_line(r), highlight=False, markup=False)
-            if len(rows) > MAX_FLOW_ROWS:
-                console.print(f"… and {len(rows) - MAX_FLOW_ROWS} more flows (--format json lists all)")
+            if total > MAX_FLOW_ROWS:
+                console.print(f"… and {total - MAX_FLOW_ROWS} more flows (--format json lists all)")
             return
-        t = Table(title=f"Flows ({len(rows)})", title_justify="left")
+        t = Table(title=f"Flows ({total})", title_justify="left")
         cols = ("first seen", "proto", "opened by", "source", "destination", "host name", "country", "packets",
                 "bytes", "verdicts")
         for col in cols:
@@ -550,5 +653,5 @@ class AuditReport:
                       r["country"] or ("" if not r["direction"] else "unknown"), str(r["packets"]), str(r["bytes"]),
                       verdicts)
         console.print(t)
-        if len(rows) > MAX_FLOW_ROWS:
-            console.print(f"… and {len(rows) - MAX_FLOW_ROWS} more flows (--format json lists all)")
+        if total > MAX_FLOW_ROWS:
+            console.print(f"… and {total - MAX_FLOW_ROWS} more flows (--format json lists all)")
