@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from operator import itemgetter
 
 from agent import __version__
-from agent.flow import Outcome, flag_letters, iso_time, proto_name
+from agent.flow import Outcome, iso_time, proto_name
 from agent.judge.pipeline import Judged
+from agent.sinks.flowrows import flow_line, flow_row, local_counts, sorted_rows
 from agent.sinks.records import RecordBlock, iso_texts, sort_order
 
 MAX_TABLE_ROWS = 40
@@ -32,44 +33,6 @@ def _where(r: dict) -> str:
     if r["country"]:
         return r["country"]
     return f"registered {r['registered_country']}" if r.get("registered_country") else "unknown"
-
-
-def local_counts(flow, inbound: bool) -> dict:
-    """What the local side of a connection sent and received (inbound: the responder is local)."""
-    sent = (flow.packets_reply, flow.bytes_reply) if inbound else (flow.packets, flow.bytes)
-    got = (flow.packets, flow.bytes) if inbound else (flow.packets_reply, flow.bytes_reply)
-    return {"packets_sent": sent[0], "bytes_sent": sent[1], "packets_received": got[0], "bytes_received": got[1]}
-
-
-def flow_line(r: dict) -> str:
-    """One `flows` entry as a few short lines (the connection, then key=value facts, then its
-    verdicts, indented): what `audit --flows` shows on a terminal too narrow for the table."""
-    where = r["country"] or ("unknown" if r["direction"] else "local")
-    host = f" host={r['hostname']}({r['hostname_source']})" if r["hostname"] else ""
-    verdicts = " ".join(f"{p}={o}" for p, o in r["verdicts"].items() if o != "not_applicable")
-    return (f"{r['first_seen'] or '-'} {r['proto']} {r['src']}:{r['sport']} -> {r['dst']}:{r['dport']} "
-            f"{r['direction'] or 'not-egress'}\n    country={where}{host} opened_by={r['opened_by'] or '-'} "
-            f"sent={r['packets_sent']}/{r['bytes_sent']}B received={r['packets_received']}/{r['bytes_received']}B"
-            + (f"\n    {verdicts}" if verdicts else ""))
-
-
-def flow_row(flow, j: Judged | None) -> dict:
-    """One entry of the report's `flows` list (`audit --flows`): field names as in `violations`,
-    plus `dport` (the name the flow log uses), the connection's opener and TCP flags, and the
-    verdict of each policy. `packets`/`bytes` are what the opener (`src`) sent."""
-    loc = j.location if j is not None else None
-    return {"proto": proto_name(flow.proto), "src": flow.src, "sport": flow.sport, "dst": flow.dst,
-            "dport": flow.dport, "dst_port": flow.dport, "packets": flow.packets, "bytes": flow.bytes,
-            **local_counts(flow, j is not None and j.inbound), "opened_by": flow.opened_by,
-            "tcp_flags": flag_letters(flow.tcp_flags) if flow.proto == 6 and flow.opened_by else None,
-            "tcp_flags_reply": flag_letters(flow.tcp_flags_reply) if flow.proto == 6 and flow.opened_by else None,
-            "first_seen": iso_time(flow.first_seen) if flow.first_seen else None,
-            "last_seen": iso_time(flow.last_seen) if flow.last_seen else None,
-            "egress": j is not None and not j.inbound, "direction": ("inbound" if j.inbound else "outbound") if j
-            else None, "country": loc.country if loc is not None and loc.unknown_reason is None else None,
-            "hostname": flow.hostname, "hostname_source": flow.hostname_source,
-            "recipient": j.recipient.id if j is not None and j.recipient is not None else None,
-            "verdicts": {v.policy: v.outcome.value for v in j.outcomes} if j is not None else {}}
 
 
 _ORDER = itemgetter("policy", "first_seen", "dst", "dst_port")
@@ -392,102 +355,9 @@ class AuditReport:
         return out
 
     def flow_rows(self, chunk: int = 20_000):
-        """The `flows` list (`audit --flows`) in its sorted order, `chunk` rows at a time: rows of
-        flows added one by one (`add_flow`) and rows of bulk tables made from their columns and
-        group judgements, so a million flows never stand as a million dicts at once. Sorted by
-        (first seen or "", src, sport, dst, dport, proto), ties in the order the flows came."""
-        from agent.flow import iso_parts
-        from agent.sinks.records import iso_texts
-
-        keys = [(r["first_seen"] or "", r["src"], r["sport"], r["dst"], r["dport"], r["proto"], -1, k)
-                for k, r in enumerate(self.flows or ())]
-        for b, (t, _res) in enumerate(self.flow_tables):
-            first = t.first.tolist()
-            texts = iso_texts(t.first, iso_parts(t.first))
-            names = {p: proto_name(p) for p in set(t.proto.tolist())}
-            src, dst = t.src, t.dst
-            keys += [(texts[i] if first[i] else "", src.text[si], sp, dst.text[di], dp, names[p], b, i)
-                     for i, (si, sp, di, dp, p) in enumerate(zip(src.inverse.tolist(), t.sport.tolist(),
-                                                                  dst.inverse.tolist(), t.dport.tolist(),
-                                                                  t.proto.tolist(), strict=True))]
-        keys.sort()
-        for c in range(0, len(keys), chunk):
-            part = keys[c:c + chunk]
-            out: list = [None] * len(part)
-            by_table: dict[int, tuple[list, list]] = {}
-            for pos, (*_, b, k) in enumerate(part):
-                if b < 0:
-                    out[pos] = self.flows[k]
-                else:
-                    at, rows = by_table.setdefault(b, ([], []))
-                    at.append(pos)
-                    rows.append(k)
-            for b, (at, rows) in by_table.items():
-                for pos, row in zip(at, self._table_rows(b, rows), strict=True):
-                    out[pos] = row
-            yield out
-
-    def _table_rows(self, b: int, rows: list[int]) -> list[dict]:
-        """`flow_row` of these rows of bulk table b, each with its judgement as the per-row path
-        makes it, from the table's columns (no Flow or Judged per row)."""
-        import numpy as np
-
-        from agent.flow import OPENED_BY, iso_parts
-        from agent.sinks.records import iso_texts
-
-        t, res = self.flow_tables[b]
-        ix = np.asarray(rows, dtype=np.int64)
-        n = len(rows)
-        proto = t.proto[ix].tolist()
-        names = {p: proto_name(p) for p in set(proto)}
-        src = [t.src.text[k] for k in t.src.inverse[ix].tolist()]
-        dst = [t.dst.text[k] for k in t.dst.inverse[ix].tolist()]
-        col = lambda c: [None] * n if c is None else c[ix].tolist()  # noqa: E731
-        sport, dport, pk, by = col(t.sport), col(t.dport), col(t.packets), col(t.bytes)
-        opened = [OPENED_BY[o] for o in t.opened[ix].tolist()] if t.opened is not None else [None] * n
-        zero = [0] * n
-        pkr, byr = (col(t.packets_reply), col(t.bytes_reply)) if t.opened is not None else (zero, zero)
-        hints, hints_r = (col(t.hints) if t.hints is not None else zero), \
-            (col(t.hints_reply) if t.hints_reply is not None else zero)
-        firsts, lasts = t.first[ix], t.last[ix]
-        fs = iso_texts(firsts, iso_parts(firsts))
-        ls = iso_texts(lasts, iso_parts(lasts))
-        fz, lz = (firsts != 0).tolist(), (lasts != 0).tolist()
-        host, hsrc = col(t.hostname), col(t.hostname_source)
-        direction, keys = res.direction[ix].tolist(), res.key[ix].tolist()
-        per_group: dict[int, tuple] = {}
-        out = []
-        for k in range(n):
-            ob = opened[k]
-            p, q, b_, r_ = pk[k], by[k], (pkr[k] if ob is not None else 0), (byr[k] if ob is not None else 0)
-            j = res.scalar.get(rows[k]) if direction[k] else None
-            if j is not None:
-                facts = (j.inbound, j.location, j.recipient, {v.policy: v.outcome.value for v in j.outcomes})
-            elif direction[k]:
-                facts = per_group.get(keys[k])
-                if facts is None:
-                    g = res.reps[keys[k]]
-                    facts = per_group[keys[k]] = (False, g.location, g.recipient,
-                                                  {v.policy: v.outcome.value for v in g.outcomes})
-            else:
-                facts = None
-            inbound = facts is not None and facts[0]
-            loc = facts[1] if facts is not None else None
-            flags = proto[k] == 6 and ob is not None
-            out.append({"proto": names[proto[k]], "src": src[k], "sport": sport[k], "dst": dst[k], "dport": dport[k],
-                        "dst_port": dport[k], "packets": p, "bytes": q,
-                        "packets_sent": b_ if inbound else p, "bytes_sent": r_ if inbound else q,
-                        "packets_received": p if inbound else b_, "bytes_received": q if inbound else r_,
-                        "opened_by": ob, "tcp_flags": flag_letters(hints[k] & 0xFF) if flags else None,
-                        "tcp_flags_reply": flag_letters(hints_r[k] & 0xFF) if flags else None,
-                        "first_seen": fs[k] if fz[k] else None, "last_seen": ls[k] if lz[k] else None,
-                        "egress": facts is not None and not inbound,
-                        "direction": ("inbound" if inbound else "outbound") if facts is not None else None,
-                        "country": loc.country if loc is not None and loc.unknown_reason is None else None,
-                        "hostname": host[k], "hostname_source": hsrc[k],
-                        "recipient": facts[2].id if facts is not None and facts[2] is not None else None,
-                        "verdicts": dict(facts[3]) if facts is not None else {}})
-        return out
+        """The `flows` list (`audit --flows`) in its sorted order, `chunk` rows at a time
+        (`agent.sinks.flowrows.sorted_rows`)."""
+        return sorted_rows(self.flows or [], self.flow_tables, chunk)
 
     def to_json_bytes(self) -> bytes:
         """`orjson.dumps(to_json())` plus a newline, made without a dict per bulk record. Falls back to
