@@ -368,3 +368,18 @@ def test_worker_processes_share_one_port_one_endpoint_and_one_log(tmp_path):
     ends = {r["flow"]["src"] + ":" + str(r["flow"]["sport"]) for r in lines if r.get("event") == "end"}
     assert len(ids) == 64 and ends == ids  # the killed worker's connections too, with what it had sent
     assert "ended (exit code -9); starting it again" in a.logtext()
+
+
+def test_a_fault_mid_round_keeps_the_books():
+    """What a round made before a fault is not lost uncounted: its record outcomes stay in the tally
+    and its connections that will not reach the judge count as dropped (error)."""
+    from agent.config import Config
+    from agent.enrich.scope import Scoper
+    from agent.sources.netflow.collect import Collecting, Exporters
+
+    col = Collecting("netflow", Exporters(Config(), Scoper(public_nets=PUBLIC)), False)
+    col.datagrams([(_v5(0, [OUT, BACK]), "192.0.2.99")], time.time())
+    assert len(col.items) == 1
+    tally = col.give_up()
+    assert tally[("error",)] == 1 and tally[("records", "other", "connection")] == 1
+    assert tally[("records", "other", "merged")] == 1 and col.items == [] and col.tally == {}

@@ -175,6 +175,15 @@ class Collecting:
         self.items, self.tally = [], {}
         return items, tally
 
+    def give_up(self) -> dict:
+        """After a fault mid-round: the tally so far, with the round's connections that will not reach
+        the judge counted as dropped (`("error",)`), so the books still add up."""
+        items, tally = self.take()
+        lost = sum(1 for _kind, _e, counted in items if counted)
+        if lost:
+            tally[("error",)] = tally.get(("error",), 0) + lost
+        return tally
+
     def _count(self, key: tuple, n: int = 1):
         self.tally[key] = self.tally.get(key, 0) + n
 

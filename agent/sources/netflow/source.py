@@ -73,7 +73,6 @@ def parse_listen(text: str, what: str) -> tuple[str, int, int]:
     return str(ip), int(port), socket.AF_INET if ip.version == 4 else socket.AF_INET6
 
 
-
 def bind(addrs, rcvbuf: int, kind: str, reuseport: bool = False) -> list[socket.socket]:
     """One non-blocking UDP socket per address; UserError naming the address when one cannot bind."""
     out = []
@@ -116,6 +115,8 @@ def apply_tally(m, kind: str, tally: dict):
             m.state_evicted.labels(kind).inc(n)
         elif what == "new":
             m.source_events.labels(kind, "new").inc(n)
+        elif what == "error":  # connections a fault kept from the judge
+            m.drops.labels(kind, "error").inc(n)
 
 
 class NetflowSource:
@@ -124,7 +125,6 @@ class NetflowSource:
 
     def __init__(self, daemon):
         self.d = daemon
-        self.name = self.KIND
         self.sockets: list[socket.socket] = []
         self.pool = None  # WorkerPool with workers > 1
 
@@ -215,7 +215,7 @@ class NetflowSource:
             except Exception:  # a bug or an input we did not foresee: count it, keep collecting
                 log.exception("%s source: could not read or decode export datagrams", self.KIND)
                 m.source_errors.labels(self.KIND, "io").inc()
-                col.take()
+                apply_tally(m, self.KIND, col.give_up())
                 stop.wait(0.1)
         col.sweep(float("inf"))  # every connection ends with the source: final counters
         self.hand_over(*col.take())

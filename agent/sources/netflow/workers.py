@@ -24,13 +24,18 @@ SHIP_EVERY = 0.05  # seconds a worker holds what it made before shipping it
 STOP_WAIT = 10.0  # seconds to wait for the workers' last connections at stop
 
 
-def _collecting(kind: str, settings: tuple, index: int):
+def _exporters(settings: tuple):
     from agent.enrich.scope import Scoper
-    from agent.sources.netflow.collect import ID_BASE, Collecting, Exporters
+    from agent.sources.netflow.collect import Exporters
 
-    cfg, public, local, inbound = settings
-    exporters = Exporters(cfg, Scoper(public_nets=public, local_nets=local))
-    return Collecting(kind, exporters, inbound, id_base=ID_BASE + (index + 1 << 44))
+    cfg, public, local, _inbound = settings
+    return Exporters(cfg, Scoper(public_nets=public, local_nets=local))
+
+
+def _collecting(kind: str, settings: tuple, index: int):
+    from agent.sources.netflow.collect import ID_BASE, Collecting
+
+    return Collecting(kind, _exporters(settings), settings[3], id_base=ID_BASE + (index + 1 << 44))
 
 
 def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
@@ -56,7 +61,7 @@ def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
                 except EOFError:
                     return  # the agent is gone
                 if msg[0] == "settings":
-                    col.exporters, col.inbound = _collecting(kind, msg[1], index).exporters, msg[1][3]
+                    col.exporters, col.inbound = _exporters(msg[1]), msg[1][3]
                 elif msg[0] == "stop":
                     col.sweep(float("inf"))
                     conn.send(("batch", *col.take()))
@@ -68,14 +73,11 @@ def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
             if time.monotonic() - last_ship >= SHIP_EVERY and (col.items or col.tally):
                 last_ship = time.monotonic()
                 conn.send(("batch", *col.take()))
-        except (BrokenPipeError, ConnectionResetError, OSError) as e:
-            if isinstance(e, (BrokenPipeError, ConnectionResetError)):
-                return  # the agent is gone
-            log.exception("%s worker %d: could not read export datagrams", kind, index)
-            time.sleep(0.1)
-        except Exception:  # a bug or an input we did not foresee: keep collecting
-            log.exception("%s worker %d: could not decode export datagrams", kind, index)
-            col.take()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the agent is gone
+        except Exception:  # a bug or an input we did not foresee: count it, keep collecting
+            log.exception("%s worker %d: could not read or decode export datagrams", kind, index)
+            col.tally = col.give_up()  # shipped with the next batch: the books still add up
             time.sleep(0.1)
 
 
