@@ -89,11 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     pc = psub.add_parser("check", help="validate policies; report every problem (exit 2 on any)")
     pc.add_argument("path", nargs="?")
     pc.add_argument("--recipients", metavar="PATH", help="check this recipient register against the policies too")
+    pc.add_argument("--config", metavar="FILE",
+                    help="also compile what policies with `enforce: refuse` would refuse on this host (its "
+                         "local_nets, databases, enforcement settings) and refuse any that would catch a "
+                         "never-refuse address (resolvers, NTP, management, scrapers)")
     pt = psub.add_parser("test", help="run the *.test.yaml files beside the policies (exit 1 on failures)")
     pt.add_argument("path", nargs="?")
     ps = psub.add_parser("schema", help="print the policy JSON Schema")
     ps.add_argument("--recipients", dest="recipients_schema", action="store_true",
                     help="print the recipient register's JSON Schema instead")
+
+    en = sub.add_parser("enforce", help="enforcement: what the kernel refuses now")
+    esub = en.add_subparsers(dest="enforce_command", required=True)
+    es = esub.add_parser("status", help="the agent's nftables table: sets, refused connections, last build "
+                                        "(exit 1 when none is loaded)")
+    es.add_argument("--netns", metavar="NAME", help="the named network namespace the agent enforces in")
+    es.add_argument("--format", choices=FORMATS, default="table")
 
     r = sub.add_parser("run", help="the daemon: watch live flows, export metrics and evidence")
     r.add_argument("--config", metavar="FILE", help="YAML config (flags override it)")
@@ -121,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="netflow source: UDP address for NetFlow v5/v9 and IPFIX (repeatable; e.g. 0.0.0.0:2055)")
     r.add_argument("--sflow-listen", action="append", metavar="HOST:PORT",
                    help="sflow source: UDP address for sFlow v5 (repeatable; e.g. 0.0.0.0:6343)")
-    r.add_argument("--enforce", choices=("observe", "dry-run"),
+    r.add_argument("--enforce", choices=("observe", "dry-run", "refuse"),
                    help="the host's enforcement switch (default observe): dry-run counts what policies with "
-                        "`enforce: dry-run` would refuse, touching no traffic")
+                        "`enforce: dry-run` would refuse, touching no traffic; refuse also refuses, in the kernel, "
+                        "new connections that policies with `enforce: refuse` forbid (README: Enforcement)")
     r.add_argument("--unknown-exporters", choices=("judge", "refuse"),
                    help="flows from exporters not listed under `exporters:` (default judge; counted either way)")
     r.add_argument("--interface", action="append", metavar="IFACE",
@@ -175,7 +187,7 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args, extra = ap.parse_known_args(argv)
     if extra:
         p = ap
-        for dest in ("command", "policy_command"):
+        for dest in ("command", "policy_command", "enforce_command"):
             subs = next((a.choices for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
             name = getattr(args, dest, None)
             if subs and name in subs:
@@ -205,6 +217,9 @@ def main(argv=None) -> int:
         if args.command == "run":
             from agent.daemon import run_daemon
             return run_daemon(args)
+        if args.command == "enforce":
+            from agent.commands.enforce import run_enforce
+            return run_enforce(args)
         if args.command == "reload":
             from agent.reload_status import run_reload
             return run_reload(args)

@@ -20,7 +20,10 @@ Example (every key optional; flags of `egress-agent run` override):
     sflow: {listen: ["0.0.0.0:6343"]}
     exporters: [{address: 192.0.2.1, site: paris, local_nets: [10.1.0.0/16]}]
     unknown_exporters: judge        # or refuse
-    enforce: observe                # dry-run: count what policies with enforce: dry-run would refuse
+    enforce: observe                # dry-run: count what policies with enforce: dry-run would refuse;
+                                    # refuse: also refuse what policies with enforce: refuse forbid (agent/enforce)
+    enforcement: {management_nets: [198.51.100.0/28], ntp_servers: [], scrapers: [], forward: false,
+                  fail: open, poll_interval: 1, log_per_second: 5, seen_timeout: 300}
     capture: {interfaces: [], tls_ports: [443], name_wait: 0.5, dns_grace: 30}
     host_addresses: true            # the host's own addresses are local, even public ones (pyroute2)
     sampling: {one_in: 1, per_destination_per_second: 0}
@@ -74,7 +77,16 @@ SCHEMA = {
                                                      "site": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                                                      "local_nets": {"type": "array", "items": {"type": "string"}}}}},
         "unknown_exporters": {"enum": ["judge", "refuse"]},
-        "enforce": {"enum": ["observe", "dry-run"]},
+        "enforce": {"enum": ["observe", "dry-run", "refuse"]},
+        "enforcement": {"type": "object", "additionalProperties": False, "properties": {
+            "management_nets": {"type": "array", "items": {"type": "string"}},
+            "ntp_servers": {"type": "array", "items": {"type": "string"}},
+            "scrapers": {"type": "array", "items": {"type": "string"}},
+            "forward": {"type": "boolean"}, "fail": {"enum": ["open", "closed"]},
+            "poll_interval": {"type": "number", "minimum": 0.1, "maximum": 60},
+            "log_per_second": {"type": "number", "minimum": 0},
+            "seen_timeout": {"type": "integer", "minimum": 1, "maximum": 86400},
+            "resolv_conf": {"type": "string"}}},
         "capture": {"type": "object", "additionalProperties": False, "properties": {
             "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
@@ -118,7 +130,8 @@ class Config:
     sflow: dict = field(default_factory=dict)
     exporters: tuple = ()
     unknown_exporters: str = "judge"
-    enforce: str = "observe"  # the host's switch: policies' dry-run counts only with enforce: dry-run
+    enforce: str = "observe"  # the host's switch: caps each policy's `enforce` (observe < dry-run < refuse)
+    enforcement: dict = field(default_factory=dict)
     file: str | None = None
 
     def exporter_nets(self) -> tuple[str, ...]:

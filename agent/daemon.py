@@ -30,6 +30,7 @@ from collections import OrderedDict
 from agent import reload_status
 from agent import systemd_notify as sd
 from agent.config import Config, load_config, with_flags
+from agent.daemon_log import setup_logging
 from agent.enrich.geoip import Locator
 from agent.enrich.scope import Scoper
 from agent.errors import UserError
@@ -54,27 +55,6 @@ MAX_OPEN_FLOWS = 262144
 _ASK = object()  # `_handle`: look the process up (the caller did not)
 SOURCE = "conntrack"
 MAX_UNDECLARED = 10000  # distinct undeclared recipients remembered (and logged once each)
-
-
-class _JournalFormatter(logging.Formatter):
-    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def format(self, record):
-        # journald reads the prefix per line: every line of a multi-line message (a reload's list
-        # of problems, a traceback) must carry it, or `journalctl -p err` shows only the first.
-        prefix = f"<{self.LEVELS.get(record.levelno, 6)}>"
-        return "\n".join(prefix + line for line in super().format(record).splitlines())
-
-
-def setup_logging():
-    h = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        h.setFormatter(_JournalFormatter("%(message)s"))
-    else:
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.handlers[:] = [h]
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipeline:
@@ -156,6 +136,9 @@ class Daemon:
         self.open: OrderedDict[int, list] = OrderedDict()
         self.threads: list[threading.Thread] = []
         self._feeding: list[threading.Thread] = []  # the sources' threads
+        from agent.enforce.enforcer import Enforcer
+
+        self.enforcer = Enforcer(self)
         self._loaded()
 
     def _warn_exposed(self):
@@ -184,9 +167,8 @@ class Daemon:
                      "hosts are judged as well", ", ".join(inbound))
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
         self.metrics.enforcement(self.pipeline.policies, self.cfg.enforce)
-        if asking := [p.name for p in self.pipeline.policies if p.enforce == "dry-run"]:
-            log.info("policies %s: enforcement dry-run %s", ", ".join(asking), "on (violations count as would-refuse;"
-                     " no traffic touched)" if self.cfg.enforce == "dry-run" else "asked; the enforce switch is off")
+        if asking := [p.name for p in self.pipeline.policies if p.enforce != "observe"]:
+            log.info("policies %s ask for enforcement; the host's switch is %s", ", ".join(asking), self.cfg.enforce)
         self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)
         self.metrics.reload_time.set(time.time())
@@ -220,6 +202,7 @@ class Daemon:
             if getattr(self, "http", None):
                 self.http.set_web_config(web)
             self._loaded()
+            self.enforcer.request("reload")
             ok, message = True, f"reloaded {len(pipe.policies)} policies"
             log.info("%s", message)
         reload_status.write(ok, message)
@@ -318,6 +301,7 @@ class Daemon:
             self.pipeline.clear()
             self.fast.clear()
             log.info("GeoIP database changed on disk; reopened, cache dropped")
+            self.enforcer.request("a new GeoIP database")
             self.metrics.policies(self.pipeline.policies, loc.provenance())
             self.metrics.geoip_ok.set(1)
         elif loc.refresh_error:
@@ -329,6 +313,8 @@ class Daemon:
         """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`. The
         process behind a new flow is looked up once, for whichever lane judges it; a router's flow has none."""
         ask = None if kind == "flow" else _ASK
+        if kind == "refused":
+            return self.enforcer.record(e, now)
         if (kind != "new" and kind != "flow") or fast is None:
             self._handle(kind, e, now, ask)
             return
@@ -506,7 +492,7 @@ class Daemon:
 
         # open every source first: a set-up error (exit 2) must come before any thread runs
         self.sources = [live.build(name, self).open() for name in self.cfg.sources]
-        targets = [(self._worker, "worker")]
+        targets = [(self._worker, "worker"), (lambda: self.enforcer.run(self.stop), "enforce")]
         for src in self.sources:
             targets.append((lambda s=src: s.run(self.stop), f"source-{src.name}"))
         if self.cfg.host_addresses:
@@ -520,6 +506,7 @@ class Daemon:
             self.threads.append(t)
             if name.startswith("source-"):
                 self._feeding.append(t)
+        self.enforcer.wait_ready()  # a first build that fails is exit 2: never run believing we refuse
         log.info("egress-agent running: %d policies, metrics on http://%s/metrics, evidence in %s",
                  len(self.pipeline.policies), self.cfg.listen, self.cfg.evidence_path)
 

@@ -29,6 +29,26 @@ def lookalike_warnings(policies) -> list[str]:
     return out
 
 
+def _check_refuse(args, path):
+    """What the refuse policies would refuse here; exit 2 when one would catch a never-refuse address."""
+    from dataclasses import replace
+
+    from agent.commands.enforce import refuse_plan
+    from agent.config import load_config
+
+    plan = refuse_plan(replace(load_config(getattr(args, "config", None)), policies=str(path)))
+    if plan is None:
+        return
+    if plan.problems():
+        raise UserError("refuse would catch addresses that are never refused", plan.problems())
+    for w in plan.warnings:
+        print(f"egress-agent: warning: {w}", file=sys.stderr)
+    for p in plan.policies:
+        e = p.elements()
+        print(f"ok  refuse {p.name}: {e[4]} IPv4 and {e[6]} IPv6 destination intervals "
+              f"({plan.pieces} pieces of address space judged in {plan.seconds:.2f} s)")
+
+
 def run_policy(args) -> int:
     from agent.output import shipped_policies
 
@@ -48,6 +68,8 @@ def run_policy(args) -> int:
             print(f"ok  {p.name}  ({p.file}, {len(p.exceptions)} exception(s))")
         for w in lookalike_warnings(policies):
             print(f"egress-agent: warning: {w}", file=sys.stderr)
+        if getattr(args, "config", None) or any(p.enforce == "refuse" for p in policies):
+            _check_refuse(args, path)
         from agent.commands.common import _today, register_path
         from agent.policy.recipients import load_recipients
 

@@ -252,8 +252,11 @@ def _build(d: dict, jur: Jurisdictions, probs: _Problems, file: str, sha: str) -
         exceptions.append(Exemption(e["id"], e["basis"], e["reference"], e["owner"], dest or Destinations(),
                                     expires or date.min, start))
     if d.get("enforce") == "refuse":
-        probs.add(("enforce",), "refuse is not available in this version: the agent cannot block connections "
-                                "yet; use dry-run to count what would be refused (its violations stay violations)")
+        for key in ("processes", "units", "containers"):
+            if (d.get("applies_to") or {}).get(key):
+                probs.add(("applies_to", key), f"a policy with enforce: refuse cannot select by {key}: the kernel "
+                                               "refuses a connection before any process is known to the agent "
+                                               "(select by sources, ports, protocols or users, or use dry-run)")
     eff = d.get("effective") or {}
     eff_from = _day(eff.get("from"), ("effective", "from"), probs)
     eff_until = _day(eff.get("until"), ("effective", "until"), probs)

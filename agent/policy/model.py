@@ -92,7 +92,7 @@ class Policy:
             return frozenset(self.trust_names)
         return NAME_SOURCES if self.names_override_location else frozenset()
     recipient_location: str = "observed"  # observed | declared | both: which location of a known recipient counts
-    enforce: str = "observe"  # observe | dry-run (refuse is refused at load: not built yet)
+    enforce: str = "observe"  # observe | dry-run | refuse (agent.enforce; capped by the host's switch)
     effective_from: date | None = None   # first day the rules apply (the law's date of application)
     effective_until: date | None = None  # first day they no longer apply (exclusive)
 

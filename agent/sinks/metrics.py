@@ -54,6 +54,22 @@ class Metrics:
         self.enforcement_mode = Gauge(f"{NS}_enforcement_mode", "1 for each policy's effective enforcement mode "
                                       "(its `enforce`, capped by the agent's `enforce` switch).", ["policy", "mode"],
                                       registry=r)
+        self.refused = Counter(f"{NS}_enforcement_refused", "New outbound connections the kernel refused for a "
+                               "policy in refuse mode (the agent's nftables counter per policy).", ["policy"],
+                               registry=r)
+        self.enforcement_elements = Gauge(f"{NS}_enforcement_set_elements", "Intervals in a refuse policy's "
+                                          "destination set, by address family.", ["policy", "family"], registry=r)
+        self.enforcement_build = Gauge(f"{NS}_enforcement_build_seconds", "Time the last successful build of the "
+                                       "refuse sets took (compilation and the nftables transaction).", registry=r)
+        self.enforcement_built = Gauge(f"{NS}_enforcement_last_build_timestamp_seconds", "When the refuse sets in "
+                                       "force were built.", registry=r)
+        self.enforcement_ok = Gauge(f"{NS}_enforcement_build_success", "1 when the last build of the refuse sets "
+                                    "succeeded; 0 while the previous sets stay in force after a failed one.",
+                                    registry=r)
+        self.enforcement_unrecorded = Counter(f"{NS}_enforcement_unrecorded", "Refused connections counted while "
+                                              "the bounded set of refused connections was full: each may lack an "
+                                              "evidence record of its own.",
+                                              ["policy"], registry=r)
         self.source_errors = Counter(f"{NS}_source_errors", "Errors reading the flow source.", ["source", "kind"],
                                      registry=r)
         self.source_events = Counter(f"{NS}_source_events", "Events read from the flow source.", ["source", "event"],
@@ -212,15 +228,19 @@ class Metrics:
         """Each policy's effective mode (`enforce`, capped by the host's switch) as
         `egress_agent_enforcement_mode{policy,mode}`; dry-run policies' outbound violations count in
         `egress_agent_enforcement_would_refuse_total{policy,country}` from now on."""
-        modes = {p.name: (p.enforce if switch == "dry-run" else "observe") for p in policies}
+        from agent.enforce.compile import EFFECTIVE, effective_mode
+
+        modes = {p.name: effective_mode(p.enforce, switch) for p in policies}
         self.dry_run = frozenset(n for n, m in modes.items() if m == "dry-run")
         self._plans.clear()  # cached plans hold the previous set
         self.enforcement_mode.clear()
         for name, mode in modes.items():
-            for m in ("observe", "dry-run"):
+            for m in EFFECTIVE:
                 self.enforcement_mode.labels(name, m).set(1 if m == mode else 0)
         for name in self.dry_run:
             self.would_refuse.labels(name, "unknown")
+        for name in (n for n, m in modes.items() if m == "refuse"):
+            self.refused.labels(name)
 
     def _child(self, metric, *labels):
         """Label children cached by value: `labels()` costs microseconds per call on the hot path."""

@@ -1,0 +1,180 @@
+"""Enforcement end to end, as root, in network namespaces made here (documentation addresses only).
+
+A real `egress-agent run --enforce refuse` builds its nftables table in the client namespace; real
+TCP connections from there go (or do not go) to the peer namespace over a veth pair. The test MMDB
+(tests/helpers.py) puts 203.0.113.0/25 in the US, 203.0.113.128/26 in CN, 198.51.100.0/25 in DE,
+198.51.100.128/25 in JP (EU adequacy), 2001:db8:5::/48 in the US; the policy allows the EEA and
+adequate countries, with an exception for 203.0.113.10.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.agent_process import REPO, Agent, wait_for
+from tests.netns import Topology
+
+WHY = Topology.available()
+pytestmark = [pytest.mark.root, pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")]
+
+REFUSE = """\
+version: 1
+name: eu-data
+home: [EU]
+severity: high
+enforce: {mode}
+allow: {{jurisdictions: [EEA, EU-ADEQUATE]}}
+exceptions:
+  - {{id: vendor-scc, basis: scc, reference: "SCC with Example Vendor", owner: dpo@example.com,
+     destinations: {{networks: [{exempt}]}}, expires: 2099-01-01}}
+"""
+
+# connect, report how it ended and how long it took
+PROBE = """
+import socket, sys, time
+dst = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET)
+s.settimeout(3)
+t = time.monotonic()
+try:
+    s.connect((dst, 443)); r = 'ok'
+except ConnectionRefusedError:
+    r = 'refused'
+except OSError as e:
+    r = type(e).__name__
+print(r, round(time.monotonic() - t, 3))
+"""
+
+
+def attempt(topo, dst):
+    out = topo.run("python3", "-c", PROBE, dst).stdout.split()
+    return out[0], float(out[1])
+
+
+def peer_syns(topo) -> int:
+    """SYNs that reached the peer namespace from the client (a counter rule there)."""
+    r = topo.run("nft", "-j", "list", "counter", "inet", "eapeer", "syns", ns=topo.peer)
+    return next(o["counter"]["packets"] for o in json.loads(r.stdout)["nftables"] if "counter" in o)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with Topology("eae") as t:
+        t.run("nft", "-f", "-", ns=t.peer, input="table inet eapeer {\n counter syns { }\n chain in {\n"
+              "  type filter hook input priority filter; policy accept;\n"
+              "  tcp flags & (syn | ack) == syn ip saddr 192.0.2.1 counter name syns\n"
+              "  tcp flags & (syn | ack) == syn ip6 saddr 2001:db8:1::1 counter name syns\n }\n}\n")
+        server = t.serve()
+        yield t
+        server.kill()
+        server.wait()
+
+
+def start(tmp, topo, mode="refuse", switch="refuse", exempt="203.0.113.10/32", enforcement=None):
+    a = Agent(tmp, topo, config={"enforce": switch, "enforcement": {"poll_interval": 0.2, **(enforcement or {})}})
+    (a.policies / "eu-data.yaml").write_text(REFUSE.format(mode=mode, exempt=exempt))
+    return a.start()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def tables(topo) -> str:
+    return topo.run("nft", "list", "tables").stdout
+
+
+def test_refused_at_the_first_syn_allowed_and_excepted_pass(topo, tmp_path):
+    a = start(tmp_path, topo)
+    try:
+        before = peer_syns(topo)
+        for dst in ("203.0.113.9", "203.0.113.140", "2001:db8:5::9"):  # US, CN, US over IPv6
+            result, took = attempt(topo, dst)
+            assert result == "refused" and took < 1.0, (dst, result, took)
+        assert peer_syns(topo) == before, "a SYN of a refused connection left the host"
+        for dst in ("198.51.100.7", "198.51.100.130", "203.0.113.10", "2001:db8:de::7", "203.0.113.200"):
+            assert attempt(topo, dst)[0] == "ok", dst  # DE, JP (adequate), exception, DE, indeterminate
+        assert peer_syns(topo) == before + 5
+        wait_for(lambda: (a.value("egress_agent_enforcement_refused_total", policy="eu-data") or 0) >= 3,
+                 what="refused counter")
+        rec = wait_for(lambda: a.evidence_for("203.0.113.9", event="refused"), what="refusal evidence")[0]
+        assert rec["enforcement"] == "refused" and rec["verdict"] == "violation" and rec["country"] == "US"
+        assert rec["flow"]["dport"] == 443 and rec["flow"]["src"] == "192.0.2.1" and rec["policy"] == "eu-data"
+        assert a.evidence_for("2001:db8:5::9", event="refused")
+        assert a.value("egress_agent_enforcement_set_elements", policy="eu-data", family="ipv4") == 2
+        assert a.value("egress_agent_enforcement_mode", policy="eu-data", mode="refuse") == 1
+        assert a.value("egress_agent_enforcement_build_success") == 1
+        r = cli("enforce", "status", "--netns", topo.client, "--format", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = json.loads(r.stdout)
+        assert st["table"]["owner"] and st["policies"][0]["policy"] == "eu-data"
+        assert st["policies"][0]["refused"] >= 3 and st["policies"][0]["ipv4"] == 2
+    finally:
+        assert a.stop() == 0, a.logtext()
+    assert "egress_agent_enforce" not in tables(topo)  # a clean stop removes it too
+
+
+def test_dry_run_refuses_nothing_and_counts_the_same(topo, tmp_path):
+    a = start(tmp_path, topo, mode="dry-run", switch="refuse")
+    try:
+        assert "egress_agent_enforce" not in tables(topo)
+        for dst in ("203.0.113.9", "203.0.113.140", "2001:db8:5::9"):
+            assert attempt(topo, dst)[0] == "ok", dst
+        assert attempt(topo, "203.0.113.10")[0] == "ok"
+        wait_for(lambda: (a.value("egress_agent_enforcement_would_refuse_total", policy="eu-data") or 0) >= 3,
+                 what="would-refuse counter")
+        time.sleep(1)
+        assert a.value("egress_agent_enforcement_would_refuse_total", policy="eu-data") == 3
+        assert a.value("egress_agent_enforcement_mode", policy="eu-data", mode="dry-run") == 1
+    finally:
+        assert a.stop() == 0, a.logtext()
+
+
+def test_sigkill_leaves_nothing_refused(topo, tmp_path):
+    a = start(tmp_path, topo)
+    assert attempt(topo, "203.0.113.9")[0] == "refused"
+    assert "egress_agent_enforce" in tables(topo)
+    a.stop(signal.SIGKILL)
+    wait_for(lambda: "egress_agent_enforce" not in tables(topo), timeout=5, what="the owner table gone with the agent")
+    assert attempt(topo, "203.0.113.9")[0] == "ok"
+
+
+def test_broken_reload_keeps_the_sets_a_good_one_replaces_them(topo, tmp_path):
+    a = start(tmp_path, topo)
+    try:
+        assert attempt(topo, "203.0.113.9")[0] == "refused"
+        (a.policies / "eu-data.yaml").write_text("version: 1\nname: eu-data\nhome: [EU]\nenforce: refuse\n"
+                                                 "allow: {jurisdictions: [NOWHERE]}\n")
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: a.value("egress_agent_config_last_reload_successful") == 0, what="failed reload")
+        assert attempt(topo, "203.0.113.9")[0] == "refused"
+        assert attempt(topo, "198.51.100.7")[0] == "ok"
+        # a good reload: the whole US range becomes an exception, so it passes from now on
+        (a.policies / "eu-data.yaml").write_text(REFUSE.format(mode="refuse", exempt="203.0.113.0/25"))
+        a.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: attempt(topo, "203.0.113.9")[0] == "ok", what="rebuilt sets")
+        assert attempt(topo, "203.0.113.140")[0] == "refused"
+    finally:
+        assert a.stop() == 0, a.logtext()
+
+
+def test_management_and_resolver_addresses_are_never_refused(topo, tmp_path):
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 203.0.113.140\n")
+    a = start(tmp_path, topo, enforcement={"management_nets": ["203.0.113.11/32"], "resolv_conf": str(resolv)})
+    try:
+        assert attempt(topo, "203.0.113.9")[0] == "refused"
+        assert attempt(topo, "203.0.113.11")[0] == "ok"  # US, but the management network
+        assert attempt(topo, "203.0.113.140")[0] == "ok"  # CN, but the resolver
+        assert "management network 203.0.113.11/32" in a.logtext()
+    finally:
+        assert a.stop() == 0, a.logtext()
+    # and `policy check --config` refuses the policy that would catch them
+    r = cli("policy", "check", str(a.policies), "--config", str(a.config))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "management network 203.0.113.11/32" in r.stderr and "resolver 203.0.113.140" in r.stderr
+    assert "Traceback" not in r.stderr
