@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the host's enforcement switch (default observe): dry-run counts what policies with "
                         "`enforce: dry-run` would refuse, touching no traffic; refuse also refuses, in the kernel, "
                         "new connections that policies with `enforce: refuse` forbid (README: Enforcement)")
+    r.add_argument("--management-net", action="append", metavar="CIDR",
+                   help="never refused by enforcement (enforcement.management_nets): where the host is managed "
+                        "from; repeatable")
     r.add_argument("--unknown-exporters", choices=("judge", "refuse"),
                    help="flows from exporters not listed under `exporters:` (default judge; counted either way)")
     r.add_argument("--interface", action="append", metavar="IFACE",

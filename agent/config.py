@@ -163,6 +163,8 @@ def load_config(path: str | None) -> Config:
         problems.append(f"{path}:{line or '?'}: {yamlio.dotted(err.absolute_path)}: {err.message}")
     problems += [f"{path}:{yamlio.line_of(lines, ('exporters', i)) or '?'}: {p}"
                  for i, p in _exporter_problems(data.get("exporters"))]
+    problems += [f"{path}:{yamlio.line_of(lines, ('enforcement', k, i)) or '?'}: {p}"
+                 for k, i, p in _enforcement_problems(data.get("enforcement"))]
     if problems:
         raise UserError(f"{len(problems)} problem(s) in config {path}", problems)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
@@ -187,6 +189,21 @@ def _exporter_problems(exporters) -> list[tuple[int, str]]:
                 ipaddress.ip_network(str(n), strict=False)
             except ValueError:
                 out.append((i, f"exporters[{i}].local_nets[{j}]: '{n}' is not a network"))
+    return out
+
+
+def _enforcement_problems(opts) -> list[tuple[str, int, str]]:
+    """Networks enforcement must never refuse that are not networks: a typo there would lock the host out."""
+    import ipaddress
+
+    out = []
+    for key in ("management_nets", "scrapers"):
+        items = opts.get(key) if isinstance(opts, dict) else None
+        for i, n in enumerate(items if isinstance(items, list) else ()):
+            try:
+                ipaddress.ip_network(str(n), strict=False)
+            except ValueError:
+                out.append((key, i, f"enforcement.{key}[{i}]: '{n}' is not an address or network"))
     return out
 
 
@@ -226,6 +243,8 @@ def with_flags(cfg: Config, args) -> Config:
         changes["sources"] = tuple(dict.fromkeys(args.source))
     if getattr(args, "enforce", None):
         changes["enforce"] = args.enforce
+    if getattr(args, "management_net", None):
+        changes["enforcement"] = {**cfg.enforcement, "management_nets": list(args.management_net)}
     if getattr(args, "unknown_exporters", None):
         changes["unknown_exporters"] = args.unknown_exporters
     for kind in ("netflow", "sflow"):
@@ -261,6 +280,7 @@ def with_flags(cfg: Config, args) -> Config:
     problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
                 for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
     problems += [p for _i, p in _exporter_problems(list(out.exporters))]
+    problems += [p for _k, _i, p in _enforcement_problems(out.enforcement)]
     if problems:
         raise UserError("invalid settings", problems)
     return out

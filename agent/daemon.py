@@ -31,15 +31,11 @@ from agent import reload_status
 from agent import systemd_notify as sd
 from agent.config import Config, load_config, with_flags
 from agent.daemon_log import setup_logging
-from agent.enrich.geoip import Locator
-from agent.enrich.scope import Scoper
 from agent.errors import UserError
 from agent.fileio import files_signature
 from agent.flow import Flow, Outcome, iso_time
+from agent.judge.build import build_pipeline  # noqa: F401 - re-exported: tests and tools build one as the daemon does
 from agent.judge.fastlane import FastLane, Opened
-from agent.judge.pipeline import Pipeline
-from agent.policy.jurisdictions import Jurisdictions
-from agent.policy.load import load_policies
 from agent.policy.recipients import fallback_recipient
 from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, extra_members, json_bytes, record_body
@@ -55,27 +51,6 @@ MAX_OPEN_FLOWS = 262144
 _ASK = object()  # `_handle`: look the process up (the caller did not)
 SOURCE = "conntrack"
 MAX_UNDECLARED = 10000  # distinct undeclared recipients remembered (and logged once each)
-
-
-def build_pipeline(cfg: Config, host_addresses: tuple[str, ...] = ()) -> Pipeline:
-    """`host_addresses`: the host's own addresses, local like `local_nets` (a public-IP server's
-    outbound flows are egress)."""
-    from agent.output import shipped_policies
-
-    jur = Jurisdictions.load()
-    policies = load_policies(cfg.policies or shipped_policies(), jur)
-    scoper = Scoper(public_nets=cfg.public_nets,
-                    local_nets=tuple(cfg.local_nets) + tuple(host_addresses) + cfg.exporter_nets())
-    register = None
-    if cfg.recipients:
-        from datetime import UTC, datetime
-
-        from agent.policy.recipients import load_recipients
-
-        register, warnings = load_recipients(cfg.recipients, policies, jur, datetime.now(UTC).date())
-        for w in warnings:
-            log.warning("%s", w)
-    return Pipeline(policies, jur, Locator(cfg.geoip_databases, scoper), scoper, register=register)
 
 
 class Daemon:

@@ -47,7 +47,8 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
                                       "--interface", "eth0", "--no-host-addresses", "--recipients", "/etc/r",
                                       "--source", "netflow", "--source", "sflow",
                                       "--netflow-listen", "0.0.0.0:2055", "--sflow-listen", "[::]:6343",
-                                      "--unknown-exporters", "refuse", "--enforce", "dry-run"])
+                                      "--unknown-exporters", "refuse", "--enforce", "dry-run",
+                                      "--management-net", "198.51.100.0/28"])
     cfg = with_flags(load_config(None), args)
     assert cfg.sampling == {"per_destination_per_second": 5, "one_in": 4} and cfg.queue_size == 32
     assert cfg.source["rcvbuf"] == 65536 and cfg.attribution is False and cfg.web_config == "/etc/w.yml"
@@ -58,9 +59,10 @@ def test_every_option_has_a_flag_and_flags_are_validated(tmp_path):
     covered = {"policies", "geoip_databases", "geoip_check_interval", "local_nets", "public_nets", "listen",
                "evidence", "source", "sampling", "attribution", "queue_size", "reload_check_interval", "web_config",
                "sources", "capture", "host_addresses", "recipients", "netflow", "sflow", "unknown_exporters",
-               "enforce"}
+               "enforce", "enforcement"}
     assert cfg.netflow == {"listen": ["0.0.0.0:2055"]} and cfg.sflow == {"listen": ["[::]:6343"]}
     assert cfg.unknown_exporters == "refuse" and cfg.enforce == "dry-run"
+    assert cfg.enforcement == {"management_nets": ["198.51.100.0/28"]}  # the rest of enforcement: the file's
     # `exporters` is a list of mappings (address, site, local_nets): the config file's alone
     assert set(SCHEMA["properties"]) == covered | {"exporters"}
     bad = build_parser().parse_args(["run", "--queue-size", "1"])

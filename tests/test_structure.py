@@ -33,6 +33,7 @@ LAYERS = [
     ("judge", ["agent.judge"]),
     ("sinks", ["agent.sinks"]),
     ("live lane", ["agent.judge.fastlane"]),
+    ("enforce", ["agent.enforce"]),
     ("commands", ["agent.commands"]),
     ("daemon", ["agent.daemon"]),
     ("cli", ["agent.cli", "agent.__main__"]),

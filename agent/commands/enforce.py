@@ -20,10 +20,10 @@ from agent.errors import UserError
 
 
 def refuse_plan(cfg, only_refusing: bool = True):
-    from agent.daemon import build_pipeline
     from agent.enforce.compile import compile_plan
     from agent.enforce.cuts import location_cuts
     from agent.enforce.never import never_refuse
+    from agent.judge.build import build_pipeline
 
     pipe = build_pipeline(cfg)
     refusing = [p for p in pipe.policies if p.enforce == "refuse" or not only_refusing]

@@ -30,12 +30,6 @@ _TOP = {4: 1 << 32, 6: 1 << 128}
 # IPv6 forms of IPv4 addresses (Teredo, 6to4, NAT64): the engine locates the embedded IPv4 address
 # per address, so a piece of them is not uniform; they are never refused (said in the README)
 _EMBEDDED6 = tuple(ipaddress.ip_network(n) for n in ("2001::/32", "2002::/16", "64:ff9b::/96", "64:ff9b:1::/48"))
-EFFECTIVE = ("observe", "dry-run", "refuse")
-
-
-def effective_mode(policy_mode: str, switch: str) -> str:
-    """A policy's mode capped by the host's switch (observe < dry-run < refuse)."""
-    return EFFECTIVE[min(EFFECTIVE.index(policy_mode), EFFECTIVE.index(switch))]
 
 
 @dataclass

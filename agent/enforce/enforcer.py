@@ -25,11 +25,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.enforce.compile import compile_plan, effective_mode
+from agent.enforce.compile import compile_plan
 from agent.enforce.cuts import location_cuts
 from agent.enforce.never import never_refuse
 from agent.enforce.nft import SEEN_SIZE, TABLE, Nft, NftError, render
 from agent.errors import UserError
+from agent.policy.model import effective_mode
 
 log = logging.getLogger("egress-agent")
 CLONE_NEWNET = 0x40000000

@@ -17,6 +17,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 NAME_SOURCES = frozenset({"dns", "sni", "quic-sni"})
+ENFORCE_MODES = ("observe", "dry-run", "refuse")  # in order: the host's switch caps a policy's mode
+
+
+def effective_mode(policy_mode: str, switch: str) -> str:
+    """A policy's `enforce` capped by the host's switch (observe < dry-run < refuse)."""
+    return ENFORCE_MODES[min(ENFORCE_MODES.index(policy_mode), ENFORCE_MODES.index(switch))]
 
 
 @dataclass(frozen=True, slots=True)

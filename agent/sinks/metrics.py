@@ -228,14 +228,14 @@ class Metrics:
         """Each policy's effective mode (`enforce`, capped by the host's switch) as
         `egress_agent_enforcement_mode{policy,mode}`; dry-run policies' outbound violations count in
         `egress_agent_enforcement_would_refuse_total{policy,country}` from now on."""
-        from agent.enforce.compile import EFFECTIVE, effective_mode
+        from agent.policy.model import ENFORCE_MODES, effective_mode
 
         modes = {p.name: effective_mode(p.enforce, switch) for p in policies}
         self.dry_run = frozenset(n for n, m in modes.items() if m == "dry-run")
         self._plans.clear()  # cached plans hold the previous set
         self.enforcement_mode.clear()
         for name, mode in modes.items():
-            for m in EFFECTIVE:
+            for m in ENFORCE_MODES:
                 self.enforcement_mode.labels(name, m).set(1 if m == mode else 0)
         for name in self.dry_run:
             self.would_refuse.labels(name, "unknown")

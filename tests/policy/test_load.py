@@ -159,14 +159,16 @@ def test_a_schema_error_does_not_hide_the_semantic_ones(tmp_path):
 
 
 def test_enforce_modes(tmp_path):
-    """`enforce: dry-run` loads; `refuse` is refused at load with its place (not built: a policy must
-    never look enforced when it is not)."""
+    """`enforce: dry-run` and `refuse` load; refuse with a selector the kernel cannot see (process,
+    unit, container) is refused at load with its place."""
     base = "version: 1\nname: {n}\nhome: [EU]\nallow: {{jurisdictions: [EEA]}}\n"
     write(tmp_path, "a.yaml", base.format(n="dry") + "enforce: dry-run\n")
     (p,) = load_policies(tmp_path, J)
     assert p.enforce == "dry-run"
-    write(tmp_path, "b.yaml", base.format(n="hard") + "enforce: refuse\n")
+    write(tmp_path, "b.yaml", base.format(n="hard") + "enforce: refuse\napplies_to: {processes: [curl]}\n")
     (msg,) = problems(tmp_path)
-    assert "b.yaml:5: enforce: refuse is not available in this version" in msg
+    assert "b.yaml:6: applies_to.processes: a policy with enforce: refuse cannot select by processes" in msg
+    write(tmp_path, "b.yaml", base.format(n="hard") + "enforce: refuse\napplies_to: {users: [root]}\n")
+    assert sorted(p.enforce for p in load_policies(tmp_path, J)) == ["dry-run", "refuse"]
     write(tmp_path, "b.yaml", base.format(n="hard"))
     assert [p.enforce for p in sorted(load_policies(tmp_path, J), key=lambda p: p.name)] == ["dry-run", "observe"]
