@@ -86,7 +86,7 @@ SCHEMA = {
             "poll_interval": {"type": "number", "minimum": 0.1, "maximum": 60},
             "log_per_second": {"type": "number", "minimum": 0},
             "seen_timeout": {"type": "integer", "minimum": 1, "maximum": 86400},
-            "resolv_conf": {"type": "string"}}},
+            "resolv_conf": {"type": "string"}, "name_ttl_floor": {"type": "integer", "minimum": 1}}},
         "capture": {"type": "object", "additionalProperties": False, "properties": {
             "interfaces": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "tls_ports": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1, "maximum": 65535}},

@@ -467,6 +467,8 @@ class Daemon:
 
         # open every source first: a set-up error (exit 2) must come before any thread runs
         self.sources = [live.build(name, self).open() for name in self.cfg.sources]
+        if self.names is not None:  # DNS answers the capture believes open allow-by-name refuse sets
+            self.names.on_answer = self.enforcer.dns_answer
         targets = [(self._worker, "worker"), (lambda: self.enforcer.run(self.stop), "enforce")]
         for src in self.sources:
             targets.append((lambda s=src: s.run(self.stop), f"source-{src.name}"))

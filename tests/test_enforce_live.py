@@ -178,3 +178,59 @@ def test_management_and_resolver_addresses_are_never_refused(topo, tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "management network 203.0.113.11/32" in r.stderr and "resolver 203.0.113.140" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+NAMED = """\
+version: 1
+name: payroll
+home: [EU]
+enforce: refuse
+allow: {jurisdictions: [EEA], hostnames: ["*.payroll.example"]}
+trust_names: [dns]
+"""
+
+# resolve NAME at the peer's responder, then connect at once and again every 2 ms until it is
+# accepted: prints the first attempt's result and how long after the answer the first success came
+RACE = """
+import socket, struct, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+q = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in sys.argv[1].split(".")) + b"\\0" + struct.pack(">HH", 1, 1)
+u.sendto(q, ("192.0.2.2", 53)); r = u.recv(512); t = time.monotonic()
+target, first = socket.inet_ntoa(r[-4:]), None
+while time.monotonic() - t < 5:
+    s = socket.socket(); s.settimeout(3)
+    try:
+        s.connect((target, 443)); ok = True
+    except ConnectionRefusedError:
+        ok = False
+    first = ok if first is None else first
+    if ok:
+        break
+    time.sleep(0.002)
+print(target, "ok" if first else "refused", "ok" if ok else "refused", round((time.monotonic() - t) * 1000, 1))
+"""
+
+
+def test_allowed_by_name_passes_after_its_dns_answer(topo, tmp_path):
+    from tests.test_names_live import RESPONDER
+
+    dns = topo.popen("python3", "-c", RESPONDER, ns=topo.peer, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    a = Agent(tmp_path, topo, config={"enforce": "refuse", "sources": ["conntrack", "capture"], "attribution": False,
+                                      "enforcement": {"poll_interval": 0.2, "name_ttl_floor": 1}})
+    (a.policies / "eu-data.yaml").unlink()
+    (a.policies / "payroll.yaml").write_text(NAMED)
+    a.start()
+    try:
+        assert attempt(topo, "203.0.113.9")[0] == "refused"  # US, no name yet
+        target, first, last, ms = topo.run("python3", "-c", RACE, "api.payroll.example").stdout.split()
+        assert (target, last) == ("203.0.113.9", "ok"), (first, ms, a.logtext())
+        print(f"allow-by-name race: first attempt {first}, accepted {ms} ms after the answer")
+        assert (a.value("egress_agent_enforcement_name_allowed_total") or 0) >= 1
+        assert attempt(topo, "203.0.113.140")[0] == "refused"  # CN: never named
+        time.sleep(2.5)  # TTL 300 s in the zone: still allowed
+        assert attempt(topo, "203.0.113.9")[0] == "ok"
+    finally:
+        assert a.stop() == 0, a.logtext()
+        dns.kill()
+        dns.wait()

@@ -83,7 +83,7 @@ def _uid(user: str) -> int:
         raise ValueError(f"user '{user}' does not exist on this host") from None
 
 
-def _probe(p, v: int) -> Flow | None:
+def probe_flow(p, v: int) -> Flow | None:
     """A new outbound TCP (or the policy's protocol) connection the policy selects, to be given its
     destination; None when the policy selects nothing of family v."""
     sel = p.applies_to
@@ -133,7 +133,7 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
         starts = sorted(c for c in cut if c < _TOP[v])
         embedded = [_span(n) for n in _EMBEDDED6] if v == 6 else []
         keep_v = out.keep[v]
-        probes = {p.name: _probe(p, v) for p in refusing}
+        probes = {p.name: probe_flow(p, v) for p in refusing}
         refused: dict[str, list[tuple[int, int]]] = {p.name: [] for p in refusing}
         for i, lo in enumerate(starts):
             hi = (starts[i + 1] if i + 1 < len(starts) else _TOP[v]) - 1

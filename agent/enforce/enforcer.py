@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.enforce.compile import compile_plan
+from agent.enforce.compile import compile_plan, probe_flow
 from agent.enforce.cuts import location_cuts
 from agent.enforce.never import never_refuse
 from agent.enforce.nft import SEEN_SIZE, TABLE, Nft, NftError, render
@@ -34,6 +34,7 @@ from agent.policy.model import effective_mode
 
 log = logging.getLogger("egress-agent")
 CLONE_NEWNET = 0x40000000
+MAX_PENDING = 4096  # DNS answers waiting for the enforcement thread
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Enforcer:
         self._packets: dict[str, int] = {}
         self._known: dict[tuple, float] = {}
         self._day = None
+        self._judge, self._index, self._by_name, self._probes = None, {}, frozenset(), {}
         self._tokens, self._token_t, self._quiet = 5.0, 0.0, 0
 
     @property
@@ -103,6 +105,9 @@ class Enforcer:
                     why = self.requests.get(timeout=every)
                 except queue.Empty:
                     why = None
+                if isinstance(why, tuple):  # a DNS answer: at once, the program is about to connect
+                    self._answer(*why)
+                    continue
                 day = int(self.clock() // 86400)
                 if why is None and self.applied and self._day is not None and day != self._day:
                     why = "the date changed (exceptions and effective dates)"
@@ -123,6 +128,49 @@ class Enforcer:
 
     def request(self, why: str):
         self.requests.put(why)
+
+    # -- names ------------------------------------------------------------------------------
+    def dns_answer(self, qname: str, chain: tuple, addr: bytes, ttl: int, at: float):
+        """The capture believed a DNS answer (capture thread): hand it to the enforcement thread
+        when a refuse policy allows by name. Bounded: beyond MAX_PENDING waiting answers, counted."""
+        if not self._by_name:
+            return
+        if self.requests.qsize() >= MAX_PENDING:
+            self.d.metrics.enforcement_names_dropped.inc()
+            return
+        self.requests.put((qname, chain, addr, ttl))
+
+    def _answer(self, qname: str, chain: tuple, addr: bytes, ttl: int):
+        """Put the answer's address in each policy's allow-by-name set, for the answer's TTL (at
+        least `name_ttl_floor`), when the engine excuses a connection to it under that name and
+        the address is in the policy's refuse set (elsewhere it passes anyway)."""
+        import ipaddress
+
+        from agent.flow import Flow, Outcome
+
+        if not self.applied or self._judge is None:
+            return
+        ip = ipaddress.ip_address(addr)
+        v, n = ip.version, int(ip)
+        timeout = max(int(ttl), int(self.options.get("name_ttl_floor", 60)))
+        adds = []
+        for i, p in enumerate(self.plan.policies):
+            if p.name not in self._by_name or not _holds(p.dst[v], n):
+                continue
+            probe = self._probes[(p.name, v)]
+            if probe is None:
+                continue
+            flow = Flow(probe.proto, probe.src, 40000, str(ip), probe.dport, first_seen=self.clock(),
+                        who=probe.who, hostname=qname, hostname_source="dns", hostname_chain=tuple(chain))
+            verdict = self._judge.judge(flow).verdicts[self._index[p.name]]
+            if verdict.outcome != Outcome.VIOLATION:
+                adds.append(f"add element inet {TABLE} p{i}_names{v} {{ {ip} timeout {timeout}s }}")
+        if adds:
+            try:
+                self.nft.run("\n".join(adds))
+                self.d.metrics.enforcement_names.inc(len(adds))
+            except NftError as e:
+                log.error("enforcement: cannot allow %s (%s) by name: %s", ip, qname, e)
 
     # -- building ---------------------------------------------------------------------------
     def _rebuild(self, why: str):
@@ -178,6 +226,9 @@ class Enforcer:
             self.owner = False
             self.nft.run(render(plan, False, forward, timeout, replace=self._exists()))
         self.applied, self.plan = True, plan
+        self._judge, self._index = judge, {p.name: i for i, p in enumerate(judge.policies)}
+        self._by_name = frozenset(p.name for p in refusing if _names(p))
+        self._probes = {(p.name, v): probe_flow(p, v) for p in refusing for v in (4, 6)}
         self._packets = dict.fromkeys((p.name for p in plan.policies), 0)
         self._known.clear()
         self._day = int(self.clock() // 86400)
@@ -305,3 +356,15 @@ _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 def _proto(p) -> int:
     return {"tcp": 6, "udp": 17}.get(p, p) if isinstance(p, str) else int(p)
+
+
+def _names(p) -> bool:
+    """Whether names can excuse anything under the policy (allow or an exception names hosts)."""
+    return any(d is not None and d.hostnames for d in (p.allow, *(e.destinations for e in p.exceptions)))
+
+
+def _holds(spans, n: int) -> bool:
+    from bisect import bisect_right
+
+    i = bisect_right(spans, (n, 1 << 129)) - 1
+    return i >= 0 and spans[i][0] <= n <= spans[i][1]

@@ -113,6 +113,9 @@ class NameExtractor:
         self._quic_second, self._quic_spent = 0, 0  # the QUIC budget: Initials opened this second
         # the live capture thread feeds while the worker names flows: one lock keeps the tables whole
         self._lock = threading.Lock()
+        # called as on_answer(qname, chain, packed address, ttl, at) for each believed address answer
+        # (enforcement's allow-by-name sets); it must return at once (the capture thread calls it)
+        self.on_answer = None
 
     # -- packets ---------------------------------------------------------------------------------
 
@@ -172,6 +175,8 @@ class NameExtractor:
                 self.counts["dns_ttl_capped"] += 1
                 ttl = self.max_ttl
             self.answers.add(client, addr if len(addr) == 16 else bytes(12) + addr, r.qname, chain, ttl, at)
+            if self.on_answer is not None:
+                self.on_answer(r.qname, chain, addr, ttl, at)
 
     def _tcp(self, seg: Segment, at: float = 0.0):
         key = (TCP, seg.src, seg.sport, seg.dst, seg.dport)

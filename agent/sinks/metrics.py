@@ -70,6 +70,10 @@ class Metrics:
                                               "the bounded set of refused connections was full: each may lack an "
                                               "evidence record of its own.",
                                               ["policy"], registry=r)
+        self.enforcement_names = Counter(f"{NS}_enforcement_name_allowed", "Addresses put in a refuse policy's "
+                                         "allow-by-name set from a DNS answer the capture believed.", registry=r)
+        self.enforcement_names_dropped = Counter(f"{NS}_enforcement_name_answers_dropped", "DNS answers not looked at "
+                                                 "for allow-by-name sets (more than 4,096 waiting).", registry=r)
         self.source_errors = Counter(f"{NS}_source_errors", "Errors reading the flow source.", ["source", "kind"],
                                      registry=r)
         self.source_events = Counter(f"{NS}_source_events", "Events read from the flow source.", ["source", "event"],
