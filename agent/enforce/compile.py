@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 
 from agent.enforce.cuts import Cuts
 from agent.flow import Flow, Outcome, Who
+from agent.policy.compiled import NetMask
 
 _TOP = {4: 1 << 32, 6: 1 << 128}
-# IPv6 forms of IPv4 addresses (Teredo, 6to4, NAT64): the engine locates the embedded IPv4 address
-# per address, so a piece of them is not uniform; they are never refused (said in the README)
-_EMBEDDED6 = tuple(ipaddress.ip_network(n) for n in ("2001::/32", "2002::/16", "64:ff9b::/96", "64:ff9b:1::/48"))
+# IPv6 forms of IPv4 addresses (mapped, Teredo, 6to4, NAT64): the engine locates the embedded IPv4
+# address per address, so a piece of them is not uniform; they are never refused (said in the README;
+# a mapped address never is a destination on the wire)
+_EMBEDDED6 = tuple(ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "2001::/32", "2002::/16", "64:ff9b::/96",
+                                                     "64:ff9b:1::/48"))
 
 
 @dataclass
@@ -123,6 +126,9 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
     if pipeline.register is not None:
         nets += [n for r in pipeline.register.recipients for n in r.match.networks]
     deny = {p.name: [n for n in (p.deny.networks if p.deny else ())] for p in refusing}
+    # what else a verdict reads from the address: the policies' and the recipients' networks
+    dst_nets = NetMask([n for n in nets if n not in set(_rec_list(pipeline))])
+    rec_nets = NetMask(_rec_list(pipeline))
     for v in (4, 6):
         cut = set(cuts.cuts[v]) | {0}
         cut |= {s for s, _, _ in pipeline.scoper.ranges(v)}
@@ -135,28 +141,38 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
         keep_v = out.keep[v]
         probes = {p.name: probe_flow(p, v) for p in refusing}
         refused: dict[str, list[tuple[int, int]]] = {p.name: [] for p in refusing}
+        listed = v in cuts.listable
+        known: dict[tuple, bool] = {}  # (policy, location key, network masks) -> violation
         for i, lo in enumerate(starts):
             hi = (starts[i + 1] if i + 1 < len(starts) else _TOP[v]) - 1
             if pipeline.scoper.scope_int(v, lo) != "public" or any(a <= lo <= b for a, b in embedded):
                 continue
-            dst = str(ipaddress.ip_address(lo) if v == 6 else ipaddress.IPv4Address(lo))
             out.pieces += 1
-            listed = v in cuts.listable
+            loc = cuts.location_key(v, lo)
+            masks = (dst_nets.mask_int(v, lo) if dst_nets else 0, rec_nets.mask_int(v, lo) if rec_nets else 0)
+            dst = None
             for p in refusing:
                 probe = probes[p.name]
                 if probe is None:
                     continue
                 if not listed and not any(n.version == v and lo in _int_net(n) for n in deny[p.name]):
                     continue
-                flow = Flow(proto=probe.proto, src=probe.src, sport=40000, dst=dst, dport=probe.dport,
-                            first_seen=now, last_seen=now, who=probe.who)
-                verdict = pipeline.judge(flow).verdicts[index[p.name]]
-                if verdict.outcome != Outcome.VIOLATION:
+                k = (p.name, loc, masks) if loc is not None else None
+                bad = known.get(k) if k is not None else None
+                if bad is None:
+                    dst = dst or str(ipaddress.ip_address(lo) if v == 6 else ipaddress.IPv4Address(lo))
+                    flow = Flow(proto=probe.proto, src=probe.src, sport=40000, dst=dst, dport=probe.dport,
+                                first_seen=now, last_seen=now, who=probe.who)
+                    # the outcome only (no message rewrite); the engine's verdict for this piece
+                    bad = pipeline.judge(flow).outcomes[index[p.name]].outcome == Outcome.VIOLATION
+                    if k is not None:
+                        known[k] = bad
+                if not bad:
                     continue
                 k = bisect_right(keep_v, (lo, _TOP[v])) - 1
                 if k >= 0 and keep_v[k][1] >= lo:
                     out.policies[[q.name for q in refusing].index(p.name)].caught.append(
-                        _caught(keep, v, lo, hi, dst))
+                        _caught(keep, v, lo, hi))
                     continue
                 refused[p.name].append((lo, hi))
         for ps in out.policies:
@@ -172,9 +188,15 @@ def _int_net(n) -> range:
     return range(lo, hi + 1)
 
 
-def _caught(keep, v: int, lo: int, hi: int, dst: str) -> str:
+def _rec_list(pipeline) -> list:
+    if pipeline.register is None:
+        return []
+    return [n for r in pipeline.register.recipients for n in r.match.networks]
+
+
+def _caught(keep, v: int, lo: int, hi: int) -> str:
     for k in keep:
         a, b = _span(k.network)
         if k.network.version == v and a <= lo and hi <= b:
             return k.why
-    return f"never-refuse address {dst}"
+    return f"never-refuse address {ipaddress.ip_address(lo)}"

@@ -3,8 +3,10 @@ answers alike for every address (so judging one address of a piece judges all of
 
 `location_cuts(locator) -> Cuts`:
 
-* a MaxMind-format database: the start and end + 1 of every network it holds (maxminddb's
-  iteration over the search tree), for every configured database;
+* a MaxMind-format database: the start and end + 1 of every run of adjacent networks with equal
+  Location fields (maxminddb's iteration over the search tree, in address order), for every
+  configured database; `Cuts.location_key` tells pieces with equal answers apart from the rest, so
+  the compiler judges each distinct (answers, policy networks) once, not each piece;
 * the embedded registration data (iptocc), which has no listing: IPv4 is probed at the first and last
   address of every /24 of the public /8s, and a /24 whose two ends differ is probed address by
   address. A registration block that starts and ends strictly inside one /24 with the same country
@@ -19,6 +21,7 @@ the installed package and cannot change under it).
 from __future__ import annotations
 
 import functools
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,19 +34,51 @@ class Cuts:
     cuts: dict[int, set[int]] = field(default_factory=lambda: {4: set(), 6: set()})
     listable: frozenset = frozenset({4, 6})  # families whose location data is fully listed
     networks: int = 0  # database networks (or registration runs) read
+    # per family, per database: (run starts, run ends, an id per run: equal ids, equal Location fields);
+    # empty for the embedded data (each piece is located on its own)
+    runs: dict[int, list] = field(default_factory=lambda: {4: [], 6: []})
+
+    def location_key(self, v: int, n: int) -> tuple | None:
+        """Equal keys: every database answers address n as it answers the other (None: unknown)."""
+        if not self.runs[v]:
+            return None
+        key = []
+        for starts, ends, ids in self.runs[v]:
+            i = bisect_right(starts, n) - 1
+            key.append(ids[i] if i >= 0 and n <= ends[i] else -1)
+        return tuple(key)
 
 
 def location_cuts(locator) -> Cuts:
     if not locator.dbs:
         c4 = embedded_v4_cuts()
         return Cuts({4: set(c4), 6: set()}, frozenset({4}), len(c4))
+    from agent.enrich.geoip import fields_from_record
+
     out = Cuts()
     for db in locator.dbs:
-        for net, _rec in db.reader:
+        nets: dict[int, list] = {4: [], 6: []}
+        for net, rec in db.reader:  # not in address order across the tree's aliases: sorted below
             lo = int(net.network_address)
-            out.cuts[net.version].add(lo)
-            out.cuts[net.version].add(lo + net.num_addresses)
+            hi = lo + (1 << (net.max_prefixlen - net.prefixlen)) - 1  # num_addresses: a slow property
+            f = tuple(fields_from_record(rec).values()) if isinstance(rec, dict) else (repr(rec),)
+            nets[net.version].append((lo, hi, f))
             out.networks += 1
+        runs: dict[int, list] = {4: [], 6: []}  # [start, end, fields] of adjacent networks answering alike
+        for v, found in nets.items():
+            run = runs[v]
+            for lo, hi, f in sorted(found, key=lambda x: x[0]):
+                if run and run[-1][1] + 1 == lo and run[-1][2] == f:
+                    run[-1][1] = hi  # the same answer goes on: no cut (a database lists a country in many blocks)
+                else:
+                    run.append([lo, hi, f])
+        for v, run in runs.items():
+            ids: dict[tuple, int] = {}
+            keys = [ids.setdefault(r[2], len(ids)) for r in run]
+            out.runs[v].append(([r[0] for r in run], [r[1] for r in run], keys))
+            for lo, hi, _f in run:
+                out.cuts[v].add(lo)
+                out.cuts[v].add(hi + 1)
     return out
 
 

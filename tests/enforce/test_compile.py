@@ -163,3 +163,15 @@ def test_never_refuse_sources(tmp_path):
     assert Keep(ipaddress.ip_network("203.0.113.5/32"), "Prometheus scraper 203.0.113.5 (enforcement.scrapers)") \
         in keep
     assert len(skipped) == 2 and "2.debian.pool.ntp.org" in skipped[0]
+
+
+def test_judging_once_per_location_equals_judging_every_piece(world, monkeypatch):
+    """Pieces with equal database answers share a verdict (Cuts.location_key); judging each piece
+    on its own gives the same sets (the database's networks come out of order across its aliases)."""
+    pipe, plan, keep = world
+    cuts = location_cuts(pipe.locator)
+    assert any(len(r[0]) for r in cuts.runs[6]) and all(r[0] == sorted(r[0]) for v in (4, 6) for r in cuts.runs[v])
+    monkeypatch.setattr(type(cuts), "location_key", lambda self, v, n: None)
+    refusing = [p for p in pipe.policies if p.enforce == "refuse"]
+    alone = compile_plan(pipe, refusing, keep, cuts)
+    assert [p.dst for p in alone.policies] == [p.dst for p in plan.policies]
