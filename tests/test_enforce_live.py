@@ -234,3 +234,23 @@ def test_allowed_by_name_passes_after_its_dns_answer(topo, tmp_path):
         assert a.stop() == 0, a.logtext()
         dns.kill()
         dns.wait()
+
+
+def test_fail_closed_keeps_refusing_without_the_agent_and_a_restart_replaces_the_table(topo, tmp_path):
+    a = start(tmp_path, topo, enforcement={"fail": "closed"})
+    assert attempt(topo, "203.0.113.9")[0] == "refused"
+    a.stop(signal.SIGKILL)
+    time.sleep(0.5)
+    try:
+        assert "egress_agent_enforce" in tables(topo) and attempt(topo, "203.0.113.9")[0] == "refused"
+        b = Agent(tmp_path, topo, config={"enforce": "refuse", "enforcement": {"fail": "closed"}})
+        (b.policies / "eu-data.yaml").write_text(REFUSE.format(mode="refuse", exempt="203.0.113.0/25"))
+        b.start()
+        wait_for(lambda: attempt(topo, "203.0.113.9")[0] == "ok", what="the new table in force")
+        rules = topo.run("nft", "list", "chain", "inet", "egress_agent_enforce", "output").stdout
+        assert rules.count("jump refuse") == 1  # replaced, not added to
+        assert attempt(topo, "203.0.113.140")[0] == "refused"
+        assert b.stop() == 0, b.logtext()
+        assert "egress_agent_enforce" in tables(topo)  # closed: a stop leaves it too
+    finally:
+        topo.run("nft", "delete", "table", "inet", "egress_agent_enforce", check=False)

@@ -215,8 +215,11 @@ class Enforcer:
             self.owner = self.options.get("fail", "open") == "open"
         forward = bool(self.options.get("forward", False))
         timeout = int(self.options.get("seen_timeout", 300))
+        # a table left by an earlier run (fail: closed, or a kernel without owner tables) is replaced
+        # in the same transaction, never added to
+        replace = self.applied or self._exists()
         try:
-            self.nft.run(render(plan, self.owner, forward, timeout, replace=self.applied))
+            self.nft.run(render(plan, self.owner, forward, timeout, replace=replace))
         except NftError as e:
             if not (self.owner and not self.applied and "not supported" in str(e).lower()):
                 raise

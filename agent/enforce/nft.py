@@ -114,10 +114,7 @@ def _ranges(ports) -> str:
 def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 300,
            replace: bool = False) -> str:
     """The whole table as nft text (with `replace`: preceded by the deletion of the old one)."""
-    head = ""
-    if replace:
-        head = f"table inet {TABLE}\ndelete table inet {TABLE}\n" if not owner else \
-            f"delete table inet {TABLE}\n"
+    head = f"delete table inet {TABLE}\n" if replace else ""
     t = [f"table inet {TABLE} {{\n"]
     if owner:
         t.append("  flags owner\n")

@@ -142,7 +142,7 @@ def test_the_table_text(world):
     assert "chain forward {\n    type filter hook forward priority filter" in text
     assert "meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited" in text
     again = render(plan, owner=False, replace=True)
-    assert again.startswith("table inet egress_agent_enforce\ndelete table inet egress_agent_enforce\n")
+    assert again.startswith("delete table inet egress_agent_enforce\ntable inet egress_agent_enforce {\n")
     assert "flags owner" not in again
 
 
