@@ -59,6 +59,7 @@ GRAFANA = {
     "EgressExceptionExpiringSoon": ({"A": "egress_agent_exception_expiry_timestamp_seconds - time()"},
                                     "$A < 1209600 && $A > 0"),
     "EgressPolicyReloadFailed": ({"A": "egress_agent_config_last_reload_successful"}, "$A < 1"),
+    "EgressEnforcementBuildFailed": ({"A": "egress_agent_enforcement_build_success"}, "$A < 1"),
     "EgressExportLoss": (
         {"A": "sum by (instance, source, exporter) (increase(egress_agent_exporter_lost_records_total[10m]))"},
         "$A > 0"),

@@ -76,6 +76,7 @@ class Enforcer:
         self._day = None
         self._judge, self._index, self._by_name, self._probes = None, {}, frozenset(), {}
         self._tokens, self._token_t, self._quiet = 5.0, 0.0, 0
+        d.metrics.enforcement_ok.set(1)  # nothing failed yet (a bare gauge would say 0: an alert)
 
     @property
     def options(self) -> dict:
