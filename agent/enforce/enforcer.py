@@ -18,6 +18,7 @@ are rebuilt when the date changes.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
 import queue
@@ -30,6 +31,7 @@ from agent.enforce.cuts import location_cuts
 from agent.enforce.never import never_refuse
 from agent.enforce.nft import SEEN_SIZE, TABLE, Nft, NftError, render
 from agent.errors import UserError
+from agent.flow import Flow, Outcome
 from agent.policy.model import effective_mode
 
 log = logging.getLogger("egress-agent")
@@ -75,6 +77,7 @@ class Enforcer:
         self._known: dict[tuple, float] = {}
         self._day = None
         self._judge, self._index, self._by_name, self._probes = None, {}, frozenset(), {}
+        self._names_lock = threading.Lock()  # the sets' judge: answers (enforcement thread) and rebuilds
         self._tokens, self._token_t, self._quiet = 5.0, 0.0, 0
         d.metrics.enforcement_ok.set(1)  # nothing failed yet (a bare gauge would say 0: an alert)
 
@@ -145,12 +148,11 @@ class Enforcer:
         """Put the answer's address in each policy's allow-by-name set, for the answer's TTL (at
         least `name_ttl_floor`), when the engine excuses a connection to it under that name and
         the address is in the policy's refuse set (elsewhere it passes anyway)."""
-        import ipaddress
+        with self._names_lock:
+            if self.applied and self._judge is not None:
+                self._allow(qname, chain, addr, ttl)
 
-        from agent.flow import Flow, Outcome
-
-        if not self.applied or self._judge is None:
-            return
+    def _allow(self, qname: str, chain: tuple, addr: bytes, ttl: int):
         ip = ipaddress.ip_address(addr)
         v, n = ip.version, int(ip)
         timeout = max(int(ttl), int(self.options.get("name_ttl_floor", 60)))
@@ -216,11 +218,13 @@ class Enforcer:
             self.owner = self.options.get("fail", "open") == "open"
         forward = bool(self.options.get("forward", False))
         timeout = int(self.options.get("seen_timeout", 300))
+        by_name = frozenset(p.name for p in refusing if _names(p))
         # a table left by an earlier run (fail: closed, or a kernel without owner tables) is replaced
         # in the same transaction, never added to
         replace = self.applied or self._exists()
         try:
-            self.nft.run(render(plan, self.owner, forward, timeout, replace=replace))
+            with self._names_lock:  # no allow-by-name element goes in while the table is replaced
+                self.nft.run(render(plan, self.owner, forward, timeout, replace=replace, names=by_name))
         except NftError as e:
             if not (self.owner and not self.applied and "not supported" in str(e).lower()):
                 raise
@@ -228,11 +232,12 @@ class Enforcer:
             log.warning("enforcement: this kernel has no owner tables (%s); the table is removed at stop and by "
                         "the unit's ExecStopPost=, not by the kernel if the agent is killed", e)
             self.owner = False
-            self.nft.run(render(plan, False, forward, timeout, replace=self._exists()))
-        self.applied, self.plan = True, plan
-        self._judge, self._index = judge, {p.name: i for i, p in enumerate(judge.policies)}
-        self._by_name = frozenset(p.name for p in refusing if _names(p))
-        self._probes = {(p.name, v): probe_flow(p, v) for p in refusing for v in (4, 6)}
+            self.nft.run(render(plan, False, forward, timeout, replace=self._exists(), names=by_name))
+        with self._names_lock:
+            self.applied, self.plan = True, plan
+            self._judge, self._index = judge, {p.name: i for i, p in enumerate(judge.policies)}
+            self._by_name = by_name
+            self._probes = {(p.name, v): probe_flow(p, v) for p in refusing for v in (4, 6)}
         self._packets = dict.fromkeys((p.name for p in plan.policies), 0)
         self._known.clear()
         self._day = int(self.clock() // 86400)
@@ -330,7 +335,6 @@ class Enforcer:
 
     # -- evidence (the worker's thread) -------------------------------------------------------
     def record(self, r: Refused, now: float):
-        from agent.flow import Flow
         from agent.sinks.eventlog import extra_members, json_bytes, record_body
 
         d = self.d

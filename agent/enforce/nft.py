@@ -19,6 +19,16 @@ The table (`inet egress_agent_enforce`):
     chain pN: allowed names pass (`pN_names4/6`, filled from DNS answers), then counter `pN`,
       the connection is remembered in `pN_seen4/6` (source, destination, protocol, port; bounded,
       with a timeout) for the evidence, and rejected: TCP reset, else ICMP administratively prohibited.
+
+Names race: a program connects as soon as its DNS answer arrives, and the agent sees that answer
+at the same moment, so its address reaches `pN_names` a few milliseconds after the first SYN may
+have left. For a policy that allows by name, the first TCP SYN or UDP datagram of a (source,
+destination, protocol, port) to a refused address is therefore dropped silently and remembered
+for GRACE seconds in `pN_grace4/6`; the retransmission (TCP: one second later) passes if the name
+has been allowed meanwhile, and is refused (reset) otherwise. It costs a refused connection one
+second, never an allowed one a refusal. (Holding DNS answers in an NFQUEUE would cost nothing in
+the refused case, but needs nft_queue in the kernel and a way to never stall DNS when the agent
+hangs; this needs neither.)
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import time
 
 TABLE = "egress_agent_enforce"  # beside the conntrack source's `egress_agent` (tracking, counter)
 SEEN_SIZE = 65536
+GRACE = 3  # seconds a policy that allows by name remembers a first packet it dropped (see render)
 
 
 class NftError(Exception):
@@ -112,7 +123,8 @@ def _ranges(ports) -> str:
 
 
 def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 300,
-           replace: bool = False) -> str:
+           replace: bool = False, names=frozenset()) -> str:
+    """`names`: the policies that allow by host name, whose first packet waits a retransmission."""
     """The whole table as nft text (with `replace`: preceded by the deletion of the old one)."""
     head = f"delete table inet {TABLE}\n" if replace else ""
     t = [f"table inet {TABLE} {{\n"]
@@ -130,6 +142,9 @@ def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 
             t.append(_set(f"{pre}_dst{v}", v, p.dst[v]))
             t.append(f"  set {pre}_names{v} {{ type {'ipv4_addr' if v == 4 else 'ipv6_addr'}; flags timeout; }}\n")
             typ = "ipv4_addr" if v == 4 else "ipv6_addr"
+            if p.name in names:
+                t.append(f"  set {pre}_grace{v} {{ type {typ} . {typ} . inet_proto . inet_service; flags dynamic, "
+                         f"timeout; timeout {GRACE}s; size {SEEN_SIZE}; }}\n")
             t.append(f"  set {pre}_seen{v} {{ type {typ} . {typ} . inet_proto . inet_service; flags dynamic, timeout; "
                      f"timeout {seen_timeout}s; size {SEEN_SIZE}; }}\n")
             if not p.any_source:
@@ -149,13 +164,17 @@ def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 
                 rules.append(" ".join([f"meta nfproto {'ipv4' if v == 4 else 'ipv6'}", *match,
                                        f"{fam} daddr @{pre}_dst{v}", f"jump {pre}"]))
     t.append("  chain refuse {\n" + "".join(f"    {r}\n" for r in rules) + "  }\n")
-    for i, _p in enumerate(plan.policies):
+    for i, p in enumerate(plan.policies):
         pre = f"p{i}"
+        grace = "" if p.name not in names else "".join(
+            f"    meta l4proto {{ tcp, udp }} {fam} saddr . {fam} daddr . meta l4proto . th dport != @{pre}_grace{v} "
+            f"add @{pre}_grace{v} {{ {fam} saddr . {fam} daddr . meta l4proto . th dport }} drop\n"
+            for v, fam in ((4, "ip"), (6, "ip6")))
         seen = "".join(f"    meta l4proto {{ tcp, udp }} update @{pre}_seen{v} "
                        f"{{ {fam} saddr . {fam} daddr . meta l4proto . th dport }}\n"
                        for v, fam in ((4, "ip"), (6, "ip6")))
         t.append(f"  chain {pre} {{\n"
-                 f"    ip daddr @{pre}_names4 return\n    ip6 daddr @{pre}_names6 return\n"
+                 f"    ip daddr @{pre}_names4 return\n    ip6 daddr @{pre}_names6 return\n{grace}"
                  f"    counter name {pre}\n{seen}"
                  f"    meta l4proto tcp reject with tcp reset\n"
                  f"    reject with icmpx admin-prohibited\n  }}\n")
