@@ -36,6 +36,7 @@ from agent.fileio import files_signature
 from agent.flow import Flow, Outcome, iso_time
 from agent.judge.build import build_pipeline  # noqa: F401 - re-exported: tests and tools build one as the daemon does
 from agent.judge.fastlane import FastLane, Opened
+from agent.policy.model import effective_mode
 from agent.policy.recipients import fallback_recipient
 from agent.sinks import webconfig
 from agent.sinks.eventlog import EvidenceLog, extra_members, json_bytes, record_body
@@ -142,8 +143,15 @@ class Daemon:
                      "hosts are judged as well", ", ".join(inbound))
         self.metrics.policies(self.pipeline.policies, self.pipeline.locator.provenance())
         self.metrics.enforcement(self.pipeline.policies, self.cfg.enforce)
-        if asking := [p.name for p in self.pipeline.policies if p.enforce != "observe"]:
-            log.info("policies %s ask for enforcement; the host's switch is %s", ", ".join(asking), self.cfg.enforce)
+        for mode, words in (("dry-run", "violations count as would-refuse; no traffic touched"),
+                            ("refuse", "new connections they forbid are refused in the kernel")):
+            names = [p.name for p in self.pipeline.policies if effective_mode(p.enforce, self.cfg.enforce) == mode]
+            if names:
+                log.info("enforcement %s on for policies %s (%s)", mode, ", ".join(names), words)
+        if capped := [p.name for p in self.pipeline.policies
+                      if effective_mode(p.enforce, self.cfg.enforce) != p.enforce]:
+            log.info("policies %s ask for more enforcement than the host's switch (%s) allows", ", ".join(capped),
+                     self.cfg.enforce)
         self.metrics.jurisdictions(self.pipeline.jurisdictions)
         self.metrics.reload_success.set(1)
         self.metrics.reload_time.set(time.time())
