@@ -267,13 +267,18 @@ class AuditReport:
                 self.verdicts[_VALUE[v.outcome]] += int(flows_k[g])
         dst_text = t.dst.text
         di = t.dst.inverse
-        # distinct destinations per country: (group, destination) pairs, then one set update per country
-        pairs = np.unique(key * len(dst_text) + di[bulk]) if len(bulk) else np.zeros(0, dtype=np.int64)
+        # distinct destinations per country. A group's country is its destination's (the location is
+        # the destination's alone), so each destination in use has one country: a presence count and
+        # one country per destination, O(n), then one set update per country
         country_id = {c: i for i, c in enumerate(dict.fromkeys(country_k))}
-        pair_country = np.array([country_id[c] for c in country_k], dtype=np.int64)[pairs // max(len(dst_text), 1)]
+        group_country = np.array([country_id[c] for c in country_k], dtype=np.int64)
+        used = np.flatnonzero(np.bincount(di[bulk], minlength=len(dst_text))) if len(bulk) else \
+            np.zeros(0, dtype=np.int64)
+        dst_country = np.full(len(dst_text), -1, dtype=np.int64)
+        dst_country[di[bulk]] = group_country[key]
+        used_country = dst_country[used]
         for c, i in country_id.items():
-            in_c = (pairs[pair_country == i] % len(dst_text)).tolist()
-            self.by_country[c]["dst"].update(map(dst_text.__getitem__, in_c))
+            self.by_country[c]["dst"].update(map(dst_text.__getitem__, used[used_country == i].tolist()))
         # Jurisdictions in the order the per-row path meets them (equal byte counts keep that order):
         # the first row of each group, and the rows judged one by one, which `add` takes whole.
         first_of = {r: g for g, r in enumerate(res.rep_rows)}
