@@ -24,6 +24,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from agent.enforce.cuts import Cuts
+from agent.enrich.scope import merge_intervals
 from agent.flow import Flow, Outcome, Who
 from agent.policy.compiled import NetMask
 
@@ -67,16 +68,6 @@ def _span(net) -> tuple[int, int]:
     return int(net.network_address), int(net.broadcast_address)
 
 
-def _merge(spans) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if out and out[-1][1] + 1 >= lo:
-            out[-1] = (out[-1][0], max(hi, out[-1][1]))
-        else:
-            out.append((lo, hi))
-    return out
-
-
 def _uid(user: str) -> int:
     if user.isdigit():
         return int(user)
@@ -105,7 +96,7 @@ def probe_flow(p, v: int) -> Flow | None:
 
 def policy_sets(p) -> PolicySets:
     sel = p.applies_to
-    sources = {v: _merge(_span(n) for n in sel.sources if n.version == v) for v in (4, 6)}
+    sources = {v: merge_intervals(_span(n) for n in sel.sources if n.version == v) for v in (4, 6)}
     return PolicySets(p.name, sources, not sel.sources, tuple(sorted(sel.protocols)), sel.ports,
                       tuple(sorted({_uid(u) for u in sel.users})))
 
@@ -116,7 +107,7 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
     t0 = time.perf_counter()
     now = time.time() if now is None else now
     out = Plan([policy_sets(p) for p in refusing],
-               {v: _merge(_span(k.network) for k in keep if k.network.version == v) for v in (4, 6)})
+               {v: merge_intervals(_span(k.network) for k in keep if k.network.version == v) for v in (4, 6)})
     if 6 not in cuts.listable:
         out.warnings.append("the embedded registration data cannot list IPv6 networks: IPv6 destinations are "
                             "refused only where a policy denies their network by name (use a GeoIP database)")
@@ -176,7 +167,7 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
                     continue
                 refused[p.name].append((lo, hi))
         for ps in out.policies:
-            ps.dst[v] = _merge(refused[ps.name])
+            ps.dst[v] = merge_intervals(refused[ps.name])
             ps.caught = list(dict.fromkeys(ps.caught))
     out.seconds = time.perf_counter() - t0
     out.built_at = now
