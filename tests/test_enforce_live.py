@@ -231,6 +231,8 @@ def test_allowed_by_name_passes_after_its_dns_answer(topo, tmp_path):
         assert (target, first, last) == ("203.0.113.9", "ok", "ok"), (first, ms, a.logtext())
         print(f"allow-by-name: the first connect after the answer passed in {ms} ms")
         assert (a.value("egress_agent_enforcement_name_allowed_total") or 0) >= 1
+        r = cli("enforce", "status", "--netns", topo.client)
+        assert r.returncode == 0 and "1 addresses allowed by name now" in r.stdout, r.stdout + r.stderr
         assert attempt(topo, "203.0.113.140")[0] == "refused"  # CN: never named
         time.sleep(2.5)  # TTL 300 s in the zone: still allowed
         assert attempt(topo, "203.0.113.9")[0] == "ok"

@@ -87,6 +87,7 @@ def status(t: dict) -> dict:
         for v in (4, 6):
             row[f"ipv{v}"] = t["sizes"].get(f"{key}_dst{v}", 0)
             row[f"recent_ipv{v}"] = t["sizes"].get(f"{key}_seen{v}", 0)
+            row[f"named_ipv{v}"] = t["sizes"].get(f"{key}_names{v}", 0)
         out.append(row)
     return {"table": {"name": TABLE, "owner": "owner" in t["flags"], "built": t["comment"], "forward": t["forward"],
                       "never_refuse": {f"ipv{v}": t["sizes"].get(f"never{v}", 0) for v in (4, 6)}},
@@ -110,6 +111,8 @@ def run_enforce(args) -> int:
     print(f"  never refused: {t['never_refuse']['ipv4']} IPv4 and {t['never_refuse']['ipv6']} IPv6 intervals")
     for p in st["policies"]:
         print(f"  policy {p['policy']}: {p['ipv4']} IPv4 and {p['ipv6']} IPv6 intervals refused; "
-              f"{p['refused']} connections refused; {p['recent_ipv4'] + p['recent_ipv6']} distinct in the last minutes")
+              f"{p['refused']} connections refused; {p['recent_ipv4'] + p['recent_ipv6']} distinct in the last minutes"
+              + (f"; {p['named_ipv4'] + p['named_ipv6']} addresses allowed by name now"
+                 if p['named_ipv4'] + p['named_ipv6'] else ""))
     sys.stdout.flush()
     return 0
