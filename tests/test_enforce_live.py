@@ -218,7 +218,7 @@ def test_allowed_by_name_passes_after_its_dns_answer(topo, tmp_path):
 
     dns = topo.popen("python3", "-c", RESPONDER, ns=topo.peer, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     a = Agent(tmp_path, topo, config={"enforce": "refuse", "sources": ["conntrack", "capture"], "attribution": False,
-                                      "enforcement": {"poll_interval": 0.2, "name_ttl_floor": 1}})
+                                      "enforcement": {"poll_interval": 0.2, "name_ttl_floor": 2}})
     (a.policies / "eu-data.yaml").unlink()
     (a.policies / "payroll.yaml").write_text(NAMED)
     a.start()
@@ -231,6 +231,14 @@ def test_allowed_by_name_passes_after_its_dns_answer(topo, tmp_path):
         assert (target, first, last) == ("203.0.113.9", "ok", "ok"), (first, ms, a.logtext())
         print(f"allow-by-name: the first connect after the answer passed in {ms} ms")
         assert (a.value("egress_agent_enforcement_name_allowed_total") or 0) >= 1
+        # a name whose answer (TTL 1 s, allowed for the 2 s floor) has run out: allowed once, refused
+        # later, and the refusal's record names the destination from the capture's DNS answers
+        # (kept 30 s past their TTL)
+        assert topo.run("python3", "-c", RACE, "short.payroll.example").stdout.split()[2] == "ok"
+        time.sleep(GRACE)
+        assert attempt(topo, "203.0.113.11")[0] == "refused"
+        rec = wait_for(lambda: a.evidence_for("203.0.113.11", event="refused"), what="refusal evidence")[0]
+        assert rec["flow"]["hostname"] == "short.payroll.example" and rec["flow"]["hostname_source"] == "dns"
         r = cli("enforce", "status", "--netns", topo.client)
         assert r.returncode == 0 and "1 addresses allowed by name now" in r.stdout, r.stdout + r.stderr
         assert attempt(topo, "203.0.113.140")[0] == "refused"  # CN: never named

@@ -335,10 +335,14 @@ class Enforcer:
 
     # -- evidence (the worker's thread) -------------------------------------------------------
     def record(self, r: Refused, now: float):
+        """The evidence record of one refused connection (worker thread): the daemon's verdict for it,
+        with the name the capture's DNS answers give its destination, where known."""
         from agent.sinks.eventlog import extra_members, json_bytes, record_body
 
         d = self.d
-        j = d.pipeline.judge(Flow(r.proto, r.src, 0, r.dst, r.dport, 1, 0, now, now, "enforce"))
+        n = d.names.name_flow(r.proto, r.src, 0, r.dst, r.dport, now) if d.names is not None else None
+        j = d.pipeline.judge(Flow(r.proto, r.src, 0, r.dst, r.dport, 1, 0, now, now, "enforce", None,
+                                  n.hostname if n else None, n.source if n else None, n.chain if n else ()))
         v = next((v for v in j.verdicts if v.policy == r.policy), None)
         if v is None:
             return  # the policy was removed since
