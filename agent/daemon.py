@@ -196,7 +196,7 @@ class Daemon:
         """Hand a batch to the worker. The bound is in events (`pending`, what the worker has not
         taken). A dump batch waits for room (the table is finite; events meanwhile queue in the
         kernel, and an overflow there is resynchronised); a batch of live events that does not fit
-        is dropped, its flows counted as queue_full."""
+        is dropped, its flows counted as queue_full. True when the batch was queued."""
         blocking = batch[0][0] in ("dump", "resync")
         flows = sum(1 for _k, _e, counted in batch if counted)
         while True:
@@ -207,10 +207,10 @@ class Daemon:
                     self.pending_flows += flows
             if fits:
                 self.queue.put((batch, time.time()))
-                return
+                return True
             if not blocking or self.stop.is_set():
                 drops["queue_full"].inc(flows)
-                return
+                return False
             self.stop.wait(0.01)
 
     # -- worker -------------------------------------------------------------------------------

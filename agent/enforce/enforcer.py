@@ -312,8 +312,10 @@ class Enforcer:
         for k in [k for k, t in self._known.items() if now - t > 2 * int(self.options.get("seen_timeout", 300))]:
             del self._known[k]
         if fresh:
-            self.d._enqueue([("refused", r, False) for r in fresh], {"queue_full": m.drops.labels("enforce",
-                                                                                                   "queue_full")})
+            if not self.d._enqueue([("refused", r, False) for r in fresh], {"queue_full": m.drops.labels(
+                    "enforce", "queue_full")}):
+                for r in fresh:  # the worker's queue is full: the refusals stand, their records are lost
+                    m.enforcement_unrecorded.labels(r.policy).inc()
             self._log(fresh)
 
     def _log(self, fresh: list[Refused]):

@@ -66,9 +66,9 @@ class Metrics:
         self.enforcement_ok = Gauge(f"{NS}_enforcement_build_success", "1 when the last build of the refuse sets "
                                     "succeeded; 0 while the previous sets stay in force after a failed one.",
                                     registry=r)
-        self.enforcement_unrecorded = Counter(f"{NS}_enforcement_unrecorded", "Refused connections counted while "
-                                              "the bounded set of refused connections was full: each may lack an "
-                                              "evidence record of its own.",
+        self.enforcement_unrecorded = Counter(f"{NS}_enforcement_unrecorded", "Refused connections without an "
+                                              "evidence record of their own: counted while the bounded set of "
+                                              "refused connections was full, or lost to a full worker queue.",
                                               ["policy"], registry=r)
         self.enforcement_names = Counter(f"{NS}_enforcement_name_allowed", "Addresses put in a refuse policy's "
                                          "allow-by-name set from a DNS answer the capture believed.", registry=r)
