@@ -51,22 +51,36 @@ print(r, round(time.monotonic() - t, 3))
 """
 
 
+# a UDP datagram to port 53 and a wait for anything back: prints how it ended
+UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect((sys.argv[1], 53))
+try:
+    s.send(b"x" * 20); s.recv(100); print("answered")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
 def attempt(topo, dst):
     out = topo.run("python3", "-c", PROBE, dst).stdout.split()
     return out[0], float(out[1])
 
 
-def peer_syns(topo) -> int:
-    """SYNs that reached the peer namespace from the client (a counter rule there)."""
-    r = topo.run("nft", "-j", "list", "counter", "inet", "eapeer", "syns", ns=topo.peer)
+def peer_syns(topo, counter="syns") -> int:
+    """SYNs (or UDP datagrams to port 53: "udps") that reached the peer namespace from the client."""
+    r = topo.run("nft", "-j", "list", "counter", "inet", "eapeer", counter, ns=topo.peer)
     return next(o["counter"]["packets"] for o in json.loads(r.stdout)["nftables"] if "counter" in o)
 
 
 @pytest.fixture(scope="module")
 def topo():
     with Topology("eae") as t:
-        t.run("nft", "-f", "-", ns=t.peer, input="table inet eapeer {\n counter syns { }\n chain in {\n"
-              "  type filter hook input priority filter; policy accept;\n"
+        t.run("nft", "-f", "-", ns=t.peer, input="table inet eapeer {\n counter syns { }\n counter udps { }\n"
+              " chain in {\n  type filter hook input priority filter; policy accept;\n"
+              "  udp dport 53 ip saddr 192.0.2.1 counter name udps\n"
               "  tcp flags & (syn | ack) == syn ip saddr 192.0.2.1 counter name syns\n"
               "  tcp flags & (syn | ack) == syn ip6 saddr 2001:db8:1::1 counter name syns\n }\n}\n")
         server = t.serve()
@@ -97,6 +111,9 @@ def test_refused_at_the_first_syn_allowed_and_excepted_pass(topo, tmp_path):
             result, took = attempt(topo, dst)
             assert result == "refused" and took < 1.0, (dst, result, took)
         assert peer_syns(topo) == before, "a SYN of a refused connection left the host"
+        udp = topo.run("python3", "-c", UDP, "203.0.113.140").stdout.strip()  # CN: ICMP admin-prohibited
+        assert udp in ("PermissionError", "ConnectionRefusedError", "OSError"), udp
+        assert peer_syns(topo, "udps") == 0, "a refused datagram left the host"
         for dst in ("198.51.100.7", "198.51.100.130", "203.0.113.10", "2001:db8:de::7", "203.0.113.200"):
             assert attempt(topo, dst)[0] == "ok", dst  # DE, JP (adequate), exception, DE, indeterminate
         assert peer_syns(topo) == before + 5
