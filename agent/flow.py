@@ -52,9 +52,16 @@ OPENED_BY = (None, "syn", "syn-ack", "icmp-echo", "icmp-error", "port", "first-p
 OPENED_CODE = {name: i for i, name in enumerate(OPENED_BY) if name}
 
 
+def _letters(flags: int) -> str:
+    return "".join(c for i, c in enumerate(TCP_FLAG_LETTERS) if flags >> i & 1)
+
+
+_FLAG_TEXT = tuple(_letters(f) for f in range(256))  # every record of a connection spells its flags
+
+
 def flag_letters(flags: int) -> str:
     """TCP flags as letters in bit order: 0x12 -> "SA"."""
-    return "".join(c for i, c in enumerate(TCP_FLAG_LETTERS) if flags >> i & 1)
+    return _FLAG_TEXT[flags] if 0 <= flags < 256 else _letters(flags)
 
 
 def proto_name(num: int) -> str:
