@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -285,3 +286,55 @@ def test_fail_closed_keeps_refusing_without_the_agent_and_a_restart_replaces_the
         assert "egress_agent_enforce" in tables(topo)  # closed: a stop leaves it too
     finally:
         topo.run("nft", "delete", "table", "inet", "egress_agent_enforce", check=False)
+
+
+def test_forward_hook_refuses_for_a_gateway(tmp_path):
+    """`forward: true`: a gateway refuses what its LAN hosts open, the LAN hosts untouched.
+
+        lan 192.0.2.10/25 ── gw 192.0.2.1/25 | 192.0.2.129/25 ── peer 192.0.2.130/25 (+ 203.0.113.9, 198.51.100.7)
+    """
+    from types import SimpleNamespace
+
+    from tests.netns import SERVER, sh
+
+    tag = uuid.uuid4().hex[:6]
+    lan, gw, peer = f"eaf-l-{tag}", f"eaf-g-{tag}", f"eaf-p-{tag}"
+    try:
+        for ns in (lan, gw, peer):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"fa{tag}", "netns", lan, "type", "veth", "peer", "name", f"fb{tag}", "netns", gw)
+        sh("ip", "link", "add", f"fc{tag}", "netns", gw, "type", "veth", "peer", "name", f"fd{tag}", "netns", peer)
+        for ns, dev, addr in ((lan, f"fa{tag}", "192.0.2.10/25"), (gw, f"fb{tag}", "192.0.2.1/25"),
+                              (gw, f"fc{tag}", "192.0.2.129/25"), (peer, f"fd{tag}", "192.0.2.130/25")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", lan, "route", "add", "default", "via", "192.0.2.1")
+        for net in ("203.0.113.0/24", "198.51.100.0/24"):
+            sh("ip", "-n", gw, "route", "add", net, "via", "192.0.2.130")
+        sh("ip", "-n", peer, "route", "add", "192.0.2.0/25", "via", "192.0.2.129")
+        for a in ("203.0.113.9/32", "198.51.100.7/32"):
+            sh("ip", "-n", peer, "addr", "add", a, "dev", "lo")
+        sh("ip", "netns", "exec", gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        server = subprocess.Popen(["ip", "netns", "exec", peer, "python3", "-c", SERVER],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lan_topo = SimpleNamespace(run=lambda *cmd, **kw: sh("ip", "netns", "exec", lan, *cmd, **kw))
+        time.sleep(0.5)
+        a = Agent(tmp_path, SimpleNamespace(client=gw),
+                  config={"enforce": "refuse", "attribution": False, "host_addresses": False,
+                          "enforcement": {"forward": True, "poll_interval": 0.2}})
+        (a.policies / "eu-data.yaml").write_text(REFUSE.format(mode="refuse", exempt="203.0.113.10/32"))
+        a.start()
+        try:
+            result, took = attempt(lan_topo, "203.0.113.9")  # US, from a LAN host through the gateway
+            assert result == "refused" and took < 1.0, (result, took)
+            assert attempt(lan_topo, "198.51.100.7")[0] == "ok"  # DE
+            rec = wait_for(lambda: a.evidence_for("203.0.113.9", event="refused"), what="refusal evidence")[0]
+            assert rec["flow"]["src"] == "192.0.2.10"
+        finally:
+            assert a.stop() == 0, a.logtext()
+            server.kill()
+            server.wait()
+    finally:
+        for ns in (lan, gw, peer):
+            sh("ip", "netns", "del", ns, check=False)
