@@ -103,15 +103,19 @@ class Enforcer:
         if self.error:
             return
         every = float(self.options.get("poll_interval", 1.0))
+        polled = time.monotonic()
         try:
             while not stop.is_set():
                 try:
-                    why = self.requests.get(timeout=every)
+                    why = self.requests.get(timeout=max(0.0, polled + every - time.monotonic()))
                 except queue.Empty:
                     why = None
                 if isinstance(why, tuple):  # a DNS answer: at once, the program is about to connect
                     self._answer(*why)
-                    continue
+                    if time.monotonic() - polled < every:
+                        continue  # a steady stream of answers still lets the counters be read on time
+                    why = None
+                polled = time.monotonic()
                 day = int(self.clock() // 86400)
                 if why is None and self.applied and self._day is not None and day != self._day:
                     why = "the date changed (exceptions and effective dates)"
