@@ -236,7 +236,7 @@ class AuditReport:
         import numpy as np
 
         from agent.flow import iso_parts
-        from agent.policy.engine import PEER_NOUN, peer_prefix
+        from agent.policy.engine import peer_prefix
 
         n = len(t)
         if self.flows is not None:  # `flows` rows are made from the table when written (flow_rows)
@@ -312,8 +312,8 @@ class AuditReport:
         dst = [dst_text[i] for i in di[rr].tolist()]
         names = {p: proto_name(p) for p in np.unique(t.proto[rr]).tolist()}
         proto = [names[p] for p in t.proto[rr].tolist()]
-        if t.hostname is None:  # peer_prefix without a name, spelled out: one f-string per row
-            prefix = [f"{PEER_NOUN[False]} {d} (" for d in dst]
+        if t.hostname is None:  # peer_prefix without a name is "destination ADDR (": made where needed
+            prefix = None      # (RecordBlock: ~75 MB of strings per million rows otherwise)
         else:
             prefix = [peer_prefix(d, False, h, hs) for d, h, hs in zip(dst, host, hsrc, strict=True)]
         first = iso_parts(t.first[rr])
