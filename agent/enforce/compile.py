@@ -112,14 +112,13 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
         out.warnings.append("the embedded registration data cannot list IPv6 networks: IPv6 destinations are "
                             "refused only where a policy denies their network by name (use a GeoIP database)")
     index = {p.name: i for i, p in enumerate(pipeline.policies)}
-    nets = [n for p in pipeline.policies for d in (p.allow, p.deny, *(e.destinations for e in p.exceptions))
-            if d for n in d.networks]
-    if pipeline.register is not None:
-        nets += [n for r in pipeline.register.recipients for n in r.match.networks]
+    sets = {p.name: ps for p, ps in zip(refusing, out.policies, strict=True)}
     deny = {p.name: [n for n in (p.deny.networks if p.deny else ())] for p in refusing}
-    # what else a verdict reads from the address: the policies' and the recipients' networks
-    dst_nets = NetMask([n for n in nets if n not in set(_rec_list(pipeline))])
+    # what else a verdict reads from the address: the policies' networks (the pipeline's own mask)
+    # and the recipients' networks
+    dst_nets = pipeline._dst_nets
     rec_nets = NetMask(_rec_list(pipeline))
+    nets = [*dst_nets.networks, *rec_nets.networks]
     for v in (4, 6):
         cut = set(cuts.cuts[v]) | {0}
         cut |= {s for s, _, _ in pipeline.scoper.ranges(v)}
@@ -148,22 +147,21 @@ def compile_plan(pipeline, refusing: list, keep: list, cuts: Cuts, now: float | 
                     continue
                 if not listed and not any(n.version == v and lo in _int_net(n) for n in deny[p.name]):
                     continue
-                k = (p.name, loc, masks) if loc is not None else None
-                bad = known.get(k) if k is not None else None
+                key = (p.name, loc, masks) if loc is not None else None
+                bad = known.get(key) if key is not None else None
                 if bad is None:
                     dst = dst or str(ipaddress.ip_address(lo) if v == 6 else ipaddress.IPv4Address(lo))
                     flow = Flow(proto=probe.proto, src=probe.src, sport=40000, dst=dst, dport=probe.dport,
                                 first_seen=now, last_seen=now, who=probe.who)
                     # the outcome only (no message rewrite); the engine's verdict for this piece
                     bad = pipeline.judge(flow).outcomes[index[p.name]].outcome == Outcome.VIOLATION
-                    if k is not None:
-                        known[k] = bad
+                    if key is not None:
+                        known[key] = bad
                 if not bad:
                     continue
-                k = bisect_right(keep_v, (lo, _TOP[v])) - 1
-                if k >= 0 and keep_v[k][1] >= lo:
-                    out.policies[[q.name for q in refusing].index(p.name)].caught.append(
-                        _caught(keep, v, lo, hi))
+                j = bisect_right(keep_v, (lo, _TOP[v])) - 1
+                if j >= 0 and keep_v[j][1] >= lo:
+                    sets[p.name].caught.append(_caught(keep, v, lo, hi))
                     continue
                 refused[p.name].append((lo, hi))
         for ps in out.policies:

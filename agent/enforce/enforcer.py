@@ -76,6 +76,7 @@ class Enforcer:
         self._packets: dict[str, int] = {}
         self._known: dict[tuple, float] = {}
         self._day = None
+        self._cuts = None  # (database stamps, their Cuts)
         self._judge, self._index, self._by_name, self._probes = None, {}, frozenset(), {}
         self._names_lock = threading.Lock()  # the sets' judge: answers (enforcement thread) and rebuilds
         self._tokens, self._token_t, self._quiet = 5.0, 0.0, 0
@@ -212,7 +213,11 @@ class Enforcer:
         # its own locator and verdict cache: the worker judges with the daemon's meanwhile
         judge = Pipeline(pipe.policies, pipe.jurisdictions, Locator(d.cfg.geoip_databases, pipe.scoper),
                          pipe.scoper, register=pipe.register)
-        plan = compile_plan(judge, refusing, keep, location_cuts(judge.locator), self.clock())
+        # the database's cuts are read again only when a database file changed (seconds for a whole world)
+        stamps = tuple((db.path, db.stamp) for db in judge.locator.dbs)
+        if self._cuts is None or self._cuts[0] != stamps:
+            self._cuts = (stamps, location_cuts(judge.locator))
+        plan = compile_plan(judge, refusing, keep, self._cuts[1], self.clock())
         for p in plan.problems():  # left out of the sets; `policy check --config` refuses such a policy
             log.warning("enforcement: %s; never refused", p)
         for w in plan.warnings:

@@ -124,8 +124,8 @@ def _ranges(ports) -> str:
 
 def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 300,
            replace: bool = False, names=frozenset()) -> str:
-    """`names`: the policies that allow by host name, whose first packet waits a retransmission."""
-    """The whole table as nft text (with `replace`: preceded by the deletion of the old one)."""
+    """The whole table as nft text (with `replace`: preceded by the deletion of the old one).
+    `names`: the policies that allow by host name, whose first packet waits a retransmission."""
     head = f"delete table inet {TABLE}\n" if replace else ""
     t = [f"table inet {TABLE} {{\n"]
     if owner:
@@ -139,9 +139,9 @@ def render(plan, owner: bool = True, forward: bool = False, seen_timeout: int = 
         pre = f"p{i}"
         t.append(f"  counter {pre} {{ comment \"{p.name}\"; }}\n")
         for v, fam in ((4, "ip"), (6, "ip6")):
-            t.append(_set(f"{pre}_dst{v}", v, p.dst[v]))
-            t.append(f"  set {pre}_names{v} {{ type {'ipv4_addr' if v == 4 else 'ipv6_addr'}; flags timeout; }}\n")
             typ = "ipv4_addr" if v == 4 else "ipv6_addr"
+            t.append(_set(f"{pre}_dst{v}", v, p.dst[v]))
+            t.append(f"  set {pre}_names{v} {{ type {typ}; flags timeout; }}\n")
             if p.name in names:
                 t.append(f"  set {pre}_grace{v} {{ type {typ} . {typ} . inet_proto . inet_service; flags dynamic, "
                          f"timeout; timeout {GRACE}s; size {SEEN_SIZE}; }}\n")
