@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -338,3 +339,27 @@ def test_forward_hook_refuses_for_a_gateway(tmp_path):
     finally:
         for ns in (lan, gw, peer):
             sh("ip", "netns", "del", ns, check=False)
+
+
+def test_refuse_without_cap_net_admin_is_a_clear_start_up_error(tmp_path):
+    """An unprivileged agent asked to refuse stops at start with exit 2 and one line saying why."""
+    import shutil
+
+    from tests.agent_process import free_port
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed")
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="ea-unprivileged-"))  # pytest's folders are root's alone
+    shared.chmod(0o777)  # nobody writes its evidence here
+    (shared / "p.yaml").write_text(REFUSE.format(mode="refuse", exempt="203.0.113.10/32"))
+    (shared / "p.yaml").chmod(0o644)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "agent",
+                        "run", "--policies", str(shared), "--enforce", "refuse", "--source", "netflow",
+                        "--netflow-listen", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
+                        "--evidence", str(shared / "evidence.jsonl"), "--no-host-addresses",
+                        "--no-attribution"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    shutil.rmtree(shared, ignore_errors=True)
+    assert r.returncode == 2, r.stderr
+    assert "enforcement:" in r.stderr and "CAP_NET_ADMIN" in r.stderr and "Traceback" not in r.stderr

@@ -12,6 +12,7 @@ returns the never-refuse addresses it would catch: `policy check` exits 2 on any
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,6 +96,8 @@ def status(t: dict) -> dict:
 
 
 def run_enforce(args) -> int:
+    if args.netns and not os.path.exists(f"/run/netns/{args.netns}"):
+        raise UserError(f"--netns {args.netns}: no such network namespace (ip netns list)")
     t = read_table(args.netns)
     if t is None:
         where = f" in netns {args.netns}" if args.netns else ""

@@ -99,6 +99,8 @@ class Enforcer:
                 self._build("start")
         except (UserError, NftError, OSError) as e:
             self.error = str(e) + ("".join(f"\n  {p}" for p in e.problems) if isinstance(e, UserError) else "")
+            if "not permitted" in self.error:
+                self.error += " (refusing connections needs CAP_NET_ADMIN: run as root or under the shipped unit)"
         finally:
             self.ready.set()
         if self.error:

@@ -60,11 +60,15 @@ class _Problems:
 
 def load_policies(path, jurisdictions: Jurisdictions) -> list[Policy]:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such policy file or folder")
+    try:
+        if not path.exists():
+            raise UserError(f"{path}: no such policy file or folder")
+        files = policy_files(path)
+    except OSError as e:  # a folder this user may not enter or list
+        raise UserError(f"{path}: cannot read the policies ({e.strerror or e})") from None
     problems: list[str] = []
     policies: list[Policy] = []
-    for f in policy_files(path):
+    for f in files:
         try:
             pol, errs = _load_file(f, jurisdictions)
         except UserError as e:

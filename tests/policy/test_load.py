@@ -172,3 +172,15 @@ def test_enforce_modes(tmp_path):
     assert sorted(p.enforce for p in load_policies(tmp_path, J)) == ["dry-run", "refuse"]
     write(tmp_path, "b.yaml", base.format(n="hard"))
     assert [p.enforce for p in sorted(load_policies(tmp_path, J), key=lambda p: p.name)] == ["dry-run", "observe"]
+
+
+def test_a_policy_folder_that_cannot_be_read_is_a_clear_error(tmp_path, monkeypatch):
+    """Permission denied on the folder itself (a service user, a 0700 folder) is exit 2, not a traceback."""
+    from pathlib import Path
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", denied)
+    with pytest.raises(UserError, match=r"cannot read the policies \(Permission denied\)"):
+        load_policies(tmp_path, J)
