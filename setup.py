@@ -2,8 +2,9 @@
 
 Each accelerator lives in the folder of the source it speeds up. `optional=True`: where no compiler
 or Python headers exist the install still succeeds and the capture reader uses its pure-Python
-walk, the conntrack source its Python decoder, the flow-log reader its Python columns and the
-evidence log its Python record writer (same results, slower).
+walk, the conntrack source its Python decoder, the flow-log reader its Python columns, the
+collector its Python data-set reader and the evidence log its Python record writer (same
+results, slower).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,8 @@ _WALK_H = ["agent/sources/capfile/_packet.h", "agent/sources/capfile/_flowtable.
 setup(ext_modules=[Extension("agent.sources.capfile._walk", ["agent/sources/capfile/_walk.c"],
                              depends=[*_H, *_WALK_H], optional=True),
                    Extension("agent.sources.conntrack._ctnl", ["agent/sources/conntrack/_ctnl.c"], depends=_H,
+                             optional=True),
+                   Extension("agent.sources.netflow._nfdata", ["agent/sources/netflow/_nfdata.c"], depends=_H,
                              optional=True),
                    Extension("agent.sources.flowlog._flowlog", ["agent/sources/flowlog/_flowlog.c"], optional=True),
                    Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], depends=_ISO, optional=True),

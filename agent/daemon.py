@@ -302,7 +302,8 @@ class Daemon:
             self._handle(kind, e, now, ask)
             return
         pipe = self.pipeline
-        if pipe.inbound and pipe.scoper.is_egress(e.dst, e.src):
+        # a collector's peers seldom repeat: their scope is read without the memo (see is_egress_fresh)
+        if pipe.inbound and (pipe.scoper.is_egress_fresh if kind == "flow" else pipe.scoper.is_egress)(e.dst, e.src):
             return self._handle(kind, e, now, ask, inbound=True)  # the full path: judged by the peer's location
         who = None
         if self.attributor is not None and kind == "new":

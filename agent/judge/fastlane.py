@@ -259,12 +259,26 @@ class FastLane:
             out.append(b"".join((b'{"time":', now, ev, head, msg, tail, b',"flow":', flow, where)) + extra)
 
 
+_PARTS: dict[tuple, tuple[bytes, bytes]] = {}  # _collector_parts' members but the reply counters, per their facts
+
+
 def _collector_parts(e) -> tuple[bytes, bytes]:
     """A collector connection's flow members from opened_by to its source, as `Flow.to_json` writes
-    them, and its evidence members (`NetflowEntry.ids`), as the full path writes them."""
-    conn = b'"opened_by":%b,"packets_reply":%d,"bytes_reply":%d' % (_dumps(e.opened_by), e.packets_reply,
-                                                                     e.bytes_reply)
-    if e.proto == 6:
-        conn += b',"tcp_flags":%b,"tcp_flags_reply":%b' % (_dumps(flag_letters(e.flags)),
-                                                           _dumps(flag_letters(e.flags_reply)))
-    return conn + b',"source":' + _dumps(f"{e.collector}:{e.exporter}"), extra_members(e.ids())
+    them, and its evidence members (`NetflowEntry.ids`), as the full path writes them. All but the
+    reply counters come from a few facts (exporter, interfaces, sampling, flags, who opened it):
+    made once per combination of those (bounded), not per connection."""
+    facts = (e.opened_by, e.proto == 6 and (e.flags, e.flags_reply), e.collector, e.exporter, e.exporter_address,
+             e.in_if, e.out_if, e.sampled)
+    got = _PARTS.get(facts)
+    if got is None:
+        tail = b""
+        if e.proto == 6:
+            tail = b',"tcp_flags":%b,"tcp_flags_reply":%b' % (_dumps(flag_letters(e.flags)),
+                                                              _dumps(flag_letters(e.flags_reply)))
+        got = (b'"opened_by":%b' % _dumps(e.opened_by), tail + b',"source":' + _dumps(f"{e.collector}:{e.exporter}"),
+               extra_members(e.ids()))
+        if len(_PARTS) >= _MEMO_MAX:
+            _PARTS.clear()
+        _PARTS[facts] = got
+    head, tail, extra = got
+    return b'%b,"packets_reply":%d,"bytes_reply":%d%b' % (head, e.packets_reply, e.bytes_reply, tail), extra

@@ -354,31 +354,58 @@ class EvidenceLog:
 
     def write_many(self, bodies: list[bytes]) -> tuple[int, list[OSError]]:
         """Write record bodies (`record_body`) in order with one `write` where it can: (lines
-        written, the error of each record lost). Whole lines only, as `write`: a batch that fails,
-        or that would cross the rotation size or follow lost lines (a gap record comes first), is
-        written record by record through `write_body`, which cuts back, counts and retries as it
-        does for one."""
-        if not bodies:
-            return 0, []
-        with self._lock:
-            seq = self.seq
-            # `_line` of each body, numbered in order, without a method call per record
-            lines = b"".join([b'%b,"seq":%d}\n' % (b, n) for n, b in enumerate(bodies, seq + 1)])
-            self.seq = seq + len(bodies)
-            if not self._unwritten and self._size + len(lines) + 256 <= self.options.max_bytes:
-                try:
-                    self._write_now(lines)
-                    return len(bodies), []
-                except OSError:
-                    pass  # a short write was cut back: find out which lines fit, one by one
-            self.seq = seq
-        lost = []
-        for b in bodies:
-            try:
-                self.write_body(b)
+        written, the error of each record lost). Whole lines only, as `write`. A batch that would
+        cross the rotation size is written as the lines that fit (one write), the line that crosses
+        (alone, through `write_body`, which rotates first), then the rest again so. A batch that
+        fails, or follows lost lines (a gap record comes first), goes record by record through
+        `write_body`, which cuts back, counts and retries as it does for one."""
+        lost: list[OSError] = []
+        i = 0
+        while i < len(bodies):
+            n = self._write_fitting(bodies, i)
+            i += n
+            if i == len(bodies):
+                break
+            try:  # the line that does not fit (or could not be written with the others): alone
+                self.write_body(bodies[i])
             except OSError as e:
                 lost.append(e)
+            i += 1
+            if n == 0 and (self._unwritten or self._size + len(bodies[i - 1]) + 256 > self.options.max_bytes):
+                for b in bodies[i:]:  # still no room (a rotation that failed) or lines lost: one by one
+                    try:
+                        self.write_body(b)
+                    except OSError as e:
+                        lost.append(e)
+                break
         return len(bodies) - len(lost), lost
+
+    def _write_fitting(self, bodies: list[bytes], i: int) -> int:
+        """Write bodies[i:] that fit before the rotation size in one write; how many (0: none
+        fitted, lines were lost before, or the write failed and was cut back)."""
+        with self._lock:
+            if self._unwritten:
+                return 0
+            seq = self.seq
+            # `_line` of each body, numbered in order, without a method call per record
+            lines = [b'%b,"seq":%d}\n' % (b, n) for n, b in enumerate(bodies[i:], seq + 1)]
+            room = self.options.max_bytes - 256 - self._size
+            fit = len(lines)
+            if sum(map(len, lines)) > room:
+                fit, used = 0, 0
+                for line in lines:
+                    used += len(line)
+                    if used > room:
+                        break
+                    fit += 1
+            if not fit:
+                return 0
+            try:
+                self._write_now(b"".join(lines[:fit]) if fit < len(lines) else b"".join(lines))
+            except OSError:
+                return 0  # a short write was cut back: the caller writes the lines one by one
+            self.seq = seq + fit
+            return fit
 
     def flush(self):
         with self._lock:

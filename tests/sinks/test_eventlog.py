@@ -24,16 +24,23 @@ def test_lines_are_whole_and_rotation_keeps_backups(tmp_path):
     assert [r["seq"] for r in last] == list(range(last[0]["seq"], last[-1]["seq"] + 1))
 
 
-def test_batches_rotate_like_single_lines_and_lose_nothing(tmp_path):
-    """The daemon writes batches (`write_many`): a batch that would cross the size limit goes line
-    by line, so files stay under the limit, every record is in some file once, in order."""
+@pytest.mark.parametrize("per_batch", [13, 300])
+def test_batches_rotate_like_single_lines_and_lose_nothing(tmp_path, monkeypatch, per_batch):
+    """The daemon writes batches (`write_many`): a batch that would cross the size limit is cut
+    where it crosses, so files stay under the limit, every record is in some file once, in order;
+    and a batch is still a few writes, not one per line, across rotations."""
     path = tmp_path / "ev.jsonl"
     log = EvidenceLog(Options(str(path), max_bytes=4096, backups=20))
-    for start in range(0, 300, 13):
-        batch = [log.body({"i": i, "pad": "x" * 50}) for i in range(start, min(300, start + 13))]
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: writes.append(len(b)) or real_write(fd, b))
+    for start in range(0, 300, per_batch):
+        batch = [log.body({"i": i, "pad": "x" * 50}) for i in range(start, min(300, start + per_batch))]
         written, lost = log.write_many(batch)
-        assert lost == [] and written == min(300, start + 13) - start
+        assert lost == [] and written == min(300, start + per_batch) - start
     log.close()
+    rotations = len(list(tmp_path.iterdir())) - 1
+    assert rotations >= 5 and len(writes) <= len(range(0, 300, per_batch)) + 2 * rotations + 2
     files = sorted(tmp_path.iterdir(), key=lambda f: -int(f.suffix[1:]) if f.suffix[1:].isdigit() else 0)
     recs = []
     for f in files:

@@ -286,14 +286,33 @@ def test_audit_of_biflow_exports_is_one_connection_each(cli, tmp_path, city_db):
     assert got == [("198.51.100.7", 200, 300, "first-packet"), ("203.0.113.9", 400, 9000, "first-packet")]
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from([(8, 4), (12, 4), (27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (6, 1), (6, 2),
-                                 (2, 4), (2, 8), (1, 8), (1, 3), (152, 8), (153, 8), (156, 8), (22, 4), (21, 4),
-                                 (10, 2), (14, 4), (61, 1), (99, 5), (0x8000 | 1, 8, 29305), (0x8000 | 7, 4, 9)]),
-                min_size=1, max_size=14), st.binary(min_size=0, max_size=400), st.booleans())
-def test_template_structs_read_records_as_the_field_loop_does(fields, body, options):
-    """A fixed-length template read with one struct gives the records, options and counts the
-    general field-by-field loop gives."""
+_FIELD_CHOICES = [(8, 4), (12, 4), (27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (6, 1), (6, 2), (2, 4), (2, 8),
+                  (1, 8), (1, 3), (152, 8), (153, 8), (156, 8), (22, 4), (21, 4), (10, 2), (14, 4), (61, 1), (99, 5),
+                  (0x8000 | 1, 8, 29305), (0x8000 | 7, 4, 9), (150, 4), (151, 4), (154, 8), (155, 8), (157, 8),
+                  (153, 4), (160, 8), (85, 4), (86, 2), (23, 8), (24, 4), (0x8000 | 2, 4, 29305),
+                  (0x8000 | 6, 1, 29305), (8, 3), (12, 16), (7, 9), (34, 4), (156, 6), (4, 2), (2, 1)]
+_C_SHAPED = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (6, 1), (2, 4), (1, 8), (152, 8), (153, 8)]
+_C_UPTIME6 = [(27, 16), (28, 16), (7, 2), (11, 2), (4, 1), (6, 2), (2, 8), (1, 4), (22, 4), (21, 4), (10, 4),
+              (14, 2), (61, 1), (0x8000 | 1, 8, 29305)]
+
+
+@st.composite
+def _template_and_body(draw):
+    """Fields (random, or the shapes the C reader takes, shuffled) and a body of whole records and a tail."""
+    fields = draw(st.lists(st.sampled_from(_FIELD_CHOICES), min_size=1, max_size=14)
+                  | st.permutations(_C_SHAPED) | st.permutations(_C_UPTIME6))
+    size = sum(f[1] for f in fields)
+    n, tail = draw(st.integers(0, 6)), draw(st.integers(0, 8))
+    rnd = draw(st.randoms(use_true_random=False))
+    return fields, bytes(rnd.getrandbits(8) for _ in range(min(n * size + tail, 1200)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_template_and_body(), st.booleans(), st.sampled_from([None, 1, 7, 1 << 40]))
+def test_template_structs_read_records_as_the_field_loop_does(fields_body, options, rate):
+    """A fixed-length template read in C (`_nfdata`), with one struct, or field by field gives the
+    same records, options and counts (sampled or not; with absolute, uptime or no times)."""
+    fields, body = fields_body
     spec = b"".join(struct.pack("!HH", f[0], f[1]) + (struct.pack("!I", f[2]) if len(f) > 2 else b"")
                     for f in fields)
     if options:
@@ -302,10 +321,48 @@ def test_template_structs_read_records_as_the_field_loop_does(fields, body, opti
         tmpl = _set(2, struct.pack("!HH", 258, len(fields)) + spec)
     data = _ipfix(0, [tmpl, _set(258, body)]) if len(body) < 60000 else None
     got = []
-    for fast in (True, False):
+    for c_path, fast in ((True, True), (False, True), (False, False)):
         c = Collector()
-        c.STRUCTS = fast
+        c.C, c.STRUCTS = c_path, fast
+        for domain in (0, 1):  # v9's source id below, IPFIX's domain in _ipfix
+            if rate is not None:
+                c.sampling[("192.0.2.254", domain)] = rate
+            c.init_ms[("192.0.2.254", domain)] = 1_749_000_000_123
         recs = c.datagram(data, "192.0.2.254", 1_750_000_000.0)
         recs += c.datagram(_ipfix(1, [_set(258, body)]), "192.0.2.254", 1_750_000_000.0)
-        got.append((recs, c.counts, c.sampling, c.init_ms, c.lost))
-    assert got[0] == got[1]
+        v9 = _v9_datagram(fields, body) if all(len(f) == 2 for f in fields) else None
+        if v9 is not None:
+            recs += c.datagram(v9, "192.0.2.254", 1_750_000_000.0)
+        got.append(([(type(r), r) for r in recs], c.counts, c.sampling, c.init_ms, c.lost))
+    assert got[0] == got[1] == got[2]
+
+
+def _v9_datagram(fields, body) -> bytes | None:
+    """A v9 export of one template and one data flowset (times relative to the header's uptime)."""
+    spec = b"".join(struct.pack("!HH", *f) for f in fields)
+    sets = struct.pack("!HHHH", 0, 8 + len(spec), 259, len(fields)) + spec
+    if len(body) + 4 > 65000:
+        return None
+    sets += struct.pack("!HH", 259, 4 + len(body)) + body
+    return struct.pack("!HHIIII", 9, 2, 4_000_000_000, 1_750_000_000, 0, 0) + sets
+
+
+def test_the_c_data_set_reader_is_the_one_in_use():
+    """Where the accelerator is built, a common IPFIX data set is read by it: the bench's shape."""
+    from agent.sources.netflow import decode
+
+    if decode._nfdata is None:
+        pytest.skip("the C accelerator is not built here")
+    fields = _C_SHAPED
+    assert decode._plan(tuple((f, n, 0) for f, n in fields)) is not None
+    rec = struct.pack("!4s4sHHBBIQQQ", socket.inet_aton("10.0.0.1"), socket.inet_aton("203.0.113.5"), 40000, 443, 6,
+                      0x1B, 3, 999, 1_750_000_000_250, 1_750_000_001_500)
+    spec = b"".join(struct.pack("!HH", *f) for f in fields)
+    c = Collector()
+    got = c.datagram(_ipfix(0, [_set(2, struct.pack("!HH", 256, len(fields)) + spec), _set(256, rec * 2)]),
+                     "192.0.2.254", 1_750_000_002.0)
+    assert c._plans and all(p is not None for p in c._plans.values())
+    assert [(r.src, r.dst, r.sport, r.dport, r.proto, r.tcp_flags, r.packets, r.bytes, r.first, r.last, r.sampled)
+            for r in got] == [("10.0.0.1", "203.0.113.5", 40000, 443, 6, 0x1B, 3, 999, 1_750_000_000.25,
+                               1_750_000_001.5, None)] * 2
+    assert c.counts["sampling_unknown"] == 2

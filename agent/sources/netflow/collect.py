@@ -31,6 +31,11 @@ OTHER = "other"  # the metric label of exporters not configured
 ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
 OUTCOMES = ("connection", "merged", "not_egress", "refused")
 _SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
+_new_entry = tuple.__new__  # a NetflowEntry from a tuple, without its Python-level __new__ (a call per field)
+
+
+def _first_seen(item) -> float:
+    return item[0].first
 
 
 class NetflowEntry(NamedTuple):
@@ -105,7 +110,8 @@ class Exporters:
 
 
 class _Conn:
-    """A connection's state: the entry sent to the worker (None: not judged) and its counters."""
+    """A connection's state: what its entries are made of (None: not judged; see `_emit`) and its
+    counters."""
 
     __slots__ = ("key", "entry", "src", "sport", "packets", "bytes", "packets_reply", "bytes_reply", "first", "last",
                  "idle", "judged", "flags", "flags_reply")
@@ -190,17 +196,24 @@ class Collecting:
     def datagrams(self, got: list, now: float):
         """Decode (payload, exporter address) pairs read together; their connections' items follow."""
         records = []
+        decode, of, tally = self.decoder.datagram, self.exporters.of, self.tally
         for data, exporter in got:
-            site, scoper = self.exporters.of(exporter)
-            self._count(("datagrams", site))
-            self.tally[("last", site)] = now
-            for r in self.decoder.datagram(data, exporter, now):
+            site, scoper = of(exporter)
+            key = ("datagrams", site)
+            tally[key] = tally.get(key, 0) + 1
+            tally[("last", site)] = now
+            for r in decode(data, exporter, now):
                 records.append((r, site, scoper))
         self._account()
-        records.sort(key=lambda x: x[0].first)  # the earlier record of a pair opened it (first-packet)
+        records.sort(key=_first_seen)  # the earlier record of a pair opened it (first-packet)
         fresh: list[_Conn] = []
+        outcomes: dict[tuple, int] = {}
+        record = self._record
         for r, site, scoper in records:
-            self._record(r, site, scoper, fresh)
+            key = ("records", site, record(r, site, scoper, fresh))
+            outcomes[key] = outcomes.get(key, 0) + 1
+        for key, n in outcomes.items():
+            self._count(key, n)
         for c in fresh:  # judged once the round's records are in: a reply in the same round counts too
             if c.entry is not None and not c.judged:
                 self._emit("flow", c)
@@ -224,12 +237,16 @@ class Collecting:
             self._lost_seen.clear()
             dec.lost.clear()
 
-    def _record(self, r, site: str, scoper: Scoper | None, fresh: list):
+    def _record(self, r, site: str, scoper: Scoper | None, fresh: list) -> str:
+        """Add one record to its connection (opening it, or a new one after an idle gap); its outcome."""
         if scoper is None:
-            self._count(("records", site, "refused"))
-            return
-        a, b = (r.src, r.sport), (r.dst, r.dport)
-        key = (site, r.exporter, r.proto, *(a + b if a <= b else b + a))
+            return "refused"
+        proto, src, sport, dst, dport = r[:5]
+        # the pair's key, the lower endpoint first (a tuple comparison without building the tuples)
+        if src < dst or src == dst and sport <= dport:
+            key = (site, r.exporter, proto, src, sport, dst, dport)
+        else:
+            key = (site, r.exporter, proto, dst, dport, src, sport)
         c = self.conns.get(key)
         if c is not None and r.first > c.last + c.idle:
             self._end(c)  # quiet for longer than its timeout: this record starts a new connection
@@ -241,28 +258,36 @@ class Collecting:
         else:
             self.conns.move_to_end(key)
             outcome = "merged" if c.entry is not None else "not_egress"
-        fwd = (r.src, r.sport) == (c.src, c.sport)
-        sent = (r.packets, r.bytes, r.tcp_flags & 0xFF)
-        back = (r.packets_reply or 0, r.bytes_reply or 0, r.tcp_flags_reply)  # a biflow's reverse direction
-        for (pk, by, fl), mine in ((sent, fwd), (back, not fwd)):
-            if mine:
-                c.packets, c.bytes, c.flags = c.packets + pk, c.bytes + by, c.flags | fl
-            else:
-                c.packets_reply, c.bytes_reply = c.packets_reply + pk, c.bytes_reply + by
-                c.flags_reply |= fl
-        c.first, c.last = min(c.first, r.first), max(c.last, r.last)
-        self._count(("records", site, outcome))
+        if src == c.src and sport == c.sport:  # the opener's direction (and a biflow's reverse)
+            c.packets += r.packets
+            c.bytes += r.bytes
+            c.flags |= r.tcp_flags & 0xFF
+            if r.packets_reply is not None or r.bytes_reply is not None:
+                c.packets_reply += r.packets_reply or 0
+                c.bytes_reply += r.bytes_reply or 0
+            c.flags_reply |= r.tcp_flags_reply
+        else:
+            c.packets_reply += r.packets
+            c.bytes_reply += r.bytes
+            c.flags_reply |= r.tcp_flags & 0xFF
+            if r.packets_reply is not None or r.bytes_reply is not None:
+                c.packets += r.packets_reply or 0
+                c.bytes += r.bytes_reply or 0
+            c.flags |= r.tcp_flags_reply
+        if r.first < c.first:
+            c.first = r.first
+        if r.last > c.last:
+            c.last = r.last
+        return outcome
 
     def _open(self, key, r, site: str, scoper: Scoper) -> _Conn:
         sender, how = _opener_is_sender(r)
         src, sport, dst, dport = (r.src, r.sport, r.dst, r.dport) if sender else (r.dst, r.dport, r.src, r.sport)
         idle = (IDLE_TCP if r.proto == 6 else IDLE_OTHER) + EXPORT_GRACE
         c = _Conn(key, None, src, sport, r.first, r.last, idle)
-        if scoper.is_egress(src, dst) or (self.inbound and scoper.is_egress(dst, src)):
+        if scoper.is_egress_fresh(src, dst) or (self.inbound and scoper.is_egress_fresh(dst, src)):
             self._next_id += 1
-            c.entry = NetflowEntry(self._next_id, r.proto, src, sport, dst, dport, 0, 0, int(r.first * 1e9), None,
-                                   None, r.last, self.kind, site, r.exporter, r.in_if, r.out_if, r.sampled, how,
-                                   0, 0, 0, 0)
+            c.entry = (self._next_id, r.proto, src, sport, dst, dport, r.exporter, r.in_if, r.out_if, r.sampled, how)
         self.conns[key] = c
         if len(self.conns) > MAX_CONNECTIONS:
             self._end(next(iter(self.conns.values())))
@@ -270,9 +295,11 @@ class Collecting:
         return c
 
     def _emit(self, kind: str, c: _Conn):
-        e = c.entry._replace(packets=c.packets, bytes=c.bytes, packets_reply=c.packets_reply,
-                             bytes_reply=c.bytes_reply, start_ns=int(c.first * 1e9), last=c.last, flags=c.flags,
-                             flags_reply=c.flags_reply)
+        ct_id, proto, src, sport, dst, dport, exp, in_if, out_if, sampled, how = c.entry
+        e = _new_entry(NetflowEntry, (ct_id, proto, src, sport, dst, dport, c.packets, c.bytes, int(c.first * 1e9),
+                                      None, None, c.last, self.kind, c.key[0], exp,
+                                      in_if, out_if, sampled, how, c.packets_reply, c.bytes_reply, c.flags,
+                                      c.flags_reply))
         if kind == "flow":
             c.judged = True
             self._count(("new",))

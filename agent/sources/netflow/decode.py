@@ -32,7 +32,10 @@ does not sample); None when nothing said (counted `sampling_unknown`, and not gu
 Why by hand: the formats are small and fixed, the project's decoders are pure Python with struct
 elsewhere, and no maintained Python library decodes NetFlow v9/IPFIX templates (scapy's NetflowV9
 layers need the templates fed per packet and raise on malformed sets). tests/sources/test_netflow.py
-checks the records against softflowd's own exports of the same captures.
+checks the records against softflowd's own exports of the same captures. The common data set (a
+fixed-length flow template with an address pair and a start time) is read by the optional C
+accelerator `_nfdata` from a plan made once per template (`_plan`); tests hold it equal to the
+struct and field-loop paths here.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ import socket
 import struct
 from collections import OrderedDict
 from typing import NamedTuple
+
+try:  # the optional C reader of common data sets (setup.py builds it where a compiler exists)
+    from agent.sources.netflow import _nfdata
+except ImportError:  # pragma: no cover - exercised where no compiler is present
+    _nfdata = None
 
 KINDS = ("malformed", "unknown_version", "no_template", "templates_evicted", "sampling_unknown", "no_time",
          "not_ip")
@@ -118,6 +126,50 @@ def _layout(fields: tuple) -> tuple[struct.Struct, tuple]:
     return struct.Struct(fmt), tuple(names)
 
 
+_SLOTS = ("src", "dst", "proto", "sport", "dport", "packets", "bytes", "flags", "direction", "in_if", "out_if",
+          "rpackets", "rbytes", "rflags", "start", "end", "first_up", "last_up")  # _nfdata's slots, in order
+_UNITS = (("_ms", 0), ("_s", 1), ("_us", 2), ("_ns", 2))  # absolute times, in the order _times prefers them
+_NUMERIC = frozenset(_SLOTS[2:14]) | {"first_up", "last_up", "out_packets", "out_bytes"}
+
+
+def _plan(fields: tuple):
+    """How `_nfdata.records` reads a fixed-length flow template's records: (spec, units, has a start
+    time); None when the template is not its shape (decode.py then reads it, with the same results)."""
+    at: dict[str, tuple[int, int]] = {}
+    off = 0
+    for fid, length, ent in fields:
+        name = _FIELDS.get(fid) if ent == 0 else _REVERSE.get(fid) if ent == REVERSE_PEN else None
+        if name is not None:
+            at[name] = (off, length)  # a name twice: the last one counts, as in the record's dict
+        off += length
+    if "interval" in at or "pkt_interval" in at:
+        return None  # sampling said on the record itself: the Python path updates the domain's state
+    fam = "4" if "src4" in at and "dst4" in at else "6" if "src6" in at and "dst6" in at else None
+    if fam is None or {at["src" + fam][1], at["dst" + fam][1]} != {4 if fam == "4" else 16}:
+        return None
+    slot = {"src": at["src" + fam], "dst": at["dst" + fam]}
+    for name in _NUMERIC:
+        if name in at and not 1 <= at[name][1] <= 8:
+            return None
+    units = []
+    for edge in ("start", "end"):
+        unit = next(((u, code) for u, code in _UNITS if edge + u in at), None)
+        if unit is not None:
+            slot[edge] = at[edge + unit[0]]
+            if unit[1] == 2 and slot[edge][1] != 8 or not 1 <= slot[edge][1] <= 8:
+                return None
+        units.append(unit[1] if unit else 0)
+    for name in _SLOTS[2:]:
+        if name in at and name not in ("start", "end"):
+            slot[name] = at[name]
+    if "packets" not in at and "out_packets" in at:
+        slot["packets"] = at["out_packets"]
+    if "bytes" not in at and "out_bytes" in at:
+        slot["bytes"] = at["out_bytes"]
+    spec = tuple(x for name in _SLOTS for x in slot.get(name, (-1, 0)))
+    return spec, tuple(units), "start" in slot
+
+
 def _uptime_time(now: float, uptime_ms: int, at_ms: int) -> float:
     """An exporter's sysUptime milliseconds as POSIX seconds, from the header's clock (`now` at
     uptime `uptime_ms`). Both count modulo 2^32 (49.7 days): the difference is taken as a signed
@@ -136,6 +188,7 @@ class Collector:
     """Templates, sampling and sequence state of every exporter seen; see the module doc."""
 
     STRUCTS = True  # fixed-length templates read with one struct each (tests compare with the field loop)
+    C = True  # common data sets read by _nfdata where it is built (tests compare with STRUCTS and the loop)
 
     def __init__(self):
         self.templates: OrderedDict[tuple, tuple] = OrderedDict()  # (exp, domain, tid) -> (fields, options?)
@@ -148,6 +201,7 @@ class Collector:
         self.ipfix_mode: dict[tuple, str] = {}  # (seq, records, flow records); its numbering convention
         self.counts = dict.fromkeys(KINDS, 0)
         self._layouts: dict[tuple, tuple] = {}  # template fields -> (struct, names): see _layout
+        self._plans: dict[tuple, tuple | None] = {}  # template fields -> _nfdata's plan: see _plan
         self.lost: dict[str, int] = {}  # exporter -> records the sequence numbers say were lost
         self.datagrams: dict[str, int] = {}  # exporter -> datagrams read
 
@@ -389,6 +443,10 @@ class Collector:
                 if rec is not None:
                     out.append(rec)
 
+        if size and not options and self.C and _nfdata is not None:
+            got = self._c_data(body, size, fields, exp, domain, uptime, export_time)
+            if got is not None:
+                return got
         if size and self.STRUCTS:  # fixed-length records: one struct per template (below: the general case)
             lay = self._layouts.get(fields)
             if lay is None:
@@ -438,6 +496,32 @@ class Collector:
             n += 1
             take(vals)
         self._last_count = n
+        return out
+
+    def _c_data(self, body: bytes, size: int, fields: tuple, exp: str, domain: int, uptime,
+                export_time: float) -> list[Record] | None:
+        """A flow data set read in C, or None when its template or clock needs the Python path."""
+        plan = self._plans.get(fields, False)
+        if plan is False:
+            if len(self._plans) >= TEMPLATES_MAX:
+                self._plans.clear()
+            plan = self._plans[fields] = _plan(fields)
+        if plan is None:
+            return None
+        spec, units, absolute = plan
+        if not absolute:  # sysUptime-relative times: the header's uptime (v9), or IPFIX's from its init time
+            if spec[2 * _SLOTS.index("first_up")] < 0:
+                return None  # no time at all: counted no_time by the Python path
+            if uptime is None and (exp, domain) in self.init_ms:
+                uptime = int(export_time * 1000) - self.init_ms[(exp, domain)]
+            if uptime is None:
+                return None
+        rate = self.sampling.get((exp, domain))
+        out = _nfdata.records(body, size, spec, units, Record, exp, rate, 0 if absolute else 1, export_time,
+                              0 if absolute else uptime % (1 << 32))
+        if rate is None:
+            self.counts["sampling_unknown"] += len(out)
+        self._last_count = len(out)
         return out
 
     def _option(self, exp: str, domain: int, vals: dict):
