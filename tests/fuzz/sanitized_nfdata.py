@@ -52,7 +52,8 @@ def main(so: str, cases: int, seed: int) -> int:
     rnd = random.Random(seed)
     in_c = 0
     for i in range(cases):
-        fields = list(rnd.choice(SHAPES)) if rnd.random() < 0.5 else [rnd.choice(POOL) for _ in range(rnd.randint(1, 12))]
+        shaped = rnd.random() < 0.5
+        fields = list(rnd.choice(SHAPES)) if shaped else [rnd.choice(POOL) for _ in range(rnd.randint(1, 12))]
         rnd.shuffle(fields)
         size = sum(n for _f, n in fields)
         body = rnd.randbytes(size * rnd.randint(0, 5) + rnd.randint(0, 7))
@@ -72,7 +73,7 @@ def main(so: str, cases: int, seed: int) -> int:
             return 1
         in_c += bool(got[0][0]) and decode._plan(tuple((f, n, 0) for f, n in fields)) is not None
     refused = 0
-    for i in range(cases):
+    for _ in range(cases):
         alen = rnd.choice([4, 16])
         size = 2 * alen + rnd.randint(8, 40)
         slots = [(0, alen), (alen, alen)]  # a plan as _plan makes them, then one slot damaged (sometimes)
@@ -87,7 +88,8 @@ def main(so: str, cases: int, seed: int) -> int:
                         decode.Record, "192.0.2.1", rnd.choice([None, 2]), rnd.randint(0, 1), 1.0, 5)
         except ValueError:
             refused += 1
-    print(f"all exports agree ({cases} cases, {in_c} with records read in C; {refused} of {cases} random plans refused)")
+    print(f"all exports agree ({cases} cases, {in_c} with records read in C; "
+          f"{refused} of {cases} random plans refused)")
     return 0
 
 

@@ -52,7 +52,16 @@ import socket
 import time
 
 from agent.errors import UserError
-from agent.sources.netflow.collect import OUTCOMES, SWEEP_EVERY, Collecting, Exporters, NetflowEntry, decoder_of, read
+from agent.sources.netflow.collect import (
+    OUTCOMES,
+    ROUND,
+    SWEEP_EVERY,
+    Collecting,
+    Exporters,
+    NetflowEntry,
+    decoder_of,
+    read,
+)
 
 __all__ = ["NetflowEntry", "NetflowSource", "SflowSource", "parse_listen"]
 log = logging.getLogger("egress-agent")
@@ -206,12 +215,16 @@ class NetflowSource:
             try:
                 if self.d.cfg is not self._cfg:  # reloaded: exporters and local_nets as configured now
                     self._reconfigure()
-                for fd in select.select(list(by_fd), [], [], 0.25)[0]:
+                began = time.monotonic()
+                ready = select.select(list(by_fd), [], [], 0.25)[0]
+                for fd in ready:
                     col.datagrams(read(by_fd[fd]), time.time())
                 if time.monotonic() - last_sweep >= SWEEP_EVERY:
                     last_sweep = time.monotonic()
                     col.sweep(time.time())
                 self.hand_over(*col.take())
+                if ready:  # under load: the next round's datagrams gather in the buffers (see ROUND)
+                    stop.wait(ROUND - (time.monotonic() - began))
             except Exception:  # a bug or an input we did not foresee: count it, keep collecting
                 log.exception("%s source: could not read or decode export datagrams", self.KIND)
                 m.source_errors.labels(self.KIND, "io").inc()
