@@ -84,9 +84,12 @@ def test_the_c_writer_equals_the_python_loop(block, data):
     select = data.draw(st.lists(st.integers(0, max(n - 1, 0)), max_size=6)) if n else []
     got = block.json(), block.json(select)
     assert block.json(select, as_bytes=True) == [t.encode() for t in got[1]]
+    joined = block.json(select, joined=True), block.json(joined=True)
+    assert joined == (",".join(got[1]).encode(), ",".join(got[0]).encode())
     c, mod._c_json = mod._c_json, None
     try:
         want = block.json(), block.json(select)
+        assert joined == (block.json(select, joined=True), block.json(joined=True))
     finally:
         mod._c_json = c
     assert got == want

@@ -62,6 +62,8 @@ def _quoted(col: list) -> list[str]:
     few distinct values (sources) gets one text per value, shared by its rows (~60 MB less per
     million rows than a text each)."""
     distinct = dict.fromkeys(col)
+    if len(distinct) == 1:  # one value (no names: every hostname None): one text, no lookup per row
+        return _quoted_each(list(distinct)) * len(col)
     if 2 * len(distinct) < len(col):
         texts = dict(zip(distinct, _quoted_each(list(distinct)), strict=True))
         return [texts[x] for x in col]
@@ -150,10 +152,11 @@ class RecordBlock:
                  "recipient": loc[g][4]}
                 for i, g, (v, wf) in self.pairs()]
 
-    def json(self, select=None, as_bytes: bool = False) -> list:
+    def json(self, select=None, as_bytes: bool = False, joined: bool = False):
         """Each record's JSON text (compact, keys in the dict's order); with `select`, only the
         records at those positions (in record order), so a large report is written a slice at a
-        time rather than held whole. `as_bytes`: UTF-8 bytes instead of str."""
+        time rather than held whole. `as_bytes`: UTF-8 bytes instead of str; `joined`: one bytes,
+        the records joined by commas."""
         _, src, sport, dst, dport, proto, pk, by, fs, ls, pr, host, hsrc, pre, pkr, byr, ob = self.cols
         prep = self._prep()
         forms, src_j, dst_j, host_j, hsrc_j, pre_j, ob_j, noun_j, proto_j, pr_j = prep
@@ -162,7 +165,7 @@ class RecordBlock:
             try:
                 return _c_json(select if select is None or type(select) is list else list(select), pairs, forms,
                                (src_j, sport, dst_j, dport, self._proto_col(proto_j, proto), pk, by, pkr, byr, ob_j,
-                                fs, ls, pr_j, host_j, hsrc_j, pre_j), noun_j, as_bytes)
+                                fs, ls, pr_j, host_j, hsrc_j, pre_j), noun_j, as_bytes or joined, joined)
             except (TypeError, ValueError):  # a value the C writer does not take (a count beyond 64 bits)
                 pass
         out = []
@@ -181,6 +184,8 @@ class RecordBlock:
                        f'"opened_by":{ob_j[i]},'
                        f'"first_seen":"{fs[i]}","last_seen":"{ls[i]}","process":{pr_j[i]},'
                        f'"hostname":{host_j[i]},"hostname_source":{hsrc_j[i]},{tail}')
+        if joined:
+            return ",".join(out).encode()
         return [t.encode() for t in out] if as_bytes else out
 
     def _proto_col(self, proto_j: dict, proto: list) -> list[str]:

@@ -96,13 +96,14 @@ def _record_texts(records: list):
         ks = part if in_order else part[perm]
         cut = np.searchsorted(ks, starts).tolist()  # ks[cut[b]:cut[b + 1]] lie in block b
         texts: list[bytes] = []
+        if in_order:  # each block's slice as one text (made in one buffer), the blocks' joined
+            yield b",".join([blk.json((ks[cut[bi]:cut[bi + 1]] - starts[bi]).tolist(), joined=True)
+                             for bi, blk in enumerate(records) if cut[bi + 1] > cut[bi]])
+            continue
         for bi, blk in enumerate(records):
             lo, hi = cut[bi], cut[bi + 1]
             if hi > lo:
                 texts += blk.json((ks[lo:hi] - starts[bi]).tolist(), as_bytes=True)
-        if in_order:
-            yield b",".join(texts)
-            continue
         inv = np.empty_like(perm)
         inv[perm] = np.arange(len(perm))
         yield b",".join([texts[j] for j in inv.tolist()])
