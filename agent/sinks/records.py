@@ -61,6 +61,9 @@ def _quoted(col: list) -> list[str]:
     common case (all printable, no quote or backslash), which needs no per-value call. A column of
     few distinct values (sources) gets one text per value, shared by its rows (~60 MB less per
     million rows than a text each)."""
+    head = col[:4096]
+    if 2 * len(set(head)) >= len(head) > 64:  # many distinct values (destinations): a text each,
+        return _quoted_each(col)  # without hashing a million strings to find that out
     distinct = dict.fromkeys(col)
     if len(distinct) == 1:  # one value (no names: every hostname None): one text, no lookup per row
         return _quoted_each(list(distinct)) * len(col)
