@@ -4,10 +4,11 @@
  * record in Python (agent/sinks/records.py, RecordBlock.json), cost as much as the capture walk
  * (about 1 s of a 3 s audit, bench/bench_audit.py). Here the same parts are copied into one buffer.
  *
- * json(select, pairs, forms, cols, noun, as_bytes=False, joined=False) -> list of str (UTF-8 bytes with
+ * json(select, pairs, forms, cols, noun, as_bytes=False, joined=False, raw_dst=False) -> list of str (UTF-8 bytes with
  * as_bytes), one per selected record, equal character for character to RecordBlock.json's Python loop
  * (tests/test_report_records.py holds them equal); with joined, one bytes: the records joined by
- * commas, made in one buffer (a report's 20,000-record chunk without 20,000 objects and a join):
+ * commas, made in one buffer (a report's 20,000-record chunk without 20,000 objects and a join); with
+ * raw_dst, cols' dst_j holds the addresses themselves (plain text: _quoted's common case), quoted here:
  *   select: list of record positions (into pairs), or None for every record in order;
  *   pairs:  list of (row, group, entry) tuples;
  *   forms:  dict id(entry) -> (head, mode, rest, mid, where, tail) as RecordBlock._prep makes it;
@@ -74,9 +75,9 @@ enum { C_SRC, C_SPORT, C_DST, C_DPORT, C_PROTO, C_PK, C_BY, C_PKR, C_BYR, C_OB, 
 
 static PyObject *records_json(PyObject *self, PyObject *args) {
     PyObject *select, *pairs, *forms, *cols, *noun;
-    int as_bytes = 0, joined = 0;
-    if (!PyArg_ParseTuple(args, "OO!O!O!U|pp", &select, &PyList_Type, &pairs, &PyDict_Type, &forms, &PyTuple_Type,
-                          &cols, &noun, &as_bytes, &joined))
+    int as_bytes = 0, joined = 0, raw_dst = 0;
+    if (!PyArg_ParseTuple(args, "OO!O!O!U|ppp", &select, &PyList_Type, &pairs, &PyDict_Type, &forms, &PyTuple_Type,
+                          &cols, &noun, &as_bytes, &joined, &raw_dst))
         return NULL;
     if (select != Py_None && !PyList_Check(select)) { PyErr_SetString(PyExc_TypeError, "select: a list or None"); return NULL; }
     if (PyTuple_GET_SIZE(cols) != NCOLS) { PyErr_SetString(PyExc_TypeError, "cols: 16 lists"); return NULL; }
@@ -127,14 +128,15 @@ static PyObject *records_json(PyObject *self, PyObject *args) {
         if (mode == 0) {
             if (put_str(&b, COL(C_PRE), 1) < 0 || put_str(&b, rest, 0) < 0) goto fail;
         } else if (mode == 1) {
-            if (put_str(&b, noun, 0) < 0 || put_str(&b, COL(C_DST), 1) < 0 || LIT(&b, " ") < 0 ||
+            if (put_str(&b, noun, 0) < 0 || put_str(&b, COL(C_DST), !raw_dst) < 0 || LIT(&b, " ") < 0 ||
                 put_str(&b, rest, 0) < 0) goto fail;
         } else if (put_str(&b, rest, 0) < 0) {
             goto fail;
         }
         if (put_str(&b, PyTuple_GET_ITEM(form, 3), 0) < 0 || put_str(&b, COL(C_SRC), 0) < 0 ||
             LIT(&b, ",\"sport\":") < 0 || put_int(&b, COL(C_SPORT)) < 0 ||
-            LIT(&b, ",\"dst\":") < 0 || put_str(&b, COL(C_DST), 0) < 0 ||
+            LIT(&b, ",\"dst\":") < 0 || (raw_dst && LIT(&b, "\"") < 0) || put_str(&b, COL(C_DST), 0) < 0 ||
+            (raw_dst && LIT(&b, "\"") < 0) ||
             LIT(&b, ",\"dst_port\":") < 0 || put_int(&b, COL(C_DPORT)) < 0 ||
             LIT(&b, ",\"dport\":") < 0 || put_int(&b, COL(C_DPORT)) < 0 ||
             LIT(&b, ",\"proto\":") < 0 || put_str(&b, COL(C_PROTO), 0) < 0 || LIT(&b, ",") < 0 ||
