@@ -15,7 +15,7 @@ from agent.commands.inputs import expand_inputs, read_input
 from agent.connections import connections
 from agent.errors import UserError
 from agent.flowtable import FlowTable
-from agent.judge.bulk import judge_table, judged_rows
+from agent.judge.bulk import judge_table
 from agent.sinks.report import AuditReport
 
 
@@ -82,8 +82,7 @@ def _run_audit(args, run: dict | None = None) -> int:
             res = judge_table(pipe, table)
             report.add_table(table, res, count_packets=packets is None)
             if inv is not None:
-                for _i, j in judged_rows(table, res):
-                    inv.add(j)
+                inv.add_table(table, res)
             continue
         if isinstance(flows, FlowTable):
             flows = flows.flows()

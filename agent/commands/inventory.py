@@ -34,9 +34,9 @@ from agent.commands import inputs
 from agent.commands.common import batch_run, build_pipeline, write_report_html
 from agent.commands.inputs import expand_inputs, read_input
 from agent.errors import UserError
-from agent.flow import iso_time
+from agent.flow import OPENED_BY, iso_time
 from agent.flowtable import FlowTable
-from agent.judge.bulk import judge_table, judged_rows
+from agent.judge.bulk import judge_table
 from agent.policy.recipients import fallback_recipient
 
 
@@ -67,6 +67,14 @@ class Inventory:
         self.rows: dict[tuple, dict] = {}
 
     def add(self, j):
+        f = j.flow
+        self._add(j, 1, f.bytes or 0, f.packets, f.bytes_reply, f.packets_reply, {f.opened_by or "unknown": 1},
+                  f.first_seen or None, f.last_seen or None)
+
+    def _add(self, j, flows: int, nbytes: int, packets: int, bytes_reply: int, packets_reply: int, opened: dict,
+             first: float | None, last: float | None):
+        """`flows` flows that share j's exporter, recipient, location and verdicts (j's flow is one of
+        them), with their sums, openers and earliest and latest times."""
         f, loc = j.flow, j.location
         rec = j.recipient
         key_r = rec.id if rec is not None else fallback_recipient(f, loc)
@@ -83,27 +91,74 @@ class Inventory:
                                     "packets_sent": 0, "packets_received": 0, "opened_by": Counter(),
                                     "first_seen": None,
                                     "last_seen": None, "verdicts": Counter(), "bases": set(), "hostnames": set()}
-        row["countries"][country] += f.bytes or 0
-        row["flows"] += 1
-        row["bytes"] += f.bytes  # what the local side (the opener: rows are egress) sent
-        row["packets_sent"] += f.packets
-        row["bytes_received"] += f.bytes_reply
-        row["packets_received"] += f.packets_reply
-        row["opened_by"][f.opened_by or "unknown"] += 1
-        first, last = iso_time(f.first_seen) if f.first_seen else None, iso_time(f.last_seen) if f.last_seen else None
-        if first and (row["first_seen"] is None or first < row["first_seen"]):
+        row["countries"][country] += nbytes
+        row["flows"] += flows
+        row["bytes"] += nbytes  # what the local side (the opener: rows are egress) sent
+        row["packets_sent"] += packets
+        row["bytes_received"] += bytes_reply
+        row["packets_received"] += packets_reply
+        row["opened_by"].update(opened)
+        # compared as numbers (texts leave out a zero fraction, so "…:40Z" sorts after "…:40.01Z")
+        if first is not None and (row["first_seen"] is None or first < row["first_seen"]):
             row["first_seen"] = first
-        if last and (row["last_seen"] is None or last > row["last_seen"]):
+        if last is not None and (row["last_seen"] is None or last > row["last_seen"]):
             row["last_seen"] = last
         for v in j.outcomes:
-            row["verdicts"][v.outcome.value] += 1
+            row["verdicts"][v.outcome.value] += flows
             if v.exception:
                 row["bases"].add(v.exception)
         if f.hostname and len(row["hostnames"]) < 20:
             row["hostnames"].add(f.hostname)
 
+    def add_table(self, t, res):
+        """`add` of every outbound row of a table judged in bulk (`agent.judge.bulk`), with the same
+        result. Rows of one group (location and verdicts) and one source share their exporter and
+        recipient, so where rows carry no host name or process of their own they are added per such
+        unit, their sums made with numpy, not a Flow and a Judged per row (a 1M-flow log with
+        --html: 40 s and 1.9 GB before); the others, and rows judged one by one, are added alone."""
+        import numpy as np
+
+        from agent.judge.bulk import OUTBOUND, judged_row, judged_rows
+
+        rows = np.flatnonzero(res.direction == OUTBOUND)
+        first, last = t.first[rows], t.last[rows]
+        if t.hostname is not None or t.who is not None or np.isnan(first).any() or np.isnan(last).any():
+            for _i, j in judged_rows(t, res):
+                self.add(j)
+            return
+        if not len(rows):
+            return
+        key = res.key[rows]
+        # a unit per (group, source) of group rows, and one per row judged alone (key -1)
+        unit = np.where(key >= 0, key * (len(t.src.text) + 1) + t.src.inverse[rows], -1 - rows)
+        _u, head, inv = np.unique(unit, return_index=True, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        cuts = np.searchsorted(inv[order], np.arange(len(head)))
+
+        def sums(col) -> list:
+            return np.add.reduceat(col[rows][order], cuts).tolist() if col is not None else [0] * len(head)
+
+        flows = np.bincount(inv, minlength=len(head)).tolist()
+        nbytes, packets = sums(t.bytes), sums(t.packets)
+        conn = t.opened is not None  # as FlowTable.flow: reply counters with the connection's opener
+        bytes_reply, packets_reply = sums(t.bytes_reply if conn else None), sums(t.packets_reply if conn else None)
+        firsts = np.minimum.reduceat(np.where(first != 0, first, np.inf)[order], cuts).tolist()
+        lasts = np.maximum.reduceat(np.where(last != 0, last, -np.inf)[order], cuts).tolist()
+        opened: list[dict] = [{} for _ in head] if conn else [{"unknown": n} for n in flows]
+        if conn:
+            codes = t.opened[rows].astype(np.int64)
+            pair, counts = np.unique(inv * 256 + codes, return_counts=True)
+            for p, n in zip(pair.tolist(), counts.tolist(), strict=True):
+                opened[p >> 8][OPENED_BY[p & 255] or "unknown"] = n
+        heads = head.tolist()
+        for u in sorted(range(len(heads)), key=heads.__getitem__):  # in row order, as `add` of each row
+            self._add(judged_row(t, res, int(rows[heads[u]])), flows[u], nbytes[u], packets[u], bytes_reply[u],
+                      packets_reply[u], opened[u], None if firsts[u] == np.inf else firsts[u],
+                      None if lasts[u] == -np.inf else lasts[u])
+
     def to_json(self) -> dict:
         rows = [{**r, "countries": dict(sorted(r["countries"].items())), "verdicts": dict(r["verdicts"]),
+                 "first_seen": iso_time(r["first_seen"]), "last_seen": iso_time(r["last_seen"]),
                  "opened_by": dict(sorted(r["opened_by"].items())), "direction": "outbound",
                  "bases": sorted(r["bases"]), "hostnames": sorted(r["hostnames"])}
                 for r in sorted(self.rows.values(), key=lambda r: (-r["bytes"], r["exporter"], r["recipient"]))]
@@ -202,8 +257,7 @@ def _run_inventory(args) -> int:
             res = judge_table(pipe, table)
             if report is not None:
                 report.add_table(table, res, count_packets=packets is None)
-            for _i, j in judged_rows(table, res):  # outbound rows only
-                inv.add(j)
+            inv.add_table(table, res)  # outbound rows only
             continue
         if isinstance(flows, FlowTable):
             flows = flows.flows()

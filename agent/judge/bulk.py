@@ -124,11 +124,15 @@ def judged_rows(t: FlowTable, res: TableJudgement, direction: int = OUTBOUND):
     per flow (inventories): rows judged one by one as they were judged, the others from their
     group's judgement with the row's own flow. Their `location` is the group's Location, whose `ip`
     is the group's first destination; the flow names its own (no consumer reads `location.ip`)."""
-    keys = res.key.tolist()
     for i in np.flatnonzero(res.direction == direction).tolist():
-        j = res.scalar.get(i)
-        if j is None:
-            rep = res.reps[keys[i]]
-            j = Judged(t.flow(i), rep.location, rep.outcomes, rep.jurisdictions, rep._for, rep.judged_at,
-                       recipient=rep.recipient)
-        yield i, j
+        yield i, judged_row(t, res, i)
+
+
+def judged_row(t: FlowTable, res: TableJudgement, i: int) -> Judged:
+    """Row i's Judged (see `judged_rows`)."""
+    j = res.scalar.get(i)
+    if j is None:
+        rep = res.reps[int(res.key[i])]
+        j = Judged(t.flow(i), rep.location, rep.outcomes, rep.jurisdictions, rep._for, rep.judged_at,
+                   recipient=rep.recipient)
+    return j

@@ -22,7 +22,8 @@ figure is JSON beside it, drawn once plotly is loaded. PyPI's plotly ships no pa
 are npm packages), so compression is what shrinks the page here. The file needs nothing else.
 Contract: `write_html(path, title, data)`; `data` keys: `by_country` (rows as in
 `destinations_by_country`), `inbound_by_country`, `inventory` (Inventory.to_json()), `violations`
-(report records), `inputs` (input stats), and for the summary `totals`, `verdicts`, `policies`,
+(report records: all, or the first MAX_ROWS with `violations_total` the count and `violation_times`
+every violation's (policy, first_seen)), `inputs` (input stats), and for the summary `totals`, `verdicts`, `policies`,
 `geoip`, `tool`, `time_range`, `warnings` (as in the JSON report; each optional). Text is escaped;
 nothing from a flow becomes markup (figure JSON escapes <, > and &).
 """
@@ -147,7 +148,10 @@ def _figures(data: dict) -> list[tuple[str, object, str]]:
     fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), height=max(360, 22 * len(nodes)))
     figs.append(("Who sent data to whom, and where: exporter → recipient → country (bytes)", fig, ""))
 
-    times = [(v["policy"], v["first_seen"]) for v in data.get("violations", []) if v.get("first_seen")]
+    times = data.get("violation_times")
+    if times is None:
+        times = [(v["policy"], v.get("first_seen")) for v in data.get("violations", [])]
+    times = [(p, t) for p, t in times if t]
     parsed = [(p, datetime.fromisoformat(t.replace("Z", "+00:00"))) for p, t in times]
     span = (max(t for _p, t in parsed) - min(t for _p, t in parsed)).days if parsed else 0
     daily = span > 3
@@ -174,7 +178,10 @@ def _figures(data: dict) -> list[tuple[str, object, str]]:
     return figs
 
 
-def _table(title: str, columns: list[str], rows: list[list], note: str = "") -> str:
+def _table(title: str, columns: list[str], rows: list[list], note: str = "", total: int | None = None) -> str:
+    """A sortable table of the first MAX_ROWS rows; `total`: how many there are, when `rows` holds
+    only the first ones."""
+    total = len(rows) if total is None else total
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for r in rows[:MAX_ROWS]:
@@ -185,10 +192,10 @@ def _table(title: str, columns: list[str], rows: list[list], note: str = "") -> 
             else:
                 cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    more = f'<p class="muted">{len(rows) - MAX_ROWS:,} more rows in the JSON report.</p>' \
-        if len(rows) > MAX_ROWS else ""
+    more = f'<p class="muted">{total - MAX_ROWS:,} more rows in the JSON report.</p>' \
+        if total > MAX_ROWS else ""
     note = f'<p class="muted">{html.escape(note)}</p>' if note else ""
-    return (f"<h2>{html.escape(title)} ({len(rows):,})</h2>{note}<table class=\"sortable\"><thead><tr>{head}</tr>"
+    return (f"<h2>{html.escape(title)} ({total:,})</h2>{note}<table class=\"sortable\"><thead><tr>{head}</tr>"
             f"</thead><tbody>{''.join(body)}</tbody></table>{more}")
 
 
@@ -296,7 +303,7 @@ def render(title: str, data: dict) -> str:
                           f"{v['sport'] if v.get('direction') == 'inbound' else v['dst_port']}",
                           v.get("hostname"), v.get("country"), v.get("recipient"), v.get("direction"),
                           v.get("opened_by"), v["message"]]
-                         for v in data.get("violations", [])]))
+                         for v in data.get("violations", [])[:MAX_ROWS]], total=data.get("violations_total")))
     parts.append(_table("Observed transfers", ["exporter", "recipient", "declared", "countries", "flows",
                                                "bytes sent", "bytes received", "basis"],
                         [[r["exporter"], r["recipient"], "yes" if r["declared"] else "no",

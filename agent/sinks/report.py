@@ -365,6 +365,31 @@ class AuditReport:
             out["flows"] = placeholders["flows"] if placeholders else [r for c in self.flow_rows() for r in c]
         return out
 
+    def first_records(self, kind: str, n: int) -> list[dict]:
+        """The first n records of a kind in the report's order, as dicts, without the others'."""
+        import orjson
+
+        out: list = []
+        for text in _record_texts(self.records[kind]):
+            out += orjson.loads(b"[" + text + b"]")
+            if len(out) >= n:
+                break
+        return out[:n]
+
+    def record_count(self, kind: str) -> int:
+        return sum(len(r) if isinstance(r, RecordBlock) else 1 for r in self.records[kind])
+
+    def record_times(self, kind: str) -> list[tuple[str, str | None]]:
+        """(policy, first_seen) of every record of a kind, in no particular order, without their dicts."""
+        out: list = []
+        for r in self.records[kind]:
+            if isinstance(r, RecordBlock):
+                fs = r.cols[8]
+                out += [(v.policy, fs[i]) for i, _g, (v, _wf) in r.pairs()]
+            else:
+                out.append((r["policy"], r.get("first_seen")))
+        return out
+
     def flow_rows(self, chunk: int = 20_000):
         """The `flows` list (`audit --flows`) in its sorted order, `chunk` rows at a time
         (`agent.sinks.flowrows.sorted_rows`)."""
