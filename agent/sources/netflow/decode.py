@@ -46,7 +46,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 try:  # the optional C reader of common data sets (setup.py builds it where a compiler exists)
-    from agent.sources.netflow import _nfdata
+    import agent.sources.netflow._nfdata as _nfdata
 except ImportError:  # pragma: no cover - exercised where no compiler is present
     _nfdata = None
 
