@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 
 from agent.flow import iso_parts, iso_times
 from agent.policy.engine import peer_prefix
-from agent.sinks.records import RecordBlock, sort_order
+from agent.sinks.records import IsoColumn, RecordBlock, sort_order
 
 TEXT = st.text(alphabet=st.sampled_from(['a', '"', '\\', '\n', '\x00', '\x7f', '\u2028', '\u00e9', '\u2603', ' ',
                                          '(', '.', '1']), max_size=6)
 MAYBE = st.one_of(st.none(), TEXT)
 ADDR = st.sampled_from(["198.51.100.7", "203.0.113.9", "2001:db8::1", "198.51.100.70", '2001:db8::"x'])
-TIMES = st.sampled_from([1750000000.0, 1750000000.5, 1750000001.0, 1750000000.0000004, 1750000123.25])
+TIMES = st.sampled_from([1750000000.0, 1750000000.5, 1750000001.0, 1750000000.0000004, 1750000123.25, 0.0,
+                         1750000000.9999996])
 
 
 @st.composite
@@ -56,7 +57,8 @@ def blocks(draw):
     cols = (groups, [draw(ADDR) for _ in range(n)], ints(0, 65535), dst,
             [draw(st.sampled_from([443, 53])) for _ in range(n)],
             [draw(st.sampled_from(["tcp", "udp"])) for _ in range(n)], ints(0, 2**40), ints(0, 2**62),
-            iso_times(first, parts), iso_times(first + 5), process, host, hsrc,
+            *((IsoColumn.of(first, parts), IsoColumn.of(first + 5)) if draw(st.booleans()) else
+              (iso_times(first, parts), iso_times(first + 5))), process, host, hsrc,
             [peer_prefix(d, False, h, s) for d, h, s in zip(dst, host, hsrc, strict=True)], ints(0, 2**40),
             ints(0, 2**62), [draw(st.sampled_from([None, "syn", "port", 'x"y'])) for _ in range(n)])
     return RecordBlock(per_group, cols, loc, parts)

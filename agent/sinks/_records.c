@@ -13,7 +13,8 @@
  *   pairs:  list of (row, group, entry) tuples;
  *   forms:  dict id(entry) -> (head, mode, rest, mid, where, tail) as RecordBlock._prep makes it;
  *   cols:   tuple of per-row lists (src_j, sport, dst_j, dport, proto_j, pk, by, pkr, byr, ob_j, fs, ls,
- *           pr_j, host_j, hsrc_j, pre_j): JSON texts (str) or ints;
+ *           pr_j, host_j, hsrc_j, pre_j): JSON texts (str) or ints; fs and ls may instead be
+ *           (whole, us) int64 buffers (see tcol_t);
  *   noun:   the peer noun's JSON body ("destination ").
  * Any value of another type raises TypeError; the caller then uses the Python loop.
  */
@@ -73,6 +74,43 @@ static int put_int(buf_t *b, PyObject *o) {
 enum { C_SRC, C_SPORT, C_DST, C_DPORT, C_PROTO, C_PK, C_BY, C_PKR, C_BYR, C_OB, C_FS, C_LS, C_PR, C_HOST, C_HSRC,
        C_PRE, NCOLS };
 
+/* A time column (first_seen, last_seen): a list of texts, or (whole, us) int64 buffers (`iso_parts`,
+ * RecordBlock's IsoColumn), written here as iso_texts writes them: no text per row is ever made. */
+typedef struct { PyObject *list; Py_buffer w, u; int parts; Py_ssize_t n; } tcol_t;
+
+static int tcol_open(tcol_t *t, PyObject *o) {
+    memset(t, 0, sizeof *t);
+    if (PyList_Check(o)) { t->list = o; t->n = PyList_GET_SIZE(o); return 0; }
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2) {
+        PyErr_SetString(PyExc_TypeError, "cols: a time column is a list or (whole, us)");
+        return -1;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(o, 0), &t->w, PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(o, 1), &t->u, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&t->w); return -1; }
+    t->parts = 1;
+    if (t->w.len != t->u.len || t->w.len % 8) {
+        PyErr_SetString(PyExc_TypeError, "cols: (whole, us) are int64 buffers of one length");
+        return -1;  /* the caller releases */
+    }
+    t->n = t->w.len / 8;
+    return 0;
+}
+
+static void tcol_close(tcol_t *t) {
+    if (t->parts) { PyBuffer_Release(&t->w); PyBuffer_Release(&t->u); t->parts = 0; }
+}
+
+static int put_time(buf_t *b, tcol_t *t, Py_ssize_t i) {
+    if (!t->parts) return put_str(b, PyList_GET_ITEM(t->list, i), 0);
+    int64_t w = ((const int64_t *)t->w.buf)[i], u = ((const int64_t *)t->u.buf)[i];
+    if (w < 0 || w > (int64_t)MAX_TS || u < 0 || u >= 1000000) {
+        PyErr_SetString(PyExc_ValueError, "records: a time outside 0..9999-12-31");
+        return -1;
+    }
+    char text[32];
+    return put(b, text, iso_parts_text(w, u, text));
+}
+
 static PyObject *records_json(PyObject *self, PyObject *args) {
     PyObject *select, *pairs, *forms, *cols, *noun;
     int as_bytes = 0, joined = 0, raw_dst = 0;
@@ -82,14 +120,20 @@ static PyObject *records_json(PyObject *self, PyObject *args) {
     if (select != Py_None && !PyList_Check(select)) { PyErr_SetString(PyExc_TypeError, "select: a list or None"); return NULL; }
     if (PyTuple_GET_SIZE(cols) != NCOLS) { PyErr_SetString(PyExc_TypeError, "cols: 16 lists"); return NULL; }
     PyObject *col[NCOLS];
+    tcol_t fs, ls;
     for (int c = 0; c < NCOLS; c++) {
         col[c] = PyTuple_GET_ITEM(cols, c);
-        if (!PyList_Check(col[c])) { PyErr_SetString(PyExc_TypeError, "cols: 16 lists"); return NULL; }
+        if (c != C_FS && c != C_LS && !PyList_Check(col[c])) {
+            PyErr_SetString(PyExc_TypeError, "cols: 16 lists");
+            return NULL;
+        }
     }
+    if (tcol_open(&fs, col[C_FS]) < 0) { tcol_close(&fs); return NULL; }
+    if (tcol_open(&ls, col[C_LS]) < 0) { tcol_close(&fs); tcol_close(&ls); return NULL; }
     Py_ssize_t npairs = PyList_GET_SIZE(pairs);
     Py_ssize_t count = select == Py_None ? npairs : PyList_GET_SIZE(select);
     PyObject *out = joined ? NULL : PyList_New(count);
-    if (!out && !joined) return NULL;
+    if (!out && !joined) { tcol_close(&fs); tcol_close(&ls); return NULL; }
     buf_t b = {NULL, 0, 0};
     PyObject *last_entry = NULL, *form = NULL;
     for (Py_ssize_t k = 0; k < count; k++) {
@@ -104,7 +148,8 @@ static PyObject *records_json(PyObject *self, PyObject *args) {
         Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
         if (i == -1 && PyErr_Occurred()) goto fail;
         for (int c = 0; c < NCOLS; c++) {
-            if (i < 0 || i >= PyList_GET_SIZE(col[c])) { PyErr_SetString(PyExc_IndexError, "records: row out of range"); goto fail; }
+            Py_ssize_t len = c == C_FS ? fs.n : c == C_LS ? ls.n : PyList_GET_SIZE(col[c]);
+            if (i < 0 || i >= len) { PyErr_SetString(PyExc_IndexError, "records: row out of range"); goto fail; }
         }
         PyObject *entry = PyTuple_GET_ITEM(pair, 2);
         if (entry != last_entry) {  /* consecutive records mostly share their entry (group, verdict) */
@@ -148,8 +193,8 @@ static PyObject *records_json(PyObject *self, PyObject *args) {
             LIT(&b, ",\"packets_received\":") < 0 || put_int(&b, COL(C_PKR)) < 0 ||
             LIT(&b, ",\"bytes_received\":") < 0 || put_int(&b, COL(C_BYR)) < 0 ||
             LIT(&b, ",\"opened_by\":") < 0 || put_str(&b, COL(C_OB), 0) < 0 ||
-            LIT(&b, ",\"first_seen\":\"") < 0 || put_str(&b, COL(C_FS), 0) < 0 ||
-            LIT(&b, "\",\"last_seen\":\"") < 0 || put_str(&b, COL(C_LS), 0) < 0 ||
+            LIT(&b, ",\"first_seen\":\"") < 0 || put_time(&b, &fs, i) < 0 ||
+            LIT(&b, "\",\"last_seen\":\"") < 0 || put_time(&b, &ls, i) < 0 ||
             LIT(&b, "\",\"process\":") < 0 || put_str(&b, COL(C_PR), 0) < 0 ||
             LIT(&b, ",\"hostname\":") < 0 || put_str(&b, COL(C_HOST), 0) < 0 ||
             LIT(&b, ",\"hostname_source\":") < 0 || put_str(&b, COL(C_HSRC), 0) < 0 || LIT(&b, ",") < 0 ||
@@ -163,9 +208,13 @@ static PyObject *records_json(PyObject *self, PyObject *args) {
     }
     if (joined) out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.n);
     PyMem_Free(b.p);
+    tcol_close(&fs);
+    tcol_close(&ls);
     return out;
 fail:
     PyMem_Free(b.p);
+    tcol_close(&fs);
+    tcol_close(&ls);
     Py_XDECREF(out);
     return NULL;
 }

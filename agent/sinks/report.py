@@ -21,7 +21,7 @@ from agent import __version__
 from agent.flow import Outcome, iso_time, proto_name
 from agent.judge.pipeline import Judged
 from agent.sinks.flowrows import flow_line, flow_row, local_counts, sorted_rows
-from agent.sinks.records import RecordBlock, iso_texts, sort_order
+from agent.sinks.records import IsoColumn, RecordBlock, sort_order
 
 MAX_TABLE_ROWS = 40
 FLOWS_TABLE_WIDTH = 150  # narrower terminals get the flows one per line
@@ -322,7 +322,7 @@ class AuditReport:
 
         opened = [OPENED_BY[o] for o in t.opened[rr].tolist()] if t.opened is not None else [None] * len(rows)
         cols = (groups, src, t.sport[rr].tolist(), dst, t.dport[rr].tolist(), proto, t.packets[rr].tolist(),
-                t.bytes[rr].tolist(), iso_texts(t.first[rr], first), iso_texts(t.last[rr]), process, host, hsrc,
+                t.bytes[rr].tolist(), IsoColumn.of(t.first[rr], first), IsoColumn.of(t.last[rr]), process, host, hsrc,
                 prefix, pkr[rr].tolist(), byr[rr].tolist(), opened)
         loc = [(rep.location.country, rep.location.registered_country, rep.location.asn, rep.location.as_org,
                 rep.recipient.id if rep.recipient is not None else None) for rep in res.reps]
@@ -384,8 +384,10 @@ class AuditReport:
         out: list = []
         for r in self.records[kind]:
             if isinstance(r, RecordBlock):
-                fs = r.cols[8]
-                out += [(v.policy, fs[i]) for i, _g, (v, _wf) in r.pairs()]
+                fs, pairs = r.cols[8], r.pairs()
+                rows = [i for i, _g, _e in pairs]
+                texts = fs.texts(rows) if isinstance(fs, IsoColumn) else [fs[i] for i in rows]
+                out += [(v.policy, t) for (_i, _g, (v, _wf)), t in zip(pairs, texts, strict=True)]
             else:
                 out.append((r["policy"], r.get("first_seen")))
         return out
