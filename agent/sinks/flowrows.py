@@ -63,17 +63,8 @@ def sorted_rows(dict_rows: list, tables: list, chunk: int = 20_000):
     if order is not None:  # tables only: sorted with numpy, the rows never stand as sort tuples
         which, where = order
         for c in range(0, len(which), chunk):
-            part = zip(which[c:c + chunk].tolist(), where[c:c + chunk].tolist(), strict=True)
-            out: list = [None] * len(which[c:c + chunk])
-            by_table: dict[int, tuple[list, list]] = {}
-            for pos, (b, k) in enumerate(part):
-                at, rows = by_table.setdefault(b, ([], []))
-                at.append(pos)
-                rows.append(k)
-            for b, (at, rows) in by_table.items():
-                for pos, row in zip(at, table_rows(*tables[b], rows), strict=True):
-                    out[pos] = row
-            yield out
+            yield _rows_at(list(zip(which[c:c + chunk].tolist(), where[c:c + chunk].tolist(), strict=True)),
+                           dict_rows, tables)
         return
     keys = [(r["first_seen"] or "", r["src"], r["sport"], r["dst"], r["dport"], r["proto"], -1, k)
             for k, r in enumerate(dict_rows)]
@@ -88,20 +79,25 @@ def sorted_rows(dict_rows: list, tables: list, chunk: int = 20_000):
                                                               t.proto.tolist(), strict=True))]
     keys.sort()
     for c in range(0, len(keys), chunk):
-        part = keys[c:c + chunk]
-        out: list = [None] * len(part)
-        by_table: dict[int, tuple[list, list]] = {}
-        for pos, (*_, b, k) in enumerate(part):
-            if b < 0:
-                out[pos] = dict_rows[k]
-            else:
-                at, rows = by_table.setdefault(b, ([], []))
-                at.append(pos)
-                rows.append(k)
-        for b, (at, rows) in by_table.items():
-            for pos, row in zip(at, table_rows(*tables[b], rows), strict=True):
-                out[pos] = row
-        yield out
+        yield _rows_at([key[-2:] for key in keys[c:c + chunk]], dict_rows, tables)
+
+
+def _rows_at(places: list[tuple[int, int]], dict_rows: list, tables: list) -> list[dict]:
+    """The rows at these (table, row) places, in order (table -1: `dict_rows[row]`), each table's
+    made together by `table_rows`."""
+    out: list = [None] * len(places)
+    by_table: dict[int, tuple[list, list]] = {}
+    for pos, (b, k) in enumerate(places):
+        if b < 0:
+            out[pos] = dict_rows[k]
+        else:
+            at, rows = by_table.setdefault(b, ([], []))
+            at.append(pos)
+            rows.append(k)
+    for b, (at, rows) in by_table.items():
+        for pos, row in zip(at, table_rows(*tables[b], rows), strict=True):
+            out[pos] = row
+    return out
 
 def _table_order(tables: list):
     """`sorted_rows`' order of the tables' rows as two arrays (table, row), sorted on numbers: first

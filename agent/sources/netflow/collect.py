@@ -264,22 +264,12 @@ class Collecting:
         else:
             self.conns.move_to_end(key)
             outcome = "merged" if c.entry is not None else "not_egress"
-        if src == c.src and sport == c.sport:  # the opener's direction (and a biflow's reverse)
-            c.packets += r.packets
-            c.bytes += r.bytes
-            c.flags |= r.tcp_flags & 0xFF
-            if r.packets_reply is not None or r.bytes_reply is not None:
-                c.packets_reply += r.packets_reply or 0
-                c.bytes_reply += r.bytes_reply or 0
-            c.flags_reply |= r.tcp_flags_reply
-        else:
-            c.packets_reply += r.packets
-            c.bytes_reply += r.bytes
-            c.flags_reply |= r.tcp_flags & 0xFF
-            if r.packets_reply is not None or r.bytes_reply is not None:
-                c.packets += r.packets_reply or 0
-                c.bytes += r.bytes_reply or 0
-            c.flags |= r.tcp_flags_reply
+        sent = (r.packets, r.bytes, r.tcp_flags & 0xFF)
+        back = (r.packets_reply or 0, r.bytes_reply or 0, r.tcp_flags_reply)  # a biflow's reverse direction
+        mine, theirs = (sent, back) if src == c.src and sport == c.sport else (back, sent)
+        c.packets, c.bytes, c.flags = c.packets + mine[0], c.bytes + mine[1], c.flags | mine[2]
+        c.packets_reply, c.bytes_reply = c.packets_reply + theirs[0], c.bytes_reply + theirs[1]
+        c.flags_reply |= theirs[2]
         if r.first < c.first:
             c.first = r.first
         if r.last > c.last:
