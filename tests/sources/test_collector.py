@@ -383,3 +383,26 @@ def test_a_fault_mid_round_keeps_the_books():
     tally = col.give_up()
     assert tally[("error",)] == 1 and tally[("records", "other", "connection")] == 1
     assert tally[("records", "other", "merged")] == 1 and col.items == [] and col.tally == {}
+
+
+def test_datagrams_gather_between_reads_only_in_a_buffer_that_holds_them():
+    """Under load a socket is read every ROUND (datagrams gather in its buffer) only where its
+    buffer is large; a small one (an unprivileged agent) is read at every wake-up, not overflowed."""
+    import socket
+
+    from agent.sources.netflow.collect import ROUND, ROUND_MIN_BUFFER, round_for
+
+    small = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    big = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert round_for([small]) == 0.0
+        try:
+            big.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE: root only
+        except PermissionError:
+            pytest.skip("SO_RCVBUFFORCE needs root (CAP_NET_ADMIN)")
+        assert big.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= ROUND_MIN_BUFFER
+        assert round_for([big]) == ROUND and round_for([big, small]) == 0.0
+    finally:
+        small.close()
+        big.close()

@@ -54,13 +54,14 @@ import time
 from agent.errors import UserError
 from agent.sources.netflow.collect import (
     OUTCOMES,
-    ROUND,
+    ROUND_MIN_BUFFER,
     SWEEP_EVERY,
     Collecting,
     Exporters,
     NetflowEntry,
     decoder_of,
     read,
+    round_for,
 )
 
 __all__ = ["NetflowEntry", "NetflowSource", "SflowSource", "parse_listen"]
@@ -136,6 +137,7 @@ class NetflowSource:
         self.d = daemon
         self.sockets: list[socket.socket] = []
         self.pool = None  # WorkerPool with workers > 1
+        self.round = 0.0  # the wait between reads under load (collect.round_for)
 
     def settings(self) -> tuple:
         """What a worker needs to build its Collecting: the config and the pipeline's scope and inbound."""
@@ -168,6 +170,10 @@ class NetflowSource:
         else:
             self.sockets = bind(addrs, rcvbuf, self.KIND)
             self.col = Collecting(self.KIND, exporters, d.pipeline.inbound)
+        self.round = round_for(self.sockets)
+        if not self.round:
+            log.info("%s source: socket buffers under %d MiB (SO_RCVBUFFORCE needs root): datagrams are read "
+                     "as they come, not gathered", self.KIND, ROUND_MIN_BUFFER >> 20)
         if exporters.refuse and not exporters.by_addr:
             log.warning("%s source: unknown_exporters is refuse and no exporter is configured: every record "
                         "will be refused (counted as outcome=refused); list them under exporters:", self.KIND)
@@ -223,8 +229,8 @@ class NetflowSource:
                     last_sweep = time.monotonic()
                     col.sweep(time.time())
                 self.hand_over(*col.take())
-                if ready:  # under load: the next round's datagrams gather in the buffers (see ROUND)
-                    stop.wait(ROUND - (time.monotonic() - began))
+                if ready and self.round:  # under load: the next round's datagrams gather (collect.ROUND)
+                    stop.wait(self.round - (time.monotonic() - began))
             except Exception:  # a bug or an input we did not foresee: count it, keep collecting
                 log.exception("%s source: could not read or decode export datagrams", self.KIND)
                 m.source_errors.labels(self.KIND, "io").inc()

@@ -40,7 +40,7 @@ def _collecting(kind: str, settings: tuple, index: int):
 
 def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
     """One worker process: read its sockets, decode and pair, ship; until told to stop or orphaned."""
-    from agent.sources.netflow.collect import ROUND, SWEEP_EVERY, read
+    from agent.sources.netflow.collect import SWEEP_EVERY, read, round_for
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent stops its workers itself
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -48,13 +48,14 @@ def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
     for s in socks:
         s.setblocking(False)
     by_fd = {s.fileno(): s for s in socks}
+    gather = round_for(socks)
     last_sweep = last_ship = time.monotonic()
     while True:
         try:
             began = time.monotonic()
             ready = select.select([*by_fd, conn.fileno()], [], [], SHIP_EVERY)[0]
-            if ready and conn.fileno() not in ready:  # under load: datagrams gather in the buffers (ROUND)
-                time.sleep(max(0.0, ROUND - (time.monotonic() - began)))
+            if gather and ready and conn.fileno() not in ready:  # under load: datagrams gather (collect.ROUND)
+                time.sleep(max(0.0, gather - (time.monotonic() - began)))
             for fd in ready:
                 if fd != conn.fileno():
                     col.datagrams(read(by_fd[fd]), time.time())
