@@ -327,6 +327,11 @@ class Locator:
                     self.warnings.append(f"{e}; address reported as unknown (database-error)")
                 return Location(ip=ip, scope=scope, lookup_ip=lookup_ip, source=db.database_type,
                                 provenance=((db.database_type, db.build_date),), unknown_reason="database-error")
+        return Location(ip, scope, lookup_ip, *self._found(lv, ln, keys))
+
+    def _found(self, version: int, n: int, keys: list) -> tuple:
+        """The located fields of address n from each database's (network key, fields), remembered
+        for the network they share."""
         ident = tuple(k for k, _ in keys)
         vals = self._merged.get(ident)
         if vals is None:
@@ -335,8 +340,22 @@ class Locator:
             if len(self._merged) >= 262144:
                 self._merged.clear()
             self._merged[ident] = vals
-        self._remember_network(lv, ln, ident, vals)
-        return Location(ip, scope, lookup_ip, *vals)
+        self._remember_network(version, n, ident, vals)
+        return vals
+
+    def _located(self, ip: str, version: int, n: int, keys: list) -> Location:
+        """`locate` of an address whose databases' (network key, fields) `locate_many` read already:
+        the same Location, without reading them again."""
+        hit = self._cache.get(ip)
+        if hit is not None:
+            return hit
+        if self.scoper.scope_int(version, n) != "public":
+            return self.locate(ip)
+        loc = Location(ip, "public", None, *self._found(version, n, keys))
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[ip] = loc
+        return loc
 
     def _network_hit(self, version: int, n: int) -> tuple | None:
         """The located fields of a network already looked up that holds address `n`, or None."""
@@ -403,9 +422,11 @@ class Locator:
         n4 = sum(v4)  # IPv4 addresses come first, each version sorted by value
         alone = [False] * n4 + [embedded_int(x) is not None for x in ints[n4:]]
         run_of, run_keys = [], []  # per database: each address's run (-1: alone), each run's network key
+        run_found = []  # per database: each run's (network key, fields), as `locate` reads them
         for db in self.dbs:
             r = np.full(n, -1, dtype=np.int64)
             keys: list = []
+            found: list = []
             i = 0
             while i < n:
                 if alone[i]:
@@ -413,7 +434,7 @@ class Locator:
                     continue
                 version, block_end = (4, n4) if i < n4 else (6, n)
                 try:
-                    key, _ = db.fields(version, ints[i], texts[i])
+                    key, fields = db.fields(version, ints[i], texts[i])
                 except CorruptRecord:
                     alone[i] = True
                     i += 1
@@ -425,9 +446,11 @@ class Locator:
                     j = block_end
                 r[i:j] = len(keys)
                 keys.append(key)
+                found.append((key, fields))
                 i = j
             run_of.append(r)
             run_keys.append(keys)
+            run_found.append(found)
         # segments: stretches of addresses in one run of every database
         lone = np.array(alone, dtype=bool)
         if len(run_of) == 1:
@@ -455,7 +478,8 @@ class Locator:
             c = classes.get(ident)
             if c is None:
                 c = classes[ident] = len(locs)
-                locs.append(self.locate(texts[row]))
+                locs.append(self._located(texts[row], 4 if row < n4 else 6, ints[row],
+                                          [found[r[row]] for found, r in zip(run_found, run_of, strict=True)]))
             seg_class[k] = c
         out = np.zeros(n, dtype=np.int64)
         out[live] = np.asarray(seg_class, dtype=np.int64)[inverse.ravel()]
