@@ -10,7 +10,8 @@ then for each rate in --rates sends it over loopback for --seconds to two collec
                                          destination country with the same MMDB, print plugin)
 
 and prints, per rate and collector: records sent, the CPU seconds the collector's processes used
-(utime + stime from /proc, children included), records per CPU-second, and for the agent the
+(utime + stime from /proc, children included), records per CPU-second, for the agent the CPU of
+each of its threads (decoding and pairing in ea-source-netflow, judging in ea-worker), and the
 books: records decoded by outcome + records lost (sequence gaps, i.e. kernel socket drops) =
 records sent, with what is left unaccounted (should be 0). Then the CPU ratio agent / nfacctd.
 
@@ -113,6 +114,26 @@ def cpu_seconds(pgid: int) -> float:
     return total
 
 
+def thread_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of each thread of one process, by thread name (the agent names its threads:
+    ea-source-netflow decodes and pairs, ea-worker judges and writes evidence)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            name, fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)
+        except OSError:
+            continue
+        comm = name.split("(", 1)[1]
+        f = fields.split()
+        out[comm] = out.get(comm, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
+
+
 def settle(pgid: int, quiet: float = 1.5, limit: float = 120.0) -> float:
     """Wait until the group's CPU time stops growing for `quiet` seconds; its CPU seconds then."""
     end = time.monotonic() + limit
@@ -169,6 +190,7 @@ def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: in
                 pass
             time.sleep(0.1)
         before = cpu_seconds(p.pid)
+        threads_before = thread_seconds(p.pid)
         took = send(port, datagrams, rate)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until every record is decoded or known lost
@@ -179,6 +201,8 @@ def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: in
                 break
             time.sleep(0.25)
         cpu = settle(p.pid) - before
+        after = thread_seconds(p.pid)
+        threads = {k: v - threads_before.get(k, 0.0) for k, v in after.items()}
         m = metrics(mport)
         out = {o: total(m, "egress_agent_exporter_records_total", outcome=o)
                for o in ("connection", "merged", "not_egress", "refused")}
@@ -186,7 +210,7 @@ def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: in
         out["judged"] = total(m, "egress_agent_flows_judged_total", source="netflow")
         out["dropped"] = total(m, "egress_agent_source_drops_total", source="netflow") - out["lost"]
         out["unaccounted"] = n - sum(out[k] for k in ("connection", "merged", "not_egress", "refused", "lost"))
-        out.update(cpu=cpu, took=took)
+        out.update(cpu=cpu, took=took, threads=threads)
         return out
     finally:
         os.killpg(p.pid, signal.SIGTERM)
@@ -241,6 +265,8 @@ def main():
         books = (f"judged {ag['judged']:,.0f}, merged {ag['merged']:,.0f}, not_egress {ag['not_egress']:,.0f}, "
                  f"lost {ag['lost']:,.0f}, dropped {ag['dropped']:,.0f}, unaccounted {ag['unaccounted']:,.0f}")
         print(f"{rate:>10,.0f} {'agent':10} {n:>9,} {ag['cpu']:>7.2f} {n / max(ag['cpu'], 1e-9):>10,.0f}  {books}")
+        busy = sorted(((v, k) for k, v in ag["threads"].items() if v >= 0.01), reverse=True)
+        print(f"{'':>10} agent threads: " + ", ".join(f"{k} {v:.2f} s" for v, k in busy))
         print(f"{rate:>10,.0f} {'nfacctd':10} {n:>9,} {nf['cpu']:>7.2f} {n / max(nf['cpu'], 1e-9):>10,.0f}")
         print(f"{'':>10} CPU ratio agent / nfacctd: {ag['cpu'] / max(nf['cpu'], 1e-9):.1f}x", flush=True)
         results.append({"rate": rate, "records": n, "agent": ag, "nfacctd": nf})
