@@ -210,17 +210,19 @@ def build_tables(public_nets=(), local_nets=()) -> dict[int, list[tuple[int, int
     return {4: t4, 6: _flatten(v6, 128)}
 
 
-@lru_cache(maxsize=65536)
-def ip_int(ip: str) -> tuple[int, int]:
-    """(version, integer) of an address in text form; ValueError when it is not one.
-
-    Memoised: the source, the locator and the policy masks all ask for the same address."""
+def ip_parse(ip: str) -> tuple[int, int]:
+    """(version, integer) of an address in text form; ValueError when it is not one. Not
+    memoised: for addresses that seldom repeat (see `ip_int`)."""
     try:
         if ":" in ip:
             return 6, int.from_bytes(_pton(_AF6, ip), "big")
         return 4, int.from_bytes(_pton(_AF4, ip), "big")
     except (OSError, TypeError):
         raise ValueError(f"{ip!r} does not appear to be an IPv4 or IPv6 address") from None
+
+
+# `ip_parse`, memoised: the source, the locator and the policy masks all ask for the same address
+ip_int = lru_cache(maxsize=65536)(ip_parse)
 
 
 class Scoper:
@@ -301,12 +303,4 @@ class Scoper:
         """`is_egress` without the memo, for addresses that seldom repeat (a collector's connections to
         distinct peers): there the memo's misses and evictions cost more than reading the address
         again (measured on distinct addresses: 6.3 us a pair through the memo, 2.4 us without)."""
-        return self._fresh(dst) == "public" and self._fresh(src) != "public"
-
-    def _fresh(self, ip: str) -> str:
-        try:
-            if ":" in ip:
-                return self.scope_int(6, int.from_bytes(_pton(_AF6, ip), "big"))
-            return self._scopes[4][bisect_right(self._starts[4], int.from_bytes(_pton(_AF4, ip), "big")) - 1]
-        except (OSError, TypeError):
-            raise ValueError(f"{ip!r} does not appear to be an IPv4 or IPv6 address") from None
+        return self.scope_int(*ip_parse(dst)) == "public" and self.scope_int(*ip_parse(src)) != "public"

@@ -29,7 +29,7 @@ from socket import AF_INET as _AF4
 from socket import AF_INET6 as _AF6
 from socket import inet_pton as _pton
 
-from agent.enrich.scope import embedded_int
+from agent.enrich.scope import embedded_int, ip_parse
 from agent.flow import Location, _process_json, flag_letters, iso_time, proto_name
 from agent.judge.pipeline import PLAUSIBLE_FROM
 from agent.policy.compiled import location_class
@@ -131,9 +131,7 @@ class FastLane:
                 version, n = 4, int.from_bytes(_pton(_AF4, dst), "big")
             src = self._src.get(e.src)
             if src is None:  # a host's flows come from a few addresses: their masks are memoised
-                s_ = e.src  # read here, not through ip_int's memo: a miss here is one there too
-                sv, sn = (6, int.from_bytes(_pton(_AF6, s_), "big")) if ":" in s_ else \
-                    (4, int.from_bytes(_pton(_AF4, s_), "big"))
+                sv, sn = ip_parse(e.src)  # not through ip_int's memo: a miss here is one there too
                 sm = pipe._src_nets
                 src = (sm._masks[sv][bisect_right(sm._starts[sv], sn) - 1] if sm else 0,)
                 if len(self._src) >= _MEMO_MAX:

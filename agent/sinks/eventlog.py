@@ -401,7 +401,7 @@ class EvidenceLog:
             if not fit:
                 return 0
             try:
-                self._write_now(b"".join(lines[:fit]) if fit < len(lines) else b"".join(lines))
+                self._write_now(b"".join(lines[:fit]))
             except OSError:
                 return 0  # a short write was cut back: the caller writes the lines one by one
             self.seq = seq + fit

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import orjson
 
+from agent.flow import iso_time
 from agent.judge.pipeline import rewrite_message
 
 try:  # the C writers of `RecordBlock.json` and `iso_texts` (optional: Python makes the same text)
@@ -110,6 +111,9 @@ def iso_texts(ts, parts=None) -> list[str]:
     return iso_times(ts, parts)
 
 
+_C_MAX_TS = 253402300798  # the last second the C writer formats (MAX_TS in sinks/_isotime.h)
+
+
 class IsoColumn:
     """A time column of report records (first_seen, last_seen): `iso_texts` of its times, made when
     asked, one (`col[i]`) or many (`texts`); the C writer formats them from `parts` itself. A
@@ -124,8 +128,6 @@ class IsoColumn:
         return len(self.ts)
 
     def __getitem__(self, i: int) -> str:
-        from agent.flow import iso_time
-
         return iso_time(float(self.ts[i]))
 
     def texts(self, rows) -> list[str]:
@@ -139,7 +141,7 @@ class IsoColumn:
 
         parts = iso_parts(ts) if parts is None else parts
         whole = parts[0]
-        if _c_iso_texts is None or len(whole) and (whole.min() < 0 or whole.max() > 253402300798):
+        if _c_iso_texts is None or len(whole) and (whole.min() < 0 or whole.max() > _C_MAX_TS):
             return iso_texts(ts, parts)
         return cls(ts, parts)
 

@@ -95,11 +95,11 @@ def _record_texts(records: list):
         perm = None if in_order else np.argsort(part, kind="stable")
         ks = part if in_order else part[perm]
         cut = np.searchsorted(ks, starts).tolist()  # ks[cut[b]:cut[b + 1]] lie in block b
-        texts: list[bytes] = []
         if in_order:  # each block's slice as one text (made in one buffer), the blocks' joined
             yield b",".join([blk.json((ks[cut[bi]:cut[bi + 1]] - starts[bi]).tolist(), joined=True)
                              for bi, blk in enumerate(records) if cut[bi + 1] > cut[bi]])
             continue
+        texts: list[bytes] = []
         for bi, blk in enumerate(records):
             lo, hi = cut[bi], cut[bi + 1]
             if hi > lo:

@@ -31,6 +31,18 @@ DRAIN = 1024  # datagrams read from one socket per round at most
 # seconds old when exported, so 50 ms more is nothing; DRAIN per round bounds a round's work.
 ROUND = 0.05
 ROUND_MIN_BUFFER = 4 << 20  # bytes of socket buffer below which datagrams are not left to gather
+SWEEP_EVERY = 5.0  # seconds between looks for connections gone quiet
+MAX_CONNECTIONS = 262144  # connections remembered (their counters); the oldest ends early past this
+EXPORT_GRACE = 60.0  # seconds an exporter may take to send a record after its flow's last packet
+OTHER = "other"  # the metric label of exporters not configured
+ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
+OUTCOMES = ("connection", "merged", "not_egress", "refused")
+_SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
+_new_entry = tuple.__new__  # a NetflowEntry from a tuple, without its Python-level __new__ (a call per field)
+
+
+def _first_seen(item) -> float:
+    return item[0].first
 
 
 def round_for(sockets) -> float:
@@ -45,18 +57,6 @@ def round_for(sockets) -> float:
     except (OSError, ValueError):
         return 0.0
     return ROUND if least >= ROUND_MIN_BUFFER else 0.0
-SWEEP_EVERY = 5.0  # seconds between looks for connections gone quiet
-MAX_CONNECTIONS = 262144  # connections remembered (their counters); the oldest ends early past this
-EXPORT_GRACE = 60.0  # seconds an exporter may take to send a record after its flow's last packet
-OTHER = "other"  # the metric label of exporters not configured
-ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
-OUTCOMES = ("connection", "merged", "not_egress", "refused")
-_SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
-_new_entry = tuple.__new__  # a NetflowEntry from a tuple, without its Python-level __new__ (a call per field)
-
-
-def _first_seen(item) -> float:
-    return item[0].first
 
 
 class NetflowEntry(NamedTuple):

@@ -130,6 +130,7 @@ _SLOTS = ("src", "dst", "proto", "sport", "dport", "packets", "bytes", "flags", 
           "rpackets", "rbytes", "rflags", "start", "end", "first_up", "last_up")  # _nfdata's slots, in order
 _UNITS = (("_ms", 0), ("_s", 1), ("_us", 2), ("_ns", 2))  # absolute times, in the order _times prefers them
 _NUMERIC = frozenset(_SLOTS[2:14]) | {"first_up", "last_up", "out_packets", "out_bytes"}
+_FIRST_UP = 2 * _SLOTS.index("first_up")  # its offset's place in a plan's spec
 
 
 def _plan(fields: tuple):
@@ -510,7 +511,7 @@ class Collector:
             return None
         spec, units, absolute = plan
         if not absolute:  # sysUptime-relative times: the header's uptime (v9), or IPFIX's from its init time
-            if spec[2 * _SLOTS.index("first_up")] < 0:
+            if spec[_FIRST_UP] < 0:
                 return None  # no time at all: counted no_time by the Python path
             if uptime is None and (exp, domain) in self.init_ms:
                 uptime = int(export_time * 1000) - self.init_ms[(exp, domain)]
