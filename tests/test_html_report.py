@@ -179,3 +179,36 @@ def test_without_a_location_database_or_register_the_report_says_so(tmp_path):
     assert "iptocc" in re.search(r'id="summary">(.*?)</table>', text, re.S).group(1)
     dom = chromium("--dump-dom", path.as_uri()).stdout
     assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) == 3
+
+
+def test_a_flow_log_at_the_edges_of_time_renders_and_the_page_counts_every_violation(tmp_path, monkeypatch):
+    """Times of the epoch, whole and fractional seconds and the last second of 9999 (the latest a
+    flow log may say): the timeline ends where time does (it overflowed: exit 70). The violations
+    table shows the first MAX_ROWS and says how many more the JSON report has."""
+    import sys
+
+    from agent.sinks import html
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(html, "MAX_ROWS", 2)  # the page is rendered in this process below
+    times = [0.0, 1750000000.5, 1750000000, 253402300798.5, 253402300798.9999996]
+    log = tmp_path / "edges.jsonl"
+    log.write_text("".join(json.dumps({"proto": "tcp", "src": "10.0.0.5", "sport": 1000 + i, "dst": f"8.8.8.{i + 1}",
+                                       "dport": 443, "packets": 1, "bytes": 10, "first_seen": t}) + "\n"
+                           for i, t in enumerate(times)))
+    path = tmp_path / "edges.html"
+    r = subprocess.run([sys.executable, "-m", "agent", "audit", "--html", str(path), "--format", "json", str(log)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    assert "9999-12-31" in path.read_text()
+    from agent.cli import build_parser
+    from agent.commands.audit import run_audit
+
+    small = tmp_path / "small.html"
+    try:
+        run_audit(build_parser().parse_args(["audit", "--html", str(small), "--format", "json", "--output",
+                                             str(tmp_path / "r.json"), str(log)]))
+    except SystemExit:
+        pass
+    text = small.read_text()
+    assert "Violations (5)" in text and "3 more rows in the JSON report" in text

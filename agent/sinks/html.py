@@ -171,7 +171,9 @@ def _figures(data: dict) -> list[tuple[str, object, str]]:
 
         step = timedelta(milliseconds=width)
         lo = datetime.strptime(min(t for _p, t in parsed).strftime(fmt), fmt) - step
-        hi = datetime.strptime(max(t for _p, t in parsed).strftime(fmt), fmt) + 2 * step
+        last = datetime.strptime(max(t for _p, t in parsed).strftime(fmt), fmt)
+        # a time in the year 9999 (the latest a flow log may say) has no room after it: the axis ends there
+        hi = last + 2 * step if last < datetime.max - 2 * step else datetime.max.replace(microsecond=0)
         fig.update_xaxes(range=[lo.isoformat(), hi.isoformat()])
     figs.append(("Violations over time, by policy", fig,
                  f"Violations by the {'day' if daily else 'hour'} their connection was first seen (UTC)."))
