@@ -168,14 +168,17 @@ def test_a_symlink_at_the_path_is_refused(tmp_path):
     assert target.read_text() == ""
 
 
-def test_failed_rotation_keeps_writing_and_closes_only_its_own_fd(tmp_path):
+@pytest.mark.parametrize("batch", [1, 30])
+def test_failed_rotation_keeps_writing_and_closes_only_its_own_fd(tmp_path, batch):
+    """One by one, or in batches (`write_many`: a batch that cannot rotate is written line by line)."""
     path = tmp_path / "ev.jsonl"
     (tmp_path / "ev.jsonl.1").mkdir()  # a directory in the way: the rename fails
     (tmp_path / "ev.jsonl.1" / "x").write_text("")
     log = EvidenceLog(Options(str(path), max_bytes=4096, backups=1))
     sentinel = os.open(os.devnull, os.O_RDONLY)  # a number someone else owns
-    for i in range(200):
-        log.write({"i": i, "pad": "x" * 50})
+    for start in range(0, 200, batch):
+        bodies = [log.body({"i": i, "pad": "x" * 50}) for i in range(start, min(200, start + batch))]
+        assert log.write_many(bodies) == (len(bodies), [])
     os.fstat(sentinel)  # still open: the log never closed a descriptor it does not own
     os.close(sentinel)
     log.close()
