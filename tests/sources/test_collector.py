@@ -276,6 +276,30 @@ def test_sflow_of_a_udp_answer_decodes_its_ports():
     assert (r.proto, r.sport, r.dport, r.packets, r.bytes) == (17, 53, 50000, 1, 34)
 
 
+def test_an_exporters_own_local_nets_make_a_connection_to_them_inbound(tmp_path):
+    """A public peer's connection to a host in an exporter's own local_nets is inbound: judged by
+    the peer's location under an inbound policy, never as egress to the exporter's own host (the
+    global local_nets do not hold it; the worker must take the exporter's word, not its own)."""
+    from tests.test_daemon_inbound import INBOUND_POLICY
+
+    port = _udp_port()
+    own = [{"address": "127.0.0.1", "site": "dc1", "local_nets": ["198.51.100.0/25"]}]
+    a = _agent(tmp_path, "netflow", port, exporters=own)
+    (a.policies / "eu-access.yaml").write_text(INBOUND_POLICY)
+    a.start()
+    try:
+        # 203.0.113.9 (US in the test database) opens a connection to dc1's server 198.51.100.20:443
+        _send(port, [_v5(0, [("203.0.113.9", 50100, "198.51.100.20", 443, 6, 10, 1000),
+                             ("198.51.100.20", 443, "203.0.113.9", 50100, 6, 12, 9000)])])
+        wait_for(lambda: a.value("egress_agent_flows_judged_total", source="netflow") == 1, what="judged")
+        assert a.value("egress_agent_flows_total", policy="eu-access", country="US", direction="inbound") == 1
+        assert a.value("egress_agent_flows_total", policy="eu-data", direction="outbound") in (None, 0)
+    finally:
+        assert a.stop() == 0, a.logtext()
+    new = next(r for r in a.lines() if r.get("event") == "new")
+    assert (new["direction"], new["flow"]["src"], new["flow"]["dst"]) == ("inbound", "203.0.113.9", "198.51.100.20")
+
+
 def test_a_biflow_is_one_connection_with_both_directions(tmp_path):
     from tests.sources.test_netflow import _biflow, _biflow_template, _ipfix, _set
 
