@@ -295,16 +295,15 @@ class Daemon:
     def _dispatch(self, kind: str, e, now: float, today: int, fast):
         """One event: the fast lane (`fast`, FastLane.new or None) when it takes it, else `_handle`. The
         process behind a new flow is looked up once, for whichever lane judges it; a router's flow has none."""
-        ask = None if kind == "flow" else _ASK
-        if kind == "refused":
+        if kind == "flow":  # a collector's connection: who opened it is read in its exporter's scope
+            if e.inbound or fast is None:
+                return self._handle(kind, e, now, None, inbound=e.inbound)
+        elif kind == "refused":
             return self.enforcer.record(e, now)
-        if (kind != "new" and kind != "flow") or fast is None:
-            self._handle(kind, e, now, ask)
-            return
-        pipe = self.pipeline
-        # a collector's peers seldom repeat: their scope is read without the memo (see is_egress_fresh)
-        if pipe.inbound and (pipe.scoper.is_egress_fresh if kind == "flow" else pipe.scoper.is_egress)(e.dst, e.src):
-            return self._handle(kind, e, now, ask, inbound=True)  # the full path: judged by the peer's location
+        elif kind != "new" or fast is None:
+            return self._handle(kind, e, now)
+        elif self.pipeline.inbound and self.pipeline.scoper.is_egress(e.dst, e.src):
+            return self._handle(kind, e, now, inbound=True)  # the full path: judged by the peer's location
         who = None
         if self.attributor is not None and kind == "new":
             if e[:6] in self.open:

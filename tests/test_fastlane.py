@@ -259,6 +259,7 @@ def test_a_failing_batch_lookup_leaves_every_flow_judged(daemon_factory):
 
 def _collector_events(n: int, seed: int):
     """The same flows as a collector's items (NetflowEntry): no NAT, reply counters, flags, exporter."""
+    from agent.enrich.scope import ip_parse
     from agent.sources.netflow.collect import ID_BASE, NetflowEntry
 
     rnd = random.Random(seed)
@@ -268,7 +269,9 @@ def _collector_events(n: int, seed: int):
                                 e.start_ns, None, None, NOW - 1, "netflow", rnd.choice(["paris", "other"]),
                                 "192.0.2.1", rnd.choice([None, 3]), rnd.choice([None, 7]), rnd.choice([None, 1, 64]),
                                 rnd.choice(["port", "syn", "first-packet"]), rnd.randrange(0, 9),
-                                rnd.randrange(0, 9000), rnd.choice([0, 0x1A, 0x02]), rnd.choice([0, 0x12])))
+                                rnd.randrange(0, 9000), rnd.choice([0, 0x1A, 0x02]), rnd.choice([0, 0x12]),
+                                # mostly with its addresses parsed, as the collector sends it
+                                False, *((ip_parse(e.dst), ip_parse(e.src)) if rnd.random() < 0.8 else (None, None))))
     return out
 
 

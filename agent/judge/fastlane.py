@@ -121,15 +121,26 @@ class FastLane:
         # Inline below: `ip_int`, `Locator._network_hit` and `NetMask.mask_int` (a Python call each
         # costs about as much as its work here).
         dst = e.dst
+        nf = type(e) is NetflowEntry
         try:
-            if ":" in dst:
+            # a collector's connection comes with its addresses parsed (NetflowEntry.dst_vn, src_vn)
+            got = e.dst_vn if nf else None
+            if got is not None:
+                version, n = got
+            elif ":" in dst:
                 version, n = 6, int.from_bytes(_pton(_AF6, dst), "big")
+            else:
+                version, n = 4, int.from_bytes(_pton(_AF4, dst), "big")
+            if version == 6:
                 h = n >> 96  # only these prefixes can embed an IPv4 address (`embedded_int`)
                 if (h == 0 or h == 0x0064FF9B or h == 0x20010000 or h >> 16 == 0x2002) and embedded_int(n) is not None:
                     return False
+            got = e.src_vn if nf else None
+            if got is not None:  # seldom repeated (a router's many hosts): no memo
+                sm = pipe._src_nets
+                src = (sm._masks[got[0]][bisect_right(sm._starts[got[0]], got[1]) - 1] if sm else 0,)
             else:
-                version, n = 4, int.from_bytes(_pton(_AF4, dst), "big")
-            src = self._src.get(e.src)
+                src = self._src.get(e.src)
             if src is None:  # a host's flows come from a few addresses: their masks are memoised
                 sv, sn = ip_parse(e.src)  # not through ip_int's memo: a miss here is one there too
                 sm = pipe._src_nets
@@ -168,8 +179,7 @@ class FastLane:
         reported = entry[0]
         process = None if who is None else self._process(who)
         if reported:  # last seen: now for a conntrack event, the records' own time for a collector's item
-            self._records(entry, b"new", e, e.packets, e.bytes, first, e.last if type(e) is NetflowEntry else now,
-                          process)
+            self._records(entry, b"new", e, e.packets, e.bytes, first, e.last if nf else now, process)
         d.open[k] = [Opened(entry, first, reported, process), e.bytes, bool(reported)]
         if len(d.open) > self.max_open:
             d.open.popitem(last=False)
