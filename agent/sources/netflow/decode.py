@@ -513,8 +513,7 @@ class Collector:
         if not absolute:  # sysUptime-relative times: the header's uptime (v9), or IPFIX's from its init time
             if spec[_FIRST_UP] < 0:
                 return None  # no time at all: counted no_time by the Python path
-            if uptime is None and (exp, domain) in self.init_ms:
-                uptime = int(export_time * 1000) - self.init_ms[(exp, domain)]
+            uptime = self._uptime(exp, domain, uptime, export_time)
             if uptime is None:
                 return None
         rate = self.sampling.get((exp, domain))
@@ -567,6 +566,13 @@ class Collector:
                       _uint(v.get("rbytes", b"\0")) * scale if biflow else None,
                       _uint(v["rflags"]) & 0xFF if "rflags" in v else 0)
 
+    def _uptime(self, exp: str, domain: int, uptime, export_time: float):
+        """The exporter's sysUptime (ms) at export: the v9 header's, or IPFIX's from the domain's
+        systemInitTimeMilliseconds; None when neither is known."""
+        if uptime is None and (exp, domain) in self.init_ms:
+            uptime = int(export_time * 1000) - self.init_ms[(exp, domain)]
+        return uptime
+
     def _times(self, v: dict, exp: str, domain: int, uptime, export_time: float) -> tuple[float, float]:
         def absolute(prefix: str):
             for unit, scale in (("_ms", 1e-3), ("_s", 1.0), ("_us", None), ("_ns", None)):
@@ -577,8 +583,7 @@ class Collector:
 
         first, last = absolute("start"), absolute("end")
         if first is None and "first_up" in v:
-            if uptime is None and (exp, domain) in self.init_ms:  # IPFIX: the uptime at export time
-                uptime = int(export_time * 1000) - self.init_ms[(exp, domain)]
+            uptime = self._uptime(exp, domain, uptime, export_time)
             if uptime is not None:
                 first = _uptime_time(export_time, uptime, _uint(v["first_up"]))
                 last = _uptime_time(export_time, uptime, _uint(v["last_up"])) if "last_up" in v else first
