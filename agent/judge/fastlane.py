@@ -118,15 +118,15 @@ class FastLane:
         day_n = int(first // 86400)
         if first < PLAUSIBLE_FROM or day_n - today > 1:
             return False  # judged at the as-of day, with a reason: the full path words it
-        # Inline below: `ip_int`, `Locator._network_hit` and `NetMask.mask_int` (a Python call each
+        # Inline below: `ip_parse`, `Locator._network_hit` and `NetMask.mask_int` (a Python call each
         # costs about as much as its work here).
         dst = e.dst
         nf = type(e) is NetflowEntry
         try:
             # a collector's connection comes with its addresses parsed (NetflowEntry.dst_vn, src_vn)
-            got = e.dst_vn if nf else None
-            if got is not None:
-                version, n = got
+            dvn = e.dst_vn if nf else None
+            if dvn is not None:
+                version, n = dvn
             elif ":" in dst:
                 version, n = 6, int.from_bytes(_pton(_AF6, dst), "big")
             else:
@@ -135,19 +135,16 @@ class FastLane:
                 h = n >> 96  # only these prefixes can embed an IPv4 address (`embedded_int`)
                 if (h == 0 or h == 0x0064FF9B or h == 0x20010000 or h >> 16 == 0x2002) and embedded_int(n) is not None:
                     return False
-            got = e.src_vn if nf else None
-            if got is not None:  # seldom repeated (a router's many hosts): no memo
-                sm = pipe._src_nets
-                src = (sm._masks[got[0]][bisect_right(sm._starts[got[0]], got[1]) - 1] if sm else 0,)
-            else:
-                src = self._src.get(e.src)
+            svn = e.src_vn if nf else None  # a router's many hosts come parsed: not memoised
+            src = None if svn is not None else self._src.get(e.src)
             if src is None:  # a host's flows come from a few addresses: their masks are memoised
-                sv, sn = ip_parse(e.src)  # not through ip_int's memo: a miss here is one there too
+                sv, sn = svn or ip_parse(e.src)  # not through ip_int's memo: a miss here is one there too
                 sm = pipe._src_nets
                 src = (sm._masks[sv][bisect_right(sm._starts[sv], sn) - 1] if sm else 0,)
-                if len(self._src) >= _MEMO_MAX:
-                    self._src.clear()
-                self._src[e.src] = src
+                if svn is None:
+                    if len(self._src) >= _MEMO_MAX:
+                        self._src.clear()
+                    self._src[e.src] = src
         except (OSError, ValueError, TypeError):
             return False
         starts, ends, cached = pipe.locator._nets[version]
