@@ -99,6 +99,7 @@ def _rows_at(places: list[tuple[int, int]], dict_rows: list, tables: list) -> li
             out[pos] = row
     return out
 
+
 def _table_order(tables: list):
     """`sorted_rows`' order of the tables' rows as two arrays (table, row), sorted on numbers: first
     seen as its text sorts (none first; then whole seconds; a second's texts with a fraction before
