@@ -430,3 +430,49 @@ def test_datagrams_gather_between_reads_only_in_a_buffer_that_holds_them():
     finally:
         small.close()
         big.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=12), st.integers(0, 400),
+       st.booleans())
+def test_damaged_exports_through_the_whole_collector_never_raise_and_every_record_is_counted(flips, cut, v9):
+    """Exports damaged anywhere (bytes changed, cut short) go through decoding, pairing and the
+    scope read per connection without raising; every record decoded has an outcome in the tally,
+    and each item carries its addresses parsed and its direction as its exporter's scope says."""
+    from agent.config import Config
+    from agent.enrich.scope import Scoper, ip_parse
+    from agent.sources.netflow.collect import Collecting, Exporters
+    from tests.sources.test_netflow import (
+        _ipfix,
+        _ipfix_record,
+        _ipfix_template,
+        _set,
+        _v9,
+        _v9_record,
+        _v9_template,
+    )
+
+    scoper = Scoper(public_nets=PUBLIC)
+    col = Collecting("netflow", Exporters(Config(), scoper), True)
+    if v9:
+        recs = b"".join(_v9_record(dst=f"203.0.113.{i}", sport=40000 + i) for i in range(6))
+        data = bytearray(_v9(0, [_v9_template(), _set(300, recs)]))
+    else:
+        recs = b"".join(_ipfix_record(dst=f"198.51.100.{i}") for i in range(6))
+        data = bytearray(_ipfix(0, [_ipfix_template(), _set(256, recs)]))
+    for at, value in flips:
+        data[at % len(data)] = value
+    data = bytes(data[:len(data) - cut % len(data)])
+    decoded = []
+    decode = col.decoder.datagram
+    col.decoder.datagram = lambda *a: decoded.append(len(got := decode(*a))) or got
+    col.datagrams([(data, "192.0.2.99"), (data, "192.0.2.99")], time.time())
+    col.sweep(float("inf"))
+    items, tally = col.take()
+    assert sum(n for k, n in tally.items() if k[0] == "records") == sum(decoded)
+    assert tally[("datagrams", "other")] == 2
+    for _kind, e, _counted in items:
+        assert (e.dst_vn, e.src_vn) == (ip_parse(e.dst), ip_parse(e.src)), e
+        src_public, dst_public = scoper.scope(e.src) == "public", scoper.scope(e.dst) == "public"
+        assert e.inbound == src_public and src_public != dst_public, e
+    assert sum(1 for kind, _e, _c in items if kind == "flow") == tally.get(("new",), 0)
