@@ -41,6 +41,7 @@ from pathlib import Path
 
 from agent import yamlio
 from agent.errors import UserError
+from agent.schemacheck import schema_errors
 
 _LISTEN = r"^(\[[0-9a-fA-F:.]+\]|[^:\s]+):[0-9]{1,5}$"
 _COLLECTOR = {"type": "object", "additionalProperties": False, "properties": {
@@ -156,9 +157,7 @@ def load_config(path: str | None) -> Config:
     problems = []
     if not isinstance(data, dict):
         raise UserError(f"{path}: the config is a mapping of settings")
-    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
-
-    for err in sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
+    for err in sorted(schema_errors(SCHEMA, data), key=lambda e: list(map(str, e.path))):
         line = yamlio.line_of(lines, err.absolute_path)
         problems.append(f"{path}:{line or '?'}: {yamlio.dotted(err.absolute_path)}: {err.message}")
     problems += [f"{path}:{yamlio.line_of(lines, ('exporters', i)) or '?'}: {p}"
@@ -275,10 +274,7 @@ def with_flags(cfg: Config, args) -> Config:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"listen: '{out.listen}' is not ADDRESS:PORT (e.g. 127.0.0.1:9807)")
     # Flags go through the same schema as the file, so a bad value is reported the same way.
-    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
-
-    problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}"
-                for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(_as_dict(out))]
+    problems = [f"{yamlio.dotted(e.absolute_path)}: {e.message}" for e in schema_errors(SCHEMA, _as_dict(out))]
     problems += [p for _i, p in _exporter_problems(list(out.exporters))]
     problems += [p for _k, _i, p in _enforcement_problems(out.enforcement)]
     if problems:

@@ -23,7 +23,8 @@ AGENT = ROOT / "agent"
 # layer and those below it, never one above.
 LAYERS = [
     ("base", ["agent", "agent.errors", "agent.flow", "agent.fileio", "agent.yamlio", "agent.threadname",
-              "agent.systemd_notify", "agent.output", "agent.accounting", "agent.reload_status", "agent.config"]),
+              "agent.systemd_notify", "agent.output", "agent.accounting", "agent.reload_status", "agent.config",
+              "agent.schemacheck"]),
     ("wire", ["agent.wire"]),
     ("names", ["agent.names"]),
     ("enrich", ["agent.enrich"]),

@@ -21,6 +21,7 @@ from agent.flow import PROTO_NUMBERS
 from agent.names.hostnames import Pattern
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.model import Destinations, Exemption, Operator, Policy, Selector
+from agent.schemacheck import schema_errors
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 
@@ -96,11 +97,8 @@ def _load_file(f: Path, jur: Jurisdictions) -> tuple[Policy | None, list[str]]:
     if not isinstance(data, dict):
         probs.add((), "a policy file holds one mapping (version, name, home, ...)")
         return None, probs.items
-    import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
-
-    validator = jsonschema.Draft202012Validator(schema())
     bad_paths = []
-    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+    for err in sorted(schema_errors(schema(), data), key=lambda e: list(map(str, e.absolute_path))):
         path = tuple(err.absolute_path)
         if err.validator == "additionalProperties" and isinstance(err.instance, dict):
             # at the key's own line, not the mapping's: one problem per unexpected key

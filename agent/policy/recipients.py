@@ -39,6 +39,7 @@ from agent.errors import UserError
 from agent.policy.jurisdictions import Jurisdictions
 from agent.policy.load import _asns, _day, _nets, _plain, _Problems
 from agent.policy.model import Destinations
+from agent.schemacheck import schema_errors
 
 SCHEMA_PATH = Path(__file__).with_name("recipients.schema.json")
 EXPIRY_WARNING_DAYS = 60
@@ -158,10 +159,7 @@ def load_recipients(path, policies, jur: Jurisdictions, today: date) -> tuple[Re
             probs.add((), "a register file holds one mapping (version, recipients)")
             problems.extend(probs.items)
             continue
-        import jsonschema  # here: ~90 ms of imports that `lookup` and `jurisdictions` never need
-
-        for err in sorted(jsonschema.Draft202012Validator(schema()).iter_errors(data),
-                          key=lambda e: list(map(str, e.absolute_path))):
+        for err in sorted(schema_errors(schema(), data), key=lambda e: list(map(str, e.absolute_path))):
             probs.add(tuple(err.absolute_path), err.message)
         if probs.items:
             problems.extend(probs.items)
