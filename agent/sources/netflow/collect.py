@@ -7,21 +7,16 @@ tally of what happened since the last call (deltas, keyed: `("records", site, ou
 `("datagrams", site)`, `("last", site)` a time, `("lost", site)`, `("refused", kind)`,
 `("evicted",)`, `("new",)`). The source thread applies both itself; each worker process of a
 collector with `workers: N` ships them to it (`agent.sources.netflow.workers`). See `source.py` for
-how records become connections.
+how records become connections, and `conntable.py` for the table that pairs them.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
-from typing import NamedTuple
 
-from agent.connections import SERVICE_PORTS
-from agent.enrich.scope import Scoper, ip_parse
+from agent.enrich.scope import Scoper
 from agent.errors import UserError
-from agent.flow import Flow
-from agent.flowtable import IDLE_OTHER, IDLE_TCP
-from agent.wire.decode import HINT_SYN
+from agent.sources.netflow.conntable import EXPORT_GRACE, MAX_CONNECTIONS, OUTCOMES, NetflowEntry, make_table
 
 DRAIN = 1024  # datagrams read from one socket per round at most
 # Under load a socket is read in rounds at most this often: datagrams wait in its buffer (rcvbuf)
@@ -32,17 +27,9 @@ DRAIN = 1024  # datagrams read from one socket per round at most
 ROUND = 0.05
 ROUND_MIN_BUFFER = 4 << 20  # bytes of socket buffer below which datagrams are not left to gather
 SWEEP_EVERY = 5.0  # seconds between looks for connections gone quiet
-MAX_CONNECTIONS = 262144  # connections remembered (their counters); the oldest ends early past this
-EXPORT_GRACE = 60.0  # seconds an exporter may take to send a record after its flow's last packet
 OTHER = "other"  # the metric label of exporters not configured
 ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
-OUTCOMES = ("connection", "merged", "not_egress", "refused")
-_SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
-_new_entry = tuple.__new__  # a NetflowEntry from a tuple, without its Python-level __new__ (a call per field)
-
-
-def _first_seen(item) -> float:
-    return item[0].first
+__all__ = ["EXPORT_GRACE", "MAX_CONNECTIONS", "OUTCOMES", "NetflowEntry", "Collecting", "Exporters"]
 
 
 def round_for(sockets) -> float:
@@ -59,56 +46,6 @@ def round_for(sockets) -> float:
     return ROUND if least >= ROUND_MIN_BUFFER else 0.0
 
 
-class NetflowEntry(NamedTuple):
-    """One connection the collector saw, as the daemon's worker takes it: `CtEntry`'s fields (the
-    open-flow key is entry[:6]), then the exporter's facts and the connection's own."""
-
-    ct_id: int
-    proto: int
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    packets: int
-    bytes: int
-    start_ns: int
-    nat_src: str | None
-    nat_dst: str | None
-    last: float
-    collector: str  # netflow or sflow: the `source` metric label
-    exporter: str  # the exporter's site (OTHER when it is not configured)
-    exporter_address: str
-    in_if: int | None
-    out_if: int | None
-    sampled: int | None
-    opened_by: str
-    packets_reply: int
-    bytes_reply: int
-    flags: int  # TCP flags the opener's records carried (OR), and the responder's
-    flags_reply: int
-    # Read once by the collector from its exporter's scope, so the worker need not parse or scope
-    # the addresses again: whether a public peer opened it (judged inbound), and (version,
-    # integer) of its destination and source.
-    inbound: bool = False
-    dst_vn: tuple | None = None
-    src_vn: tuple | None = None
-
-    def flow(self, now: float, last: float | None = None) -> Flow:
-        return Flow(self.proto, self.src, self.sport, self.dst, self.dport, self.packets, self.bytes,
-                    self.start_ns / 1e9 if self.start_ns else now, last or self.last,
-                    f"{self.collector}:{self.exporter}",
-                    opened_by=self.opened_by, packets_reply=self.packets_reply, bytes_reply=self.bytes_reply,
-                    tcp_flags=self.flags, tcp_flags_reply=self.flags_reply)
-
-    def ids(self) -> dict:
-        """What evidence records say of where the flow was seen."""
-        out = {"exporter": self.exporter, "exporter_address": self.exporter_address}
-        if self.in_if is not None or self.out_if is not None:
-            out["interfaces"] = {"in": self.in_if, "out": self.out_if}
-        out["sampled"] = self.sampled
-        return out
-
-
 class Exporters:
     """Configured exporters by address: their metric label and the scope their flows are judged in."""
 
@@ -116,6 +53,8 @@ class Exporters:
         self.by_addr: dict[str, tuple[str, Scoper]] = {}
         self.refuse = cfg.unknown_exporters == "refuse"
         self.default = scoper
+        self.scopers = [scoper]  # every scope in force: an exporter's index into it is its `ref` below
+        self._ref: dict[str, tuple[str, int]] = {}
         for i, e in enumerate(cfg.exporters):
             try:
                 addr = str(ipaddress.ip_address(e["address"]))
@@ -124,6 +63,10 @@ class Exporters:
             own = tuple(e.get("local_nets") or ())
             sc = Scoper(public_nets=cfg.public_nets, local_nets=tuple(cfg.local_nets) + own) if own else scoper
             self.by_addr[addr] = (e.get("site") or addr, sc)
+            if sc is not scoper:
+                self.scopers.append(sc)
+            self._ref[addr] = (e.get("site") or addr, len(self.scopers) - 1 if sc is not scoper else 0)
+        self._other = (OTHER, -1 if self.refuse else 0)
 
     def labels(self) -> list[str]:
         return sorted({site for site, _ in self.by_addr.values()} | {OTHER})
@@ -135,33 +78,9 @@ class Exporters:
             return got
         return OTHER, (None if self.refuse else self.default)
 
-
-class _Conn:
-    """A connection's state: what its entries are made of (None: not judged; see `_emit`) and its
-    counters."""
-
-    __slots__ = ("key", "entry", "src", "sport", "packets", "bytes", "packets_reply", "bytes_reply", "first", "last",
-                 "idle", "judged", "flags", "flags_reply")
-
-    def __init__(self, key, entry, src, sport, first, last, idle):
-        self.key, self.entry, self.src, self.sport = key, entry, src, sport
-        self.packets = self.bytes = self.packets_reply = self.bytes_reply = self.flags = self.flags_reply = 0
-        self.first, self.last, self.idle = first, last, idle
-        self.judged = False  # its "flow" item was sent
-
-
-def _opener_is_sender(r) -> tuple[bool, str]:
-    """Whether a connection's first record was sent by its opener, and how that is known."""
-    if r.packets_reply is not None:
-        return True, "first-packet"  # a biflow (RFC 5103): its source is the initiator
-    if r.proto == 6 and r.tcp_flags & (HINT_SYN | 0x12) in (HINT_SYN, 0x02, HINT_SYN | 0x02):
-        return True, "syn"  # a SYN without ACK (sampled), or a direction that never acknowledged
-    if r.proto in (6, 17, 132):
-        s, d = r.sport < 1024 or r.sport in _SERVICE, r.dport < 1024 or r.dport in _SERVICE
-        if s != d:
-            return d, "port"
-    return True, "first-packet"
-
+    def ref(self, addr: str) -> tuple[str, int]:
+        """(metric label, index of its scoper in `scopers`) of an exporter; index -1: refused."""
+        return self._ref.get(addr, self._other)
 
 
 def read(sock, limit: int = DRAIN) -> list[tuple[bytes, str]]:
@@ -193,15 +112,19 @@ def decoder_of(kind: str):
 class Collecting:
     """One collector's decoder and connections; see the module doc."""
 
-    def __init__(self, kind: str, exporters: Exporters, inbound: bool, id_base: int = ID_BASE):
+    def __init__(self, kind: str, exporters: Exporters, inbound: bool, id_base: int = ID_BASE, c: bool = True):
         self.kind, self.exporters, self.inbound = kind, exporters, inbound
         self.decoder, self.kinds = decoder_of(kind)
-        self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
-        self._next_id = id_base
+        self.table = make_table(kind, exporters.scopers, inbound, id_base, c)
         self.items: list = []
         self.tally: dict = {}
         self._lost_seen: dict[str, int] = {}
         self._refused_seen: dict[str, int] = {}
+
+    def reconfigure(self, exporters: Exporters, inbound: bool):
+        """A reloaded config: connections opened from now on are read in these exporters' scopes."""
+        self.exporters, self.inbound = exporters, inbound
+        self.table.configure(exporters.scopers, inbound)
 
     def take(self) -> tuple[list, dict]:
         items, tally = self.items, self.tally
@@ -222,28 +145,27 @@ class Collecting:
 
     def datagrams(self, got: list, now: float):
         """Decode (payload, exporter address) pairs read together; their connections' items follow."""
-        records = []
-        decode, of, tally = self.decoder.datagram, self.exporters.of, self.tally
+        groups = []
+        decode, ref, tally = self.decoder.datagram, self.exporters.ref, self.tally
         for data, exporter in got:
-            site, scoper = of(exporter)
+            site, sid = ref(exporter)
             key = ("datagrams", site)
             tally[key] = tally.get(key, 0) + 1
             tally[("last", site)] = now
-            for r in decode(data, exporter, now):
-                records.append((r, site, scoper))
+            recs = decode(data, exporter, now)
+            if recs:
+                groups.append((recs, site, sid))
         self._account()
-        records.sort(key=_first_seen)  # the earlier record of a pair opened it (first-packet)
-        fresh: list[_Conn] = []
-        outcomes: dict[tuple, int] = {}
-        record = self._record
-        for r, site, scoper in records:
-            key = ("records", site, record(r, site, scoper, fresh))
-            outcomes[key] = outcomes.get(key, 0) + 1
-        for key, n in outcomes.items():
-            self._count(key, n)
-        for c in fresh:  # judged once the round's records are in: a reply in the same round counts too
-            if c.entry is not None and not c.judged:
-                self._emit("flow", c)
+        self._add(self.table.feed(groups, self.items))
+
+    def _add(self, deltas: dict):
+        tally = self.tally
+        for key, n in deltas.items():
+            tally[key] = tally.get(key, 0) + n
+
+    def sweep(self, now: float):
+        """End the connections whose exporters have said nothing of them for their idle timeout."""
+        self._add(self.table.sweep(now, self.items))
 
     def _account(self):
         """Export loss and decoder refusals, by their increase since the last read."""
@@ -263,79 +185,3 @@ class Collecting:
         if len(self._lost_seen) > 4 * MAX_CONNECTIONS:  # exporters come and go: never unbounded
             self._lost_seen.clear()
             dec.lost.clear()
-
-    def _record(self, r, site: str, scoper: Scoper | None, fresh: list) -> str:
-        """Add one record to its connection (opening it, or a new one after an idle gap); its outcome."""
-        if scoper is None:
-            return "refused"
-        proto, src, sport, dst, dport = r[:5]
-        # the pair's key, the lower endpoint first (a tuple comparison without building the tuples)
-        if src < dst or src == dst and sport <= dport:
-            key = (site, r.exporter, proto, src, sport, dst, dport)
-        else:
-            key = (site, r.exporter, proto, dst, dport, src, sport)
-        c = self.conns.get(key)
-        if c is not None and r.first > c.last + c.idle:
-            self._end(c)  # quiet for longer than its timeout: this record starts a new connection
-            c = None
-        if c is None:
-            c = self._open(key, r, site, scoper)
-            fresh.append(c)
-            outcome = "connection" if c.entry is not None else "not_egress"
-        else:
-            self.conns.move_to_end(key)
-            outcome = "merged" if c.entry is not None else "not_egress"
-        sent = (r.packets, r.bytes, r.tcp_flags & 0xFF)
-        back = (r.packets_reply or 0, r.bytes_reply or 0, r.tcp_flags_reply)  # a biflow's reverse direction
-        mine, theirs = (sent, back) if src == c.src and sport == c.sport else (back, sent)
-        c.packets, c.bytes, c.flags = c.packets + mine[0], c.bytes + mine[1], c.flags | mine[2]
-        c.packets_reply, c.bytes_reply = c.packets_reply + theirs[0], c.bytes_reply + theirs[1]
-        c.flags_reply |= theirs[2]
-        if r.first < c.first:
-            c.first = r.first
-        if r.last > c.last:
-            c.last = r.last
-        return outcome
-
-    def _open(self, key, r, site: str, scoper: Scoper) -> _Conn:
-        sender, how = _opener_is_sender(r)
-        src, sport, dst, dport = (r.src, r.sport, r.dst, r.dport) if sender else (r.dst, r.dport, r.src, r.sport)
-        idle = (IDLE_TCP if r.proto == 6 else IDLE_OTHER) + EXPORT_GRACE
-        c = _Conn(key, None, src, sport, r.first, r.last, idle)
-        # each address parsed and scoped once, for this and for the worker (NetflowEntry's last
-        # fields). No memo: a collector's peers seldom repeat, and through one (ip_int, Scoper.scope)
-        # distinct addresses cost 2.6x (measured: 6.3 us a pair against 2.4 us).
-        sv, dv = ip_parse(src), ip_parse(dst)
-        dst_public, src_public = scoper.scope_int(*dv) == "public", scoper.scope_int(*sv) == "public"
-        if dst_public != src_public and (dst_public or self.inbound):
-            self._next_id += 1
-            c.entry = (self._next_id, r.proto, src, sport, dst, dport, r.exporter, r.in_if, r.out_if, r.sampled, how,
-                       src_public, dv, sv)
-        self.conns[key] = c
-        if len(self.conns) > MAX_CONNECTIONS:
-            self._end(next(iter(self.conns.values())))
-            self._count(("evicted",))
-        return c
-
-    def _emit(self, kind: str, c: _Conn):
-        ct_id, proto, src, sport, dst, dport, exp, in_if, out_if, sampled, how, inbound, dv, sv = c.entry
-        e = _new_entry(NetflowEntry, (ct_id, proto, src, sport, dst, dport, c.packets, c.bytes, int(c.first * 1e9),
-                                      None, None, c.last, self.kind, c.key[0], exp,
-                                      in_if, out_if, sampled, how, c.packets_reply, c.bytes_reply, c.flags,
-                                      c.flags_reply, inbound, dv, sv))
-        if kind == "flow":
-            c.judged = True
-            self._count(("new",))
-        self.items.append((kind, e, kind == "flow"))
-
-    def _end(self, c: _Conn):
-        self.conns.pop(c.key, None)
-        if c.entry is not None:
-            if not c.judged:  # ended in the round that opened it: judged now, with what it carried
-                self._emit("flow", c)
-            self._emit("destroy", c)
-
-    def sweep(self, now: float):
-        """End the connections whose exporters have said nothing of them for their idle timeout."""
-        for c in [c for c in self.conns.values() if now - c.last > c.idle]:
-            self._end(c)

@@ -193,7 +193,7 @@ class NetflowSource:
             if self.pool is not None:
                 self.pool.reconfigure(self.settings())
             else:
-                self.col.exporters, self.col.inbound = exporters, d.pipeline.inbound
+                self.col.reconfigure(exporters, d.pipeline.inbound)
         self._cfg = d.cfg
 
     def close(self):

@@ -65,7 +65,7 @@ def worker_main(kind: str, socks: list, settings: tuple, conn, index: int):
                 except EOFError:
                     return  # the agent is gone
                 if msg[0] == "settings":
-                    col.exporters, col.inbound = _exporters(msg[1]), msg[1][3]
+                    col.reconfigure(_exporters(msg[1]), msg[1][3])
                 elif msg[0] == "stop":
                     col.sweep(float("inf"))
                     conn.send(("batch", *col.take()))
