@@ -3,8 +3,8 @@
 Each accelerator lives in the folder of the source it speeds up. `optional=True`: where no compiler
 or Python headers exist the install still succeeds and the capture reader uses its pure-Python
 walk, the conntrack source its Python decoder, the flow-log reader its Python columns, the
-collector its Python data-set reader and the evidence log its Python record writer (same
-results, slower).
+collector its Python data-set reader and connection table, and the evidence log its Python record
+writer (same results, slower).
 """
 
 from setuptools import Extension, setup
@@ -18,6 +18,8 @@ setup(ext_modules=[Extension("agent.sources.capfile._walk", ["agent/sources/capf
                              optional=True),
                    Extension("agent.sources.netflow._nfdata", ["agent/sources/netflow/_nfdata.c"], depends=_H,
                              optional=True),
+                   Extension("agent.sources.netflow._conntab", ["agent/sources/netflow/_conntab.c"],
+                             depends=["agent/sources/netflow/_conntab_scope.h"], optional=True),
                    Extension("agent.sources.flowlog._flowlog", ["agent/sources/flowlog/_flowlog.c"], optional=True),
                    Extension("agent.sinks._evidence", ["agent/sinks/_evidence.c"], depends=_ISO, optional=True),
                    Extension("agent.sinks._records", ["agent/sinks/_records.c"], depends=_ISO, optional=True)])

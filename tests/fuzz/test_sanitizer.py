@@ -76,3 +76,9 @@ def test_c_evidence_records_under_asan_and_ubsan(tmp_path):
 def test_c_flow_export_reader_under_asan_and_ubsan(tmp_path):
     out = _sanitized_run(tmp_path, "agent/sources/netflow/_nfdata.c", "tests.fuzz.sanitized_nfdata", EXAMPLES * 3, 19)
     assert "all exports agree" in out and " 0 with records read in C" not in out
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc not installed")
+def test_c_connection_table_under_asan_and_ubsan(tmp_path):
+    out = _sanitized_run(tmp_path, "agent/sources/netflow/_conntab.c", "tests.fuzz.sanitized_conntab", EXAMPLES, 23)
+    assert "all streams agree" in out

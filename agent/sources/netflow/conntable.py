@@ -37,7 +37,7 @@ from agent.flowtable import IDLE_OTHER, IDLE_TCP
 from agent.wire.decode import HINT_SYN
 
 try:
-    from agent.sources.netflow import _conntab
+    import agent.sources.netflow._conntab as _conntab
 except ImportError:  # not built (no compiler): the reference table, same results
     _conntab = None
 
