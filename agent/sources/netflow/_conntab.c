@@ -73,6 +73,20 @@ static uint64_t mix(uint64_t h) {
     return h;
 }
 
+/* What CPython's collector does to a tuple at its first look (_PyTuple_MaybeUntrack), done at once:
+ * a tuple holding no tracked container can never be part of a cycle, so the collector need not
+ * walk it. A round's items are a few tuples per connection; walked at every young collection they
+ * cost a third of this module's time (measured with the daemon's gc thresholds). */
+static PyObject *untracked(PyObject *t) {
+    if (!t) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
+        PyObject *x = PyTuple_GET_ITEM(t, i);
+        if (x && PyObject_IS_GC(x) && PyObject_GC_IsTracked(x)) return t;
+    }
+    PyObject_GC_UnTrack(t);
+    return t;
+}
+
 static int same(PyObject *a, PyObject *b) { return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ); }
 
 static int grow(Table *t) {
@@ -132,7 +146,8 @@ static int emit(Table *t, conn_t *c, int flow) {
         PyTuple_SET_ITEM(e, k, v[k]); /* a NULL item is safe to free */
     }
     if (bad) { Py_DECREF(e); return -1; }
-    PyObject *item = PyTuple_Pack(3, flow ? s_flow : s_destroy, e, flow ? Py_True : Py_False);
+    untracked(e);
+    PyObject *item = untracked(PyTuple_Pack(3, flow ? s_flow : s_destroy, e, flow ? Py_True : Py_False));
     Py_DECREF(e);
     if (!item) return -1;
     int r = PyList_Append(t->items, item);
@@ -212,8 +227,9 @@ static conn_t *open_conn(Table *t, PyObject **r, PyObject *site, Py_ssize_t sid,
     if (dst_public != src_public && (dst_public || t->inbound)) {
         PyObject *id = PyLong_FromLongLong(++t->next_id);
         if (id)
-            entry = PyTuple_Pack(14, id, r[R_PROTO], src, src_port, dst, dst_port, r[R_EXPORTER], r[R_IN_IF],
-                                 r[R_OUT_IF], r[R_SAMPLED], s_how[how], src_public ? Py_True : Py_False, dv, sv);
+            entry = untracked(PyTuple_Pack(14, id, r[R_PROTO], src, src_port, dst, dst_port, r[R_EXPORTER],
+                                           r[R_IN_IF], r[R_OUT_IF], r[R_SAMPLED], s_how[how],
+                                           src_public ? Py_True : Py_False, dv, sv));
         Py_XDECREF(id);
         if (!entry) {
             Py_DECREF(sv);

@@ -79,6 +79,7 @@ static PyObject *parse(PyObject *ip, int *v6, u128 *out) {
     if (!num) return NULL;
     PyObject *t = PyTuple_Pack(2, *v6 ? six : four, num);
     Py_DECREF(num);
+    if (t) PyObject_GC_UnTrack(t); /* two ints: never in a cycle (see _conntab.c's `untracked`) */
     return t;
 bad:
     PyErr_Format(PyExc_ValueError, "%R does not appear to be an IPv4 or IPv6 address", ip);
