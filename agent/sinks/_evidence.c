@@ -17,6 +17,10 @@
  *   flow's members after last_seen up to its source (a collector's connection: opened_by, the reply
  *   counters, flags, "source":"netflow:SITE"), bytes, or None for "source":"conntrack".
  *   False (nothing appended) when a time is outside iso_time's range.
+ * lines(bodies, start, seq, room) -> (data, n): the lines eventlog.EventLog writes for
+ *   bodies[start:] (each body, then ,"seq":N} and a newline, N from seq + 1), joined, as many as fit
+ *   in `room` octets in all: the Python listing and join cost ~0.9 us a record (tests hold the two
+ *   equal).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -148,9 +152,50 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_TRUE;
 }
 
+static PyObject *lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Py_ssize_t start, room;
+    long long seq;
+    if (nargs != 4 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "lines(bodies: list, start, seq, room)");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[1]);
+    seq = PyLong_AsLongLong(args[2]);
+    room = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *bodies = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(bodies), used = 0, fit = 0;
+    char num[32];
+    for (Py_ssize_t i = start < 0 ? n : start; i < n; i++) {
+        PyObject *b = PyList_GET_ITEM(bodies, i);
+        if (!PyBytes_Check(b)) {
+            PyErr_SetString(PyExc_TypeError, "lines: a body is not bytes");
+            return NULL;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(b) + snprintf(num, sizeof num, ",\"seq\":%lld}\n", seq + 1 + fit);
+        if (used + len > room) break;
+        used += len;
+        fit++;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, used);
+    if (!data) return NULL;
+    char *o = PyBytes_AS_STRING(data);
+    for (Py_ssize_t k = 0; k < fit; k++) {
+        PyObject *b = PyList_GET_ITEM(bodies, start + k);
+        memcpy(o, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        o += PyBytes_GET_SIZE(b);
+        int m = snprintf(num, sizeof num, ",\"seq\":%lld}\n", seq + 1 + k);
+        memcpy(o, num, (size_t)m);
+        o += m;
+    }
+    return Py_BuildValue("(Nn)", data, fit);
+}
+
 static PyMethodDef methods[] = {
     {"iso_time", iso_time, METH_O, "agent.flow.iso_time in C, or None outside its range (see the module comment)."},
     {"records", (PyCFunction)(void (*)(void))records, METH_FASTCALL, "A flow's evidence records (see above)."},
+    {"lines", (PyCFunction)(void (*)(void))lines, METH_FASTCALL, "Evidence lines, numbered and joined (see above)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_evidence", NULL, -1, methods};

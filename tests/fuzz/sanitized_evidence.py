@@ -5,7 +5,8 @@
 Loads SO_PATH as `agent.sinks._evidence` and writes CASES flows' records with it and with its
 Python twin (`FastLane._py_records`): parts of every length (empty too), each message form, long
 process members, times at and beyond the edges of the range. They must agree byte for byte
-wherever the C writer takes the flow. Exit 0 when all agree, 1 on a disagreement.
+wherever the C writer takes the flow. Then the evidence log's numbered lines (`lines`) against
+eventlog.py_numbered_lines. Exit 0 when all agree, 1 on a disagreement.
 """
 
 import random
@@ -61,7 +62,15 @@ def main(so: str, cases: int, seed: int) -> int:
             print(f"case {i}: C and Python disagree:\n{out!r}\n{twin.d._records!r}")
             return 1
         taken += 1
-    print(f"all records agree ({cases} cases, {taken} written in C)")
+    from agent.sinks.eventlog import py_numbered_lines
+
+    for i in range(cases):  # the log's numbered lines: any room, any start, numbers of any width
+        bodies = [_bytes(rnd, 900) for _ in range(rnd.randrange(6))]
+        at = (bodies, rnd.randrange(8), rnd.choice([0, 9, 10**17, rnd.getrandbits(62)]), rnd.randrange(-3, 3000))
+        if mod.lines(*at) != py_numbered_lines(*at):
+            print(f"case {i}: numbered lines differ for {at!r}")
+            return 1
+    print(f"all records agree ({cases} cases, {taken} written in C; numbered lines too)")
     return 0
 
 

@@ -3,6 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.sinks.eventlog import EvidenceLog, Options
 
@@ -327,3 +329,16 @@ def test_records_with_shared_parts_equal_records_made_whole(tmp_path):
                 assert body + b"}" == orjson.dumps(want)
                 checked += 1
     assert checked > 1000
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=40).map(lambda b: b'{"x":"' + b.hex().encode() + b'"'), max_size=12),
+       i=st.integers(0, 14), seq=st.integers(0, 10**15), room=st.integers(-5, 900))
+def test_numbered_lines_in_c_equal_python(bodies, i, seq, room):
+    """The evidence log's batch of lines (`numbered_lines`, C where built) is the Python listing's,
+    byte for byte, however many of them fit."""
+    from agent.sinks import eventlog
+
+    want = eventlog.py_numbered_lines(bodies, i, seq, room)
+    assert eventlog.numbered_lines(bodies, i, seq, room) == want
+    assert want[0] == b"".join(b + b',"seq":%d}\n' % (seq + 1 + k) for k, b in enumerate(bodies[i:i + want[1]]))
