@@ -64,3 +64,26 @@ def test_records_fields_the_twin_reads_by_position():
     assert run(conntable.make_table("netflow", SCOPERS, True, 0, False), [("feed", [([record(random.Random(1), 0.0)],
                                                                                      "edge", -1)])])[0][0] == {
         ("records", "edge", "refused"): 1}
+
+
+@needs_c
+def test_a_call_from_inside_a_call_is_refused_and_the_table_lives_on():
+    """Python code the twin runs (an address's own __eq__, a finalizer) cannot enter it mid-call."""
+    from agent.sources.netflow.decode import Record
+
+    t = conntable.make_table("netflow", SCOPERS, False, 0)
+
+    class Reentrant(str):
+        def __eq__(self, other):
+            return t.feed([], [])
+
+        __hash__ = str.__hash__
+
+    def rec(src):
+        return Record(17, src, 5353, "203.0.113.5", 53, 1, 80, 10.0, 10.0, 0, "192.0.2.254", None, None, None, None)
+
+    with pytest.raises(RuntimeError, match="from inside another"):
+        t.feed([([rec(Reentrant("192.0.2.1")), rec(Reentrant("192.0.2.1"))], "edge", 0)], [])
+    items: list = []
+    assert t.feed([([rec("192.0.2.9")], "edge", 0)], items) == {("records", "edge", "connection"): 1, ("new",): 1}
+    assert len(items) == 1 and len(t) == 2

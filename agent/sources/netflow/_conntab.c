@@ -60,6 +60,7 @@ typedef struct {
     Py_ssize_t nscopes;
     int inbound;
     /* one call's state */
+    int busy; /* a call is under way: Python code run from inside one (a finalizer) may not enter */
     PyObject *items;
     long long n_new, n_evicted;
     conn_t **fresh;
@@ -172,19 +173,14 @@ static int end_conn(Table *t, conn_t *c) {
     return r;
 }
 
-static int add_to(PyObject **acc, PyObject *x) {
-    PyObject *s = PyNumber_Add(*acc, x);
+/* *acc = *acc + x (add_to) or *acc | x (or_to), as Python ints; -1 on error */
+static int set_to(PyObject **acc, PyObject *s) {
     if (!s) return -1;
     Py_SETREF(*acc, s);
     return 0;
 }
-
-static int or_to(PyObject **acc, PyObject *x) {
-    PyObject *s = PyNumber_Or(*acc, x);
-    if (!s) return -1;
-    Py_SETREF(*acc, s);
-    return 0;
-}
+#define add_to(acc, x) set_to((acc), PyNumber_Add(*(acc), (x)))
+#define or_to(acc, x) set_to((acc), PyNumber_Or(*(acc), (x)))
 
 /* conntable.opener: whether the record's sender opened the connection; *how its index in s_how */
 static int opener_is_sender(Table *t, PyObject **r, long proto, long sport, long dport, int *how) {
@@ -395,14 +391,24 @@ static PyObject *tally_dict(Table *t, tally_t *sites, size_t nsites) {
     return d;
 }
 
+static int enter(Table *t) {
+    if (t->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "connection table: a call from inside another");
+        return -1;
+    }
+    t->busy = 1;
+    return 0;
+}
+
 static PyObject *feed(Table *t, PyObject *args) {
     PyObject *groups, *items, *out = NULL;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &groups, &PyList_Type, &items)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &groups, &PyList_Type, &items) || enter(t) < 0) return NULL;
     Py_ssize_t ng = PyList_GET_SIZE(groups), n = 0;
     for (Py_ssize_t g = 0; g < ng; g++) {
         PyObject *grp = PyList_GET_ITEM(groups, g);
         if (!PyTuple_Check(grp) || PyTuple_GET_SIZE(grp) != 3 || !PyList_Check(PyTuple_GET_ITEM(grp, 0))) {
             PyErr_SetString(PyExc_TypeError, "feed: groups are (list of records, site, scope index)");
+            t->busy = 0;
             return NULL;
         }
         n += PyList_GET_SIZE(PyTuple_GET_ITEM(grp, 0));
@@ -412,6 +418,7 @@ static PyObject *feed(Table *t, PyObject *args) {
     size_t nsites = 0;
     if (!recs || !sites) {
         PyMem_Free(recs); PyMem_Free(sites);
+        t->busy = 0;
         return PyErr_NoMemory();
     }
     Py_ssize_t k = 0;
@@ -458,6 +465,7 @@ static PyObject *feed(Table *t, PyObject *args) {
     if (ok) out = tally_dict(t, sites, nsites);
 done:
     t->items = NULL;
+    t->busy = 0;
     PyMem_Free(recs);
     PyMem_Free(sites);
     return out;
@@ -466,7 +474,7 @@ done:
 static PyObject *sweep(Table *t, PyObject *args) {
     double now;
     PyObject *items;
-    if (!PyArg_ParseTuple(args, "dO!", &now, &PyList_Type, &items)) return NULL;
+    if (!PyArg_ParseTuple(args, "dO!", &now, &PyList_Type, &items) || enter(t) < 0) return NULL;
     t->items = items;
     t->n_new = t->n_evicted = 0;
     int ok = 1;
@@ -475,15 +483,17 @@ static PyObject *sweep(Table *t, PyObject *args) {
         if (now - c->last > c->idle && end_conn(t, c) < 0) ok = 0;
     }
     t->items = NULL;
+    t->busy = 0;
     return ok ? tally_dict(t, NULL, 0) : NULL;
 }
 
 static PyObject *configure(Table *t, PyObject *args) {
     PyObject *list;
     int inbound;
-    if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &inbound)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &list, &inbound) || enter(t) < 0) return NULL;
     Py_ssize_t n;
     scope_t *sc = scopes_from(list, &n);
+    t->busy = 0;
     if (!sc) return NULL;
     free_scopes(t->scopes, t->nscopes);
     t->scopes = sc;
