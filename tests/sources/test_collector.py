@@ -466,9 +466,14 @@ def test_damaged_exports_through_the_whole_collector_never_raise_and_every_recor
     decoded = []
     decode = col.decoder.datagram
     col.decoder.datagram = lambda *a: decoded.append(len(got := decode(*a))) or got
-    col.datagrams([(data, "192.0.2.99"), (data, "192.0.2.99")], time.time())
+    now = time.time()
+    col.datagrams([(data, "192.0.2.99"), (data, "192.0.2.99")], now)
     col.sweep(float("inf"))
     items, tally = col.take()
+    reference = Collecting("netflow", Exporters(Config(), scoper), True, c=False)  # the Python connection table
+    reference.datagrams([(data, "192.0.2.99"), (data, "192.0.2.99")], now)
+    reference.sweep(float("inf"))
+    assert reference.take() == (items, tally)
     assert sum(n for k, n in tally.items() if k[0] == "records") == sum(decoded)
     assert tally[("datagrams", "other")] == 2
     for _kind, e, _counted in items:

@@ -29,7 +29,9 @@ ROUND_MIN_BUFFER = 4 << 20  # bytes of socket buffer below which datagrams are n
 SWEEP_EVERY = 5.0  # seconds between looks for connections gone quiet
 OTHER = "other"  # the metric label of exporters not configured
 ID_BASE = 1 << 40  # connection ids above conntrack's 32-bit ids: the daemon's open-flow table holds both
-__all__ = ["EXPORT_GRACE", "MAX_CONNECTIONS", "OUTCOMES", "NetflowEntry", "Collecting", "Exporters"]
+# the table's names the source and the worker processes import from here, with this module's own
+__all__ = ["DRAIN", "EXPORT_GRACE", "ID_BASE", "MAX_CONNECTIONS", "OTHER", "OUTCOMES", "ROUND", "ROUND_MIN_BUFFER",
+           "SWEEP_EVERY", "Collecting", "Exporters", "NetflowEntry", "decoder_of", "read", "round_for"]
 
 
 def round_for(sockets) -> float:
