@@ -161,6 +161,43 @@ def test_open_flows_are_the_same_until_their_end(daemon_factory):
         assert a[1:] == b[1:]  # bytes counted, and whether it has records
 
 
+def test_a_network_not_looked_up_yet_takes_the_lane_when_its_verdict_is_known(tmp_path, records_in):
+    """The lane reads the database for a network it has not seen (as the full path would first): a
+    second network of a country already judged is taken, and writes what the full path writes."""
+    mmdb = build_city_mmdb(tmp_path / "cn.mmdb", {"198.51.100.0/26": {"country": "CN"},
+                                                  "203.0.113.0/26": {"country": "CN"}})
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    for p in (Path(__file__).resolve().parent.parent / "policies").glob("*.yaml"):
+        if not p.name.endswith(".test.yaml"):
+            (pol / p.name).write_text(p.read_text())
+
+    def make(name: str) -> Daemon:
+        cfg = Config(policies=str(pol), geoip_databases=(str(mmdb),),
+                     local_nets=("10.1.0.0/16",), public_nets=("198.51.100.0/24", "203.0.113.0/24"),
+                     evidence={"path": str(tmp_path / f"{name}.jsonl")}, attribution=False, host_addresses=False)
+        d = Daemon(cfg, None)
+        d._stamp = (float("inf"), b'"2025-06-15T15:06:40.123456Z"')
+        return d
+
+    slow, fast = make("slow"), make("fast")
+    first = CtEntry(1, 6, "10.1.0.5", 30001, "198.51.100.9", 443, 2, 300, 0, None, None)
+    second = CtEntry(2, 6, "10.1.0.5", 30002, "203.0.113.9", 443, 3, 500, 0, None, None)
+    today = int(NOW // 86400)
+    for d in (slow, fast):
+        d._handle("new", first, NOW)
+    slow._handle("new", second, NOW)
+    assert fast.fast.new(second, NOW, today), "a known verdict in a new network went down the full path"
+    for d in (slow, fast):
+        d._handle("destroy", second._replace(bytes=900), NOW + 5)
+        d._write_evidence()
+        d.metrics.flush()
+    assert Path(fast.cfg.evidence_path).read_bytes() == Path(slow.cfg.evidence_path).read_bytes()
+    lines = Path(slow.cfg.evidence_path).read_bytes()
+    assert lines.count(b'"event":"new"') >= 2 and b'"dst":"203.0.113.9"' in lines and b'"country":"CN"' in lines
+    assert _metrics(fast) == _metrics(slow)
+
+
 def test_the_lane_is_off_where_flows_can_differ_in_more_than_the_event(daemon_factory):
     d = daemon_factory("d")
     assert FastLane.usable(d)

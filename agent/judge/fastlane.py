@@ -4,13 +4,15 @@ Contract: `FastLane(daemon).new(e, now, today, who)` handles a NEW conntrack eve
 collector's "flow" item, a `NetflowEntry`: its records then carry the connection's members and the
 exporter's facts as the full path writes them) exactly as `Daemon._handle(kind, e, now, who)` would
 (same metrics, same evidence bytes, same state for its end) and returns True; or it returns False
-having changed nothing, and the caller takes the full path. `who` is the flow's process when the
+having changed nothing but the locator's caches (an address it read the database for, which the full
+path then finds located), and the caller takes the full path. `who` is the flow's process when the
 daemon attributes flows (looked up once by the caller, `Daemon._dispatch`), else None.
-It takes an event only when everything it needs is cached already: the destination's network in the
-locator's network cache (so the database answer is known), a plausible first-seen time (judged on
-its own day), and the verdict cache entry for the flow's facts; and only when no per-flow input
-exists that the verdict or the records could depend on beyond the event and its process (no host
-names, no policy that selects on processes, no recipient register, no NAT on the entry). It is
+It takes an event only when its verdict is cached already: it finds the destination's network in the
+locator's network cache (reading the database for one not seen yet, as the full path would first),
+and needs a plausible first-seen time (judged on its own day) and the verdict cache entry for the
+flow's facts; and only when no per-flow input exists that the verdict or the records could depend
+on beyond the event and its process (no host names, no policy that selects on processes, no
+recipient register, no NAT on the entry). It is
 handed outbound connections only: `Daemon._dispatch` sends an inbound one (kept while some policy
 judges them) down the full path, where it is judged by the peer's location.
 `end(state, e, now)` closes a flow this lane opened, as the full path closes one.
@@ -147,10 +149,20 @@ class FastLane:
                     self._src[e.src] = src
         except (OSError, ValueError, TypeError):
             return False
-        starts, ends, cached = pipe.locator._nets[version]
+        loc = pipe.locator
+        starts, ends, cached = loc._nets[version]
         i = bisect_right(starts, n) - 1
         if i < 0 or n > ends[i]:
-            return False  # a network not looked up yet: the full path reads the database
+            # A network not looked up yet: read the database here, as the full path would first (it
+            # then finds the address cached), so a new network of a known verdict key takes this
+            # lane. Not public, or no answer the locator keeps per network: the full path words it.
+            if not getattr(loc, "dbs", None):
+                return False
+            loc.locate(dst)
+            starts, ends, cached = loc._nets[version]
+            i = bisect_right(starts, n) - 1
+            if i < 0 or n > ends[i]:
+                return False
         vals = cached[i]
         dn = pipe._dst_nets
         # The facts of the verdict key with the location as the identity of its database fields:
