@@ -180,6 +180,8 @@ static PyObject *records(PyObject *self, PyObject *args) {
             PyTuple_SET_ITEM(r, k, v[k]); /* a NULL item is safe to free */
         }
         if (bad) goto fail;
+        PyObject_GC_UnTrack(r); /* numbers, texts and None only: never in a cycle (CPython would untrack
+                                   it at the collector's first look; done now, young collections skip it) */
     }
     goto done;
 fail:
