@@ -267,6 +267,7 @@ static PyObject *decode_payload(const uint8_t *p, Py_ssize_t off, Py_ssize_t end
         PyTuple_SET_ITEM(e, i, v[i] ? v[i] : Py_NewRef(Py_None));
     }
     if (failed) { Py_DECREF(e); return NULL; }
+    PyObject_GC_UnTrack(e); /* numbers, texts and None only: never in a cycle, so young collections skip it */
     return e;
 }
 
@@ -309,6 +310,7 @@ static int datagram(const uint8_t *p, Py_ssize_t n, PyTypeObject *cls, const sco
                 }
                 if (keep) {
                     PyObject *t = PyTuple_Pack(3, name, e, acct);
+                    if (t) PyObject_GC_UnTrack(t); /* a text, the untracked entry and a bool */
                     if (!t || PyList_Append(out, t) < 0) { Py_XDECREF(t); Py_DECREF(e); return -1; }
                     Py_DECREF(t);
                 }
