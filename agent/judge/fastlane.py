@@ -12,9 +12,9 @@ locator's network cache (reading the database for one not seen yet, as the full 
 and needs a plausible first-seen time (judged on its own day) and the verdict cache entry for the
 flow's facts; and only when no per-flow input exists that the verdict or the records could depend
 on beyond the event and its process (no host names, no policy that selects on processes, no
-recipient register, no NAT on the entry). It is
-handed outbound connections only: `Daemon._dispatch` sends an inbound one (kept while some policy
-judges them) down the full path, where it is judged by the peer's location.
+recipient register, no NAT on the entry). It is handed outbound connections only:
+`Daemon._dispatch` sends an inbound one (kept while some policy judges them) down the full path,
+where it is judged by the peer's location.
 `end(state, e, now)` closes a flow this lane opened, as the full path closes one.
 tests/test_fastlane.py holds both lanes equal, metric for metric and record byte for byte.
 

@@ -75,10 +75,8 @@ class Exporters:
 
     def of(self, addr: str) -> tuple[str, Scoper | None]:
         """(metric label, scoper) of an exporter; scoper None: refused."""
-        got = self.by_addr.get(addr)
-        if got is not None:
-            return got
-        return OTHER, (None if self.refuse else self.default)
+        site, sid = self.ref(addr)
+        return site, (None if sid < 0 else self.scopers[sid])
 
     def ref(self, addr: str) -> tuple[str, int]:
         """(metric label, index of its scoper in `scopers`) of an exporter; index -1: refused."""

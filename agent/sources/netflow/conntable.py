@@ -250,8 +250,9 @@ def scope_codes(scoper: Scoper) -> tuple:
 
     out = []
     for v, size in ((4, 4), (6, 16)):
-        out.append(b"".join(s.to_bytes(size, "big") for s in scoper._starts[v]))
-        out.append(bytes(code(s) for s in scoper._scopes[v]))
+        table = scoper.ranges(v)
+        out.append(b"".join(start.to_bytes(size, "big") for start, _end, _scope in table))
+        out.append(bytes(code(scope) for _start, _end, scope in table))
     return tuple(out)
 
 
