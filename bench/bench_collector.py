@@ -205,11 +205,11 @@ def run_agent(work: Path, mmdb: Path, datagrams: list[bytes], rate: float, n: in
         threads = {k: v - threads_before.get(k, 0.0) for k, v in after.items()}
         m = metrics(mport)
         out = {o: total(m, "egress_agent_exporter_records_total", outcome=o)
-               for o in ("connection", "merged", "not_egress", "refused")}
+               for o in ("connection", "merged", "not_egress", "refused", "error")}
         out["lost"] = total(m, "egress_agent_exporter_lost_records_total")
         out["judged"] = total(m, "egress_agent_flows_judged_total", source="netflow")
         out["dropped"] = total(m, "egress_agent_source_drops_total", source="netflow") - out["lost"]
-        out["unaccounted"] = n - sum(out[k] for k in ("connection", "merged", "not_egress", "refused", "lost"))
+        out["unaccounted"] = n - sum(out[k] for k in ("connection", "merged", "not_egress", "refused", "error", "lost"))
         out.update(cpu=cpu, took=took, threads=threads)
         return out
     finally:
@@ -263,7 +263,8 @@ def main():
         ag = run_agent(work, mmdb, datagrams, rate, n, a.workers)
         nf = run_nfacctd(work, mmdb, datagrams, rate)
         books = (f"judged {ag['judged']:,.0f}, merged {ag['merged']:,.0f}, not_egress {ag['not_egress']:,.0f}, "
-                 f"lost {ag['lost']:,.0f}, dropped {ag['dropped']:,.0f}, unaccounted {ag['unaccounted']:,.0f}")
+                 f"error {ag['error']:,.0f}, lost {ag['lost']:,.0f}, dropped {ag['dropped']:,.0f}, "
+                 f"unaccounted {ag['unaccounted']:,.0f}")
         print(f"{rate:>10,.0f} {'agent':10} {n:>9,} {ag['cpu']:>7.2f} {n / max(ag['cpu'], 1e-9):>10,.0f}  {books}")
         busy = sorted(((v, k) for k, v in ag["threads"].items() if v >= 0.01), reverse=True)
         print(f"{'':>10} agent threads: " + ", ".join(f"{k} {v:.2f} s" for v, k in busy))

@@ -189,7 +189,8 @@ class Metrics:
                                               "outcome: connection (a new connection: judged, queued or dropped "
                                               "as source_drops_total says), merged (part of a connection already "
                                               "counted: its reverse, or a later record), not_egress, refused "
-                                              "(an unknown exporter, refused by unknown_exporters).",
+                                              "(an unknown exporter, refused by unknown_exporters), error (in "
+                                              "a read round that a fault ended; logged).",
                                               ["source", "exporter", "outcome"], registry=r)
             self.exporter_datagrams_c = Counter(f"{NS}_exporter_datagrams", "Export datagrams received, per "
                                                 "exporter (configured site, or other).", ["source", "exporter"],

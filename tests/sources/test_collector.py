@@ -481,3 +481,27 @@ def test_damaged_exports_through_the_whole_collector_never_raise_and_every_recor
         src_public, dst_public = scoper.scope(e.src) == "public", scoper.scope(e.dst) == "public"
         assert e.inbound == src_public and src_public != dst_public, e
     assert sum(1 for kind, _e, _c in items if kind == "flow") == tally.get(("new",), 0)
+
+
+@pytest.mark.parametrize("c", [True, False])
+def test_a_fault_inside_the_connection_table_counts_every_record_of_its_round(c):
+    """A table that fails mid-round (here a record it cannot key) gives no outcomes: each record
+    of the round is counted `error` instead, and what it made already is counted dropped."""
+    from agent.config import Config
+    from agent.enrich.scope import Scoper
+    from agent.sources.netflow import conntable
+    from agent.sources.netflow.collect import Collecting, Exporters
+    from agent.sources.netflow.decode import Record
+
+    if c and conntable._conntab is None:
+        pytest.skip("the C connection table is not built")
+    col = Collecting("netflow", Exporters(Config(), Scoper(public_nets=PUBLIC)), False, c=c)
+    good = Record(17, "10.20.0.5", 5353, "203.0.113.9", 53, 1, 80, 10.0, 10.0, 0, "192.0.2.99", None, None, None,
+                  None)
+    bad = good._replace(src=5, first=11.0)  # not an address text: the table cannot key it
+    col.decoder.datagram = lambda *a: [good, bad]
+    with pytest.raises(TypeError):
+        col.datagrams([(b"", "192.0.2.99")], time.time())
+    tally = col.give_up()
+    assert tally[("records", "other", "error")] == 2 and tally[("datagrams", "other")] == 1
+    assert not any(k[0] == "records" and k[2] != "error" for k in tally)

@@ -156,7 +156,16 @@ class Collecting:
             if recs:
                 groups.append((recs, site, sid))
         self._account()
-        self._add(self.table.feed(groups, self.items))
+        try:
+            deltas = self.table.feed(groups, self.items)
+        except Exception:
+            # A table that failed mid-round gives no outcomes: every record of the round is counted
+            # here instead (items it made already are counted dropped by `give_up`), then the fault
+            # goes on to the source, which logs and counts it.
+            for recs, site, _sid in groups:
+                self._count(("records", site, "error"), len(recs))
+            raise
+        self._add(deltas)
 
     def _add(self, deltas: dict):
         tally = self.tally

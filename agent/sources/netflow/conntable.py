@@ -43,7 +43,7 @@ except ImportError:  # not built (no compiler): the reference table, same result
 
 MAX_CONNECTIONS = 262144  # connections remembered (their counters); the oldest ends early past this
 EXPORT_GRACE = 60.0  # seconds an exporter may take to send a record after its flow's last packet
-OUTCOMES = ("connection", "merged", "not_egress", "refused")
+OUTCOMES = ("connection", "merged", "not_egress", "refused", "error")  # error: Collecting counts a failed round
 _SERVICE = frozenset(int(p) for p in SERVICE_PORTS)
 _new_entry = tuple.__new__  # a NetflowEntry from a tuple, without its Python-level __new__ (a call per field)
 
